@@ -1,0 +1,91 @@
+// Launchers of the CUDA neuron kernels (csrc/lif/lif_cuda_kernels.cuh) and their registration.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "lif_cuda_kernels.cuh"
+#include "lif_ops.h"
+
+namespace snnkd {
+namespace lif {
+namespace {
+
+bool aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+constexpr int kVec = 4;
+
+// VEC-wide accesses need N % VEC == 0 and every row start aligned to the pack size.
+template <typename scalar_t, typename acc_t>
+bool can_vectorize(int64_t N, std::initializer_list<const void*> scalar_ptrs,
+                   std::initializer_list<const void*> acc_ptrs) {
+  if (N % kVec != 0) return false;
+  for (const void* ptr : scalar_ptrs)
+    if (ptr && !aligned(ptr, sizeof(scalar_t) * kVec)) return false;
+  for (const void* ptr : acc_ptrs)
+    if (ptr && !aligned(ptr, sizeof(acc_t) * kVec)) return false;
+  return true;
+}
+
+const void* optional_ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+
+}  // namespace
+
+void launch_forward_cuda(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                         const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& h_seq) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t T = x.size(0);
+  const int64_t N = x.numel() / T;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "snnkd_lif_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto p = make_params<acc_t>(a, acc_t(0));
+    const acc_t* decay_ptr = a.neuron == kPLIF ? decay->data_ptr<acc_t>() : nullptr;
+    const bool vec = can_vectorize<scalar_t, acc_t>(N, {x.data_ptr(), spikes.data_ptr()},
+                                                    {v_init.data_ptr(), h_seq.data_ptr(), v_final.data_ptr()});
+    const int64_t blocks = (N / (vec ? kVec : 1) + kThreads - 1) / kThreads;
+    auto kernel = vec ? forward_kernel<scalar_t, acc_t, kVec> : forward_kernel<scalar_t, acc_t, 1>;
+    kernel<<<blocks, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), v_init.data_ptr<acc_t>(), decay_ptr,
+                                            spikes.data_ptr<scalar_t>(), v_final.data_ptr<acc_t>(),
+                                            h_seq.data_ptr<acc_t>(), T, N, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_backward_cuda(const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v,
+                          const at::Tensor& h_seq, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                          bool decay_grad, const ScalarArgs& a, at::Tensor& grad_x, at::Tensor& grad_v_init,
+                          at::Tensor& grad_decay) {
+  const c10::cuda::CUDAGuard guard(h_seq.device());
+  const int64_t T = h_seq.size(0);
+  const int64_t N = h_seq.numel() / T;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "snnkd_lif_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto p = make_params<acc_t>(a, acc_t(0));
+    const acc_t* decay_ptr = a.neuron == kPLIF ? decay->data_ptr<acc_t>() : nullptr;
+    const bool vec = can_vectorize<scalar_t, acc_t>(
+        N, {optional_ptr(grad_spikes), grad_x.data_ptr()},
+        {optional_ptr(grad_v), h_seq.data_ptr(), v_init.data_ptr(), grad_v_init.data_ptr()});
+    const int64_t blocks = (N / (vec ? kVec : 1) + kThreads - 1) / kThreads;
+    at::Tensor partials = decay_grad ? at::empty({blocks}, h_seq.options()) : at::Tensor();
+    auto kernel = vec ? (decay_grad ? backward_kernel<scalar_t, acc_t, kVec, true> : backward_kernel<scalar_t, acc_t, kVec, false>)
+                      : (decay_grad ? backward_kernel<scalar_t, acc_t, 1, true> : backward_kernel<scalar_t, acc_t, 1, false>);
+    kernel<<<blocks, kThreads, 0, stream>>>(
+        grad_spikes ? grad_spikes->data_ptr<scalar_t>() : nullptr, grad_v ? grad_v->data_ptr<acc_t>() : nullptr,
+        h_seq.data_ptr<acc_t>(), v_init.data_ptr<acc_t>(), decay_ptr, grad_x.data_ptr<scalar_t>(),
+        grad_v_init.data_ptr<acc_t>(), decay_grad ? partials.data_ptr<acc_t>() : nullptr, T, N, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (decay_grad) grad_decay.copy_(partials.sum());
+  });
+}
+
+}  // namespace lif
+}  // namespace snnkd
+
+TORCH_LIBRARY_IMPL(snnkd_fast, CUDA, m) {
+  m.impl("lif_forward", &snnkd::lif::forward_op<snnkd::lif::launch_forward_cuda>);
+  m.impl("lif_backward", &snnkd::lif::backward_op<snnkd::lif::launch_backward_cuda>);
+}

@@ -1,0 +1,199 @@
+// Per-element math of the multi-step spiking neurons (IF, LIF, PLIF): charge, fire, reset and the
+// surrogate derivatives, shared by the CPU kernels (lif_cpu.cpp), the CUDA kernels (lif_cuda.cu)
+// and the C++ unit test (csrc/tests/test_lif_math.cpp). The Triton kernels keep their own copy in
+// snnkd_fast/lif/triton.py; both are tested against snnkd_fast/lif/reference.py.
+//
+// Bit-exact parity with SpikingJelly's torch path matters here: a spike is a threshold test on
+// the charged membrane, so one ulp of difference in H can flip a spike and change the whole
+// trajectory. The charge therefore uses exactly SpikingJelly's operation order, divides by tau
+// (not a multiply by 1/tau), and uses the *_rn intrinsics on the device so that nvcc cannot
+// contract a multiply and an add into one FMA (an FMA rounds once where torch rounds twice).
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define SNNKD_HD __host__ __device__ __forceinline__
+#else
+#define SNNKD_HD inline
+#endif
+
+namespace snnkd {
+namespace lif {
+
+// Neuron kinds. Kept in sync with snnkd_fast/lif/params.py (NEURON_*).
+enum NeuronKind : int { kIF = 0, kLIF = 1, kPLIF = 2 };
+
+// Surrogate ids: the order of snnkd_fast/lif/surrogates.py's SURROGATES table.
+enum SurrogateKind : int {
+  kSigmoid = 0,
+  kATan = 1,
+  kPiecewiseQuadratic = 2,
+  kPiecewiseExp = 3,
+  kSoftSign = 4,
+  kSuperSpike = 5,
+  kErf = 6,
+  kNumSurrogates = 7,
+};
+
+// Scalar configuration of one call, validated in Python before any kernel runs.
+template <typename acc_t>
+struct NeuronParams {
+  int neuron;        // NeuronKind
+  acc_t tau;         // LIF: the charge divides by tau
+  acc_t decay;       // PLIF: sigmoid(w), multiplied (read from device memory by the launcher)
+  bool decay_input;  // LIF/PLIF: does the input decay with the membrane
+  acc_t v_threshold;
+  acc_t v_reset;     // hard-reset value; 0 in the charge when soft_reset
+  bool soft_reset;   // v_reset=None in the Python API: subtract v_threshold on a spike
+  bool detach_reset; // drop the reset path (spike -> membrane) from the gradient
+  int surrogate;     // SurrogateKind
+  acc_t alpha;
+};
+
+// ---- exact-rounding helpers -------------------------------------------------------------------
+// On the host the build passes -ffp-contract=off; on the device the intrinsics pin the rounding.
+SNNKD_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+SNNKD_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+SNNKD_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+SNNKD_HD double div_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __ddiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+// ---- forward -------------------------------------------------------------------------------
+// H[t] from V[t-1] and X[t]; SpikingJelly's operation order (see the header comment).
+template <typename acc_t>
+SNNKD_HD acc_t charge(acc_t v, acc_t x, const NeuronParams<acc_t>& p) {
+  const acc_t v_rest = p.soft_reset ? acc_t(0) : p.v_reset;
+  if (p.neuron == kIF) return v + x;
+  if (p.neuron == kLIF) {
+    return p.decay_input ? v + div_rn(x - (v - v_rest), p.tau) : (v - div_rn(v - v_rest, p.tau)) + x;
+  }
+  // kPLIF
+  return p.decay_input ? v + mul_rn(x - (v - v_rest), p.decay) : (v - mul_rn(v - v_rest, p.decay)) + x;
+}
+
+// S[t] = Heaviside(H[t] - v_th), with SpikingJelly's ">=" (snntorch and norse use ">").
+// NaN compares false: a NaN membrane never spikes and stays NaN (documented NaN policy).
+template <typename acc_t>
+SNNKD_HD bool fire(acc_t h, acc_t v_threshold) {
+  return h >= v_threshold;
+}
+
+// V[t] after the reset. With spike in {0, 1} this equals torch's `s*v_reset + (1-s)*h` and
+// `h - s*v_th` bit for bit on every finite h.
+template <typename acc_t>
+SNNKD_HD acc_t reset(acc_t h, bool spike, const NeuronParams<acc_t>& p) {
+  if (!spike) return h;
+  return p.soft_reset ? h - p.v_threshold : p.v_reset;
+}
+
+// ---- surrogate derivatives, d/dx of the smooth stand-in for Heaviside(x) ------------------------
+// Same formulas (and operation order) as SpikingJelly 2.0's surrogate kernels.
+template <typename acc_t>
+SNNKD_HD acc_t surrogate_grad(acc_t x, int kind, acc_t alpha) {
+  const acc_t one = acc_t(1);
+  switch (kind) {
+    case kSigmoid: {
+      const acc_t s = one / (one + exp(-alpha * x));
+      return (one - s) * s * alpha;
+    }
+    case kATan: {
+      const acc_t z = x * (acc_t(M_PI) / acc_t(2) * alpha);
+      return (alpha / acc_t(2)) / (one + z * z);
+    }
+    case kPiecewiseQuadratic: {
+      const acc_t g = alpha - alpha * alpha * fabs(x);
+      return g > acc_t(0) ? g : acc_t(0);
+    }
+    case kPiecewiseExp:
+      return (alpha / acc_t(2)) * exp(-alpha * fabs(x));
+    case kSoftSign: {
+      const acc_t z = one / alpha + fabs(x);
+      return one / (acc_t(2) * alpha * z * z);
+    }
+    case kSuperSpike: {
+      const acc_t z = one + fabs(x);
+      return alpha / (z * z);
+    }
+    case kErf: {
+      const acc_t z = alpha * x;
+      // 1/sqrt(pi) spelled out: M_2_SQRTPI/2 keeps it a compile-time constant on host and device.
+      return (alpha * acc_t(M_2_SQRTPI / 2.0)) * exp(-z * z);
+    }
+    default:
+      return acc_t(0);
+  }
+}
+
+// ---- backward, one step in reverse time ----------------------------------------------------------
+// Inputs: the saved H[t], dL/dS[t], and dL/dV[t] (the gradient reaching the membrane after step t:
+// from V's output at t = T-1, from the next step's charge otherwise).
+// Outputs: dL/dX[t], dL/dV[t-1] (the carry), and dL/dH[t] (for the PLIF decay gradient).
+template <typename acc_t>
+struct StepGrad {
+  acc_t grad_x;
+  acc_t grad_v_prev;
+  acc_t grad_h;
+};
+
+template <typename acc_t>
+SNNKD_HD StepGrad<acc_t> backward_step(acc_t h, acc_t grad_s, acc_t grad_v, const NeuronParams<acc_t>& p) {
+  const acc_t sg = surrogate_grad<acc_t>(h - p.v_threshold, p.surrogate, p.alpha);
+  acc_t dv_dh;
+  if (p.soft_reset) {
+    dv_dh = p.detach_reset ? acc_t(1) : acc_t(1) - p.v_threshold * sg;
+  } else {
+    dv_dh = fire(h, p.v_threshold) ? acc_t(0) : acc_t(1);
+    if (!p.detach_reset) dv_dh += (p.v_reset - h) * sg;
+  }
+  StepGrad<acc_t> g;
+  g.grad_h = grad_s * sg + grad_v * dv_dh;
+  if (p.neuron == kIF) {
+    g.grad_x = g.grad_h;
+    g.grad_v_prev = g.grad_h;
+  } else if (p.neuron == kLIF) {
+    const acc_t decayed = g.grad_h / p.tau;
+    g.grad_x = p.decay_input ? decayed : g.grad_h;
+    g.grad_v_prev = g.grad_h - decayed;
+  } else {
+    const acc_t decayed = g.grad_h * p.decay;
+    g.grad_x = p.decay_input ? decayed : g.grad_h;
+    g.grad_v_prev = g.grad_h - decayed;
+  }
+  return g;
+}
+
+// dH[t]/d(decay) for PLIF from the saved H[t] and the membrane V[t-1] before the charge. With
+// decay_input, H - V = decay * (X - (V - v_rest)), so the input is recovered as (H - V)/decay and
+// need not be saved: the backward keeps one [T, ...] tensor (H), as for LIF.
+template <typename acc_t>
+SNNKD_HD acc_t dh_ddecay(acc_t h, acc_t v_prev, const NeuronParams<acc_t>& p) {
+  const acc_t v_rest = p.soft_reset ? acc_t(0) : p.v_reset;
+  return p.decay_input ? (h - v_prev) / p.decay : v_rest - v_prev;
+}
+
+}  // namespace lif
+}  // namespace snnkd

@@ -1,0 +1,160 @@
+// Tensor-level entry points of the neuron kernels, one pair per device, registered in
+// csrc/ops.cpp (CPU) and csrc/lif/lif_cuda.cu (CUDA) under the schema defined in csrc/ops.cpp.
+// Arguments are validated in Python (snnkd_fast/lif/op.py); the checks here only keep a direct
+// torch.ops call from crashing the process.
+#pragma once
+
+#include <torch/types.h>
+
+#include <optional>
+#include <tuple>
+
+#include "lif_math.h"
+
+namespace snnkd {
+namespace lif {
+
+// Scalar arguments of every neuron op, in schema order.
+struct ScalarArgs {
+  int64_t neuron;
+  double tau;
+  bool decay_input;
+  double v_threshold;
+  double v_reset;
+  bool soft_reset;
+  bool detach_reset;  // used by the backward (the forward op carries it for autograd)
+  int64_t surrogate;  // used by the backward
+  double alpha;       // used by the backward
+};
+
+template <typename acc_t>
+inline NeuronParams<acc_t> make_params(const ScalarArgs& a, acc_t decay) {
+  NeuronParams<acc_t> p;
+  p.neuron = static_cast<int>(a.neuron);
+  p.tau = static_cast<acc_t>(a.tau);
+  p.decay = decay;
+  p.decay_input = a.decay_input;
+  p.v_threshold = static_cast<acc_t>(a.v_threshold);
+  p.v_reset = static_cast<acc_t>(a.v_reset);
+  p.soft_reset = a.soft_reset;
+  p.detach_reset = a.detach_reset;
+  p.surrogate = static_cast<int>(a.surrogate);
+  p.alpha = static_cast<acc_t>(a.alpha);
+  return p;
+}
+
+// The dtype the kernels compute (and keep the membrane) in: float64 for float64 inputs, float32
+// for float32/float16/bfloat16.
+inline at::ScalarType acc_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_forward_args(const at::Tensor& x, const at::Tensor& v_init,
+                               const std::optional<at::Tensor>& decay, const ScalarArgs& a) {
+  TORCH_CHECK(x.dim() >= 1, "snnkd_fast::lif_forward: x must be [T, ...], got a 0-dim tensor");
+  TORCH_CHECK(x.is_contiguous() && v_init.is_contiguous(),
+              "snnkd_fast::lif_forward: x and v_init must be contiguous");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "snnkd_fast::lif_forward: x must be floating point");
+  TORCH_CHECK(v_init.scalar_type() == acc_dtype(x.scalar_type()),
+              "snnkd_fast::lif_forward: v_init must be float32 (float64 for float64 x)");
+  TORCH_CHECK(v_init.numel() * x.size(0) == x.numel(),
+              "snnkd_fast::lif_forward: v_init must hold one step of x");
+  TORCH_CHECK(a.neuron >= kIF && a.neuron <= kPLIF, "snnkd_fast::lif_forward: unknown neuron kind");
+  TORCH_CHECK(a.neuron != kPLIF || (decay.has_value() && decay->numel() == 1 &&
+                                    decay->scalar_type() == v_init.scalar_type()),
+              "snnkd_fast::lif_forward: PLIF needs a one-element decay tensor of v_init's dtype");
+  TORCH_CHECK(a.surrogate >= 0 && a.surrogate < kNumSurrogates, "snnkd_fast: unknown surrogate id");
+  TORCH_CHECK(x.device() == v_init.device() && (!decay.has_value() || decay->device() == x.device()),
+              "snnkd_fast::lif_forward: all tensors must be on one device");
+}
+
+inline void check_backward_args(const std::optional<at::Tensor>& grad_spikes,
+                                const std::optional<at::Tensor>& grad_v, const at::Tensor& h_seq,
+                                const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                                const ScalarArgs& a) {
+  TORCH_CHECK(h_seq.dim() >= 1 && h_seq.is_contiguous() && v_init.is_contiguous(),
+              "snnkd_fast::lif_backward: h_seq and v_init must be contiguous");
+  TORCH_CHECK(v_init.numel() * h_seq.size(0) == h_seq.numel() &&
+                  v_init.scalar_type() == h_seq.scalar_type(),
+              "snnkd_fast::lif_backward: v_init must be one step of h_seq, same dtype");
+  if (grad_spikes.has_value()) {
+    TORCH_CHECK(grad_spikes->is_contiguous() && grad_spikes->sizes() == h_seq.sizes(),
+                "snnkd_fast::lif_backward: grad_spikes must be contiguous and shaped like h_seq");
+  }
+  if (grad_v.has_value()) {
+    TORCH_CHECK(grad_v->is_contiguous() && grad_v->numel() == v_init.numel() &&
+                    grad_v->scalar_type() == v_init.scalar_type(),
+                "snnkd_fast::lif_backward: grad_v must be contiguous, one step, dtype of v_init");
+  }
+  TORCH_CHECK(a.neuron != kPLIF || (decay.has_value() && decay->numel() == 1 &&
+                                    decay->scalar_type() == v_init.scalar_type()),
+              "snnkd_fast::lif_backward: PLIF needs a one-element decay tensor of v_init's dtype");
+  TORCH_CHECK(a.surrogate >= 0 && a.surrogate < kNumSurrogates, "snnkd_fast: unknown surrogate id");
+}
+
+// Device launchers: outputs are allocated (and empty inputs handled) by the op adapters below.
+using ForwardLauncher = void (*)(const at::Tensor& x, const at::Tensor& v_init,
+                                 const std::optional<at::Tensor>& decay, const ScalarArgs& a,
+                                 at::Tensor& spikes, at::Tensor& v_final, at::Tensor& h_seq);
+using BackwardLauncher = void (*)(const std::optional<at::Tensor>& grad_spikes,
+                                  const std::optional<at::Tensor>& grad_v, const at::Tensor& h_seq,
+                                  const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                                  bool decay_grad, const ScalarArgs& a, at::Tensor& grad_x,
+                                  at::Tensor& grad_v_init, at::Tensor& grad_decay);
+
+void launch_forward_cpu(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                        const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& h_seq);
+void launch_backward_cpu(const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v,
+                         const at::Tensor& h_seq, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                         bool decay_grad, const ScalarArgs& a, at::Tensor& grad_x, at::Tensor& grad_v_init,
+                         at::Tensor& grad_decay);
+
+// snnkd_fast::lif_forward for one device:
+// (spikes [T, ...] in x's dtype, v_final [...] in the acc dtype, h_seq [T, ...] in the acc dtype).
+template <ForwardLauncher launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, const at::Tensor& v_init,
+                                                          const std::optional<at::Tensor>& decay, int64_t neuron,
+                                                          double tau, bool decay_input, double v_threshold,
+                                                          double v_reset, bool soft_reset, bool detach_reset,
+                                                          int64_t surrogate, double alpha) {
+  const ScalarArgs a{neuron, tau, decay_input, v_threshold, v_reset, soft_reset, detach_reset, surrogate, alpha};
+  check_forward_args(x, v_init, decay, a);
+  auto acc_options = x.options().dtype(acc_dtype(x.scalar_type()));
+  at::Tensor spikes = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor h_seq = at::empty(x.sizes(), acc_options);
+  at::Tensor v_final = at::empty(x.sizes().slice(1), acc_options);
+  if (x.numel() == 0) {
+    v_final.copy_(v_init.view(v_final.sizes()));
+  } else {
+    launch(x, v_init, decay, a, spikes, v_final, h_seq);
+  }
+  return {spikes, v_final, h_seq};
+}
+
+// snnkd_fast::lif_backward for one device:
+// (grad_x [T, ...] in grad_dtype, grad_v_init [...] acc, grad_decay [] acc, zero unless requested).
+template <BackwardLauncher launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(
+    const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v, const at::Tensor& h_seq,
+    const at::Tensor& v_init, const std::optional<at::Tensor>& decay, at::ScalarType grad_dtype, int64_t neuron,
+    double tau, bool decay_input, double v_threshold, double v_reset, bool soft_reset, bool detach_reset,
+    int64_t surrogate, double alpha, bool decay_grad) {
+  const ScalarArgs a{neuron, tau, decay_input, v_threshold, v_reset, soft_reset, detach_reset, surrogate, alpha};
+  check_backward_args(grad_spikes, grad_v, h_seq, v_init, decay, a);
+  TORCH_CHECK(!grad_spikes.has_value() || grad_spikes->scalar_type() == grad_dtype,
+              "snnkd_fast::lif_backward: grad_spikes must have the dtype of x");
+  at::Tensor grad_x = at::empty(h_seq.sizes(), h_seq.options().dtype(grad_dtype));
+  at::Tensor grad_v_init = at::empty(h_seq.sizes().slice(1), h_seq.options());
+  at::Tensor grad_decay = at::zeros({}, h_seq.options());
+  if (h_seq.numel() == 0) {
+    if (grad_v.has_value()) grad_v_init.copy_(grad_v->view(grad_v_init.sizes()));
+    else grad_v_init.zero_();
+  } else {
+    launch(grad_spikes, grad_v, h_seq, v_init, decay, decay_grad && a.neuron == kPLIF, a, grad_x, grad_v_init,
+           grad_decay);
+  }
+  return {grad_x, grad_v_init, grad_decay};
+}
+
+}  // namespace lif
+}  // namespace snnkd

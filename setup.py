@@ -1,0 +1,68 @@
+"""Build snnkd_fast's C++ extension (snnkd_fast._C).
+
+Always builds the CPU kernels (OpenMP through at::parallel_for); adds the CUDA kernels when torch is
+a CUDA build and either a GPU is visible or FORCE_CUDA=1 (a build node without a GPU). Install with
+
+    pip install --no-build-isolation -e .
+
+(build isolation would download another torch). The CMake build (CMakeLists.txt) compiles the same
+sources standalone, runs the C++ unit test of the shared per-element math and, where nvcc exists,
+compiles every .cu file, so a broken CUDA kernel fails CI on a machine without a GPU.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/*.cpp"))
+    cpp_sources = [s for s in cpp_sources if not s.startswith("csrc/tests/")]
+    cuda_sources = sorted(glob.glob("csrc/*/*.cu"))
+    force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
+    torch_has_cuda = torch.version.cuda is not None
+    if force_cuda and not torch_has_cuda:
+        raise RuntimeError(
+            "FORCE_CUDA=1 but this torch is a CPU build (torch.version.cuda is None): the CUDA kernels "
+            "need a CUDA build of torch. `cmake -S . -B build` still compiles the .cu files for checking.")
+    use_cuda = torch_has_cuda and CUDA_HOME is not None and (torch.cuda.is_available() or force_cuda)
+
+    # -ffp-contract=off: the charge must round like torch's eager ops (see csrc/lif/lif_math.h).
+    cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off"]
+    extra_compile_args = {"cxx": cxx_flags}
+    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if use_cuda:
+        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        return [CUDAExtension("snnkd_fast._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
+                              extra_compile_args=extra_compile_args, define_macros=define_macros,
+                              py_limited_api=True)]
+    return [CppExtension("snnkd_fast._C", cpp_sources, include_dirs=include_dirs,
+                         extra_compile_args=extra_compile_args, define_macros=define_macros,
+                         py_limited_api=True)]
+
+
+def _cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
+
+
+setup(
+    name="snnkd_fast",
+    version="0.1.0",
+    description="Fused GPU/CPU kernels for training spiking neural networks by knowledge distillation",
+    packages=find_packages(include=["snnkd_fast", "snnkd_fast.*"]),
+    python_requires=">=3.9",
+    # torch is deliberately not pinned: the GPU machines bring their own CUDA build.
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis", "spikingjelly==2.0.0"]},
+    ext_modules=_extensions(),
+    cmdclass=_cmdclass(),
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)

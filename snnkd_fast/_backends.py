@@ -1,0 +1,102 @@
+"""What is built and usable here, and the one place that chooses a backend.
+
+``snnkd_fast.backends()`` reports, for each backend, whether it works on this machine and why not;
+every "backend not available" error quotes that reason.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    available: bool
+    reason: str = ""  # why not, and how to fix it
+
+    def __bool__(self) -> bool:
+        return self.available
+
+
+# The compiled extension registers the torch.ops.snnkd_fast ops on import. Python's import lock
+# makes this import thread-safe; the result is cached.
+try:
+    from . import _C  # noqa: F401
+
+    _EXTENSION_ERROR = ""
+except ImportError as error:  # pragma: no cover - depends on the install
+    _EXTENSION_ERROR = (f"the C++ extension snnkd_fast._C could not be imported ({error}); reinstall with "
+                        "`pip install --no-build-isolation -e .`")
+
+
+def extension_loaded() -> bool:
+    return not _EXTENSION_ERROR
+
+
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"snnkd_fast::{op}", dispatch_key)
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_TRITON_LOCK = threading.Lock()
+_TRITON_STATUS: BackendStatus | None = None
+
+
+def _triton_status() -> BackendStatus:
+    global _TRITON_STATUS
+    with _TRITON_LOCK:
+        if _TRITON_STATUS is None:
+            if importlib.util.find_spec("triton") is None:
+                _TRITON_STATUS = BackendStatus(False, "triton is not installed (`pip install triton`)")
+            elif not (torch.cuda.is_available() or triton_interpret()):
+                _TRITON_STATUS = BackendStatus(
+                    False, "triton needs a CUDA GPU, or TRITON_INTERPRET=1 (set before the first use) to run "
+                           "its kernels on the CPU")
+            else:
+                _TRITON_STATUS = BackendStatus(True)
+        return _TRITON_STATUS
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Which backends work here: ``{"torch": BackendStatus(True), "cpp": ..., "cuda": ..., "triton": ...}``."""
+    cpp = BackendStatus(True) if _has_kernel("lif_forward", "CPU") else BackendStatus(False, _EXTENSION_ERROR)
+    if _has_kernel("lif_forward", "CUDA"):
+        cuda = BackendStatus(True) if torch.cuda.is_available() else BackendStatus(False, "no CUDA device is visible")
+    elif not extension_loaded():
+        cuda = BackendStatus(False, _EXTENSION_ERROR)
+    else:
+        cuda = BackendStatus(False, "the CUDA kernels were not built (torch is a CPU build, nvcc was not found, or no "
+                                    "GPU was visible at build time): reinstall on a CUDA build of torch, with "
+                                    "FORCE_CUDA=1 on a machine without a GPU")
+    return {"torch": BackendStatus(True), "cpp": cpp, "cuda": cuda, "triton": _triton_status()}
+
+
+def resolve_backend(backend: str, device: torch.device, op_name: str) -> str:
+    """The backend to run ``op_name`` on a tensor of ``device``: "auto" picks the fastest available
+    (CPU: cpp, then torch; CUDA: cuda, then triton, then torch); an explicit choice that cannot run
+    raises a clear error."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{op_name}: backend={backend!r}; choose one of {', '.join(BACKENDS)}")
+    status = backends()
+    if backend == "auto":
+        order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
+        return next((name for name in order if status[name]), "torch")
+    if not status[backend]:
+        raise RuntimeError(f"{op_name}: backend={backend!r} is not available: {status[backend].reason}")
+    if backend == "cpp" and device.type != "cpu":
+        raise ValueError(f"{op_name}: backend='cpp' runs on CPU tensors; the input is on {device}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"{op_name}: backend='cuda' runs on CUDA tensors; the input is on {device}")
+    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpret()):
+        raise ValueError(f"{op_name}: backend='triton' runs on CUDA tensors, or on CPU tensors under "
+                         f"TRITON_INTERPRET=1; the input is on {device}")
+    return backend

@@ -1,0 +1,277 @@
+"""Public multi-step neuron ops: validation, backend choice, torch.library registration, autograd.
+
+``lif_multistep`` / ``if_multistep`` / ``plif_multistep`` validate their arguments once, choose a
+backend (``snnkd_fast._backends.resolve_backend``) and run one of
+
+* ``torch``:  :func:`snnkd_fast.lif.reference.neuron_multistep_reference` (autograd through PyTorch ops);
+* ``cpp`` / ``cuda``: ``torch.ops.snnkd_fast.lif_forward`` (csrc/, one schema with CPU and CUDA kernels);
+* ``triton``: ``torch.ops.snnkd_fast.lif_forward_triton`` (snnkd_fast/lif/triton.py).
+
+The compiled and Triton ops share one schema, one fake (meta) implementation and one autograd
+formula, so ``torch.compile(fullgraph=True)`` traces through them and ``torch.library.opcheck`` passes.
+
+Memory: the backward saves exactly one ``[T, ...]`` tensor, the charged membrane ``h_seq`` in the
+compute dtype (float32, or float64 for float64 inputs), plus ``v_init`` (one step) and, for PLIF,
+the decay scalar. Spikes and the membrane after reset are recomputed from ``h_seq`` in the backward.
+
+NaN/inf policy (no host synchronisation is spent checking): a NaN input makes that neuron's membrane
+NaN from then on and it never spikes (``NaN >= v_threshold`` is false), in every backend. A +inf
+membrane spikes; with a hard reset the kernels then reset it to ``v_reset`` while the reference's
+``s * v_reset + (1 - s) * h`` gives NaN (0 * inf), the one documented divergence.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional, Union
+
+import torch
+
+from .._backends import resolve_backend
+from .params import NEURON_IF, NEURON_LIF, NEURON_NAMES, NEURON_PLIF, NeuronConfig, config_from_op_args
+from .reference import compute_dtype, neuron_multistep_reference
+from .surrogates import resolve_surrogate
+
+Tensor = torch.Tensor
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------------------------------
+
+def _forward_fake(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset, soft_reset, detach_reset,
+                  surrogate, alpha):
+    acc = compute_dtype(x.dtype)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[1:], dtype=acc),
+            x.new_empty(x.shape, dtype=acc))
+
+
+def _backward_fake(grad_spikes, grad_v, h_seq, v_init, decay, grad_dtype, neuron, tau, decay_input, v_threshold,
+                   v_reset, soft_reset, detach_reset, surrogate, alpha, decay_grad):
+    return (h_seq.new_empty(h_seq.shape, dtype=grad_dtype), h_seq.new_empty(h_seq.shape[1:]),
+            h_seq.new_empty(()))
+
+
+def _setup_context(ctx, inputs, output):
+    x, v_init, decay, *scalars = inputs
+    ctx.save_for_backward(output[2], v_init, decay)  # h_seq: the one [T, ...] tensor kept
+    ctx.x_dtype = x.dtype
+    ctx.scalars = tuple(scalars)
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)  # an unused spike or membrane output costs no zero tensor
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_spikes, grad_v, _grad_h_seq):
+        h_seq, v_init, decay = ctx.saved_tensors
+        decay_grad = ctx.needs_input_grad[2]
+        grad_x, grad_v_init, grad_decay = backward_op(
+            None if grad_spikes is None else grad_spikes.contiguous(),
+            None if grad_v is None else grad_v.contiguous(),
+            h_seq, v_init, decay, ctx.x_dtype, *ctx.scalars, decay_grad)
+        return (grad_x, grad_v_init, grad_decay if decay_grad else None) + (None,) * len(ctx.scalars)
+
+    return backward
+
+
+def _register(forward_name: str, backward_name: str, backward_op):
+    torch.library.register_fake(forward_name)(_forward_fake)
+    torch.library.register_fake(backward_name)(_backward_fake)
+    torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
+
+
+_COMPILED_OPS_REGISTERED = False
+if hasattr(torch.ops.snnkd_fast, "lif_forward"):  # the extension is built (see snnkd_fast._backends)
+    _register("snnkd_fast::lif_forward", "snnkd_fast::lif_backward", torch.ops.snnkd_fast.lif_backward)
+    _COMPILED_OPS_REGISTERED = True
+
+
+@torch.library.custom_op("snnkd_fast::lif_forward_triton", mutates_args=())
+def _lif_forward_triton(x: Tensor, v_init: Tensor, decay: Optional[Tensor], neuron: int, tau: float,
+                        decay_input: bool, v_threshold: float, v_reset: float, soft_reset: bool, detach_reset: bool,
+                        surrogate: int, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    from . import triton as kernels  # imported on first use: importing triton costs ~1 s
+
+    cfg = config_from_op_args(neuron, tau, decay_input, v_threshold, v_reset, soft_reset, detach_reset, surrogate,
+                              alpha)
+    return kernels.lif_forward(x, v_init, decay, cfg)
+
+
+@torch.library.custom_op("snnkd_fast::lif_backward_triton", mutates_args=())
+def _lif_backward_triton(grad_spikes: Optional[Tensor], grad_v: Optional[Tensor], h_seq: Tensor, v_init: Tensor,
+                         decay: Optional[Tensor], grad_dtype: torch.dtype, neuron: int, tau: float, decay_input: bool,
+                         v_threshold: float, v_reset: float, soft_reset: bool, detach_reset: bool, surrogate: int,
+                         alpha: float, decay_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from . import triton as kernels
+
+    cfg = config_from_op_args(neuron, tau, decay_input, v_threshold, v_reset, soft_reset, detach_reset, surrogate,
+                              alpha)
+    return kernels.lif_backward(grad_spikes, grad_v, h_seq, v_init, decay, grad_dtype, cfg, decay_grad)
+
+
+_register("snnkd_fast::lif_forward_triton", "snnkd_fast::lif_backward_triton",
+          torch.ops.snnkd_fast.lif_backward_triton)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation (once, at the public entry; kernels assume valid input)
+# --------------------------------------------------------------------------------------------------
+
+def _check_real(value, name: str, op_name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{op_name}: {name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{op_name}: {name} must be finite, got {value}")
+    return value
+
+
+def _check_flag(value, name: str, op_name: str) -> bool:
+    if not isinstance(value, (bool, int)) or value not in (0, 1):
+        raise TypeError(f"{op_name}: {name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def _check_x_seq(x_seq, op_name: str) -> None:
+    if not isinstance(x_seq, Tensor):
+        raise TypeError(f"{op_name}: x_seq must be a torch.Tensor, got {type(x_seq).__name__}")
+    if x_seq.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op_name}: x_seq must be float16, bfloat16, float32 or float64, got {x_seq.dtype}")
+    if x_seq.dim() < 1:
+        raise ValueError(f"{op_name}: x_seq must have a leading time dimension [T, ...], got a 0-dim tensor")
+    if x_seq.shape[0] == 0:
+        raise ValueError(f"{op_name}: x_seq has T=0 timesteps (shape {tuple(x_seq.shape)}); need T >= 1")
+
+
+def _initial_membrane(v_init, x_seq: Tensor, cfg: NeuronConfig, op_name: str) -> Tensor:
+    """v_init as a tensor of one step's shape in the compute dtype (a differentiable view/copy of the
+    user's tensor, so its gradient flows back, summed over broadcast dimensions)."""
+    acc = compute_dtype(x_seq.dtype)
+    step_shape = x_seq.shape[1:]
+    if v_init is None:
+        return torch.full(step_shape, cfg.v_rest, dtype=acc, device=x_seq.device)
+    if isinstance(v_init, Real) and not isinstance(v_init, bool):
+        return torch.full(step_shape, _check_real(v_init, "v_init", op_name), dtype=acc, device=x_seq.device)
+    if not isinstance(v_init, Tensor):
+        raise TypeError(f"{op_name}: v_init must be None, a float or a tensor, got {type(v_init).__name__}")
+    if v_init.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op_name}: v_init must be a floating-point tensor, got {v_init.dtype}")
+    if v_init.device != x_seq.device:
+        raise ValueError(f"{op_name}: v_init is on {v_init.device} but x_seq is on {x_seq.device}")
+    try:
+        return v_init.to(acc).expand(step_shape)
+    except RuntimeError:
+        raise ValueError(f"{op_name}: v_init has shape {tuple(v_init.shape)}, which does not broadcast to one "
+                         f"step of x_seq, {tuple(step_shape)}") from None
+
+
+def _check_w(w, x_seq: Tensor, op_name: str) -> Tensor:
+    if isinstance(w, Real) and not isinstance(w, bool):
+        return torch.tensor(_check_real(w, "w", op_name), dtype=compute_dtype(x_seq.dtype), device=x_seq.device)
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{op_name}: w must be a one-element tensor (decay = sigmoid(w)), got {type(w).__name__}")
+    if w.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op_name}: w must be a floating-point tensor, got {w.dtype}")
+    if w.numel() != 1:
+        raise ValueError(f"{op_name}: w must hold one element (a scalar parameter), got shape {tuple(w.shape)}")
+    if w.device != x_seq.device:
+        raise ValueError(f"{op_name}: w is on {w.device} but x_seq is on {x_seq.device}")
+    return w
+
+
+def _make_config(op_name: str, neuron: int, tau, decay_input, v_threshold, v_reset, detach_reset, surrogate,
+                 alpha) -> NeuronConfig:
+    if neuron == NEURON_LIF:
+        tau = _check_real(tau, "tau", op_name)
+        if tau <= 1.0:
+            raise ValueError(f"{op_name}: tau must be > 1 (the membrane keeps 1 - 1/tau of itself per step), "
+                             f"got {tau}")
+    spec, alpha = resolve_surrogate(surrogate, alpha)
+    return NeuronConfig(
+        neuron=neuron, tau=tau if neuron == NEURON_LIF else 2.0,
+        decay_input=_check_flag(decay_input, "decay_input", op_name),
+        v_threshold=_check_real(v_threshold, "v_threshold", op_name),
+        v_reset=None if v_reset is None else _check_real(v_reset, "v_reset", op_name),
+        detach_reset=_check_flag(detach_reset, "detach_reset", op_name),
+        surrogate=spec.id, alpha=alpha)
+
+
+# --------------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------------
+
+def neuron_multistep(x_seq: Tensor, v_init, w: Optional[Tensor], cfg: NeuronConfig, backend: str,
+                     return_v: bool, op_name: str):
+    """Run a validated config. ``x_seq`` is checked here; ``cfg`` must come from :func:`_make_config`."""
+    _check_x_seq(x_seq, op_name)
+    return_v = _check_flag(return_v, "return_v", op_name)
+    backend = resolve_backend(backend, x_seq.device, op_name)
+    v0 = _initial_membrane(v_init, x_seq, cfg, op_name)
+    if cfg.neuron == NEURON_PLIF:
+        w = _check_w(w, x_seq, op_name)
+    if backend == "torch":
+        spikes, v_final = neuron_multistep_reference(x_seq, v0, w, cfg)
+    else:
+        if backend == "triton" and x_seq.dtype == torch.float64:
+            raise TypeError(f"{op_name}: backend='triton' computes in float32 and does not take float64 input; "
+                            "use backend='cpp', 'cuda' or 'torch' for float64")
+        acc = compute_dtype(x_seq.dtype)
+        decay = torch.sigmoid(w.to(acc)).reshape(()) if cfg.neuron == NEURON_PLIF else None
+        op = torch.ops.snnkd_fast.lif_forward_triton if backend == "triton" else torch.ops.snnkd_fast.lif_forward
+        spikes, v_final, _ = op(x_seq.contiguous(), v0.contiguous(), decay, *cfg.op_args())
+    return (spikes, v_final) if return_v else spikes
+
+
+def lif_multistep(x_seq: Tensor, v_init: Union[Tensor, float, None] = None, *, tau: float = 2.0,
+                  decay_input: bool = True, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
+                  detach_reset: bool = False, surrogate="sigmoid", alpha: Optional[float] = None,
+                  backend: str = "auto", return_v: bool = False):
+    """Multi-step leaky integrate-and-fire neuron (SpikingJelly 2.0 ``LIFNode``, step_mode="m").
+
+    Args:
+        x_seq: input current ``[T, ...]``, float16/bfloat16/float32/float64, any strides
+            (non-contiguous input is copied once).
+        v_init: membrane before the first step: None (``v_reset``, or 0 with soft reset), a float, or a
+            tensor broadcastable to ``x_seq.shape[1:]``; its gradient is computed.
+        tau: membrane time constant, > 1. ``decay_input``: whether the input decays too.
+        v_threshold: firing threshold (spike when ``H >= v_threshold``).
+        v_reset: hard-reset value, or None for a soft reset (subtract ``v_threshold``).
+        detach_reset: drop the reset path from the gradient.
+        surrogate: "sigmoid", "atan", "piecewise_quadratic", "piecewise_exp", "soft_sign",
+            "super_spike", "erf" (or SpikingJelly's class names / objects); ``alpha``: its sharpness,
+            None for SpikingJelly's default (4.0 for sigmoid).
+        backend: "auto", "torch" (reference), "cpp", "cuda", "triton".
+        return_v: also return the final membrane (compute dtype: float32, float64 for float64 input).
+
+    Returns:
+        spikes ``[T, ...]`` in ``x_seq``'s dtype, or ``(spikes, v_final)`` with ``return_v=True``.
+    """
+    cfg = _make_config("lif_multistep", NEURON_LIF, tau, decay_input, v_threshold, v_reset, detach_reset,
+                       surrogate, alpha)
+    return neuron_multistep(x_seq, v_init, None, cfg, backend, return_v, "lif_multistep")
+
+
+def if_multistep(x_seq: Tensor, v_init: Union[Tensor, float, None] = None, *, v_threshold: float = 1.0,
+                 v_reset: Optional[float] = 0.0, detach_reset: bool = False, surrogate="sigmoid",
+                 alpha: Optional[float] = None, backend: str = "auto", return_v: bool = False):
+    """Multi-step integrate-and-fire neuron (SpikingJelly ``IFNode``): ``H = V + X``. Arguments and
+    returns as :func:`lif_multistep`."""
+    cfg = _make_config("if_multistep", NEURON_IF, None, False, v_threshold, v_reset, detach_reset, surrogate, alpha)
+    return neuron_multistep(x_seq, v_init, None, cfg, backend, return_v, "if_multistep")
+
+
+def plif_multistep(x_seq: Tensor, w: Union[Tensor, float], v_init: Union[Tensor, float, None] = None, *,
+                   decay_input: bool = True, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
+                   detach_reset: bool = False, surrogate="sigmoid", alpha: Optional[float] = None,
+                   backend: str = "auto", return_v: bool = False):
+    """Multi-step parametric LIF neuron (SpikingJelly ``ParametricLIFNode``): the LIF charge with
+    ``1/tau = sigmoid(w)``, ``w`` a learnable one-element tensor whose gradient the kernels compute
+    (deterministic reduction over neurons and time). SpikingJelly initialises ``w = -log(init_tau - 1)``.
+    Other arguments and returns as :func:`lif_multistep`."""
+    cfg = _make_config("plif_multistep", NEURON_PLIF, None, decay_input, v_threshold, v_reset, detach_reset,
+                       surrogate, alpha)
+    return neuron_multistep(x_seq, v_init, w, cfg, backend, return_v, "plif_multistep")
+
+
+__all__ = ["lif_multistep", "if_multistep", "plif_multistep", "neuron_multistep", "NEURON_NAMES"]

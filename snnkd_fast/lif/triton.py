@@ -1,0 +1,227 @@
+"""Triton kernels of the multi-step IF / LIF / PLIF neurons (forward and backward) and their launchers.
+
+One program owns BLOCK adjacent neurons for all T steps; the membrane stays in registers and each
+timestep's row is one coalesced load/store. This file keeps its own copy of the per-element math of
+``csrc/lif/lif_math.h`` (same formulas, same operation order); both are tested against
+``snnkd_fast/lif/reference.py``. Runs on the CPU under ``TRITON_INTERPRET=1`` (how CI tests it).
+
+Exactness: the LIF charge divides with ``div_rn`` (Triton's ``/`` on fp32 is an approximate
+division on NVIDIA GPUs) and the launch disables FMA contraction, so H, and therefore every spike,
+is bit-identical to the reference.
+
+Only float32/float16/bfloat16 inputs (computed in float32): Triton passes Python floats to kernels
+as float32, so a float64 path would round tau and v_threshold. float64 is served by "cpp"/"cuda"/"torch".
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .params import NeuronConfig
+
+BLOCK = 256
+
+
+@triton.jit
+def _charge(v, x, tau, decay, v_rest, NEURON: tl.constexpr, DECAY_INPUT: tl.constexpr):
+    if NEURON == 0:  # IF
+        h = v + x
+    elif NEURON == 1:  # LIF
+        if DECAY_INPUT:
+            h = v + tl.math.div_rn(x - (v - v_rest), tau)
+        else:
+            h = (v - tl.math.div_rn(v - v_rest, tau)) + x
+    else:  # PLIF
+        if DECAY_INPUT:
+            h = v + (x - (v - v_rest)) * decay
+        else:
+            h = (v - (v - v_rest) * decay) + x
+    return h
+
+
+@triton.jit
+def _reset(h, spike, v_threshold, v_reset, SOFT_RESET: tl.constexpr):
+    if SOFT_RESET:
+        v = tl.where(spike, h - v_threshold, h)
+    else:
+        v = tl.where(spike, v_reset, h)
+    return v
+
+
+@triton.jit
+def _surrogate_grad(x, alpha, KIND: tl.constexpr):
+    if KIND == 0:  # sigmoid
+        s = 1.0 / (1.0 + tl.exp(-alpha * x))
+        g = (1.0 - s) * s * alpha
+    elif KIND == 1:  # atan
+        z = x * (1.5707963267948966 * alpha)
+        g = (alpha / 2.0) / (1.0 + z * z)
+    elif KIND == 2:  # piecewise_quadratic
+        g = tl.maximum(alpha - alpha * alpha * tl.abs(x), 0.0)
+    elif KIND == 3:  # piecewise_exp
+        g = (alpha / 2.0) * tl.exp(-alpha * tl.abs(x))
+    elif KIND == 4:  # soft_sign
+        z = 1.0 / alpha + tl.abs(x)
+        g = 1.0 / (2.0 * alpha * z * z)
+    elif KIND == 5:  # super_spike
+        z = 1.0 + tl.abs(x)
+        g = alpha / (z * z)
+    else:  # erf
+        z = alpha * x
+        g = (alpha * 0.5641895835477563) * tl.exp(-z * z)
+    return g
+
+
+@triton.jit
+def _lif_forward_kernel(x_ptr, v_init_ptr, decay_ptr, spikes_ptr, v_final_ptr, h_ptr, T, N,
+                        tau, v_threshold, v_rest,
+                        NEURON: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    v = tl.load(v_init_ptr + offs, mask=mask, other=0.0)
+    decay = 0.0
+    if NEURON == 2:
+        decay = tl.load(decay_ptr)
+    # Pointers advance by one row per step (64-bit pointer arithmetic: T*N may exceed 2**31).
+    x_ptrs, h_ptrs, spike_ptrs = x_ptr + offs, h_ptr + offs, spikes_ptr + offs
+    for _ in range(T):
+        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        h = _charge(v, x, tau, decay, v_rest, NEURON, DECAY_INPUT)
+        spike = h >= v_threshold
+        v = _reset(h, spike, v_threshold, v_rest, SOFT_RESET)
+        tl.store(h_ptrs, h, mask=mask)
+        tl.store(spike_ptrs, spike.to(spikes_ptr.dtype.element_ty), mask=mask)
+        x_ptrs += N
+        h_ptrs += N
+        spike_ptrs += N
+    tl.store(v_final_ptr + offs, v, mask=mask)
+
+
+@triton.jit
+def _lif_backward_kernel(grad_s_ptr, grad_v_ptr, h_ptr, v_init_ptr, decay_ptr, grad_x_ptr, grad_v_init_ptr,
+                         partials_ptr, T, N, last_row, tau, v_threshold, v_rest, alpha,
+                         NEURON: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr,
+                         DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, HAS_GRAD_S: tl.constexpr,
+                         HAS_GRAD_V: tl.constexpr, DECAY_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    if HAS_GRAD_V:
+        gv = tl.load(grad_v_ptr + offs, mask=mask, other=0.0)
+    else:
+        gv = tl.zeros([BLOCK], dtype=tl.float32)
+    decay = 0.0
+    if NEURON == 2:
+        decay = tl.load(decay_ptr)
+    v0 = tl.load(v_init_ptr + offs, mask=mask, other=0.0)
+    decay_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    # Walk back from the last row (last_row = (T-1)*N, computed on the host in 64 bits). H[t-1] is
+    # loaded one step ahead (V[t-1] for the PLIF decay gradient) and carried as the next step's H.
+    h_ptrs, gs_ptrs, gx_ptrs = h_ptr + last_row + offs, grad_s_ptr + last_row + offs, grad_x_ptr + last_row + offs
+    h = tl.load(h_ptrs, mask=mask, other=0.0)
+    for i in range(T):
+        t = T - 1 - i
+        if HAS_GRAD_S:
+            gs = tl.load(gs_ptrs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            gs = tl.zeros([BLOCK], dtype=tl.float32)
+        has_prev = tl.full([BLOCK], t, tl.int32) > 0
+        h_prev = tl.load(h_ptrs - N, mask=mask & has_prev, other=0.0)
+        sg = _surrogate_grad(h - v_threshold, alpha, SURROGATE)
+        if SOFT_RESET:
+            if DETACH_RESET:
+                dv_dh = tl.full([BLOCK], 1.0, tl.float32)
+            else:
+                dv_dh = 1.0 - v_threshold * sg
+        else:
+            dv_dh = tl.where(h >= v_threshold, 0.0, 1.0)
+            if not DETACH_RESET:
+                dv_dh += (v_rest - h) * sg
+        gh = gs * sg + gv * dv_dh
+        if NEURON == 0:
+            grad_x = gh
+            gv = gh
+        else:
+            if NEURON == 1:
+                decayed = gh / tau
+            else:
+                decayed = gh * decay
+            if DECAY_INPUT:
+                grad_x = decayed
+            else:
+                grad_x = gh
+            gv = gh - decayed
+        if DECAY_GRAD:
+            v_prev = tl.where(has_prev, _reset(h_prev, h_prev >= v_threshold, v_threshold, v_rest, SOFT_RESET), v0)
+            if DECAY_INPUT:
+                dh_ddecay = (h - v_prev) / decay
+            else:
+                dh_ddecay = v_rest - v_prev
+            decay_sum += gh * dh_ddecay
+        tl.store(gx_ptrs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+        h = h_prev
+        h_ptrs -= N
+        gs_ptrs -= N
+        gx_ptrs -= N
+    tl.store(grad_v_init_ptr + offs, gv, mask=mask)
+    if DECAY_GRAD:
+        # One partial per program, summed by the launcher in a fixed order: deterministic.
+        tl.store(partials_ptr + tl.program_id(0), tl.sum(tl.where(mask, decay_sum, 0.0), axis=0))
+
+
+def _launch_options(x: torch.Tensor) -> dict:
+    # FMA contraction would round the PLIF charge differently from the reference (and is
+    # meaningless in the interpreter, which rejects the option).
+    return {} if x.device.type == "cpu" else {"enable_fp_fusion": False}
+
+
+def lif_forward(x: torch.Tensor, v_init: torch.Tensor, decay: Optional[torch.Tensor], cfg: NeuronConfig
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward over contiguous ``x`` ``[T, ...]`` from a contiguous float32 ``v_init``.
+    Returns ``(spikes in x.dtype, v_final float32, h_seq float32)``."""
+    T = x.shape[0]
+    N = x.numel() // T if T else 0
+    spikes = torch.empty_like(x)
+    h_seq = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    v_final = torch.empty(x.shape[1:], dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        v_final.copy_(v_init.view(v_final.shape))
+        return spikes, v_final, h_seq
+    grid = (triton.cdiv(N, BLOCK),)
+    _lif_forward_kernel[grid](
+        x, v_init, decay if decay is not None else v_init, spikes, v_final, h_seq, T, N,
+        float(cfg.tau), float(cfg.v_threshold), float(cfg.v_rest),
+        NEURON=cfg.neuron, DECAY_INPUT=cfg.decay_input, SOFT_RESET=cfg.soft_reset, BLOCK=BLOCK,
+        **_launch_options(x))
+    return spikes, v_final, h_seq
+
+
+def lif_backward(grad_spikes: Optional[torch.Tensor], grad_v: Optional[torch.Tensor], h_seq: torch.Tensor,
+                 v_init: torch.Tensor, decay: Optional[torch.Tensor], grad_dtype: torch.dtype, cfg: NeuronConfig,
+                 decay_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward from (optional) contiguous gradients of spikes and v_final.
+    Returns ``(grad_x in grad_dtype, grad_v_init float32, grad_decay 0-dim float32)``."""
+    T = h_seq.shape[0]
+    N = h_seq.numel() // T if T else 0
+    grad_x = torch.empty(h_seq.shape, dtype=grad_dtype, device=h_seq.device)
+    grad_v_init = torch.empty(h_seq.shape[1:], dtype=torch.float32, device=h_seq.device)
+    grad_decay = torch.zeros((), dtype=torch.float32, device=h_seq.device)
+    if h_seq.numel() == 0:
+        grad_v_init.copy_(grad_v.view(grad_v_init.shape)) if grad_v is not None else grad_v_init.zero_()
+        return grad_x, grad_v_init, grad_decay
+    decay_grad = decay_grad and decay is not None
+    grid = (triton.cdiv(N, BLOCK),)
+    partials = torch.empty(grid[0] if decay_grad else 1, dtype=torch.float32, device=h_seq.device)
+    _lif_backward_kernel[grid](
+        grad_spikes if grad_spikes is not None else h_seq, grad_v if grad_v is not None else v_init, h_seq, v_init,
+        decay if decay is not None else v_init, grad_x, grad_v_init, partials, T, N, (T - 1) * N,
+        float(cfg.tau), float(cfg.v_threshold), float(cfg.v_rest), float(cfg.alpha),
+        NEURON=cfg.neuron, DECAY_INPUT=cfg.decay_input, SOFT_RESET=cfg.soft_reset, DETACH_RESET=cfg.detach_reset,
+        SURROGATE=cfg.surrogate, HAS_GRAD_S=grad_spikes is not None, HAS_GRAD_V=grad_v is not None,
+        DECAY_GRAD=decay_grad, BLOCK=BLOCK, **_launch_options(h_seq))
+    if decay_grad:
+        grad_decay = partials.sum()
+    return grad_x, grad_v_init, grad_decay
