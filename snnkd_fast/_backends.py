@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -47,28 +46,11 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_TRITON_LOCK = threading.Lock()
-_TRITON_STATUS: BackendStatus | None = None
-
-
-def _triton_status() -> BackendStatus:
-    global _TRITON_STATUS
-    with _TRITON_LOCK:
-        if _TRITON_STATUS is None:
-            if importlib.util.find_spec("triton") is None:
-                _TRITON_STATUS = BackendStatus(False, "triton is not installed (`pip install triton`)")
-            elif not (torch.cuda.is_available() or triton_interpret()):
-                _TRITON_STATUS = BackendStatus(
-                    False, "triton needs a CUDA GPU, or TRITON_INTERPRET=1 (set before the first use) to run "
-                           "its kernels on the CPU")
-            else:
-                _TRITON_STATUS = BackendStatus(True)
-        return _TRITON_STATUS
-
-
-def backends() -> dict[str, BackendStatus]:
-    """Which backends work here: ``{"torch": BackendStatus(True), "cpp": ..., "cuda": ..., "triton": ...}``."""
-    cpp = BackendStatus(True) if _has_kernel("lif_forward", "CPU") else BackendStatus(False, _EXTENSION_ERROR)
+def _detect() -> dict[str, BackendStatus]:
+    if _has_kernel("lif_forward", "CPU"):
+        cpp = BackendStatus(True)
+    else:
+        cpp = BackendStatus(False, _EXTENSION_ERROR or "the CPU kernels are missing from snnkd_fast._C")
     if _has_kernel("lif_forward", "CUDA"):
         cuda = BackendStatus(True) if torch.cuda.is_available() else BackendStatus(False, "no CUDA device is visible")
     elif not extension_loaded():
@@ -77,7 +59,24 @@ def backends() -> dict[str, BackendStatus]:
         cuda = BackendStatus(False, "the CUDA kernels were not built (torch is a CPU build, nvcc was not found, or no "
                                     "GPU was visible at build time): reinstall on a CUDA build of torch, with "
                                     "FORCE_CUDA=1 on a machine without a GPU")
-    return {"torch": BackendStatus(True), "cpp": cpp, "cuda": cuda, "triton": _triton_status()}
+    if importlib.util.find_spec("triton") is None:
+        triton = BackendStatus(False, "triton is not installed (`pip install triton`)")
+    elif not (torch.cuda.is_available() or triton_interpret()):
+        triton = BackendStatus(False, "triton needs a CUDA GPU, or TRITON_INTERPRET=1 set before importing "
+                                      "snnkd_fast to run its kernels on the CPU")
+    else:
+        triton = BackendStatus(True)
+    return {"torch": BackendStatus(True), "cpp": cpp, "cuda": cuda, "triton": triton}
+
+
+# Detected once, at import: what is built cannot change in a running process, and a plain dict lookup
+# keeps resolve_backend traceable by torch.compile (no graph break on a dispatcher query).
+_STATUS = _detect()
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Which backends work here: ``{"torch": BackendStatus(True), "cpp": ..., "cuda": ..., "triton": ...}``."""
+    return dict(_STATUS)
 
 
 def resolve_backend(backend: str, device: torch.device, op_name: str) -> str:
@@ -86,7 +85,7 @@ def resolve_backend(backend: str, device: torch.device, op_name: str) -> str:
     raises a clear error."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op_name}: backend={backend!r}; choose one of {', '.join(BACKENDS)}")
-    status = backends()
+    status = _STATUS
     if backend == "auto":
         order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
         return next((name for name in order if status[name]), "torch")

@@ -94,7 +94,8 @@ def _lif_forward_kernel(x_ptr, v_init_ptr, decay_ptr, spikes_ptr, v_final_ptr, h
         spike = h >= v_threshold
         v = _reset(h, spike, v_threshold, v_rest, SOFT_RESET)
         tl.store(h_ptrs, h, mask=mask)
-        tl.store(spike_ptrs, spike.to(spikes_ptr.dtype.element_ty), mask=mask)
+        # via float32: the interpreter cannot cast a bool straight to bfloat16
+        tl.store(spike_ptrs, tl.where(spike, 1.0, 0.0).to(spikes_ptr.dtype.element_ty), mask=mask)
         x_ptrs += N
         h_ptrs += N
         spike_ptrs += N

@@ -1,0 +1,1 @@
+"""Interoperability with other SNN libraries (``snnkd_fast.compat.spikingjelly``)."""

@@ -1,0 +1,120 @@
+"""Drop-in replacements for SpikingJelly 2.0's ``LIFNode``, ``IFNode`` and ``ParametricLIFNode``.
+
+Same constructor arguments (``surrogate_function`` may be a SpikingJelly surrogate object, a
+:class:`snnkd_fast.Surrogate`, or a name), same ``step_mode`` ("s": one step ``[N, ...]`` per
+call; "m": a sequence ``[T, N, ...]``), same state handling: ``self.v`` starts as the float
+``v_reset`` (0.0 for a soft reset), becomes the membrane tensor after a call, carries the autograd
+graph across calls (so single-step BPTT works) and returns to the float on :meth:`reset`. The extra
+``backend`` argument chooses the kernel ("auto" by default).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..lif.op import _make_config, neuron_multistep
+from ..lif.params import NEURON_IF, NEURON_LIF, NEURON_PLIF
+
+
+class _MultiStepNeuron(nn.Module):
+    _neuron: int
+    _op_name: str
+
+    def __init__(self, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0, surrogate_function="sigmoid",
+                 detach_reset: bool = False, step_mode: str = "s", store_v_seq: bool = False,
+                 backend: str = "auto", tau: Optional[float] = None, decay_input: bool = True):
+        super().__init__()
+        if step_mode not in ("s", "m"):
+            raise ValueError(f"{type(self).__name__}: step_mode must be 's' or 'm', got {step_mode!r}")
+        if store_v_seq:
+            raise ValueError(f"{type(self).__name__}: store_v_seq=True is not supported: snnkd_fast neurons never "
+                             "materialise the [T, ...] membrane (that is where their memory saving comes from); "
+                             "use SpikingJelly's node for monitoring the membrane")
+        self.tau = tau
+        self.decay_input = decay_input
+        self.v_threshold = v_threshold
+        self.v_reset = v_reset
+        self.surrogate_function = surrogate_function
+        self.detach_reset = detach_reset
+        self.step_mode = step_mode
+        self.backend = backend
+        self._config()  # validate now: a bad argument fails at construction, naming the argument
+        self.v: Union[float, torch.Tensor] = self._rest_value()
+
+    def _rest_value(self) -> float:
+        return 0.0 if self.v_reset is None else float(self.v_reset)
+
+    def _config(self):
+        # Rebuilt on every call so that attribute changes (e.g. node.v_threshold = 0.5) take effect.
+        return _make_config(type(self).__name__, self._neuron, self.tau, self.decay_input, self.v_threshold,
+                            self.v_reset, self.detach_reset, self.surrogate_function, None)
+
+    def reset(self) -> None:
+        """Forget the membrane (SpikingJelly's ``functional.reset_net`` calls this)."""
+        self.v = self._rest_value()
+
+    def _w(self) -> Optional[torch.Tensor]:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: x must be a tensor, got {type(x).__name__}")
+        x_seq = x if self.step_mode == "m" else x.unsqueeze(0)
+        spikes, self.v = neuron_multistep(x_seq, self.v, self._w(), self._config(), self.backend, True, name)
+        return spikes if self.step_mode == "m" else spikes[0]
+
+    def extra_repr(self) -> str:
+        return (f"v_threshold={self.v_threshold}, v_reset={self.v_reset}, detach_reset={self.detach_reset}, "
+                f"step_mode={self.step_mode}, surrogate_function={self.surrogate_function}, backend={self.backend}")
+
+
+class LIFNode(_MultiStepNeuron):
+    """Leaky integrate-and-fire neuron; see :func:`snnkd_fast.lif_multistep` for the dynamics."""
+
+    _neuron = NEURON_LIF
+
+    def __init__(self, tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
+                 v_reset: Optional[float] = 0.0, surrogate_function="sigmoid", detach_reset: bool = False,
+                 step_mode: str = "s", store_v_seq: bool = False, backend: str = "auto"):
+        super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode, store_v_seq, backend,
+                         tau=tau, decay_input=decay_input)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, decay_input={self.decay_input}, " + super().extra_repr()
+
+
+class IFNode(_MultiStepNeuron):
+    """Integrate-and-fire neuron (``H = V + X``); see :func:`snnkd_fast.if_multistep`."""
+
+    _neuron = NEURON_IF
+
+    def __init__(self, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0, surrogate_function="sigmoid",
+                 detach_reset: bool = False, step_mode: str = "s", store_v_seq: bool = False, backend: str = "auto"):
+        super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode, store_v_seq, backend)
+
+
+class ParametricLIFNode(_MultiStepNeuron):
+    """LIF with a learnable time constant: ``1/tau = sigmoid(w)``, ``w`` initialised to
+    ``-log(init_tau - 1)`` as in SpikingJelly; see :func:`snnkd_fast.plif_multistep`."""
+
+    _neuron = NEURON_PLIF
+
+    def __init__(self, init_tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
+                 v_reset: Optional[float] = 0.0, surrogate_function="sigmoid", detach_reset: bool = False,
+                 step_mode: str = "s", store_v_seq: bool = False, backend: str = "auto"):
+        if isinstance(init_tau, bool) or not isinstance(init_tau, (int, float)) or not init_tau > 1.0:
+            raise ValueError(f"ParametricLIFNode: init_tau must be a float > 1, got {init_tau!r}")
+        super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode, store_v_seq, backend,
+                         decay_input=decay_input)
+        self.w = nn.Parameter(torch.as_tensor(-math.log(init_tau - 1.0)))
+
+    def _w(self) -> torch.Tensor:
+        return self.w
+
+    def extra_repr(self) -> str:
+        tau = 1.0 / self.w.detach().sigmoid().item()
+        return f"tau={tau:.4f}, decay_input={self.decay_input}, " + super().extra_repr()

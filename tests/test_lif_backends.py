@@ -1,0 +1,181 @@
+"""Every neuron kernel (cpp, triton, cuda) against the pure-PyTorch reference: spikes bit-exact,
+final membrane and gradients (x, v_init, PLIF's w) within the per-dtype tolerances, over every mode
+combination, surrogate, dtype and awkward shape/stride."""
+import pytest
+import torch
+
+import snnkd_fast
+from snnkd_fast.lif.surrogates import SURROGATES
+
+from lif_helpers import NEURON_KINDS, make_inputs, run_neuron
+from tolerances import assert_grad_close, assert_value_close
+
+SURROGATE_NAMES = [s.name for s in SURROGATES]
+RESETS = {"hard0": 0.0, "hard-0.3": -0.3, "soft": None}
+
+
+def _modes():
+    for kind in NEURON_KINDS:
+        for decay_input in ((True,) if kind == "if" else (True, False)):
+            for reset in RESETS:
+                for detach_reset in (False, True):
+                    for surrogate in SURROGATE_NAMES:
+                        yield pytest.param(kind, decay_input, reset, detach_reset, surrogate,
+                                           id=f"{kind}-di{int(decay_input)}-{reset}-det{int(detach_reset)}-{surrogate}")
+
+
+def compare(kind, shape, dtype, backend, device, seed=0, x_transform=None, **kwargs):
+    x, v_init, grad_spikes, grad_v, w = make_inputs(shape, dtype, device, seed=seed)
+    if x_transform is not None:
+        x = x_transform(x)
+        grad_spikes = torch.randn(x.shape, dtype=torch.float64, device=device).to(dtype)
+    kernel = run_neuron(kind, x, v_init, w, grad_spikes, grad_v, backend, **kwargs)
+    reference = run_neuron(kind, x, v_init, w, grad_spikes, grad_v, "torch", **kwargs)
+    assert kernel.spikes.dtype == x.dtype and kernel.spikes.shape == x.shape
+    assert torch.equal(kernel.spikes, reference.spikes), "spikes differ from the reference"
+    assert_value_close(kernel.v_final, reference.v_final, dtype, "v_final")
+    assert_grad_close(kernel.grad_x, reference.grad_x, dtype, "grad x")
+    assert_grad_close(kernel.grad_v_init, reference.grad_v_init, dtype, "grad v_init")
+    if kind == "plif":
+        assert_grad_close(kernel.grad_w, reference.grad_w, dtype, "grad w")
+    return kernel, reference
+
+
+@pytest.mark.parametrize("kind, decay_input, reset, detach_reset, surrogate", list(_modes()))
+def test_every_mode_matches_reference(kernel_target, kind, decay_input, reset, detach_reset, surrogate):
+    backend, device = kernel_target
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    kernel, _ = compare(kind, (5, 3, 7), dtype, backend, device, decay_input=decay_input, v_reset=RESETS[reset],
+                        detach_reset=detach_reset, surrogate=surrogate, alpha=1.7, tau=3.0)
+    assert 0 < kernel.spikes.sum() < kernel.spikes.numel(), "inputs must exercise both spiking and silent steps"
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 1), (4, 2, 5, 3), (6, 301), (2, 1024), (8, 4, 33)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", NEURON_KINDS)
+def test_shapes(kernel_target, kind, shape):
+    backend, device = kernel_target
+    compare(kind, shape, torch.float32, backend, device, v_reset=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", NEURON_KINDS)
+def test_dtypes(kernel_target, kind, dtype):
+    backend, device = kernel_target
+    if backend == "triton" and dtype == torch.float64:
+        x = torch.randn(3, 4, dtype=dtype, device=device)
+        with pytest.raises(TypeError, match="float64"):
+            snnkd_fast.lif_multistep(x, backend="triton")
+        return
+    compare(kind, (6, 5, 9), dtype, backend, device, surrogate="atan")
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded", "offset"])
+def test_non_contiguous_inputs(kernel_target, layout):
+    backend, device = kernel_target
+    transforms = {
+        "transposed": lambda x: x.transpose(1, 2),
+        "strided": lambda x: x[:, :, ::2],
+        "expanded": lambda x: x[:, :1].expand(-1, 4, -1),  # stride 0 along dim 1
+        "offset": lambda x: x[1:],  # storage offset: the kernel's vector loads must stay aligned-safe
+    }
+    x, v_init, grad_spikes, grad_v, w = make_inputs((5, 4, 6), torch.float32, device)
+    xt = transforms[layout](x)
+    assert not xt.is_contiguous() or xt.storage_offset() > 0
+    v0 = torch.zeros(xt.shape[1:], dtype=torch.float64, device=device)
+    gs = torch.randn(xt.shape, dtype=torch.float64, device=device).float()
+    gv = torch.randn(xt.shape[1:], dtype=torch.float64, device=device)
+    kernel = run_neuron("lif", xt, v0, None, gs, gv, backend)
+    reference = run_neuron("lif", xt, v0, None, gs, gv, "torch")
+    assert torch.equal(kernel.spikes, reference.spikes)
+    assert_grad_close(kernel.grad_x, reference.grad_x, torch.float32, "grad x")
+
+
+def test_broadcast_v_init_gradient_is_summed(kernel_target):
+    backend, device = kernel_target
+    x, _, grad_spikes, grad_v, _ = make_inputs((4, 3, 5), torch.float32, device)
+    v_row = torch.randn(5, dtype=torch.float64, device=device)
+    kernel = run_neuron("lif", x, v_row, None, grad_spikes, grad_v, backend)
+    reference = run_neuron("lif", x, v_row, None, grad_spikes, grad_v, "torch")
+    assert kernel.grad_v_init.shape == (5,)
+    assert_grad_close(kernel.grad_v_init, reference.grad_v_init, torch.float32, "grad v_init")
+
+
+@pytest.mark.parametrize("kind", NEURON_KINDS)
+def test_state_carried_across_calls_equals_one_call(kernel_target, kind):
+    """Running T steps as two calls, passing the final membrane on, is the same as one call."""
+    backend, device = kernel_target
+    x, v_init, *_ = make_inputs((6, 2, 9), torch.float32, device)
+    w = torch.tensor(0.2, device=device)
+    from lif_helpers import neuron_call
+
+    whole, v_whole = neuron_call(kind, x, v_init.float(), w, backend=backend, return_v=True)
+    first, v_mid = neuron_call(kind, x[:4], v_init.float(), w, backend=backend, return_v=True)
+    second, v_end = neuron_call(kind, x[4:], v_mid, w, backend=backend, return_v=True)
+    assert torch.equal(whole, torch.cat([first, second]))
+    assert torch.equal(v_whole, v_end)
+
+
+def test_only_spikes_or_only_membrane_used(kernel_target):
+    """Autograd may deliver no gradient for one output; the kernels must treat it as zero."""
+    backend, device = kernel_target
+    x = (torch.randn(4, 10, device=device) * 1.5 + 0.4).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    spikes, v = snnkd_fast.lif_multistep(x, backend=backend, return_v=True)
+    spikes_ref, v_ref = snnkd_fast.lif_multistep(x_ref, backend="torch", return_v=True)
+    v.sum().backward()
+    v_ref.sum().backward()
+    assert_grad_close(x.grad, x_ref.grad, torch.float32, "membrane-only gradient")
+    x.grad = None
+    x_ref.grad = None
+    spikes, v = snnkd_fast.lif_multistep(x, backend=backend, return_v=True)
+    spikes_ref, _ = snnkd_fast.lif_multistep(x_ref, backend="torch", return_v=True)
+    spikes.sum().backward()
+    spikes_ref.sum().backward()
+    assert_grad_close(x.grad, x_ref.grad, torch.float32, "spike-only gradient")
+
+
+def test_backward_saves_one_sequence_tensor(kernel_target):
+    """The autograd graph keeps a single [T, ...] tensor (the charged membrane), never spikes too."""
+    backend, device = kernel_target
+    T, N = 6, 50
+    x = torch.randn(T, N, device=device, requires_grad=True)
+    w = torch.tensor(0.1, device=device, requires_grad=True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        snnkd_fast.plif_multistep(x, w, backend=backend)
+    sequence_sized = [t for t in saved if t.numel() >= T * N]
+    assert len(sequence_sized) == 1, [tuple(t.shape) for t in saved]
+    assert sequence_sized[0].dtype == torch.float32
+
+
+def test_plif_weight_gradient_is_deterministic_across_thread_counts():
+    """The PLIF w gradient is a reduction over neurons; the cpp kernel reduces fixed-size blocks in
+    a fixed order, so the bits do not depend on the number of threads."""
+    if not snnkd_fast.backends()["cpp"]:
+        pytest.skip(snnkd_fast.backends()["cpp"].reason)
+    x = torch.randn(8, 5000, dtype=torch.float32) * 1.5 + 0.3
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            w = torch.tensor(0.1, requires_grad=True)
+            snnkd_fast.plif_multistep(x, w, backend="cpp").sum().backward()
+            grads.append(w.grad.item())
+    finally:
+        torch.set_num_threads(threads)
+    assert grads[0] == grads[1] == grads[2]
+
+
+def test_auto_backend_picks_a_kernel():
+    x = torch.randn(3, 4)
+    expected = "cpp" if snnkd_fast.backends()["cpp"] else "torch"
+    from snnkd_fast._backends import resolve_backend
+
+    assert resolve_backend("auto", x.device, "test") == expected

@@ -1,0 +1,105 @@
+"""Bad input gets a clear error naming the argument: never a crash, a hang or a silent wrong result."""
+import pytest
+import torch
+
+import snnkd_fast
+from snnkd_fast import nn as snn
+
+X = torch.randn(4, 3, 5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("call, error, match", [
+    (lambda b: snnkd_fast.lif_multistep(torch.empty(0, 3), backend=b), ValueError, "T=0"),
+    (lambda b: snnkd_fast.lif_multistep(torch.tensor(1.0), backend=b), ValueError, "x_seq.*time dimension"),
+    (lambda b: snnkd_fast.lif_multistep(torch.ones(4, 3, dtype=torch.int32), backend=b), TypeError, "x_seq.*int32"),
+    (lambda b: snnkd_fast.lif_multistep(torch.ones(4, 3, dtype=torch.complex64), backend=b), TypeError, "x_seq"),
+    (lambda b: snnkd_fast.lif_multistep([[1.0]], backend=b), TypeError, "x_seq must be a torch.Tensor"),
+    (lambda b: snnkd_fast.lif_multistep(X, tau=1.0, backend=b), ValueError, "tau must be > 1"),
+    (lambda b: snnkd_fast.lif_multistep(X, tau=0.5, backend=b), ValueError, "tau"),
+    (lambda b: snnkd_fast.lif_multistep(X, tau=float("nan"), backend=b), ValueError, "tau must be finite"),
+    (lambda b: snnkd_fast.lif_multistep(X, tau="2", backend=b), TypeError, "tau"),
+    (lambda b: snnkd_fast.lif_multistep(X, torch.zeros(4), backend=b), ValueError, r"v_init has shape \(4,\)"),
+    (lambda b: snnkd_fast.lif_multistep(X, torch.zeros(3, 5, dtype=torch.int64), backend=b), TypeError, "v_init"),
+    (lambda b: snnkd_fast.lif_multistep(X, "zero", backend=b), TypeError, "v_init"),
+    (lambda b: snnkd_fast.lif_multistep(X, surrogate="relu", backend=b), ValueError, "surrogate='relu'"),
+    (lambda b: snnkd_fast.lif_multistep(X, surrogate=42, backend=b), ValueError, "surrogate"),
+    (lambda b: snnkd_fast.lif_multistep(X, alpha=-1.0, backend=b), ValueError, "alpha"),
+    (lambda b: snnkd_fast.lif_multistep(X, v_threshold=float("inf"), backend=b), ValueError, "v_threshold"),
+    (lambda b: snnkd_fast.lif_multistep(X, v_reset="none", backend=b), TypeError, "v_reset"),
+    (lambda b: snnkd_fast.lif_multistep(X, detach_reset="yes", backend=b), TypeError, "detach_reset"),
+    (lambda b: snnkd_fast.plif_multistep(X, torch.zeros(2), backend=b), ValueError, "w must hold one element"),
+    (lambda b: snnkd_fast.plif_multistep(X, None, backend=b), TypeError, "w must be"),
+    (lambda b: snnkd_fast.plif_multistep(X, torch.tensor(1), backend=b), TypeError, "w must be a floating"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_argument_is_named(backend, call, error, match):
+    with pytest.raises(error, match=match):
+        call(backend)
+
+
+def test_unknown_backend_is_named():
+    with pytest.raises(ValueError, match="backend='gpu'"):
+        snnkd_fast.lif_multistep(X, backend="gpu")
+
+
+def test_unavailable_backend_says_why():
+    status = snnkd_fast.backends()["cuda"]
+    if status:
+        pytest.skip("the CUDA backend is available here")
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available: .+"):
+        snnkd_fast.lif_multistep(X, backend="cuda")
+
+
+def test_backend_on_wrong_device():
+    if torch.cuda.is_available() and snnkd_fast.backends()["cpp"]:
+        with pytest.raises(ValueError, match="backend='cpp' runs on CPU tensors"):
+            snnkd_fast.lif_multistep(X.cuda(), backend="cpp")
+    else:
+        pytest.skip("needs a CUDA device to put the tensor on the wrong device")
+
+
+def test_v_init_on_other_device():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    with pytest.raises(ValueError, match="v_init is on"):
+        snnkd_fast.lif_multistep(X, torch.zeros(3, 5, device="cuda"))
+
+
+def test_compiled_op_rejects_malformed_direct_call():
+    """A direct torch.ops call with inconsistent tensors raises instead of reading out of bounds."""
+    if not snnkd_fast.backends()["cpp"]:
+        pytest.skip(snnkd_fast.backends()["cpp"].reason)
+    with pytest.raises(RuntimeError, match="v_init must hold one step"):
+        torch.ops.snnkd_fast.lif_forward(X.contiguous(), torch.zeros(7), None, 1, 2.0, True, 1.0, 0.0, False, False,
+                                         0, 4.0)
+    with pytest.raises(RuntimeError, match="PLIF needs a one-element decay"):
+        torch.ops.snnkd_fast.lif_forward(X.contiguous(), torch.zeros(3, 5), None, 2, 2.0, True, 1.0, 0.0, False,
+                                         False, 0, 4.0)
+    with pytest.raises(RuntimeError, match="unknown surrogate"):
+        torch.ops.snnkd_fast.lif_forward(X.contiguous(), torch.zeros(3, 5), None, 1, 2.0, True, 1.0, 0.0, False,
+                                         False, 99, 4.0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: snn.LIFNode(tau=1.0),
+    lambda: snn.LIFNode(step_mode="x"),
+    lambda: snn.LIFNode(store_v_seq=True),
+    lambda: snn.LIFNode(surrogate_function="nope"),
+    lambda: snn.ParametricLIFNode(init_tau=0.5),
+    lambda: snn.IFNode(v_threshold=None),
+])
+def test_module_constructor_validates(make):
+    with pytest.raises((ValueError, TypeError)):
+        make()
+
+
+def test_nan_policy():
+    """NaN input: that neuron never spikes and its membrane stays NaN, identically in every backend."""
+    x = torch.full((4, 3), 2.0)
+    x[1, 0] = float("nan")
+    for backend in ("torch", "cpp", "triton"):
+        if not snnkd_fast.backends()[backend]:
+            continue
+        spikes, v = snnkd_fast.lif_multistep(x, backend=backend, return_v=True)
+        assert spikes[1:, 0].sum() == 0 and torch.isnan(v[0])
+        assert spikes[:, 1:].sum() > 0 and not torch.isnan(v[1:]).any()
