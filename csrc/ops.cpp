@@ -1,10 +1,9 @@
-// Operator schemas of snnkd_fast and their CPU implementations. The CUDA implementations register
-// themselves in the .cu files; fake (meta) implementations and autograd are registered in Python
-// (snnkd_fast/lif/op.py), next to the reference they are tested against.
+// Operator schemas of snnkd_fast. Each kernel file registers its own implementations
+// (TORCH_LIBRARY_IMPL for CPU in *_cpu.cpp, CUDA in *_cuda.cu); fake (meta) implementations and
+// autograd are registered in Python (snnkd_fast/<family>/op.py), next to the references.
 #include <Python.h>
 #include <torch/library.h>
 
-#include "lif/lif_ops.h"
 
 // Importing snnkd_fast._C from Python runs the static registrations below; the module itself
 // exposes nothing (no pybind11: the ops are reached through torch.ops.snnkd_fast).
@@ -29,9 +28,28 @@ TORCH_LIBRARY(snnkd_fast, m) {
       "ScalarType grad_dtype, int neuron, float tau, bool decay_input, float v_threshold, float v_reset, "
       "bool soft_reset, bool detach_reset, int surrogate, float alpha, bool decay_grad) "
       "-> (Tensor grad_x, Tensor grad_v_init, Tensor grad_decay)");
+
+  // Per-row losses of the fused KD family (loss: 0 KL, 1 TSER, 2 HTA; snnkd_fast/kd/params.py): rows
+  // [T, B] and stats [T, B, 5] in float32 (float64 for float64 inputs), HTA head keys [Tt, B, 3] int32.
+  m.def(
+      "kd_rows_forward(Tensor student, Tensor teacher, int loss, float temperature, float entropy_temperature, "
+      "float entropy_weight, float head_threshold) -> (Tensor rows, Tensor stats, Tensor hta_keys)");
+  m.def(
+      "kd_rows_backward(Tensor grad_rows, Tensor student, Tensor teacher, Tensor stats, Tensor hta_keys, int loss, "
+      "float temperature, float entropy_temperature, float entropy_weight, bool teacher_grad) "
+      "-> (Tensor grad_student, Tensor grad_teacher)");
+
+  // CKDSNN's noise-smoothed logits distillation: the noise eps is regenerated from `seed` (int64,
+  // one element, on the device) with Philox keyed by the element index; noise_std is used when
+  // adaptive is false (the adaptive scale is the row's unbiased logit variance). Stats [T, B, 6].
+  m.def(
+      "nld_rows_forward(Tensor student, Tensor teacher, Tensor seed, float temperature, float noise_weight, "
+      "float noise_std, bool adaptive, bool additive) -> (Tensor rows, Tensor stats)");
+  m.def(
+      "nld_rows_backward(Tensor grad_rows, Tensor student, Tensor teacher, Tensor seed, Tensor stats, "
+      "float temperature, float noise_weight, float noise_std, bool adaptive, bool additive, bool teacher_grad) "
+      "-> (Tensor grad_student, Tensor grad_teacher)");
+  // The eps the NLD kernels draw for `seed`, element i of the flattened shape (a test helper).
+  m.def("nld_noise(Tensor seed, int[] shape) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(snnkd_fast, CPU, m) {
-  m.impl("lif_forward", &snnkd::lif::forward_op<snnkd::lif::launch_forward_cpu>);
-  m.impl("lif_backward", &snnkd::lif::backward_op<snnkd::lif::launch_backward_cpu>);
-}

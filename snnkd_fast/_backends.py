@@ -39,22 +39,32 @@ def extension_loaded() -> bool:
 
 
 def _has_kernel(op: str, dispatch_key: str) -> bool:
-    return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"snnkd_fast::{op}", dispatch_key)
+    if not extension_loaded() or not hasattr(torch.ops.snnkd_fast, op):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"snnkd_fast::{op}", dispatch_key)
 
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _detect() -> dict[str, BackendStatus]:
-    if _has_kernel("lif_forward", "CPU"):
+# The compiled op that carries each op family's kernels (its CPU/CUDA registrations say what is built).
+OP_FAMILIES = {"lif": "lif_forward", "kd": "kd_rows_forward"}
+
+
+def _detect(family: str) -> dict[str, BackendStatus]:
+    op = OP_FAMILIES[family]
+    if _has_kernel(op, "CPU"):
         cpp = BackendStatus(True)
     else:
-        cpp = BackendStatus(False, _EXTENSION_ERROR or "the CPU kernels are missing from snnkd_fast._C")
-    if _has_kernel("lif_forward", "CUDA"):
+        cpp = BackendStatus(False, _EXTENSION_ERROR or f"snnkd_fast._C has no CPU kernel for {op} (rebuild it)")
+    if _has_kernel(op, "CUDA"):
         cuda = BackendStatus(True) if torch.cuda.is_available() else BackendStatus(False, "no CUDA device is visible")
     elif not extension_loaded():
         cuda = BackendStatus(False, _EXTENSION_ERROR)
+    elif _has_kernel("lif_forward", "CUDA"):
+        cuda = BackendStatus(False, f"the CUDA C++ kernels of {family!r} ops are not implemented yet; use "
+                                    "backend='triton' on the GPU")
     else:
         cuda = BackendStatus(False, "the CUDA kernels were not built (torch is a CPU build, nvcc was not found, or no "
                                     "GPU was visible at build time): reinstall on a CUDA build of torch, with "
@@ -71,21 +81,24 @@ def _detect() -> dict[str, BackendStatus]:
 
 # Detected once, at import: what is built cannot change in a running process, and a plain dict lookup
 # keeps resolve_backend traceable by torch.compile (no graph break on a dispatcher query).
-_STATUS = _detect()
+_STATUS = {family: _detect(family) for family in OP_FAMILIES}
 
 
-def backends() -> dict[str, BackendStatus]:
-    """Which backends work here: ``{"torch": BackendStatus(True), "cpp": ..., "cuda": ..., "triton": ...}``."""
-    return dict(_STATUS)
+def backends(family: str = "lif") -> dict[str, BackendStatus]:
+    """Which backends work here for an op family ("lif": the neurons, "kd": the fused KD losses):
+    ``{"torch": BackendStatus(True), "cpp": ..., "cuda": ..., "triton": ...}``."""
+    if family not in _STATUS:
+        raise ValueError(f"backends: family={family!r}; choose one of {', '.join(_STATUS)}")
+    return dict(_STATUS[family])
 
 
-def resolve_backend(backend: str, device: torch.device, op_name: str) -> str:
+def resolve_backend(backend: str, device: torch.device, op_name: str, family: str = "lif") -> str:
     """The backend to run ``op_name`` on a tensor of ``device``: "auto" picks the fastest available
     (CPU: cpp, then torch; CUDA: cuda, then triton, then torch); an explicit choice that cannot run
     raises a clear error."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op_name}: backend={backend!r}; choose one of {', '.join(BACKENDS)}")
-    status = _STATUS
+    status = _STATUS[family]
     if backend == "auto":
         order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
         return next((name for name in order if status[name]), "torch")

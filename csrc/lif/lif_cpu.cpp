@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 #include <torch/types.h>
 
 #include <algorithm>
@@ -122,3 +123,8 @@ void launch_backward_cpu(const std::optional<at::Tensor>& grad_spikes, const std
 
 }  // namespace lif
 }  // namespace snnkd
+
+TORCH_LIBRARY_IMPL(snnkd_fast, CPU, m) {
+  m.impl("lif_forward", &snnkd::lif::forward_op<snnkd::lif::launch_forward_cpu>);
+  m.impl("lif_backward", &snnkd::lif::backward_op<snnkd::lif::launch_backward_cpu>);
+}

@@ -21,6 +21,12 @@
 namespace snnkd {
 namespace lif {
 
+// Unqualified calls below pick the overload of the argument's type (float stays float); CUDA
+// provides the same std:: overloads in device code.
+using std::exp;
+using std::fabs;
+using std::log;
+
 // Neuron kinds. Kept in sync with snnkd_fast/lif/params.py (NEURON_*).
 enum NeuronKind : int { kIF = 0, kLIF = 1, kPLIF = 2 };
 

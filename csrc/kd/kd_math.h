@@ -1,0 +1,95 @@
+// Per-element math of the fused KD losses, shared by the CPU kernels (kd_cpu.cpp) and the C++ unit
+// test; the Triton kernels (snnkd_fast/kd/triton.py) keep their own copy, and both are tested
+// against snnkd_fast/kd/reference.py. Ids and layouts mirror snnkd_fast/kd/params.py.
+//
+// Notation per row: s = z_s / tau, u = z_t / tau, q = softmax(s), p = softmax(u); gradients are
+// w.r.t. the logits z (hence the factor tau = tau^2 / tau) for one row's loss l; the caller scales
+// them by dL/dl. Zero probabilities contribute nothing (xlogy semantics): -inf logits are exact.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define SNNKD_HD __host__ __device__ __forceinline__
+#else
+#define SNNKD_HD inline
+#endif
+
+namespace snnkd {
+namespace kd {
+
+// Unqualified calls below pick the overload of the argument's type (float stays float); CUDA
+// provides the same std:: overloads in device code.
+using std::exp;
+using std::fabs;
+using std::log;
+
+enum LossKind : int { kKL = 0, kTSER = 1, kHTA = 2 };
+enum Stat : int { kLseS = 0, kLseU = 1, kKlF = 2, kAux0 = 3, kAux1 = 4, kNumStats = 5 };
+enum HtaField : int { kKeyCross = 0, kIdxCross = 1, kIdxTop = 2, kHtaNum = 3 };
+
+// Order-preserving int32 image of a float32 logit (+0.0 folds -0.0 into +0.0 so equal logits tie).
+SNNKD_HD int32_t float_key(float x) {
+  const float canonical = x + 0.0f;
+  int32_t bits;
+  std::memcpy(&bits, &canonical, sizeof(bits));
+  return bits < 0 ? (bits ^ 0x7FFFFFFF) : bits;
+}
+
+// HTA head membership of class c given the teacher row's (key_cross, idx_cross, idx_top).
+SNNKD_HD bool hta_is_head(int32_t key, int64_t c, int32_t key_cross, int32_t idx_cross, int32_t idx_top) {
+  return key > key_cross || (key == key_cross && c < idx_cross) || c == idx_top;
+}
+
+// x * y with x = 0 giving 0 whatever y is (xlogy semantics: 0 * -inf = 0).
+template <typename acc_t>
+SNNKD_HD acc_t xmul(acc_t x, acc_t y) {
+  return x > acc_t(0) ? x * y : acc_t(0);
+}
+
+// Row-level scalars the per-element gradients need (from the saved statistics).
+template <typename acc_t>
+struct RowStats {
+  acc_t lse_s, lse_u, kl_f, aux0, aux1;
+};
+
+// d l / d z_s for one element. tau: temperature; inv_tau_h, entropy_weight: TSER's entropy term.
+template <typename acc_t>
+SNNKD_HD acc_t grad_student(int loss, acc_t z_s, acc_t z_u, const RowStats<acc_t>& r, acc_t inv_tau,
+                            acc_t tau, acc_t inv_tau_h, acc_t entropy_weight) {
+  const acc_t log_q = z_s * inv_tau - r.lse_s;
+  const acc_t log_p = z_u * inv_tau - r.lse_u;
+  const acc_t q = exp(log_q);
+  const acc_t p = exp(log_p);
+  acc_t g;
+  if (loss == kHTA) {
+    // w_head (q - p) + w_tail q (log q - log p - KL(q||p)); the weights are detached.
+    const acc_t w_head = r.aux0;
+    g = w_head * (q - p) + (acc_t(1) - w_head) * xmul(q, log_q - log_p - r.aux1);
+  } else {
+    g = q - p;
+  }
+  g *= tau;
+  if (loss == kTSER) {
+    // -lambda dH/dz = (lambda / tau_H) q_H (log q_H + H)
+    const acc_t log_qh = z_s * inv_tau_h - r.aux0;
+    g += entropy_weight * inv_tau_h * xmul(exp(log_qh), log_qh + r.aux1);
+  }
+  return g;
+}
+
+// d l / d z_t for one element (the teacher requires grad in data-free KD).
+template <typename acc_t>
+SNNKD_HD acc_t grad_teacher(int loss, acc_t z_s, acc_t z_u, const RowStats<acc_t>& r, acc_t inv_tau, acc_t tau) {
+  const acc_t log_q = z_s * inv_tau - r.lse_s;
+  const acc_t log_p = z_u * inv_tau - r.lse_u;
+  const acc_t p = exp(log_p);
+  acc_t g = xmul(p, log_p - log_q - r.kl_f);  // forward KL: p (log p - log q - KL(p||q))
+  if (loss == kHTA) g = r.aux0 * g + (acc_t(1) - r.aux0) * (p - exp(log_q));  // reverse KL: p - q
+  return g * tau;
+}
+
+}  // namespace kd
+}  // namespace snnkd

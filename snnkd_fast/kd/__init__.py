@@ -1,0 +1,1 @@
+"""Knowledge-distillation losses for spiking students: pure-PyTorch references and fused kernels."""

@@ -1,0 +1,336 @@
+"""Triton kernels of the fused KD losses (per-timestep KL, TSER, HTA-KL) and their launchers.
+
+One program owns one sample b: it streams the student rows z_s[t, b, :] for all T (a [BLOCK_T,
+BLOCK_C] tile at a time) against the teacher row, keeps online log-sum-exp statistics per row in
+registers and writes only per-row results: the loss [T, B] and a few statistics [T, B, NUM_STATS]
+for the backward. No [T, B, C] probability tensor is ever written; inputs are read in place through
+their strides (an expanded teacher costs nothing). The backward re-reads the logits, rebuilds p and
+q from the saved statistics, writes the student gradient and accumulates the teacher gradient over
+t in registers (one program per sample: deterministic, no atomics).
+
+Per row (s = z_s / tau, u = z_t / tau, p = softmax(u), q = softmax(s)):
+  KL(p||q) = sum p (u - s) - LSE(u) + LSE(s)      sum p (u - s) accumulated online, rescaled with max(u)
+  KL(q||p) = sum q (s - u) - LSE(s) + LSE(u)      (HTA)
+  H(q_H)   = LSE(s_H) - sum q_H s_H               (TSER, s_H = z_s / tau_H)
+Terms with a zero probability are dropped (xlogy semantics), so -inf logits (masked classes) are
+exact. A +inf or NaN logit gives a NaN loss (documented policy).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .params import HTA_NUM, LOSS_HTA, LOSS_TSER, NUM_STATS
+
+# A finite stand-in for -inf as the initial running maximum: exp(-inf - NEG_BIG) = 0 and
+# exp(NEG_BIG - NEG_BIG) = 1, so masked lanes and all -inf chunks need no special case.
+NEG_BIG = -1.0e38
+INT32_MIN = -2147483648
+
+
+@triton.jit
+def _float_key(x):
+    """Order-preserving int32 image of float32 values; x + 0.0 folds -0.0 into +0.0 so that equal
+    logits tie (the tie is then broken by class index)."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _hta_teacher_kernel(u_ptr, keys_ptr, B, C, u_st, u_sb, u_sc, inv_tau, head_threshold,
+                        BLOCK_C: tl.constexpr):
+    """Per teacher row: the class where the sorted inclusive cumulative probability first reaches
+    head_threshold (as (key, index)) and the top-1 class, found by bisection on the order-preserving
+    keys (a threshold search: no sort, works for any C, one row at a time)."""
+    row = tl.program_id(0)
+    base = u_ptr + (row // B).to(tl.int64) * u_st + (row % B).to(tl.int64) * u_sb
+    # pass 1: log-sum-exp, extreme keys, top-1 (lowest index among equal maxima)
+    m = NEG_BIG
+    l = 0.0
+    key_max = INT32_MIN
+    key_min = 2147483647
+    top = 0
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        z = tl.load(base + c.to(tl.int64) * u_sc, mask=cmask, other=float("-inf")).to(tl.float32)
+        u = z * inv_tau
+        m_new = tl.maximum(m, tl.max(tl.where(cmask, u, NEG_BIG), axis=0))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.where(cmask, tl.exp(u - m_new), 0.0), axis=0)
+        m = m_new
+        key = _float_key(z)
+        chunk_max = tl.max(tl.where(cmask, key, INT32_MIN), axis=0)
+        chunk_top = tl.min(tl.where(cmask & (key == chunk_max), c, C), axis=0)
+        top = tl.where(chunk_max > key_max, chunk_top, top)  # strict: earlier chunks keep ties
+        key_max = tl.maximum(key_max, chunk_max)
+        key_min = tl.minimum(key_min, tl.min(tl.where(cmask, key, 2147483647), axis=0))
+    lse = m + tl.log(l)
+    # bisection: the largest key k with mass(key >= k) >= head_threshold is the crossing class's key
+    lo = key_min.to(tl.int64)
+    hi = key_max.to(tl.int64) + 1
+    for _ in range(33):
+        mid = (lo + hi) // 2
+        mass = 0.0
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            cmask = c < C
+            z = tl.load(base + c.to(tl.int64) * u_sc, mask=cmask, other=float("-inf")).to(tl.float32)
+            above = cmask & (_float_key(z).to(tl.int64) >= mid)
+            mass += tl.sum(tl.where(above, tl.exp(z * inv_tau - lse), 0.0), axis=0)
+        reached = mass >= head_threshold
+        lo = tl.where(reached, mid, lo)
+        hi = tl.where(reached, hi, mid)
+    key_cross = lo.to(tl.int32)
+    # among classes tied at the crossing key, walk in index order until the cumulative mass reaches it
+    running = 0.0
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        z = tl.load(base + c.to(tl.int64) * u_sc, mask=cmask, other=float("-inf")).to(tl.float32)
+        running += tl.sum(tl.where(cmask & (_float_key(z) > key_cross), tl.exp(z * inv_tau - lse), 0.0), axis=0)
+    idx_cross = C
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        z = tl.load(base + c.to(tl.int64) * u_sc, mask=cmask, other=float("-inf")).to(tl.float32)
+        tied = cmask & (_float_key(z) == key_cross)
+        p_tied = tl.where(tied, tl.exp(z * inv_tau - lse), 0.0)
+        cumulative = running + tl.cumsum(p_tied, axis=0)
+        hit = tl.min(tl.where(tied & (cumulative >= head_threshold), c, C), axis=0)
+        idx_cross = tl.minimum(idx_cross, hit)
+        running += tl.sum(p_tied, axis=0)
+    # The whole mass below the threshold (head_threshold ~ 1 and rounding): every class is head.
+    total_reached = running >= head_threshold
+    key_cross = tl.where(total_reached | (idx_cross < C), key_cross, INT32_MIN)
+    tl.store(keys_ptr + row * 3 + 0, key_cross)
+    tl.store(keys_ptr + row * 3 + 1, idx_cross)
+    tl.store(keys_ptr + row * 3 + 2, top)
+
+
+@triton.jit
+def _load_tile(ptr, t, c, st, sc, mask):
+    return tl.load(ptr + t[:, None].to(tl.int64) * st + c[None, :].to(tl.int64) * sc, mask=mask,
+                   other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _hta_head(z_u, c, key_cross, idx_cross, idx_top):
+    key = _float_key(z_u)
+    return (key > key_cross[:, None]) | ((key == key_cross[:, None]) & (c[None, :] < idx_cross[:, None])) | (
+        c[None, :] == idx_top[:, None])
+
+
+@triton.jit
+def _kd_forward_kernel(s_ptr, u_ptr, keys_ptr, rows_ptr, stats_ptr, T, B, C,
+                       s_st, s_sb, s_sc, u_st, u_sb, u_sc,
+                       inv_tau, inv_tau_h, tau_sq, entropy_weight,
+                       LOSS: tl.constexpr, TEACHER_PER_T: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0)
+    s_base = s_ptr + b.to(tl.int64) * s_sb
+    u_base = u_ptr + b.to(tl.int64) * u_sb
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        tmask = t < T
+        m_s = tl.full([BLOCK_T], NEG_BIG, tl.float32)
+        l_s = tl.zeros([BLOCK_T], tl.float32)
+        m_u = tl.full([BLOCK_T], NEG_BIG, tl.float32)
+        l_u = tl.zeros([BLOCK_T], tl.float32)
+        pu_diff = tl.zeros([BLOCK_T], tl.float32)   # sum e^(u - m_u) (u - s)
+        qs_diff = tl.zeros([BLOCK_T], tl.float32)   # sum e^(s - m_s) (s - u)          (HTA)
+        m_h = tl.full([BLOCK_T], NEG_BIG, tl.float32)
+        l_h = tl.zeros([BLOCK_T], tl.float32)
+        qh_s = tl.zeros([BLOCK_T], tl.float32)      # sum e^(s_H - m_h) s_H            (TSER)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            mask = tmask[:, None] & (c < C)[None, :]
+            z_s = _load_tile(s_base, t, c, s_st, s_sc, mask)
+            s = z_s * inv_tau
+            u = _load_tile(u_base, t, c, u_st, u_sc, mask) * inv_tau
+            m_u_new = tl.maximum(m_u, tl.max(tl.where(mask, u, NEG_BIG), axis=1))
+            scale_u = tl.exp(m_u - m_u_new)
+            e_u = tl.where(mask, tl.exp(u - m_u_new[:, None]), 0.0)
+            l_u = l_u * scale_u + tl.sum(e_u, axis=1)
+            pu_diff = pu_diff * scale_u + tl.sum(tl.where(e_u > 0, e_u * (u - s), 0.0), axis=1)
+            m_u = m_u_new
+            m_s_new = tl.maximum(m_s, tl.max(tl.where(mask, s, NEG_BIG), axis=1))
+            scale_s = tl.exp(m_s - m_s_new)
+            e_s = tl.where(mask, tl.exp(s - m_s_new[:, None]), 0.0)
+            l_s = l_s * scale_s + tl.sum(e_s, axis=1)
+            if LOSS == 2:
+                qs_diff = qs_diff * scale_s + tl.sum(tl.where(e_s > 0, e_s * (s - u), 0.0), axis=1)
+            m_s = m_s_new
+            if LOSS == 1:
+                s_h = z_s * inv_tau_h
+                m_h_new = tl.maximum(m_h, tl.max(tl.where(mask, s_h, NEG_BIG), axis=1))
+                scale_h = tl.exp(m_h - m_h_new)
+                e_h = tl.where(mask, tl.exp(s_h - m_h_new[:, None]), 0.0)
+                l_h = l_h * scale_h + tl.sum(e_h, axis=1)
+                qh_s = qh_s * scale_h + tl.sum(tl.where(e_h > 0, e_h * s_h, 0.0), axis=1)
+                m_h = m_h_new
+        lse_s = m_s + tl.log(l_s)
+        lse_u = m_u + tl.log(l_u)
+        kl_f = pu_diff / l_u - lse_u + lse_s
+        aux0 = tl.zeros([BLOCK_T], tl.float32)
+        aux1 = tl.zeros([BLOCK_T], tl.float32)
+        if LOSS == 0:
+            loss = tau_sq * kl_f
+        elif LOSS == 1:
+            lse_h = m_h + tl.log(l_h)
+            entropy = lse_h - qh_s / l_h
+            loss = tau_sq * kl_f - entropy_weight * entropy
+            aux0 = lse_h
+            aux1 = entropy
+        else:
+            kl_r = qs_diff / l_s - lse_s + lse_u
+            # head/tail gaps need the normalised q: a second pass over the row
+            if TEACHER_PER_T:
+                krow = (t * B + b) * 3
+            else:
+                krow = b * 3 + t * 0
+            key_cross = tl.load(keys_ptr + krow + 0, mask=tmask, other=0)
+            idx_cross = tl.load(keys_ptr + krow + 1, mask=tmask, other=0)
+            idx_top = tl.load(keys_ptr + krow + 2, mask=tmask, other=0)
+            gap_head = tl.zeros([BLOCK_T], tl.float32)
+            gap_all = tl.zeros([BLOCK_T], tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                mask = tmask[:, None] & (c < C)[None, :]
+                s = _load_tile(s_base, t, c, s_st, s_sc, mask) * inv_tau
+                z_u = _load_tile(u_base, t, c, u_st, u_sc, mask)
+                gap = tl.where(mask, tl.abs(tl.exp(z_u * inv_tau - lse_u[:, None]) - tl.exp(s - lse_s[:, None])), 0.0)
+                gap_all += tl.sum(gap, axis=1)
+                gap_head += tl.sum(tl.where(_hta_head(z_u, c, key_cross, idx_cross, idx_top), gap, 0.0), axis=1)
+            w_head = tl.where(gap_all > 0, gap_head / gap_all, 0.5)
+            loss = tau_sq * (w_head * kl_f + (1.0 - w_head) * kl_r)
+            aux0 = w_head
+            aux1 = kl_r
+        row = t * B + b
+        tl.store(rows_ptr + row, loss, mask=tmask)
+        stat = stats_ptr + row * 5
+        tl.store(stat + 0, lse_s, mask=tmask)
+        tl.store(stat + 1, lse_u, mask=tmask)
+        tl.store(stat + 2, kl_f, mask=tmask)
+        tl.store(stat + 3, aux0, mask=tmask)
+        tl.store(stat + 4, aux1, mask=tmask)
+
+
+@triton.jit
+def _kd_backward_kernel(s_ptr, u_ptr, keys_ptr, stats_ptr, grow_ptr, gs_ptr, gu_ptr, T, B, C,
+                        s_st, s_sb, s_sc, u_st, u_sb, u_sc,
+                        inv_tau, inv_tau_h, tau, entropy_weight,
+                        LOSS: tl.constexpr, TEACHER_PER_T: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """grad_student [T, B, C] and grad_teacher ([B, C] summed over t, or [T, B, C]) contiguous."""
+    b = tl.program_id(0)
+    s_base = s_ptr + b.to(tl.int64) * s_sb
+    u_base = u_ptr + b.to(tl.int64) * u_sb
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        gu_sum = tl.zeros([BLOCK_C], tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            tmask = t < T
+            mask = tmask[:, None] & cmask[None, :]
+            row = t * B + b
+            stat = stats_ptr + row * 5
+            lse_s = tl.load(stat + 0, mask=tmask, other=0.0)
+            lse_u = tl.load(stat + 1, mask=tmask, other=0.0)
+            kl_f = tl.load(stat + 2, mask=tmask, other=0.0)
+            aux0 = tl.load(stat + 3, mask=tmask, other=0.0)
+            aux1 = tl.load(stat + 4, mask=tmask, other=0.0)
+            g_row = tl.load(grow_ptr + row, mask=tmask, other=0.0)
+            z_s = _load_tile(s_base, t, c, s_st, s_sc, mask)
+            z_u = _load_tile(u_base, t, c, u_st, u_sc, mask)
+            log_q = z_s * inv_tau - lse_s[:, None]
+            log_p = z_u * inv_tau - lse_u[:, None]
+            q = tl.where(mask, tl.exp(log_q), 0.0)
+            p = tl.where(mask, tl.exp(log_p), 0.0)
+            if LOSS == 2:
+                w_head = aux0[:, None]
+                kl_r = aux1[:, None]
+                g_s = w_head * (q - p) + (1.0 - w_head) * tl.where(q > 0, q * (log_q - log_p - kl_r), 0.0)
+            else:
+                g_s = q - p
+            g_s = g_s * tau
+            if LOSS == 1:
+                log_qh = z_s * inv_tau_h - aux0[:, None]
+                q_h = tl.where(mask, tl.exp(log_qh), 0.0)
+                g_s += (entropy_weight * inv_tau_h) * tl.where(q_h > 0, q_h * (log_qh + aux1[:, None]), 0.0)
+            g_s = g_s * g_row[:, None]
+            gs_offs = t[:, None].to(tl.int64) * B * C + b.to(tl.int64) * C + c[None, :]
+            tl.store(gs_ptr + gs_offs, g_s.to(gs_ptr.dtype.element_ty), mask=mask)
+            if TEACHER_GRAD:
+                g_u = tl.where(p > 0, p * (log_p - log_q - kl_f[:, None]), 0.0)
+                if LOSS == 2:
+                    g_u = w_head * g_u + (1.0 - w_head) * (p - q)
+                g_u = g_u * (tau * g_row[:, None])
+                if TEACHER_PER_T:
+                    tl.store(gu_ptr + gs_offs, g_u.to(gu_ptr.dtype.element_ty), mask=mask)
+                else:
+                    gu_sum += tl.sum(tl.where(mask, g_u, 0.0), axis=0)
+        if TEACHER_GRAD and not TEACHER_PER_T:
+            tl.store(gu_ptr + b.to(tl.int64) * C + c, gu_sum.to(gu_ptr.dtype.element_ty), mask=cmask)
+
+
+def _blocks(T: int, C: int) -> tuple[int, int]:
+    """Tile [BLOCK_T, BLOCK_C]: all timesteps of a sample at once when T is small, <= 4096 elements."""
+    block_t = min(triton.next_power_of_2(T), 16)
+    block_c = max(16, min(triton.next_power_of_2(C), 4096 // block_t))
+    return block_t, block_c
+
+
+def _teacher_view(teacher: torch.Tensor, T: int) -> tuple[torch.Tensor, bool, int]:
+    """(the teacher as [Tt, B, C], whether it varies with t, its t stride (0 when broadcast))."""
+    if teacher.dim() == 2:
+        return teacher.unsqueeze(0), False, 0
+    return teacher, True, teacher.stride(0)
+
+
+def kd_rows_forward(student: torch.Tensor, teacher: torch.Tensor, loss: int, temperature: float,
+                    entropy_temperature: float, entropy_weight: float, head_threshold: float):
+    """student [T, B, C], teacher [B, C] or [T, B, C] (any strides) -> (rows [T, B], stats
+    [T, B, NUM_STATS], hta_keys [Tt, B, 3] int32 (empty unless HTA)), all float32 except keys."""
+    T, B, C = student.shape
+    teacher3, per_t, u_st = _teacher_view(teacher, T)
+    device = student.device
+    rows = torch.empty(T, B, dtype=torch.float32, device=device)
+    stats = torch.empty(T, B, NUM_STATS, dtype=torch.float32, device=device)
+    keys = torch.empty((teacher3.shape[0], B, HTA_NUM) if loss == LOSS_HTA else (0, B, HTA_NUM), dtype=torch.int32,
+                       device=device)
+    if rows.numel() == 0:
+        return rows, stats, keys
+    block_t, block_c = _blocks(T, C)
+    if loss == LOSS_HTA:
+        _hta_teacher_kernel[(teacher3.shape[0] * B,)](
+            teacher3, keys, B, C, u_st, teacher3.stride(1), teacher3.stride(2), 1.0 / temperature,
+            float(head_threshold), BLOCK_C=max(16, min(triton.next_power_of_2(C), 4096)))
+    _kd_forward_kernel[(B,)](
+        student, teacher3, keys, rows, stats, T, B, C, *student.stride(), u_st, teacher3.stride(1),
+        teacher3.stride(2), 1.0 / temperature, 1.0 / entropy_temperature, temperature * temperature,
+        float(entropy_weight), LOSS=loss, TEACHER_PER_T=per_t, BLOCK_T=block_t, BLOCK_C=block_c)
+    return rows, stats, keys
+
+
+def kd_rows_backward(grad_rows: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, stats: torch.Tensor,
+                     keys: torch.Tensor, loss: int, temperature: float, entropy_temperature: float,
+                     entropy_weight: float, teacher_grad: bool):
+    """-> (grad_student like student (contiguous), grad_teacher like teacher (contiguous) or None)."""
+    T, B, C = student.shape
+    teacher3, per_t, u_st = _teacher_view(teacher, T)
+    grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    grad_teacher = torch.empty(teacher.shape, dtype=teacher.dtype, device=teacher.device) if teacher_grad else None
+    if grad_student.numel() == 0:
+        if grad_teacher is not None:
+            grad_teacher.zero_()
+        return grad_student, grad_teacher
+    block_t, block_c = _blocks(T, C)
+    _kd_backward_kernel[(B,)](
+        student, teacher3, keys, stats, grad_rows.contiguous(), grad_student,
+        grad_teacher if grad_teacher is not None else grad_student, T, B, C, *student.stride(), u_st,
+        teacher3.stride(1), teacher3.stride(2), 1.0 / temperature, 1.0 / entropy_temperature, temperature,
+        float(entropy_weight), LOSS=loss, TEACHER_PER_T=per_t, TEACHER_GRAD=teacher_grad,
+        BLOCK_T=block_t, BLOCK_C=block_c)
+    return grad_student, grad_teacher

@@ -1,0 +1,195 @@
+"""Every fused-loss kernel (cpp, triton) against the reference: loss and both gradients (student and
+teacher), over class counts from 1 to a row that needs streaming, T in {1, 4}, odd B, dtypes,
+teacher layouts (ANN [B, C], SNN [T, B, C], expanded, non-contiguous), extreme and masked logits,
+and the HTA tie rule."""
+import pytest
+import torch
+
+import snnkd_fast
+from snnkd_fast.losses import per_timestep_kl
+
+from kd_helpers import CASE_IDS, CASES, run_loss
+
+KD_TOL = {  # (rtol, atol) for loss values and gradients vs the reference
+    torch.float64: (1e-9, 1e-11),
+    torch.float32: (1e-5, 5e-6),
+    torch.float16: (2e-3, 2e-4),
+    torch.bfloat16: (1.6e-2, 2e-3),
+}
+KD_TARGETS = [("cpp", "cpu"), ("triton", "cpu"), ("cuda", "cuda"), ("triton", "cuda")]
+
+
+@pytest.fixture(params=KD_TARGETS, ids=[f"{b}-{d}" for b, d in KD_TARGETS])
+def kd_target(request):
+    backend, device = request.param
+    status = snnkd_fast.backends("kd")[backend]
+    if not status:
+        pytest.skip(f"backend {backend!r} unavailable for the KD losses: {status.reason}")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return backend, device
+
+
+def logits(shape, scale=3.0, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def assert_matches(kernel, reference, dtype, what="", tol=None):
+    rtol, atol = tol or KD_TOL[dtype]
+    scale = max(1.0, reference.loss.abs().max().item())
+    torch.testing.assert_close(kernel.loss.double(), reference.loss.double(), rtol=rtol, atol=atol * scale,
+                               msg=lambda m: f"{what} loss: {m}")
+    for name in ("grad_student", "grad_teacher"):
+        a, b = getattr(kernel, name), getattr(reference, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol * max(1.0, b.abs().max().item()),
+                                       msg=lambda m: f"{what} {name}: {m}")
+
+
+def compare(case, student, teacher, backend, dtype, exact_reference=True, tol=None, **kwargs):
+    """The kernel at the inputs' dtype vs the reference in float64 on the same values: the kernels
+    accumulate in float32 (float64 for float64), so the float64 reference is the exact answer.
+    ``exact_reference=False`` runs the reference at the inputs' dtype instead (for inputs whose
+    float32 time-average itself rounds, e.g. logits of 1e4)."""
+    kernel = run_loss(case, student, teacher, backend, seed_backend=backend, **kwargs)
+    if exact_reference:
+        student, teacher = student.double(), teacher.double()
+    reference = run_loss(case, student, teacher, "torch", seed_backend=backend, **kwargs)
+    assert_matches(kernel, reference, dtype, case.name, tol)
+    return kernel
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("C", [1, 2, 10, 100, 1000, 5000])
+@pytest.mark.parametrize("T", [1, 4])
+def test_class_counts(kd_target, case, C, T):
+    backend, device = kd_target
+    student, teacher = logits((T, 3, C), device=device), logits((3, C), seed=1, device=device)
+    compare(case, student, teacher, backend, torch.float32)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_large_row_streams(kd_target, case):
+    """A row far wider than one tile: the online log-sum-exp and HTA's threshold search stream it."""
+    backend, device = kd_target
+    student, teacher = logits((2, 1, 40_000), device=device), logits((1, 40_000), seed=1, device=device)
+    compare(case, student, teacher, backend, torch.float32)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+def test_reductions_and_snn_teacher(kd_target, case, reduction):
+    backend, device = kd_target
+    student, teacher = logits((3, 5, 33), device=device), logits((3, 5, 33), seed=1, device=device)
+    compare(case, student, teacher, backend, torch.float32, reduction=reduction)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_dtypes(kd_target, case, dtype):
+    backend, device = kd_target
+    student, teacher = logits((4, 3, 50), dtype=dtype, device=device), logits((3, 50), seed=1, dtype=dtype,
+                                                                              device=device)
+    if backend == "triton" and dtype == torch.float64:
+        with pytest.raises(TypeError, match="float64"):
+            case.fn(student, teacher, backend="triton", **case.kwargs)
+        return
+    compare(case, student, teacher, backend, dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("layout", ["student_transposed", "teacher_expanded_over_t", "teacher_column_slice",
+                                    "teacher_broadcast_rows"])
+def test_layouts_read_in_place(kd_target, case, layout):
+    backend, device = kd_target
+    T, B, C = 3, 4, 21
+    if layout == "student_transposed":  # [B, T, C] storage viewed as [T, B, C]
+        student, teacher = logits((B, T, C), device=device), logits((B, C), seed=1, device=device)
+        transform = lambda s, t: (s.transpose(0, 1), t)  # noqa: E731
+    elif layout == "teacher_expanded_over_t":  # an SNN-shaped teacher that is one ANN row per sample
+        student, teacher = logits((T, B, C), device=device), logits((B, C), seed=1, device=device)
+        transform = lambda s, t: (s, t.unsqueeze(0).expand(T, B, C))  # noqa: E731
+    elif layout == "teacher_column_slice":
+        student, teacher = logits((T, B, C), device=device), logits((B, 2 * C), seed=1, device=device)
+        transform = lambda s, t: (s, t[:, ::2])  # noqa: E731
+    else:  # one teacher row for the whole batch (stride 0 over B)
+        student, teacher = logits((T, B, C), device=device), logits((1, C), seed=1, device=device)
+        transform = lambda s, t: (s, t.expand(B, C))  # noqa: E731
+    compare(case, student, teacher, backend, torch.float32, transform=transform)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_teacher_without_grad(kd_target, case):
+    backend, device = kd_target
+    student, teacher = logits((2, 3, 17), device=device), logits((3, 17), seed=1, device=device)
+    run = compare(case, student, teacher, backend, torch.float32, teacher_grad=False)
+    assert run.grad_teacher is None
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.nld], ids=[c.name for c in CASES if not c.nld])
+def test_extreme_and_masked_logits(kd_target, case):
+    """Logits of +-1e4 stay finite and exact; a -inf class (masked in both) is exactly absent."""
+    backend, device = kd_target
+    student = logits((2, 3, 12), scale=1e4, device=device)
+    teacher = logits((3, 12), scale=1e4, seed=1, device=device)
+    # z / tau of |z| ~ 1e4 is known to one float32 ulp (~2e-4), and q moves with it: the tolerance
+    # is the conditioning of the problem, not the kernel's error.
+    run = compare(case, student, teacher, backend, torch.float32, tol=(1e-3, 1e-3))
+    assert torch.isfinite(run.loss).all() and torch.isfinite(run.grad_student).all()
+    student, teacher = logits((2, 3, 12), device=device), logits((3, 12), seed=1, device=device)
+    student[..., 5] = float("-inf")
+    teacher[:, 5] = float("-inf")
+    run = compare(case, student, teacher, backend, torch.float32)
+    assert torch.isfinite(run.loss).all() and (run.grad_student[..., 5] == 0).all()
+
+
+def test_hta_tie_rule_matches_reference(kd_target):
+    """Equal teacher logits: the head takes the lower class index first, as the reference does."""
+    backend, device = kd_target
+    hta = next(c for c in CASES if c.name == "hta")
+    teacher = torch.tensor([[2.0, 0.0, 2.0, 2.0, -1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+                            [5.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0]], device=device)
+    student = logits((2, 3, 7), device=device)
+    for threshold in (0.2, 0.5, 0.6, 0.9):
+        hta.kwargs["head_threshold"] = threshold
+        try:
+            compare(hta, student, teacher, backend, torch.float32)
+        finally:
+            hta.kwargs["head_threshold"] = 0.6
+
+
+def test_nld_noise_is_reproducible_and_fresh(kd_target):
+    backend, device = kd_target
+    student, teacher = logits((4, 3, 20), device=device), logits((3, 20), seed=1, device=device)
+    a = snnkd_fast.losses.nld_loss(student, teacher, seed=5, backend=backend)
+    b = snnkd_fast.losses.nld_loss(student, teacher, seed=5, backend=backend)
+    c = snnkd_fast.losses.nld_loss(student, teacher, seed=6, backend=backend)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    g1 = torch.Generator(device=device).manual_seed(3)
+    g2 = torch.Generator(device=device).manual_seed(3)
+    assert torch.equal(snnkd_fast.losses.nld_loss(student, teacher, generator=g1, backend=backend),
+                       snnkd_fast.losses.nld_loss(student, teacher, generator=g2, backend=backend))
+    first = snnkd_fast.losses.nld_loss(student, teacher, generator=g1, backend=backend)
+    assert not torch.equal(first, snnkd_fast.losses.nld_loss(student, teacher, generator=g1, backend=backend))
+
+
+def test_cpp_and_triton_draw_the_same_noise():
+    if not (snnkd_fast.backends("kd")["cpp"] and snnkd_fast.backends("kd")["triton"]):
+        pytest.skip("needs both the cpp and the triton backends")
+    from snnkd_fast.kd.op import nld_noise
+
+    seed = torch.tensor(2 ** 40 + 17)
+    cpu, tri = nld_noise(seed, (5, 77), "cpp"), nld_noise(seed, (5, 77), "triton")
+    torch.testing.assert_close(cpu, tri, rtol=1e-5, atol=1e-6)
+    assert abs(cpu.mean().item()) < 0.2 and abs(cpu.std().item() - 1) < 0.2
+
+
+def test_default_backend_is_a_kernel():
+    x = logits((2, 3, 5))
+    from snnkd_fast._backends import resolve_backend
+
+    expected = "cpp" if snnkd_fast.backends("kd")["cpp"] else "torch"
+    assert resolve_backend("auto", x.device, "test", family="kd") == expected
+    per_timestep_kl(x, x[0])  # runs
