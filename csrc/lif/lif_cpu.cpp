@@ -9,6 +9,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "lif_ops.h"
@@ -21,9 +22,73 @@ namespace {
 // partial sums, one per block, are reduced in the same order whatever the number of threads.
 constexpr int64_t kBlock = 256;
 
-template <typename scalar_t, typename acc_t>
+// Run f(StaticNeuronParams<...>) with the call's mode as compile-time constants, so that each
+// instantiation's per-neuron loop has no branch on the mode and vectorizes. The forward fixes the
+// neuron kind, decay_input and the reset kind (12 variants); the backward fixes the surrogate and
+// the reset kind and detach_reset (28 variants) and leaves the rest to loop unswitching.
+template <typename F>
+void with_bool(bool value, F&& f) {
+  if (value) f(std::true_type{});
+  else f(std::false_type{});
+}
+
+template <typename F>
+void with_neuron(int neuron, F&& f) {
+  switch (neuron) {
+    case kIF: f(std::integral_constant<int, kIF>{}); break;
+    case kLIF: f(std::integral_constant<int, kLIF>{}); break;
+    default: f(std::integral_constant<int, kPLIF>{}); break;
+  }
+}
+
+template <typename F>
+void with_surrogate(int surrogate, F&& f) {
+  switch (surrogate) {
+    case kSigmoid: f(std::integral_constant<int, kSigmoid>{}); break;
+    case kATan: f(std::integral_constant<int, kATan>{}); break;
+    case kPiecewiseQuadratic: f(std::integral_constant<int, kPiecewiseQuadratic>{}); break;
+    case kPiecewiseExp: f(std::integral_constant<int, kPiecewiseExp>{}); break;
+    case kSoftSign: f(std::integral_constant<int, kSoftSign>{}); break;
+    case kSuperSpike: f(std::integral_constant<int, kSuperSpike>{}); break;
+    default: f(std::integral_constant<int, kErf>{}); break;
+  }
+}
+
+// Forward-mode constants: neuron kind, decay_input, soft reset.
+template <typename acc_t, typename F>
+void with_forward_mode(const NeuronParams<acc_t>& p, F&& f) {
+  with_neuron(p.neuron, [&](auto neuron) {
+    with_bool(p.decay_input, [&](auto decay_input) {
+      with_bool(p.soft_reset, [&](auto soft) {
+        f(StaticNeuronParams<acc_t, decltype(neuron)::value, decltype(decay_input)::value, decltype(soft)::value>(p));
+      });
+    });
+  });
+}
+
+// A Params-like view for the backward: surrogate, soft reset and detach_reset fixed at compile time.
+template <typename acc_t, int SURROGATE, bool SOFT_RESET, bool DETACH_RESET>
+struct BackwardParams : NeuronParams<acc_t> {
+  static constexpr bool soft_reset = SOFT_RESET;
+  static constexpr bool detach_reset = DETACH_RESET;
+  static constexpr int surrogate = SURROGATE;
+  explicit BackwardParams(const NeuronParams<acc_t>& p) : NeuronParams<acc_t>(p) {}
+};
+
+template <typename acc_t, typename F>
+void with_backward_mode(const NeuronParams<acc_t>& p, F&& f) {
+  with_surrogate(p.surrogate, [&](auto surrogate) {
+    with_bool(p.soft_reset, [&](auto soft) {
+      with_bool(p.detach_reset, [&](auto detach) {
+        f(BackwardParams<acc_t, decltype(surrogate)::value, decltype(soft)::value, decltype(detach)::value>(p));
+      });
+    });
+  });
+}
+
+template <typename scalar_t, typename acc_t, typename P>
 void forward_kernel(const scalar_t* x, const acc_t* v_init, scalar_t* spikes, acc_t* v_final, acc_t* h_seq,
-                    int64_t T, int64_t N, const NeuronParams<acc_t> p) {
+                    int64_t T, int64_t N, const P p) {
   const int64_t num_blocks = (N + kBlock - 1) / kBlock;
   at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     acc_t v[kBlock];
@@ -46,36 +111,42 @@ void forward_kernel(const scalar_t* x, const acc_t* v_init, scalar_t* spikes, ac
   });
 }
 
-template <typename scalar_t, typename acc_t>
+template <bool DECAY_GRAD, typename scalar_t, typename acc_t, typename P>
 void backward_kernel(const scalar_t* grad_spikes, const acc_t* grad_v, const acc_t* h_seq, const acc_t* v_init,
                      scalar_t* grad_x, acc_t* grad_v_init, double* decay_partials, int64_t T, int64_t N,
-                     const NeuronParams<acc_t> p) {
+                     const P p) {
   const int64_t num_blocks = (N + kBlock - 1) / kBlock;
   at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     acc_t gv[kBlock];
+    acc_t gs[kBlock];
+    acc_t decay_terms[kBlock];
     for (int64_t b = block_begin; b < block_end; ++b) {
       const int64_t n0 = b * kBlock;
       const int64_t len = std::min(kBlock, N - n0);
       for (int64_t i = 0; i < len; ++i) gv[i] = grad_v ? grad_v[n0 + i] : acc_t(0);
-      double decay_sum = 0.0;
+      for (int64_t i = 0; i < len; ++i) decay_terms[i] = acc_t(0);
       for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t row = t * N + n0;
+        for (int64_t i = 0; i < len; ++i) gs[i] = grad_spikes ? static_cast<acc_t>(grad_spikes[row + i]) : acc_t(0);
         for (int64_t i = 0; i < len; ++i) {
           const acc_t h = h_seq[row + i];
-          const acc_t gs = grad_spikes ? static_cast<acc_t>(grad_spikes[row + i]) : acc_t(0);
-          const StepGrad<acc_t> g = backward_step<acc_t>(h, gs, gv[i], p);
+          const StepGrad<acc_t> g = backward_step<acc_t>(h, gs[i], gv[i], p);
           grad_x[row + i] = static_cast<scalar_t>(g.grad_x);
           gv[i] = g.grad_v_prev;
-          if (decay_partials) {
+          if (DECAY_GRAD) {
             // V[t-1] is the reset of H[t-1] (or v_init at t = 0): recomputed, not saved.
-            const acc_t v_prev = t > 0 ? reset<acc_t>(h_seq[row - N + i], fire<acc_t>(h_seq[row - N + i], p.v_threshold), p)
-                                       : v_init[n0 + i];
-            decay_sum += static_cast<double>(g.grad_h * dh_ddecay<acc_t>(h, v_prev, p));
+            const acc_t h_prev = t > 0 ? h_seq[row - N + i] : acc_t(0);
+            const acc_t v_prev = t > 0 ? reset<acc_t>(h_prev, fire<acc_t>(h_prev, p.v_threshold), p) : v_init[n0 + i];
+            decay_terms[i] += g.grad_h * dh_ddecay<acc_t>(h, v_prev, p);
           }
         }
       }
       for (int64_t i = 0; i < len; ++i) grad_v_init[n0 + i] = gv[i];
-      if (decay_partials) decay_partials[b] = decay_sum;
+      if (DECAY_GRAD) {
+        double decay_sum = 0.0;
+        for (int64_t i = 0; i < len; ++i) decay_sum += static_cast<double>(decay_terms[i]);
+        decay_partials[b] = decay_sum;
+      }
     }
   });
 }
@@ -93,9 +164,10 @@ void launch_forward_cpu(const at::Tensor& x, const at::Tensor& v_init, const std
   const int64_t N = x.numel() / T;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "snnkd_lif_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto p = make_params<acc_t>(a, read_decay<acc_t>(decay, a.neuron));
-    forward_kernel<scalar_t, acc_t>(x.data_ptr<scalar_t>(), v_init.data_ptr<acc_t>(), spikes.data_ptr<scalar_t>(),
-                                    v_final.data_ptr<acc_t>(), h_seq.data_ptr<acc_t>(), T, N, p);
+    with_forward_mode(make_params<acc_t>(a, read_decay<acc_t>(decay, a.neuron)), [&](auto p) {
+      forward_kernel<scalar_t, acc_t>(x.data_ptr<scalar_t>(), v_init.data_ptr<acc_t>(), spikes.data_ptr<scalar_t>(),
+                                      v_final.data_ptr<acc_t>(), h_seq.data_ptr<acc_t>(), T, N, p);
+    });
   });
 }
 
@@ -108,11 +180,13 @@ void launch_backward_cpu(const std::optional<at::Tensor>& grad_spikes, const std
   std::vector<double> partials(decay_grad ? (N + kBlock - 1) / kBlock : 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "snnkd_lif_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto p = make_params<acc_t>(a, read_decay<acc_t>(decay, a.neuron));
-    backward_kernel<scalar_t, acc_t>(grad_spikes ? grad_spikes->data_ptr<scalar_t>() : nullptr,
-                                     grad_v ? grad_v->data_ptr<acc_t>() : nullptr, h_seq.data_ptr<acc_t>(),
-                                     v_init.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(),
-                                     grad_v_init.data_ptr<acc_t>(), decay_grad ? partials.data() : nullptr, T, N, p);
+    with_backward_mode(make_params<acc_t>(a, read_decay<acc_t>(decay, a.neuron)), [&](auto p) {
+      auto kernel = decay_grad ? backward_kernel<true, scalar_t, acc_t, decltype(p)>
+                               : backward_kernel<false, scalar_t, acc_t, decltype(p)>;
+      kernel(grad_spikes ? grad_spikes->data_ptr<scalar_t>() : nullptr, grad_v ? grad_v->data_ptr<acc_t>() : nullptr,
+             h_seq.data_ptr<acc_t>(), v_init.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(),
+             grad_v_init.data_ptr<acc_t>(), partials.data(), T, N, p);
+    });
   });
   if (decay_grad) {
     double total = 0.0;

@@ -38,7 +38,10 @@ __global__ void __launch_bounds__(kThreads)
                    acc_t* __restrict__ h_seq, int64_t T, int64_t N, NeuronParams<acc_t> p) {
   const int64_t n = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * VEC;
   if (n >= N) return;
-  if (p.neuron == kPLIF) p.decay = *decay;
+  if (p.neuron == kPLIF) {
+    p.decay = *decay;  // read on the device: no host synchronisation
+    set_gains(p);
+  }
   Pack<acc_t, VEC> v = load_pack<acc_t, VEC>(v_init + n);
 #pragma unroll 2
   for (int64_t t = 0; t < T; ++t) {
@@ -70,7 +73,10 @@ __global__ void __launch_bounds__(kThreads)
                     acc_t* __restrict__ grad_v_init, acc_t* __restrict__ decay_partials, int64_t T, int64_t N,
                     NeuronParams<acc_t> p) {
   const int64_t n = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * VEC;
-  if (p.neuron == kPLIF) p.decay = *decay;
+  if (p.neuron == kPLIF) {
+    p.decay = *decay;  // read on the device: no host synchronisation
+    set_gains(p);
+  }
   acc_t decay_sum = acc_t(0);
   if (n < N) {
     Pack<acc_t, VEC> gv;

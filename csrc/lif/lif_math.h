@@ -11,6 +11,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define SNNKD_HD __host__ __device__ __forceinline__
@@ -55,6 +57,32 @@ struct NeuronParams {
   bool detach_reset; // drop the reset path (spike -> membrane) from the gradient
   int surrogate;     // SurrogateKind
   acc_t alpha;
+  // Derived by set_gains() (host side, once per call): the share of dL/dH[t] that leaks away per
+  // step (1/tau, sigmoid(w), or 0 for IF) and the input's weight in H (that share with decay_input,
+  // else 1). Precomputed because a division inside a loop is not hoisted (it may trap), and a
+  // mode-dependent select in the loop would stop the CPU loops from vectorizing.
+  acc_t leak_rate;
+  acc_t input_gain;
+};
+
+template <typename acc_t>
+SNNKD_HD void set_gains(NeuronParams<acc_t>& p) {
+  p.leak_rate = p.neuron == kIF ? acc_t(0) : (p.neuron == kLIF ? acc_t(1) / p.tau : p.decay);
+  p.input_gain = (p.neuron != kIF && p.decay_input) ? p.leak_rate : acc_t(1);
+}
+
+// NeuronParams whose mode fields are compile-time constants (they hide the base's runtime fields):
+// the same math functions below, instantiated with it, have no branches on the mode, so the CPU
+// compiler vectorizes the per-neuron loops. The runtime scalars (tau, v_threshold, ...) are inherited.
+template <typename acc_t, int NEURON, bool DECAY_INPUT, bool SOFT_RESET, bool DETACH_RESET = false,
+          int SURROGATE = kSigmoid>
+struct StaticNeuronParams : NeuronParams<acc_t> {
+  static constexpr int neuron = NEURON;
+  static constexpr bool decay_input = DECAY_INPUT;
+  static constexpr bool soft_reset = SOFT_RESET;
+  static constexpr bool detach_reset = DETACH_RESET;
+  static constexpr int surrogate = SURROGATE;
+  explicit StaticNeuronParams(const NeuronParams<acc_t>& p) : NeuronParams<acc_t>(p) {}
 };
 
 // ---- exact-rounding helpers -------------------------------------------------------------------
@@ -90,8 +118,8 @@ SNNKD_HD double div_rn(double a, double b) {
 
 // ---- forward -------------------------------------------------------------------------------
 // H[t] from V[t-1] and X[t]; SpikingJelly's operation order (see the header comment).
-template <typename acc_t>
-SNNKD_HD acc_t charge(acc_t v, acc_t x, const NeuronParams<acc_t>& p) {
+template <typename acc_t, typename P>
+SNNKD_HD acc_t charge(acc_t v, acc_t x, const P& p) {
   const acc_t v_rest = p.soft_reset ? acc_t(0) : p.v_reset;
   if (p.neuron == kIF) return v + x;
   if (p.neuron == kLIF) {
@@ -110,11 +138,39 @@ SNNKD_HD bool fire(acc_t h, acc_t v_threshold) {
 
 // V[t] after the reset. With spike in {0, 1} this equals torch's `s*v_reset + (1-s)*h` and
 // `h - s*v_th` bit for bit on every finite h.
-template <typename acc_t>
-SNNKD_HD acc_t reset(acc_t h, bool spike, const NeuronParams<acc_t>& p) {
-  if (!spike) return h;
-  return p.soft_reset ? h - p.v_threshold : p.v_reset;
+template <typename acc_t, typename P>
+SNNKD_HD acc_t reset(acc_t h, bool spike, const P& p) {
+  return spike ? (p.soft_reset ? h - p.v_threshold : p.v_reset) : h;
 }
+
+// ---- exp for the surrogates ----------------------------------------------------------------------
+// The device uses CUDA's expf/exp. On the host, std::exp is an opaque libm call that stops the
+// compiler from vectorizing a loop, so float uses this branch-free Cephes-style expf instead
+// (range reduction by ln 2, degree-6 polynomial, exponent by bit arithmetic; max error ~2 ulp, the
+// same class as CUDA's expf). It only feeds surrogate derivatives (gradients), never the spikes.
+SNNKD_HD float surrogate_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  const float clamped = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  // n = round(x / ln2) with the 1.5 * 2^23 trick (round to nearest, no call)
+  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const float e_r = (poly * r) * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float result = x < -87.3f ? 0.0f : e_r * scale;
+  return x != x ? x : result;  // NaN stays NaN
+#endif
+}
+SNNKD_HD double surrogate_exp(double x) { return exp(x); }
 
 // ---- surrogate derivatives, d/dx of the smooth stand-in for Heaviside(x) ------------------------
 // Same formulas (and operation order) as SpikingJelly 2.0's surrogate kernels.
@@ -123,7 +179,7 @@ SNNKD_HD acc_t surrogate_grad(acc_t x, int kind, acc_t alpha) {
   const acc_t one = acc_t(1);
   switch (kind) {
     case kSigmoid: {
-      const acc_t s = one / (one + exp(-alpha * x));
+      const acc_t s = one / (one + surrogate_exp(-alpha * x));
       return (one - s) * s * alpha;
     }
     case kATan: {
@@ -135,7 +191,7 @@ SNNKD_HD acc_t surrogate_grad(acc_t x, int kind, acc_t alpha) {
       return g > acc_t(0) ? g : acc_t(0);
     }
     case kPiecewiseExp:
-      return (alpha / acc_t(2)) * exp(-alpha * fabs(x));
+      return (alpha / acc_t(2)) * surrogate_exp(-alpha * fabs(x));
     case kSoftSign: {
       const acc_t z = one / alpha + fabs(x);
       return one / (acc_t(2) * alpha * z * z);
@@ -147,7 +203,7 @@ SNNKD_HD acc_t surrogate_grad(acc_t x, int kind, acc_t alpha) {
     case kErf: {
       const acc_t z = alpha * x;
       // 1/sqrt(pi) spelled out: M_2_SQRTPI/2 keeps it a compile-time constant on host and device.
-      return (alpha * acc_t(M_2_SQRTPI / 2.0)) * exp(-z * z);
+      return (alpha * acc_t(M_2_SQRTPI / 2.0)) * surrogate_exp(-z * z);
     }
     default:
       return acc_t(0);
@@ -165,38 +221,30 @@ struct StepGrad {
   acc_t grad_h;
 };
 
-template <typename acc_t>
-SNNKD_HD StepGrad<acc_t> backward_step(acc_t h, acc_t grad_s, acc_t grad_v, const NeuronParams<acc_t>& p) {
+// dV[t]/dH[t] through the reset, given the surrogate derivative sg at H[t].
+template <typename acc_t, typename P>
+SNNKD_HD acc_t reset_grad(acc_t h, acc_t sg, const P& p) {
+  if (p.soft_reset) return p.detach_reset ? acc_t(1) : acc_t(1) - p.v_threshold * sg;
+  const acc_t keep = fire(h, p.v_threshold) ? acc_t(0) : acc_t(1);
+  return p.detach_reset ? keep : keep + (p.v_reset - h) * sg;
+}
+
+template <typename acc_t, typename P>
+SNNKD_HD StepGrad<acc_t> backward_step(acc_t h, acc_t grad_s, acc_t grad_v, const P& p) {
   const acc_t sg = surrogate_grad<acc_t>(h - p.v_threshold, p.surrogate, p.alpha);
-  acc_t dv_dh;
-  if (p.soft_reset) {
-    dv_dh = p.detach_reset ? acc_t(1) : acc_t(1) - p.v_threshold * sg;
-  } else {
-    dv_dh = fire(h, p.v_threshold) ? acc_t(0) : acc_t(1);
-    if (!p.detach_reset) dv_dh += (p.v_reset - h) * sg;
-  }
+  const acc_t dv_dh = reset_grad<acc_t>(h, sg, p);
   StepGrad<acc_t> g;
   g.grad_h = grad_s * sg + grad_v * dv_dh;
-  if (p.neuron == kIF) {
-    g.grad_x = g.grad_h;
-    g.grad_v_prev = g.grad_h;
-  } else if (p.neuron == kLIF) {
-    const acc_t decayed = g.grad_h / p.tau;
-    g.grad_x = p.decay_input ? decayed : g.grad_h;
-    g.grad_v_prev = g.grad_h - decayed;
-  } else {
-    const acc_t decayed = g.grad_h * p.decay;
-    g.grad_x = p.decay_input ? decayed : g.grad_h;
-    g.grad_v_prev = g.grad_h - decayed;
-  }
+  g.grad_x = g.grad_h * p.input_gain;
+  g.grad_v_prev = g.grad_h - g.grad_h * p.leak_rate;
   return g;
 }
 
 // dH[t]/d(decay) for PLIF from the saved H[t] and the membrane V[t-1] before the charge. With
 // decay_input, H - V = decay * (X - (V - v_rest)), so the input is recovered as (H - V)/decay and
 // need not be saved: the backward keeps one [T, ...] tensor (H), as for LIF.
-template <typename acc_t>
-SNNKD_HD acc_t dh_ddecay(acc_t h, acc_t v_prev, const NeuronParams<acc_t>& p) {
+template <typename acc_t, typename P>
+SNNKD_HD acc_t dh_ddecay(acc_t h, acc_t v_prev, const P& p) {
   const acc_t v_rest = p.soft_reset ? acc_t(0) : p.v_reset;
   return p.decay_input ? (h - v_prev) / p.decay : v_rest - v_prev;
 }

@@ -40,6 +40,7 @@ inline NeuronParams<acc_t> make_params(const ScalarArgs& a, acc_t decay) {
   p.detach_reset = a.detach_reset;
   p.surrogate = static_cast<int>(a.surrogate);
   p.alpha = static_cast<acc_t>(a.alpha);
+  set_gains(p);
   return p;
 }
 

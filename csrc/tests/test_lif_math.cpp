@@ -33,6 +33,7 @@ static NeuronParams<double> params(int neuron, bool decay_input, bool soft, bool
   p.detach_reset = detach;
   p.surrogate = surrogate;
   p.alpha = 1.7;
+  set_gains(p);
   return p;
 }
 
@@ -117,7 +118,7 @@ static void test_backward_step() {
                 CHECK_CLOSE(g.grad_x, gh * dh_dx, 1e-8, "grad_x");
                 CHECK_CLOSE(g.grad_v_prev, gh * dh_dv, 1e-8, "grad_v_prev");
                 if (neuron == kPLIF) {
-                  auto q = p;
+                  auto q = p;  // the charge reads decay itself; the gains only matter to backward_step
                   q.decay = p.decay + eps;
                   const double hp = charge<double>(v0, x, q);
                   q.decay = p.decay - eps;
