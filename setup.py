@@ -11,6 +11,7 @@ compiles every .cu file, so a broken CUDA kernel fails CI on a machine without a
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -24,6 +25,8 @@ def _extensions():
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/*.cpp"))
     cpp_sources = [s for s in cpp_sources if not s.startswith("csrc/tests/")]
     cuda_sources = sorted(glob.glob("csrc/*/*.cu"))
+    # csrc/tests/*_check.cu only instantiate the device code for tests/test_cuda_build.py.
+    cuda_sources = [s for s in cuda_sources if not s.startswith("csrc/tests/")]
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
     torch_has_cuda = torch.version.cuda is not None
     if force_cuda and not torch_has_cuda:
@@ -33,18 +36,30 @@ def _extensions():
     use_cuda = torch_has_cuda and CUDA_HOME is not None and (torch.cuda.is_available() or force_cuda)
 
     # -ffp-contract=off: the charge must round like torch's eager ops (see csrc/lif/lif_math.h).
+    # -march=native: the extension is always compiled on the machine that runs it (pip install from
+    # source), so the CPU kernels' vectorized loops use its full vector width (AVX2/AVX-512);
+    # SNNKD_PORTABLE_BUILD=1 targets baseline x86-64/aarch64 instead (e.g. to build a wheel).
     cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off"]
+    if os.environ.get("SNNKD_PORTABLE_BUILD", "0") != "1":
+        cxx_flags.append("-march=native")
+    # OpenMP: at::parallel_for is a header template that runs sequentially unless the extension is
+    # compiled with -fopenmp. The libgomp.so.1 torch already loaded is then the one used, so
+    # torch.set_num_threads governs our kernels too.
+    link_args = []
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_args.append("-fopenmp")
     extra_compile_args = {"cxx": cxx_flags}
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if use_cuda:
         extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
         return [CUDAExtension("snnkd_fast._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
-                              extra_compile_args=extra_compile_args, define_macros=define_macros,
-                              py_limited_api=True)]
+                              extra_compile_args=extra_compile_args, extra_link_args=link_args,
+                              define_macros=define_macros, py_limited_api=True)]
     return [CppExtension("snnkd_fast._C", cpp_sources, include_dirs=include_dirs,
-                         extra_compile_args=extra_compile_args, define_macros=define_macros,
-                         py_limited_api=True)]
+                         extra_compile_args=extra_compile_args, extra_link_args=link_args,
+                         define_macros=define_macros, py_limited_api=True)]
 
 
 def _cmdclass():

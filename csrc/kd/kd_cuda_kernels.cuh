@@ -1,0 +1,652 @@
+// Device code of the fused KD-loss kernels (no torch headers: compiled standalone by
+// csrc/tests/kd_cuda_kernels_check.cu and tests/test_cuda_build.py, included by kd_cuda.cu for the
+// extension). Same algorithms and outputs as the CPU kernels (kd_cpu.cpp, nld_cpu.cpp), shaped for
+// the GPU like the Triton ones (snnkd_fast/kd/triton.py, nld_triton.py):
+//
+// * Row kernels (the forward passes, the HTA teacher head and the NLD backward's row sums): one
+//   block of kThreads per row, a thread strides over the classes (coalesced along C when the
+//   class stride is 1), keeps online statistics (running max, rescaled sums) in registers, and
+//   the block merges them with one cub::BlockReduce per pass.
+// * Element kernels (the backward passes): one thread per (b, c), looping over t; the gradient
+//   needs only the saved per-row statistics, so there is no reduction at all, and a [B, C]
+//   teacher's gradient is summed over t in a register of its owning thread (deterministic, no
+//   atomics, no [T, B, C] buffer).
+//
+// Inputs are read in place through their strides (student [T, B, C], teacher [Tt, B, C] with a t
+// stride of 0 for a [B, C] teacher). Element types s_t / u_t are float, double or a 16-bit float
+// type (c10::Half / c10::BFloat16 in the extension, __half / __nv_bfloat16 in the standalone
+// check): values go through float (exact for the 16-bit types) to acc_t, which is float, or
+// double when either input is double. Offsets are int64.
+#pragma once
+
+#include <cfloat>
+#include <cstdint>
+#include <type_traits>
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include "common/philox.h"
+#include "kd_math.h"
+
+namespace snnkd {
+namespace kd {
+namespace cuda {
+
+constexpr int kThreads = 256;
+constexpr int kNldStats = 6;   // mean, scale, lse_q, lse_r, lse_p, kl (nld_cpu.cpp)
+constexpr int kNldSums = 4;    // sum q A, sum r A, sum r A eps, sum r eps (NLD backward)
+
+// float, or double when either input is double (kd_cpu.cpp's acc_dtype).
+template <typename s_t, typename u_t>
+using acc_type_t =
+    typename std::conditional<std::is_same<s_t, double>::value || std::is_same<u_t, double>::value, double,
+                              float>::type;
+
+// x -> acc_t through float (exact for half/bfloat16; the 16-bit types convert to float only).
+template <typename acc_t, typename T>
+__device__ __forceinline__ acc_t to_acc(T x) {
+  if constexpr (std::is_same<T, double>::value) {
+    return static_cast<acc_t>(x);
+  } else {
+    return static_cast<acc_t>(static_cast<float>(x));
+  }
+}
+
+// acc_t -> T; a 16-bit type is built from float (as c10::Half(double) does on the CPU).
+template <typename T, typename acc_t>
+__device__ __forceinline__ T from_acc(acc_t x) {
+  if constexpr (std::is_same<T, double>::value || std::is_same<T, float>::value) {
+    return static_cast<T>(x);
+  } else {
+    return static_cast<T>(static_cast<float>(x));
+  }
+}
+
+// A finite stand-in for -inf as the initial running maximum (Triton's NEG_BIG): exp(-inf - NEG_BIG)
+// = 0 and an empty partial (l = 0) merges to nothing, so no lane needs a special case.
+template <typename acc_t>
+__device__ __forceinline__ acc_t neg_big() {
+  return std::is_same<acc_t, double>::value ? acc_t(-DBL_MAX) : acc_t(-FLT_MAX);
+}
+
+// Order-preserving int64 image of a teacher logit: float_key of its float32 value for the float
+// types (kd_math.h, as the stored HTA keys), the same construction on 64 bits for double, so that
+// comparing keys is comparing the values the CPU kernel sorts (with -0.0 == +0.0).
+template <typename T>
+__device__ __forceinline__ int64_t sort_key(T x) {
+  return static_cast<int64_t>(float_key(static_cast<float>(x)));
+}
+__device__ __forceinline__ int64_t sort_key(double x) {
+  const long long bits = __double_as_longlong(x + 0.0);
+  return static_cast<int64_t>(bits < 0 ? (bits ^ 0x7FFFFFFFFFFFFFFFLL) : bits);
+}
+
+// d scaled by a rescaling factor that may have underflowed to 0: the rescaled terms are then
+// dropped as the CPU drops a term whose e^{x - max} is 0 (no inf * 0 = NaN).
+template <typename acc_t>
+__device__ __forceinline__ acc_t rescale(acc_t d, acc_t factor) {
+  return factor > acc_t(0) ? d * factor : acc_t(0);
+}
+
+// Online log-sum-exp of x with a weighted sum d = sum e^{x - m} y (xlogy semantics: a zero weight
+// drops y, even an infinite one).
+template <typename acc_t>
+struct Online {
+  acc_t m, l, d;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ Online<acc_t> online_init() {
+  return Online<acc_t>{neg_big<acc_t>(), acc_t(0), acc_t(0)};
+}
+
+template <bool WITH_D, typename acc_t>
+__device__ __forceinline__ void online_push(Online<acc_t>& o, acc_t x, acc_t y) {
+  if (x > o.m) {
+    const acc_t factor = exp(o.m - x);
+    o.l = o.l * factor + acc_t(1);
+    if (WITH_D) o.d = rescale(o.d, factor) + y;
+    o.m = x;
+  } else {
+    const acc_t e = exp(x - o.m);
+    o.l += e;
+    if (WITH_D) o.d += xmul(e, y);
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ Online<acc_t> online_merge(const Online<acc_t>& a, const Online<acc_t>& b) {
+  const acc_t m = a.m > b.m ? a.m : b.m;
+  const acc_t fa = exp(a.m - m), fb = exp(b.m - m);
+  return Online<acc_t>{m, a.l * fa + b.l * fb, rescale(a.d, fa) + rescale(b.d, fb)};
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t online_lse(const Online<acc_t>& o) {
+  return o.m + log(o.l);
+}
+
+// Plain reduction operators (cub::Sum / cub::Min are gone from CCCL 3).
+struct SumOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(const T& a, const T& b) const {
+    return a + b;
+  }
+};
+struct MinOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(const T& a, const T& b) const {
+    return b < a ? b : a;
+  }
+};
+
+struct OnlineMerge {
+  template <typename acc_t>
+  __device__ __forceinline__ Online<acc_t> operator()(const Online<acc_t>& a, const Online<acc_t>& b) const {
+    return online_merge(a, b);
+  }
+};
+
+// N online statistics merged in one block reduction.
+template <typename acc_t, int N>
+struct OnlineN {
+  Online<acc_t> o[N];
+};
+struct OnlineNMerge {
+  template <typename acc_t, int N>
+  __device__ __forceinline__ OnlineN<acc_t, N> operator()(const OnlineN<acc_t, N>& a,
+                                                          const OnlineN<acc_t, N>& b) const {
+    OnlineN<acc_t, N> r;
+#pragma unroll
+    for (int i = 0; i < N; ++i) r.o[i] = online_merge(a.o[i], b.o[i]);
+    return r;
+  }
+};
+
+// N plain sums in one block reduction.
+template <typename acc_t, int N>
+struct SumN {
+  acc_t v[N];
+};
+struct SumNOp {
+  template <typename acc_t, int N>
+  __device__ __forceinline__ SumN<acc_t, N> operator()(const SumN<acc_t, N>& a, const SumN<acc_t, N>& b) const {
+    SumN<acc_t, N> r;
+#pragma unroll
+    for (int i = 0; i < N; ++i) r.v[i] = a.v[i] + b.v[i];
+    return r;
+  }
+};
+
+// Block-wide reduction whose result every thread gets. Every thread of the block must call it
+// (the calls sit only in block-uniform control flow). The trailing barrier lets the next call
+// reuse `temp` and `slot` right away.
+template <typename T, typename Op>
+__device__ __forceinline__ T block_all_reduce(T value, Op op, typename cub::BlockReduce<T, kThreads>::TempStorage& temp,
+                                              T& slot) {
+  const T total = cub::BlockReduce<T, kThreads>(temp).Reduce(value, op);
+  if (threadIdx.x == 0) slot = total;
+  __syncthreads();
+  const T result = slot;
+  __syncthreads();
+  return result;
+}
+
+struct Strides {
+  int64_t t, b, c;
+};
+
+// ------------------------------------------------------------------------------------------------
+// KL / TSER / HTA-KL (kd_cpu.cpp)
+// ------------------------------------------------------------------------------------------------
+
+// HTA head of each teacher row (grid Tt * B, one block per row): keys[row] = (key_cross, idx_cross,
+// idx_top), the CPU's sort-based rule (hta_teacher_row) without a sort. The crossing class's key is
+// the largest key k whose mass(key >= k) reaches head_threshold (bisection on the order-preserving
+// keys); among the classes tied at that key, the index-order walk then finds the first one where the
+// inclusive cumulative probability reaches the threshold. The masses are in double, as on the CPU,
+// so that the head only differs from the CPU's for a cumulative mass within ~1e-15 of the threshold.
+struct HtaPass1 {
+  Online<double> lse;
+  int64_t key_max, key_min, top;  // top: lowest index among the key_max classes (C when empty)
+};
+struct HtaPass1Merge {
+  __device__ __forceinline__ HtaPass1 operator()(const HtaPass1& a, const HtaPass1& b) const {
+    HtaPass1 r;
+    r.lse = online_merge(a.lse, b.lse);
+    r.key_max = a.key_max > b.key_max ? a.key_max : b.key_max;
+    r.key_min = a.key_min < b.key_min ? a.key_min : b.key_min;
+    r.top = a.key_max > b.key_max ? a.top : (b.key_max > a.key_max ? b.top : (a.top < b.top ? a.top : b.top));
+    return r;
+  }
+};
+
+template <typename u_t>
+__global__ void __launch_bounds__(kThreads)
+    hta_teacher_kernel(const u_t* __restrict__ U, Strides us, int64_t B, int64_t C, double inv_tau,
+                       double head_threshold, int32_t* __restrict__ keys) {
+  __shared__ typename cub::BlockReduce<HtaPass1, kThreads>::TempStorage pass1_temp;
+  __shared__ HtaPass1 pass1_slot;
+  __shared__ typename cub::BlockReduce<double, kThreads>::TempStorage sum_temp;
+  __shared__ double sum_slot;
+  __shared__ typename cub::BlockReduce<int64_t, kThreads>::TempStorage min_temp;
+  __shared__ int64_t min_slot;
+  __shared__ typename cub::BlockScan<double, kThreads>::TempStorage scan_temp;
+
+  const int64_t row = blockIdx.x;
+  const u_t* u = U + (row / B) * us.t + (row % B) * us.b;
+  const int tid = threadIdx.x;
+
+  // pass 1: log-sum-exp, extreme keys, top-1 (lowest index among equal maxima)
+  HtaPass1 p{online_init<double>(), INT64_MIN, INT64_MAX, C};
+  for (int64_t c = tid; c < C; c += kThreads) {
+    const u_t z = u[c * us.c];
+    online_push<false>(p.lse, to_acc<double>(z) * inv_tau, 0.0);
+    const int64_t key = sort_key(z);
+    if (key > p.key_max) {  // c increases: the first maximum of this thread is its lowest index
+      p.key_max = key;
+      p.top = c;
+    }
+    p.key_min = key < p.key_min ? key : p.key_min;
+  }
+  p = block_all_reduce(p, HtaPass1Merge(), pass1_temp, pass1_slot);
+  const double lse = online_lse(p.lse);
+
+  // Bisection for the largest key k in [key_min, key_max] with mass(key >= k) >= head_threshold
+  // (mass(key >= key_min) is the whole mass; when even that stays below the threshold, the walk
+  // below finds no crossing and every class is head, as on the CPU). lo and hi are block-uniform.
+  int64_t lo = p.key_min, hi = p.key_max;
+  while (lo < hi) {
+    const uint64_t span = static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo);
+    const int64_t mid = static_cast<int64_t>(static_cast<uint64_t>(lo) + span / 2 + (span & 1));  // in (lo, hi]
+    double mass = 0.0;
+    for (int64_t c = tid; c < C; c += kThreads) {
+      const u_t z = u[c * us.c];
+      if (sort_key(z) >= mid) mass += exp(to_acc<double>(z) * inv_tau - lse);
+    }
+    mass = block_all_reduce(mass, SumOp(), sum_temp, sum_slot);
+    if (mass >= head_threshold) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int64_t key_cross = lo;
+
+  // Walk the classes tied at key_cross in index order: the cumulative mass starts at mass(key > key_cross).
+  double running = 0.0;
+  for (int64_t c = tid; c < C; c += kThreads) {
+    const u_t z = u[c * us.c];
+    if (sort_key(z) > key_cross) running += exp(to_acc<double>(z) * inv_tau - lse);
+  }
+  running = block_all_reduce(running, SumOp(), sum_temp, sum_slot);
+  int64_t idx_cross = C;
+  for (int64_t c0 = 0; c0 < C; c0 += kThreads) {  // block-uniform trip count (exits on a block-uniform hit)
+    const int64_t c = c0 + tid;
+    bool tied = false;
+    double prob = 0.0;
+    if (c < C) {
+      const u_t z = u[c * us.c];
+      tied = sort_key(z) == key_cross;
+      if (tied) prob = exp(to_acc<double>(z) * inv_tau - lse);
+    }
+    double inclusive, chunk_total;
+    cub::BlockScan<double, kThreads>(scan_temp).InclusiveSum(prob, inclusive, chunk_total);
+    const int64_t hit = tied && running + inclusive >= head_threshold ? c : C;
+    const int64_t first = block_all_reduce(hit, MinOp(), min_temp, min_slot);  // also fences scan_temp
+    if (first < C) {
+      idx_cross = first;
+      break;
+    }
+    running += chunk_total;
+  }
+  if (tid == 0) {
+    int32_t* out = keys + row * kHtaNum;
+    out[kIdxTop] = static_cast<int32_t>(p.top < C ? p.top : 0);
+    out[kIdxCross] = static_cast<int32_t>(idx_cross);
+    out[kKeyCross] = idx_cross < C ? float_key(static_cast<float>(u[idx_cross * us.c])) : INT32_MIN;
+  }
+}
+
+// Forward, one block per row (grid T * B): online LSE of s = z_s / tau and u = z_t / tau with
+// sum e^{u - m_u} (u - s) (and sum e^{s - m_s} (s - u) for HTA, the TSER entropy LSE at tau_H with
+// sum e^{s_H - m_h} s_H), one block reduction; HTA then needs a second pass for the head/tail gaps.
+// rows [T, B] and stats [T, B, kNumStats] as kd_cpu.cpp's forward_kernel.
+template <typename s_t, typename u_t, int LOSS>
+__global__ void __launch_bounds__(kThreads)
+    kd_forward_kernel(const s_t* __restrict__ S, Strides ss, const u_t* __restrict__ U, Strides us, bool teacher_per_t,
+                      int64_t B, int64_t C, acc_type_t<s_t, u_t> inv_tau, acc_type_t<s_t, u_t> inv_tau_h,
+                      acc_type_t<s_t, u_t> tau_sq, acc_type_t<s_t, u_t> entropy_weight,
+                      const int32_t* __restrict__ hta_keys, acc_type_t<s_t, u_t>* __restrict__ rows,
+                      acc_type_t<s_t, u_t>* __restrict__ stats) {
+  using acc_t = acc_type_t<s_t, u_t>;
+  constexpr int N = LOSS == kTSER ? 3 : 2;  // o[0]: teacher (d = sum p (u - s)), o[1]: student, o[2]: tau_H
+  using Acc = OnlineN<acc_t, N>;
+  using Gaps = SumN<acc_t, 2>;
+  __shared__ typename cub::BlockReduce<Acc, kThreads>::TempStorage acc_temp;
+  __shared__ Acc acc_slot;
+  __shared__ typename cub::BlockReduce<Gaps, kThreads>::TempStorage gap_temp;
+  __shared__ Gaps gap_slot;
+
+  const int64_t row = blockIdx.x;
+  const int64_t t = row / B, b = row % B, tt = teacher_per_t ? t : 0;
+  const s_t* s = S + t * ss.t + b * ss.b;
+  const u_t* u = U + tt * us.t + b * us.b;
+  const int tid = threadIdx.x;
+
+  Acc a;
+#pragma unroll
+  for (int i = 0; i < N; ++i) a.o[i] = online_init<acc_t>();
+  for (int64_t c = tid; c < C; c += kThreads) {
+    const acc_t zs = to_acc<acc_t>(s[c * ss.c]);
+    const acc_t sv = zs * inv_tau, uv = to_acc<acc_t>(u[c * us.c]) * inv_tau;
+    online_push<true>(a.o[0], uv, uv - sv);
+    online_push<LOSS == kHTA>(a.o[1], sv, sv - uv);
+    if constexpr (LOSS == kTSER) {
+      const acc_t sh = zs * inv_tau_h;
+      online_push<true>(a.o[N - 1], sh, sh);
+    }
+  }
+  a = block_all_reduce(a, OnlineNMerge(), acc_temp, acc_slot);
+  const acc_t lse_u = online_lse(a.o[0]), lse_s = online_lse(a.o[1]);
+  const acc_t kl_f = a.o[0].d / a.o[0].l - lse_u + lse_s;
+  acc_t loss = tau_sq * kl_f, aux0 = acc_t(0), aux1 = acc_t(0);
+  if constexpr (LOSS == kTSER) {
+    const acc_t lse_h = online_lse(a.o[N - 1]);
+    const acc_t entropy = lse_h - a.o[N - 1].d / a.o[N - 1].l;
+    loss -= entropy_weight * entropy;
+    aux0 = lse_h;
+    aux1 = entropy;
+  } else if constexpr (LOSS == kHTA) {
+    const acc_t kl_r = a.o[1].d / a.o[1].l - lse_s + lse_u;
+    const int32_t* hta = hta_keys + (tt * B + b) * kHtaNum;
+    const int64_t cross = hta[kIdxCross], top = hta[kIdxTop];
+    const bool all_head = cross >= C;  // no crossing: every class is head (kd_cpu.cpp)
+    const int64_t key_cross = all_head ? 0 : sort_key(u[cross * us.c]);
+    Gaps g{{acc_t(0), acc_t(0)}};  // (gap_head, gap_all)
+    for (int64_t c = tid; c < C; c += kThreads) {
+      const u_t z = u[c * us.c];
+      const acc_t p = exp(to_acc<acc_t>(z) * inv_tau - lse_u);
+      const acc_t gap = fabs(p - exp(to_acc<acc_t>(s[c * ss.c]) * inv_tau - lse_s));
+      const int64_t key = sort_key(z);
+      const bool head = all_head || key > key_cross || (key == key_cross && c < cross) || c == top;
+      g.v[1] += gap;
+      if (head) g.v[0] += gap;
+    }
+    g = block_all_reduce(g, SumNOp(), gap_temp, gap_slot);
+    const acc_t w_head = g.v[1] > acc_t(0) ? g.v[0] / g.v[1] : acc_t(0.5);
+    loss = tau_sq * (w_head * kl_f + (acc_t(1) - w_head) * kl_r);
+    aux0 = w_head;
+    aux1 = kl_r;
+  }
+  if (tid == 0) {
+    rows[row] = loss;
+    acc_t* stat = stats + row * kNumStats;
+    stat[kLseS] = lse_s;
+    stat[kLseU] = lse_u;
+    stat[kKlF] = kl_f;
+    stat[kAux0] = aux0;
+    stat[kAux1] = aux1;
+  }
+}
+
+// Backward, one thread per (b, c) (grid ceil(B * C / kThreads)), looping over t: writes
+// grad_student [T, B, C] and grad_teacher ([T, B, C], or [B, C] summed over t in a register),
+// both contiguous; grad_u is null without a teacher gradient. kd_cpu.cpp's backward_kernel.
+template <typename s_t, typename u_t, int LOSS>
+__global__ void __launch_bounds__(kThreads)
+    kd_backward_kernel(const acc_type_t<s_t, u_t>* __restrict__ grad_rows, const s_t* __restrict__ S, Strides ss,
+                       const u_t* __restrict__ U, Strides us, bool teacher_per_t, int64_t T, int64_t B, int64_t C,
+                       const acc_type_t<s_t, u_t>* __restrict__ stats, acc_type_t<s_t, u_t> inv_tau,
+                       acc_type_t<s_t, u_t> tau, acc_type_t<s_t, u_t> inv_tau_h,
+                       acc_type_t<s_t, u_t> entropy_weight, s_t* __restrict__ grad_s, u_t* __restrict__ grad_u) {
+  using acc_t = acc_type_t<s_t, u_t>;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (n >= B * C) return;
+  const int64_t b = n / C, c = n - b * C;
+  const s_t* s = S + b * ss.b + c * ss.c;
+  const u_t* u = U + b * us.b + c * us.c;
+  acc_t teacher_sum = acc_t(0);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t row = t * B + b;
+    const acc_t* stat = stats + row * kNumStats;
+    const RowStats<acc_t> r{stat[kLseS], stat[kLseU], stat[kKlF], stat[kAux0], stat[kAux1]};
+    const acc_t g_row = grad_rows[row];
+    const acc_t zs = to_acc<acc_t>(s[t * ss.t]), zu = to_acc<acc_t>(u[t * us.t]);
+    grad_s[row * C + c] =
+        from_acc<s_t>(g_row * grad_student<acc_t>(LOSS, zs, zu, r, inv_tau, tau, inv_tau_h, entropy_weight));
+    if (grad_u) {
+      const acc_t gu = g_row * grad_teacher<acc_t>(LOSS, zs, zu, r, inv_tau, tau);
+      if (teacher_per_t) {
+        grad_u[row * C + c] = from_acc<u_t>(gu);
+      } else {
+        teacher_sum += gu;
+      }
+    }
+  }
+  if (grad_u && !teacher_per_t) grad_u[b * C + c] = from_acc<u_t>(teacher_sum);
+}
+
+// ------------------------------------------------------------------------------------------------
+// NLD (nld_cpu.cpp; the formulas are in snnkd_fast/kd/nld_triton.py's docstring)
+// ------------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct NldParams {
+  acc_t inv_tau, tau, w, log_w, log_1mw, noise_std;
+  bool adaptive, additive;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t logaddexp(acc_t a, acc_t b) {
+  const acc_t m = a > b ? a : b;
+  if (m == -INFINITY) return m;
+  return m + log(exp(a - m) + exp(b - m));
+}
+
+__device__ __forceinline__ uint64_t load_seed(const int64_t* seed) { return static_cast<uint64_t>(*seed); }
+
+template <typename acc_t>
+struct NldPass1 {
+  Online<acc_t> p, q;  // LSE of the teacher logits and of the (noisy, with additive) student logits / tau
+  acc_t sum_z;
+};
+struct NldPass1Merge {
+  template <typename acc_t>
+  __device__ __forceinline__ NldPass1<acc_t> operator()(const NldPass1<acc_t>& a, const NldPass1<acc_t>& b) const {
+    return NldPass1<acc_t>{online_merge(a.p, b.p), online_merge(a.q, b.q), a.sum_z + b.sum_z};
+  }
+};
+
+// Forward, one block per row r = t * B + b (grid T * B), passes as nld_cpu.cpp: (1) sum of z, LSE of
+// the teacher and of the student logits (noisy ones with `additive`); (2) adaptive: the unbiased
+// variance about the mean; (3) mixture: LSE of the noise logits; (4) the KL. rows [T, B], stats
+// [T, B, kNldStats]. eps = philox_randn(seed, r * C + c), drawn again in each pass.
+template <typename s_t, typename u_t>
+__global__ void __launch_bounds__(kThreads)
+    nld_forward_kernel(const s_t* __restrict__ S, Strides ss, const u_t* __restrict__ U, Strides us, int64_t B,
+                       int64_t C, const int64_t* __restrict__ seed_ptr, NldParams<acc_type_t<s_t, u_t>> P,
+                       acc_type_t<s_t, u_t> tau_sq, acc_type_t<s_t, u_t>* __restrict__ rows,
+                       acc_type_t<s_t, u_t>* __restrict__ stats) {
+  using acc_t = acc_type_t<s_t, u_t>;
+  __shared__ typename cub::BlockReduce<NldPass1<acc_t>, kThreads>::TempStorage pass1_temp;
+  __shared__ NldPass1<acc_t> pass1_slot;
+  __shared__ typename cub::BlockReduce<Online<acc_t>, kThreads>::TempStorage lse_temp;
+  __shared__ Online<acc_t> lse_slot;
+  __shared__ typename cub::BlockReduce<acc_t, kThreads>::TempStorage sum_temp;
+  __shared__ acc_t sum_slot;
+
+  const int64_t r = blockIdx.x;
+  const int64_t t = r / B, b = r % B;
+  const s_t* s = S + t * ss.t + b * ss.b;
+  const u_t* u = U + t * us.t + b * us.b;
+  const uint64_t seed = load_seed(seed_ptr);
+  const uint64_t base = static_cast<uint64_t>(r) * static_cast<uint64_t>(C);
+  const int tid = threadIdx.x;
+
+  NldPass1<acc_t> a{online_init<acc_t>(), online_init<acc_t>(), acc_t(0)};
+  for (int64_t c = tid; c < C; c += kThreads) {
+    const acc_t z = to_acc<acc_t>(s[c * ss.c]);
+    a.sum_z += z;
+    online_push<false>(a.p, to_acc<acc_t>(u[c * us.c]) * P.inv_tau, acc_t(0));
+    const acc_t x = P.additive ? (z + P.noise_std * static_cast<acc_t>(philox_randn(seed, base + c))) * P.inv_tau
+                               : z * P.inv_tau;
+    online_push<false>(a.q, x, acc_t(0));
+  }
+  a = block_all_reduce(a, NldPass1Merge(), pass1_temp, pass1_slot);
+  const acc_t lse_p = online_lse(a.p), lse_q = online_lse(a.q);
+  const acc_t mean = a.sum_z / static_cast<acc_t>(C);
+
+  acc_t scale = P.noise_std;
+  if (P.adaptive) {
+    acc_t m2 = acc_t(0);
+    for (int64_t c = tid; c < C; c += kThreads) {
+      const acc_t dz = to_acc<acc_t>(s[c * ss.c]) - mean;
+      m2 += dz * dz;
+    }
+    m2 = block_all_reduce(m2, SumOp(), sum_temp, sum_slot);
+    scale = C > 1 ? m2 / static_cast<acc_t>(C - 1) : acc_t(0);
+  }
+  acc_t lse_r = acc_t(0);
+  if (!P.additive) {
+    Online<acc_t> o = online_init<acc_t>();
+    for (int64_t c = tid; c < C; c += kThreads) {
+      online_push<false>(o, (mean + static_cast<acc_t>(philox_randn(seed, base + c)) * scale) * P.inv_tau, acc_t(0));
+    }
+    o = block_all_reduce(o, OnlineMerge(), lse_temp, lse_slot);
+    lse_r = online_lse(o);
+  }
+  acc_t kl = acc_t(0);
+  for (int64_t c = tid; c < C; c += kThreads) {
+    const acc_t z = to_acc<acc_t>(s[c * ss.c]);
+    const acc_t log_p = to_acc<acc_t>(u[c * us.c]) * P.inv_tau - lse_p;
+    const acc_t e = static_cast<acc_t>(philox_randn(seed, base + c));
+    const acc_t log_ps = P.additive ? (z + P.noise_std * e) * P.inv_tau - lse_q
+                                    : logaddexp(P.log_w + z * P.inv_tau - lse_q,
+                                                P.log_1mw + (mean + e * scale) * P.inv_tau - lse_r);
+    const acc_t p = exp(log_p);
+    if (p > acc_t(0)) kl += p * (log_p - log_ps);
+  }
+  kl = block_all_reduce(kl, SumOp(), sum_temp, sum_slot);
+  if (tid == 0) {
+    rows[r] = tau_sq * kl;
+    acc_t* stat = stats + r * kNldStats;
+    stat[0] = mean;
+    stat[1] = scale;
+    stat[2] = lse_q;
+    stat[3] = lse_r;
+    stat[4] = lse_p;
+    stat[5] = kl;
+  }
+}
+
+// Backward, step 1 (mixture mode only), one block per row: the row sums the gradient needs,
+// sums [T, B, kNldSums] = (sum q A, sum r A, sum r A eps, sum r eps) with A = p_t / p_s.
+template <typename s_t, typename u_t>
+__global__ void __launch_bounds__(kThreads)
+    nld_row_sums_kernel(const s_t* __restrict__ S, Strides ss, const u_t* __restrict__ U, Strides us, int64_t B,
+                        int64_t C, const int64_t* __restrict__ seed_ptr, NldParams<acc_type_t<s_t, u_t>> P,
+                        const acc_type_t<s_t, u_t>* __restrict__ stats, acc_type_t<s_t, u_t>* __restrict__ sums) {
+  using acc_t = acc_type_t<s_t, u_t>;
+  using Sums = SumN<acc_t, kNldSums>;
+  __shared__ typename cub::BlockReduce<Sums, kThreads>::TempStorage temp;
+
+  const int64_t r = blockIdx.x;
+  const int64_t t = r / B, b = r % B;
+  const s_t* s = S + t * ss.t + b * ss.b;
+  const u_t* u = U + t * us.t + b * us.b;
+  const uint64_t seed = load_seed(seed_ptr);
+  const uint64_t base = static_cast<uint64_t>(r) * static_cast<uint64_t>(C);
+  const acc_t* stat = stats + r * kNldStats;
+  const acc_t mean = stat[0], scale = stat[1], lse_q = stat[2], lse_r = stat[3], lse_p = stat[4];
+
+  Sums acc{{acc_t(0), acc_t(0), acc_t(0), acc_t(0)}};
+  for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+    const acc_t e = static_cast<acc_t>(philox_randn(seed, base + c));
+    const acc_t log_q = to_acc<acc_t>(s[c * ss.c]) * P.inv_tau - lse_q;
+    const acc_t log_r = (mean + e * scale) * P.inv_tau - lse_r;
+    const acc_t a = exp(to_acc<acc_t>(u[c * us.c]) * P.inv_tau - lse_p - logaddexp(P.log_w + log_q, P.log_1mw + log_r));
+    const acc_t q = exp(log_q), rr = exp(log_r);
+    acc.v[0] += q * a;
+    acc.v[1] += rr * a;
+    acc.v[2] += rr * a * e;
+    acc.v[3] += rr * e;
+  }
+  acc = cub::BlockReduce<Sums, kThreads>(temp).Reduce(acc, SumNOp());
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < kNldSums; ++k) sums[r * kNldSums + k] = acc.v[k];
+  }
+}
+
+// Backward, step 2, one thread per (b, c) looping over t (grid ceil(B * C / kThreads)): grad_student
+// [T, B, C] and grad_teacher ([T, B, C], or [B, C] summed over t in a register), contiguous; grad_u
+// null without a teacher gradient; sums null in additive mode.
+template <typename s_t, typename u_t>
+__global__ void __launch_bounds__(kThreads)
+    nld_backward_kernel(const acc_type_t<s_t, u_t>* __restrict__ grad_rows, const s_t* __restrict__ S, Strides ss,
+                        const u_t* __restrict__ U, Strides us, bool teacher_per_t, int64_t T, int64_t B, int64_t C,
+                        const int64_t* __restrict__ seed_ptr, NldParams<acc_type_t<s_t, u_t>> P,
+                        const acc_type_t<s_t, u_t>* __restrict__ stats, const acc_type_t<s_t, u_t>* __restrict__ sums,
+                        s_t* __restrict__ grad_s, u_t* __restrict__ grad_u) {
+  using acc_t = acc_type_t<s_t, u_t>;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (n >= B * C) return;
+  const int64_t b = n / C, c = n - b * C;
+  const s_t* s = S + b * ss.b + c * ss.c;
+  const u_t* u = U + b * us.b + c * us.c;
+  const uint64_t seed = load_seed(seed_ptr);
+  const acc_t var_coef = C > 1 ? acc_t(2) / static_cast<acc_t>(C - 1) : acc_t(0);
+  acc_t teacher_sum = acc_t(0);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t r = t * B + b;
+    const acc_t* stat = stats + r * kNldStats;
+    const acc_t mean = stat[0], scale = stat[1], lse_q = stat[2], lse_r = stat[3], lse_p = stat[4], kl = stat[5];
+    const acc_t g_row = grad_rows[r];
+    const acc_t z = to_acc<acc_t>(s[t * ss.t]);
+    const acc_t e = static_cast<acc_t>(philox_randn(seed, static_cast<uint64_t>(r) * static_cast<uint64_t>(C) + c));
+    const acc_t log_p = to_acc<acc_t>(u[t * us.t]) * P.inv_tau - lse_p;
+    const acc_t p = exp(log_p);
+    acc_t log_ps, g_s;
+    if (P.additive) {
+      log_ps = (z + P.noise_std * e) * P.inv_tau - lse_q;
+      g_s = P.tau * (exp(log_ps) - p);
+    } else {
+      const acc_t* sum = sums + r * kNldSums;
+      const acc_t log_q = z * P.inv_tau - lse_q;
+      log_ps = logaddexp(P.log_w + log_q, P.log_1mw + (mean + e * scale) * P.inv_tau - lse_r);
+      g_s = -P.w * P.tau * exp(log_q) * (exp(log_p - log_ps) - sum[0]);
+      if (P.adaptive) {
+        const acc_t sum_g_eps = -(acc_t(1) - P.w) * P.tau * (sum[2] - sum[1] * sum[3]);
+        g_s += var_coef * sum_g_eps * (z - mean);
+      }
+    }
+    grad_s[r * C + c] = from_acc<s_t>(g_s * g_row);
+    if (grad_u) {
+      const acc_t g_u = p > acc_t(0) ? P.tau * g_row * p * (log_p - log_ps - kl) : acc_t(0);
+      if (teacher_per_t) {
+        grad_u[r * C + c] = from_acc<u_t>(g_u);
+      } else {
+        teacher_sum += g_u;
+      }
+    }
+  }
+  if (grad_u && !teacher_per_t) grad_u[b * C + c] = from_acc<u_t>(teacher_sum);
+}
+
+// The eps the NLD kernels draw: out[i] = philox_randn(seed, i), grid-stride over n. (A template, out_t =
+// float, so that two translation units including this header do not both define it.)
+template <typename out_t>
+__global__ void __launch_bounds__(kThreads)
+    nld_noise_kernel(const int64_t* __restrict__ seed_ptr, out_t* __restrict__ out, int64_t n) {
+  const uint64_t seed = load_seed(seed_ptr);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
+    out[i] = static_cast<out_t>(philox_randn(seed, static_cast<uint64_t>(i)));
+  }
+}
+
+}  // namespace cuda
+}  // namespace kd
+}  // namespace snnkd

@@ -1,0 +1,57 @@
+// Instantiates every CUDA KD-loss kernel (csrc/kd/kd_cuda_kernels.cuh) for every pair of student and
+// teacher types without torch headers, so that tests/test_cuda_build.py can check that the device
+// code compiles (for sm_80 and sm_90) on a machine with nvcc and no GPU. The extension instantiates
+// the same templates with c10::Half / c10::BFloat16 in place of __half / __nv_bfloat16.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "kd/kd_cuda_kernels.cuh"
+
+namespace snnkd {
+namespace kd {
+namespace cuda {
+
+#define SNNKD_KD_INSTANTIATE_LOSS(s_t, u_t, LOSS)                                                               \
+  template __global__ void kd_forward_kernel<s_t, u_t, LOSS>(                                                   \
+      const s_t*, Strides, const u_t*, Strides, bool, int64_t, int64_t, acc_type_t<s_t, u_t>,                  \
+      acc_type_t<s_t, u_t>, acc_type_t<s_t, u_t>, acc_type_t<s_t, u_t>, const int32_t*, acc_type_t<s_t, u_t>*,  \
+      acc_type_t<s_t, u_t>*);                                                                                   \
+  template __global__ void kd_backward_kernel<s_t, u_t, LOSS>(                                                  \
+      const acc_type_t<s_t, u_t>*, const s_t*, Strides, const u_t*, Strides, bool, int64_t, int64_t, int64_t,   \
+      const acc_type_t<s_t, u_t>*, acc_type_t<s_t, u_t>, acc_type_t<s_t, u_t>, acc_type_t<s_t, u_t>,            \
+      acc_type_t<s_t, u_t>, s_t*, u_t*);
+
+#define SNNKD_KD_INSTANTIATE_PAIR(s_t, u_t)                                                                     \
+  SNNKD_KD_INSTANTIATE_LOSS(s_t, u_t, kKL)                                                                      \
+  SNNKD_KD_INSTANTIATE_LOSS(s_t, u_t, kTSER)                                                                    \
+  SNNKD_KD_INSTANTIATE_LOSS(s_t, u_t, kHTA)                                                                     \
+  template __global__ void nld_forward_kernel<s_t, u_t>(const s_t*, Strides, const u_t*, Strides, int64_t,      \
+                                                        int64_t, const int64_t*, NldParams<acc_type_t<s_t, u_t>>, \
+                                                        acc_type_t<s_t, u_t>, acc_type_t<s_t, u_t>*,            \
+                                                        acc_type_t<s_t, u_t>*);                                 \
+  template __global__ void nld_row_sums_kernel<s_t, u_t>(const s_t*, Strides, const u_t*, Strides, int64_t,     \
+                                                         int64_t, const int64_t*,                               \
+                                                         NldParams<acc_type_t<s_t, u_t>>,                       \
+                                                         const acc_type_t<s_t, u_t>*, acc_type_t<s_t, u_t>*);   \
+  template __global__ void nld_backward_kernel<s_t, u_t>(                                                       \
+      const acc_type_t<s_t, u_t>*, const s_t*, Strides, const u_t*, Strides, bool, int64_t, int64_t, int64_t,   \
+      const int64_t*, NldParams<acc_type_t<s_t, u_t>>, const acc_type_t<s_t, u_t>*, const acc_type_t<s_t, u_t>*, \
+      s_t*, u_t*);
+
+#define SNNKD_KD_INSTANTIATE_STUDENT(s_t)                                                                       \
+  SNNKD_KD_INSTANTIATE_PAIR(s_t, float)                                                                         \
+  SNNKD_KD_INSTANTIATE_PAIR(s_t, double)                                                                        \
+  SNNKD_KD_INSTANTIATE_PAIR(s_t, __half)                                                                        \
+  SNNKD_KD_INSTANTIATE_PAIR(s_t, __nv_bfloat16)                                                                 \
+  template __global__ void hta_teacher_kernel<s_t>(const s_t*, Strides, int64_t, int64_t, double, double,      \
+                                                   int32_t*);
+
+SNNKD_KD_INSTANTIATE_STUDENT(float)
+SNNKD_KD_INSTANTIATE_STUDENT(double)
+SNNKD_KD_INSTANTIATE_STUDENT(__half)
+SNNKD_KD_INSTANTIATE_STUDENT(__nv_bfloat16)
+template __global__ void nld_noise_kernel<float>(const int64_t*, float*, int64_t);
+
+}  // namespace cuda
+}  // namespace kd
+}  // namespace snnkd
