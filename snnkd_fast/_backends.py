@@ -50,6 +50,9 @@ def triton_interpret() -> bool:
 
 # The compiled op that carries each op family's kernels (its CPU/CUDA registrations say what is built).
 OP_FAMILIES = {"lif": "lif_forward", "kd": "kd_rows_forward"}
+# "auto" on a GPU tries these in order. The KD losses prefer Triton: its kernels are tested on every
+# CI run (through the interpreter) while the CUDA C++ loss kernels have only been compiled so far.
+GPU_ORDER = {"lif": ("cuda", "triton"), "kd": ("triton", "cuda")}
 
 
 def _detect(family: str) -> dict[str, BackendStatus]:
@@ -93,14 +96,14 @@ def backends(family: str = "lif") -> dict[str, BackendStatus]:
 
 
 def resolve_backend(backend: str, device: torch.device, op_name: str, family: str = "lif") -> str:
-    """The backend to run ``op_name`` on a tensor of ``device``: "auto" picks the fastest available
-    (CPU: cpp, then torch; CUDA: cuda, then triton, then torch); an explicit choice that cannot run
-    raises a clear error."""
+    """The backend to run ``op_name`` on a tensor of ``device``: "auto" picks a kernel (CPU: cpp;
+    CUDA: GPU_ORDER[family]), else the torch reference; an explicit choice that cannot run raises a
+    clear error naming what is missing."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op_name}: backend={backend!r}; choose one of {', '.join(BACKENDS)}")
     status = _STATUS[family]
     if backend == "auto":
-        order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
+        order = GPU_ORDER[family] if device.type == "cuda" else ("cpp",)
         return next((name for name in order if status[name]), "torch")
     if not status[backend]:
         raise RuntimeError(f"{op_name}: backend={backend!r} is not available: {status[backend].reason}")
