@@ -28,6 +28,12 @@ TORCH_LIBRARY(snnkd_fast, m) {
       "ScalarType grad_dtype, int neuron, float tau, bool decay_input, float v_threshold, float v_reset, "
       "bool soft_reset, bool detach_reset, int surrogate, float alpha, bool decay_grad) "
       "-> (Tensor grad_x, Tensor grad_v_init, Tensor grad_decay)");
+  // Rate-based backpropagation's forward: the same neuron, but instead of H it returns the
+  // eligibility e = (1/T) sum_t sg[t] dH[t]/dx (one step's shape): the backward needs nothing else.
+  m.def(
+      "lif_rate_forward(Tensor x, Tensor v_init, Tensor? decay, int neuron, float tau, bool decay_input, "
+      "float v_threshold, float v_reset, bool soft_reset, bool detach_reset, int surrogate, float alpha) "
+      "-> (Tensor spikes, Tensor v_final, Tensor eligibility)");
 
   // Per-row losses of the fused KD family (loss: 0 KL, 1 TSER, 2 HTA; snnkd_fast/kd/params.py): rows
   // [T, B] and stats [T, B, 5] in float32 (float64 for float64 inputs), HTA head keys [Tt, B, 3] int32.

@@ -86,27 +86,54 @@ void with_backward_mode(const NeuronParams<acc_t>& p, F&& f) {
   });
 }
 
-template <typename scalar_t, typename acc_t, typename P>
-void forward_kernel(const scalar_t* x, const acc_t* v_init, scalar_t* spikes, acc_t* v_final, acc_t* h_seq,
-                    int64_t T, int64_t N, const P p) {
+// Eligibility update of one block of neurons at one step (rate-based backward), instantiated with the
+// backward's compile-time modes and called through a pointer, so the forward's own loop stays
+// specialised on the forward modes only.
+template <typename acc_t>
+using EligibilityFn = void (*)(const acc_t* h, acc_t* f, acc_t* e_sum, int64_t len, const NeuronParams<acc_t>& q);
+
+template <typename acc_t, typename BP>
+void eligibility_update(const acc_t* h, acc_t* f, acc_t* e_sum, int64_t len, const NeuronParams<acc_t>& q) {
+  const BP p(q);
+  for (int64_t i = 0; i < len; ++i) eligibility_step<acc_t>(h[i], f[i], e_sum[i], p);
+}
+
+// RATE = false: writes H for the BPTT backward into `out` ([T, N]). RATE = true: keeps H of the
+// current step in a block buffer and writes the eligibility e (1/T sum_t sg f) into `out` ([N]).
+template <bool RATE, typename scalar_t, typename acc_t, typename P>
+void forward_kernel(const scalar_t* x, const acc_t* v_init, scalar_t* spikes, acc_t* v_final, acc_t* out,
+                    int64_t T, int64_t N, const P p, EligibilityFn<acc_t> eligibility_fn,
+                    const NeuronParams<acc_t>& q) {
   const int64_t num_blocks = (N + kBlock - 1) / kBlock;
   at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     acc_t v[kBlock];
+    acc_t h_step[kBlock];
+    acc_t f[kBlock];
+    acc_t e_sum[kBlock];
     for (int64_t b = block_begin; b < block_end; ++b) {
       const int64_t n0 = b * kBlock;
       const int64_t len = std::min(kBlock, N - n0);
       for (int64_t i = 0; i < len; ++i) v[i] = v_init[n0 + i];
+      if (RATE) {
+        for (int64_t i = 0; i < len; ++i) f[i] = q.input_gain;
+        for (int64_t i = 0; i < len; ++i) e_sum[i] = acc_t(0);
+      }
       for (int64_t t = 0; t < T; ++t) {
         const int64_t row = t * N + n0;
+        acc_t* h_out = RATE ? h_step : out + row;
         for (int64_t i = 0; i < len; ++i) {
           const acc_t h = charge<acc_t>(v[i], static_cast<acc_t>(x[row + i]), p);
           const bool s = fire<acc_t>(h, p.v_threshold);
           v[i] = reset<acc_t>(h, s, p);
-          h_seq[row + i] = h;
+          h_out[i] = h;
           spikes[row + i] = static_cast<scalar_t>(s ? 1 : 0);
         }
+        if (RATE) eligibility_fn(h_step, f, e_sum, len, q);
       }
       for (int64_t i = 0; i < len; ++i) v_final[n0 + i] = v[i];
+      if (RATE) {
+        for (int64_t i = 0; i < len; ++i) out[n0 + i] = e_sum[i] / static_cast<acc_t>(T);
+      }
     }
   });
 }
@@ -158,17 +185,34 @@ acc_t read_decay(const std::optional<at::Tensor>& decay, int64_t neuron) {
 
 }  // namespace
 
-void launch_forward_cpu(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
-                        const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& h_seq) {
+template <bool RATE>
+void launch_forward_cpu_impl(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                             const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& out) {
   const int64_t T = x.size(0);
   const int64_t N = x.numel() / T;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "snnkd_lif_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    with_forward_mode(make_params<acc_t>(a, read_decay<acc_t>(decay, a.neuron)), [&](auto p) {
-      forward_kernel<scalar_t, acc_t>(x.data_ptr<scalar_t>(), v_init.data_ptr<acc_t>(), spikes.data_ptr<scalar_t>(),
-                                      v_final.data_ptr<acc_t>(), h_seq.data_ptr<acc_t>(), T, N, p);
+    const NeuronParams<acc_t> q = make_params<acc_t>(a, read_decay<acc_t>(decay, a.neuron));
+    EligibilityFn<acc_t> eligibility_fn = nullptr;
+    if (RATE) {
+      with_backward_mode(q, [&](auto bp) { eligibility_fn = &eligibility_update<acc_t, decltype(bp)>; });
+    }
+    with_forward_mode(q, [&](auto p) {
+      forward_kernel<RATE, scalar_t, acc_t>(x.data_ptr<scalar_t>(), v_init.data_ptr<acc_t>(),
+                                            spikes.data_ptr<scalar_t>(), v_final.data_ptr<acc_t>(),
+                                            out.data_ptr<acc_t>(), T, N, p, eligibility_fn, q);
     });
   });
+}
+
+void launch_forward_cpu(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                        const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& h_seq) {
+  launch_forward_cpu_impl<false>(x, v_init, decay, a, spikes, v_final, h_seq);
+}
+
+void launch_rate_forward_cpu(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                             const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& eligibility) {
+  launch_forward_cpu_impl<true>(x, v_init, decay, a, spikes, v_final, eligibility);
 }
 
 void launch_backward_cpu(const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v,
@@ -201,4 +245,5 @@ void launch_backward_cpu(const std::optional<at::Tensor>& grad_spikes, const std
 TORCH_LIBRARY_IMPL(snnkd_fast, CPU, m) {
   m.impl("lif_forward", &snnkd::lif::forward_op<snnkd::lif::launch_forward_cpu>);
   m.impl("lif_backward", &snnkd::lif::backward_op<snnkd::lif::launch_backward_cpu>);
+  m.impl("lif_rate_forward", &snnkd::lif::forward_op<snnkd::lif::launch_rate_forward_cpu, true>);
 }

@@ -33,8 +33,9 @@ const void* optional_ptr(const std::optional<at::Tensor>& t) { return t.has_valu
 
 }  // namespace
 
-void launch_forward_cuda(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
-                         const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& h_seq) {
+template <bool RATE>
+void launch_forward_cuda_impl(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                              const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = x.size(0);
   const int64_t N = x.numel() / T;
@@ -44,14 +45,25 @@ void launch_forward_cuda(const at::Tensor& x, const at::Tensor& v_init, const st
     const auto p = make_params<acc_t>(a, acc_t(0));
     const acc_t* decay_ptr = a.neuron == kPLIF ? decay->data_ptr<acc_t>() : nullptr;
     const bool vec = can_vectorize<scalar_t, acc_t>(N, {x.data_ptr(), spikes.data_ptr()},
-                                                    {v_init.data_ptr(), h_seq.data_ptr(), v_final.data_ptr()});
+                                                    {v_init.data_ptr(), out.data_ptr(), v_final.data_ptr()});
     const int64_t blocks = (N / (vec ? kVec : 1) + kThreads - 1) / kThreads;
-    auto kernel = vec ? forward_kernel<scalar_t, acc_t, kVec> : forward_kernel<scalar_t, acc_t, 1>;
+    auto kernel = vec ? forward_kernel<scalar_t, acc_t, kVec, RATE> : forward_kernel<scalar_t, acc_t, 1, RATE>;
     kernel<<<blocks, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), v_init.data_ptr<acc_t>(), decay_ptr,
                                             spikes.data_ptr<scalar_t>(), v_final.data_ptr<acc_t>(),
-                                            h_seq.data_ptr<acc_t>(), T, N, p);
+                                            out.data_ptr<acc_t>(), T, N, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+void launch_forward_cuda(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                         const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& h_seq) {
+  launch_forward_cuda_impl<false>(x, v_init, decay, a, spikes, v_final, h_seq);
+}
+
+void launch_rate_forward_cuda(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                              const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final,
+                              at::Tensor& eligibility) {
+  launch_forward_cuda_impl<true>(x, v_init, decay, a, spikes, v_final, eligibility);
 }
 
 void launch_backward_cuda(const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v,
@@ -88,4 +100,5 @@ void launch_backward_cuda(const std::optional<at::Tensor>& grad_spikes, const st
 TORCH_LIBRARY_IMPL(snnkd_fast, CUDA, m) {
   m.impl("lif_forward", &snnkd::lif::forward_op<snnkd::lif::launch_forward_cuda>);
   m.impl("lif_backward", &snnkd::lif::backward_op<snnkd::lif::launch_backward_cuda>);
+  m.impl("lif_rate_forward", &snnkd::lif::forward_op<snnkd::lif::launch_rate_forward_cuda, true>);
 }

@@ -31,11 +31,14 @@ __device__ __forceinline__ void store_pack(T* ptr, const Pack<T, VEC>& pack) {
   *reinterpret_cast<Pack<T, VEC>*>(ptr) = pack;
 }
 
-template <typename scalar_t, typename acc_t, int VEC>
+// RATE = false: writes H [T, N] for the BPTT backward into `out`. RATE = true (rate-based backward):
+// writes no H; accumulates the eligibility e = (1/T) sum_t sg[t] f[t] in registers and writes it
+// into `out` [N].
+template <typename scalar_t, typename acc_t, int VEC, bool RATE = false>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ v_init,
                    const acc_t* __restrict__ decay, scalar_t* __restrict__ spikes, acc_t* __restrict__ v_final,
-                   acc_t* __restrict__ h_seq, int64_t T, int64_t N, NeuronParams<acc_t> p) {
+                   acc_t* __restrict__ out, int64_t T, int64_t N, NeuronParams<acc_t> p) {
   const int64_t n = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * VEC;
   if (n >= N) return;
   if (p.neuron == kPLIF) {
@@ -43,6 +46,14 @@ __global__ void __launch_bounds__(kThreads)
     set_gains(p);
   }
   Pack<acc_t, VEC> v = load_pack<acc_t, VEC>(v_init + n);
+  Pack<acc_t, VEC> f, e_sum;
+  if (RATE) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      f.v[i] = p.input_gain;
+      e_sum.v[i] = acc_t(0);
+    }
+  }
 #pragma unroll 2
   for (int64_t t = 0; t < T; ++t) {
     const int64_t at = t * N + n;
@@ -56,11 +67,17 @@ __global__ void __launch_bounds__(kThreads)
       v.v[i] = reset<acc_t>(h, s, p);
       hs.v[i] = h;
       ss.v[i] = static_cast<scalar_t>(s ? 1.0f : 0.0f);
+      if (RATE) eligibility_step<acc_t>(h, f.v[i], e_sum.v[i], p);
     }
-    store_pack<acc_t, VEC>(h_seq + at, hs);
+    if (!RATE) store_pack<acc_t, VEC>(out + at, hs);
     store_pack<scalar_t, VEC>(spikes + at, ss);
   }
   store_pack<acc_t, VEC>(v_final + n, v);
+  if (RATE) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) e_sum.v[i] /= static_cast<acc_t>(T);
+    store_pack<acc_t, VEC>(out + n, e_sum);
+  }
 }
 
 // DECAY_GRAD (PLIF with a learnable w) also accumulates dL/d(decay); it needs V[t-1], recomputed

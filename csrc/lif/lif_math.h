@@ -240,6 +240,17 @@ SNNKD_HD StepGrad<acc_t> backward_step(acc_t h, acc_t grad_s, acc_t grad_v, cons
   return g;
 }
 
+// ---- rate-based backpropagation (Yu et al., NeurIPS 2024) ----------------------------------------
+// Over the forward, per neuron: e = (1/T) sum_t sg[t] f[t], where f[t] = dH[t]/dx for an input x
+// held constant over time: f[0] = input_gain, f[t+1] = input_gain + (1 - leak_rate) f[t] dV[t]/dH[t].
+// One step: adds sg[t] f[t] to e_sum and advances f. The backward then needs only e (O(N) memory).
+template <typename acc_t, typename P>
+SNNKD_HD void eligibility_step(acc_t h, acc_t& f, acc_t& e_sum, const P& p) {
+  const acc_t sg = surrogate_grad<acc_t>(h - p.v_threshold, p.surrogate, p.alpha);
+  e_sum += sg * f;
+  f = p.input_gain + (acc_t(1) - p.leak_rate) * f * reset_grad<acc_t>(h, sg, p);
+}
+
 // dH[t]/d(decay) for PLIF from the saved H[t] and the membrane V[t-1] before the charge. With
 // decay_input, H - V = decay * (X - (V - v_rest)), so the input is recovered as (H - V)/decay and
 // need not be saved: the backward keeps one [T, ...] tensor (H), as for LIF.

@@ -105,14 +105,17 @@ using BackwardLauncher = void (*)(const std::optional<at::Tensor>& grad_spikes,
 
 void launch_forward_cpu(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
                         const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& h_seq);
+void launch_rate_forward_cpu(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                             const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& eligibility);
 void launch_backward_cpu(const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v,
                          const at::Tensor& h_seq, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
                          bool decay_grad, const ScalarArgs& a, at::Tensor& grad_x, at::Tensor& grad_v_init,
                          at::Tensor& grad_decay);
 
 // snnkd_fast::lif_forward for one device:
-// (spikes [T, ...] in x's dtype, v_final [...] in the acc dtype, h_seq [T, ...] in the acc dtype).
-template <ForwardLauncher launch>
+// (spikes [T, ...] in x's dtype, v_final [...] in the acc dtype, h_seq [T, ...] in the acc dtype);
+// with RATE, snnkd_fast::lif_rate_forward: the third output is the eligibility [...] (acc dtype).
+template <ForwardLauncher launch, bool RATE = false>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, const at::Tensor& v_init,
                                                           const std::optional<at::Tensor>& decay, int64_t neuron,
                                                           double tau, bool decay_input, double v_threshold,
@@ -122,14 +125,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, c
   check_forward_args(x, v_init, decay, a);
   auto acc_options = x.options().dtype(acc_dtype(x.scalar_type()));
   at::Tensor spikes = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor h_seq = at::empty(x.sizes(), acc_options);
+  // What the backward keeps: H [T, ...] for BPTT, the eligibility [...] for the rate-based backward.
+  at::Tensor saved = at::empty(RATE ? x.sizes().slice(1) : x.sizes(), acc_options);
   at::Tensor v_final = at::empty(x.sizes().slice(1), acc_options);
   if (x.numel() == 0) {
     v_final.copy_(v_init.view(v_final.sizes()));
+    if (RATE) saved.zero_();
   } else {
-    launch(x, v_init, decay, a, spikes, v_final, h_seq);
+    launch(x, v_init, decay, a, spikes, v_final, saved);
   }
-  return {spikes, v_final, h_seq};
+  return {spikes, v_final, saved};
 }
 
 // snnkd_fast::lif_backward for one device:

@@ -10,9 +10,12 @@ namespace snnkd {
 namespace lif {
 
 #define SNNKD_INSTANTIATE(scalar_t, acc_t, VEC)                                                                \
-  template __global__ void forward_kernel<scalar_t, acc_t, VEC>(const scalar_t*, const acc_t*, const acc_t*,    \
-                                                                scalar_t*, acc_t*, acc_t*, int64_t, int64_t,    \
-                                                                NeuronParams<acc_t>);                           \
+  template __global__ void forward_kernel<scalar_t, acc_t, VEC, false>(                                         \
+      const scalar_t*, const acc_t*, const acc_t*, scalar_t*, acc_t*, acc_t*, int64_t, int64_t,                 \
+      NeuronParams<acc_t>);                                                                                     \
+  template __global__ void forward_kernel<scalar_t, acc_t, VEC, true>(                                          \
+      const scalar_t*, const acc_t*, const acc_t*, scalar_t*, acc_t*, acc_t*, int64_t, int64_t,                 \
+      NeuronParams<acc_t>);                                                                                     \
   template __global__ void backward_kernel<scalar_t, acc_t, VEC, false>(                                        \
       const scalar_t*, const acc_t*, const acc_t*, const acc_t*, const acc_t*, scalar_t*, acc_t*, acc_t*,       \
       int64_t, int64_t, NeuronParams<acc_t>);                                                                   \

@@ -29,7 +29,7 @@ import torch
 
 from .._backends import resolve_backend
 from .params import NEURON_IF, NEURON_LIF, NEURON_NAMES, NEURON_PLIF, NeuronConfig, config_from_op_args
-from .reference import compute_dtype, neuron_multistep_reference
+from .reference import compute_dtype, neuron_multistep_rate_reference, neuron_multistep_reference
 from .surrogates import resolve_surrogate
 
 Tensor = torch.Tensor
@@ -112,6 +112,52 @@ def _lif_backward_triton(grad_spikes: Optional[Tensor], grad_v: Optional[Tensor]
 
 _register("snnkd_fast::lif_forward_triton", "snnkd_fast::lif_backward_triton",
           torch.ops.snnkd_fast.lif_backward_triton)
+
+
+# Rate-based backward (backward="rate"): the forward returns the eligibility e (one step) instead of
+# H; the backward gives every timestep dL/dx[t] = (1/T) e sum_t' dL/dS[t'] (lif_multistep explains).
+def _rate_forward_fake(x, v_init, decay, *scalars):
+    acc = compute_dtype(x.dtype)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[1:], dtype=acc),
+            x.new_empty(x.shape[1:], dtype=acc))
+
+
+def _rate_setup_context(ctx, inputs, output):
+    x = inputs[0]
+    ctx.save_for_backward(output[2])  # the eligibility: O(N), nothing T-long
+    ctx.x_dtype, ctx.num_steps, ctx.num_scalars = x.dtype, x.shape[0], len(inputs) - 3
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
+
+
+def _rate_backward(ctx, grad_spikes, _grad_v, _grad_e):
+    (eligibility,) = ctx.saved_tensors
+    grad_x = None
+    if grad_spikes is not None:
+        grad_mean = grad_spikes.sum(0, dtype=eligibility.dtype) * (eligibility / ctx.num_steps)
+        grad_x = grad_mean.to(ctx.x_dtype).unsqueeze(0).expand(ctx.num_steps, *grad_mean.shape)
+    return (grad_x, None, None) + (None,) * ctx.num_scalars
+
+
+def _register_rate(forward_name: str) -> None:
+    torch.library.register_fake(forward_name)(_rate_forward_fake)
+    torch.library.register_autograd(forward_name, _rate_backward, setup_context=_rate_setup_context)
+
+
+@torch.library.custom_op("snnkd_fast::lif_rate_forward_triton", mutates_args=())
+def _lif_rate_forward_triton(x: Tensor, v_init: Tensor, decay: Optional[Tensor], neuron: int, tau: float,
+                             decay_input: bool, v_threshold: float, v_reset: float, soft_reset: bool,
+                             detach_reset: bool, surrogate: int, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    from . import triton as kernels
+
+    cfg = config_from_op_args(neuron, tau, decay_input, v_threshold, v_reset, soft_reset, detach_reset, surrogate,
+                              alpha)
+    return kernels.lif_forward(x, v_init, decay, cfg, rate=True)
+
+
+_register_rate("snnkd_fast::lif_rate_forward_triton")
+if hasattr(torch.ops.snnkd_fast, "lif_rate_forward"):
+    _register_rate("snnkd_fast::lif_rate_forward")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,24 +247,39 @@ def _make_config(op_name: str, neuron: int, tau, decay_input, v_threshold, v_res
 # dispatch
 # --------------------------------------------------------------------------------------------------
 
+BACKWARD_MODES = ("bptt", "rate")
+
+_KERNEL_OPS = {  # (backend, backward) -> op name in torch.ops.snnkd_fast
+    ("cpp", "bptt"): "lif_forward", ("cuda", "bptt"): "lif_forward", ("triton", "bptt"): "lif_forward_triton",
+    ("cpp", "rate"): "lif_rate_forward", ("cuda", "rate"): "lif_rate_forward",
+    ("triton", "rate"): "lif_rate_forward_triton",
+}
+
+
 def neuron_multistep(x_seq: Tensor, v_init, w: Optional[Tensor], cfg: NeuronConfig, backend: str,
-                     return_v: bool, op_name: str):
+                     return_v: bool, op_name: str, backward: str = "bptt"):
     """Run a validated config. ``x_seq`` is checked here; ``cfg`` must come from :func:`_make_config`."""
     _check_x_seq(x_seq, op_name)
     return_v = _check_flag(return_v, "return_v", op_name)
+    if backward not in BACKWARD_MODES:
+        raise ValueError(f"{op_name}: backward={backward!r}; choose 'bptt' or 'rate'")
     backend = resolve_backend(backend, x_seq.device, op_name)
     v0 = _initial_membrane(v_init, x_seq, cfg, op_name)
     if cfg.neuron == NEURON_PLIF:
         w = _check_w(w, x_seq, op_name)
+        if backward == "rate" and w.requires_grad:
+            raise ValueError(f"{op_name}: backward='rate' gives no gradient for PLIF's w (the rate approximation "
+                             "has no time constant to differentiate); detach w or use backward='bptt'")
     if backend == "torch":
-        spikes, v_final = neuron_multistep_reference(x_seq, v0, w, cfg)
+        run = neuron_multistep_rate_reference if backward == "rate" else neuron_multistep_reference
+        spikes, v_final = run(x_seq, v0, w, cfg)
     else:
         if backend == "triton" and x_seq.dtype == torch.float64:
             raise TypeError(f"{op_name}: backend='triton' computes in float32 and does not take float64 input; "
                             "use backend='cpp', 'cuda' or 'torch' for float64")
         acc = compute_dtype(x_seq.dtype)
         decay = torch.sigmoid(w.to(acc)).reshape(()) if cfg.neuron == NEURON_PLIF else None
-        op = torch.ops.snnkd_fast.lif_forward_triton if backend == "triton" else torch.ops.snnkd_fast.lif_forward
+        op = getattr(torch.ops.snnkd_fast, _KERNEL_OPS[backend, backward])
         spikes, v_final, _ = op(x_seq.contiguous(), v0.contiguous(), decay, *cfg.op_args())
     return (spikes, v_final) if return_v else spikes
 
@@ -226,7 +287,7 @@ def neuron_multistep(x_seq: Tensor, v_init, w: Optional[Tensor], cfg: NeuronConf
 def lif_multistep(x_seq: Tensor, v_init: Union[Tensor, float, None] = None, *, tau: float = 2.0,
                   decay_input: bool = True, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
                   detach_reset: bool = False, surrogate="sigmoid", alpha: Optional[float] = None,
-                  backend: str = "auto", return_v: bool = False):
+                  backend: str = "auto", return_v: bool = False, backward: str = "bptt"):
     """Multi-step leaky integrate-and-fire neuron (SpikingJelly 2.0 ``LIFNode``, step_mode="m").
 
     Args:
@@ -243,35 +304,44 @@ def lif_multistep(x_seq: Tensor, v_init: Union[Tensor, float, None] = None, *, t
             None for SpikingJelly's default (4.0 for sigmoid).
         backend: "auto", "torch" (reference), "cpp", "cuda", "triton".
         return_v: also return the final membrane (compute dtype: float32, float64 for float64 input).
+        backward: "bptt" (default): exact surrogate-gradient backpropagation through time; saves the
+            charged membrane, one [T, ...] tensor. "rate": rate-based backpropagation (Yu et al.,
+            NeurIPS 2024): saves only the eligibility e = (1/T) sum_t sg[t] dH[t]/dx (one step) and
+            gives every timestep dL/dx[t] = (1/T) e sum_t' dL/dS[t'] -- the gradient of the firing
+            rate w.r.t. the mean input. Exact for the rate approximation through linear layers (conv,
+            linear, average pooling, residual adds); max pooling and BatchNorm's statistics break it.
+            In this mode v_init and the returned v_final carry no gradient.
 
     Returns:
         spikes ``[T, ...]`` in ``x_seq``'s dtype, or ``(spikes, v_final)`` with ``return_v=True``.
     """
     cfg = _make_config("lif_multistep", NEURON_LIF, tau, decay_input, v_threshold, v_reset, detach_reset,
                        surrogate, alpha)
-    return neuron_multistep(x_seq, v_init, None, cfg, backend, return_v, "lif_multistep")
+    return neuron_multistep(x_seq, v_init, None, cfg, backend, return_v, "lif_multistep", backward)
 
 
 def if_multistep(x_seq: Tensor, v_init: Union[Tensor, float, None] = None, *, v_threshold: float = 1.0,
                  v_reset: Optional[float] = 0.0, detach_reset: bool = False, surrogate="sigmoid",
-                 alpha: Optional[float] = None, backend: str = "auto", return_v: bool = False):
+                 alpha: Optional[float] = None, backend: str = "auto", return_v: bool = False,
+                 backward: str = "bptt"):
     """Multi-step integrate-and-fire neuron (SpikingJelly ``IFNode``): ``H = V + X``. Arguments and
     returns as :func:`lif_multistep`."""
     cfg = _make_config("if_multistep", NEURON_IF, None, False, v_threshold, v_reset, detach_reset, surrogate, alpha)
-    return neuron_multistep(x_seq, v_init, None, cfg, backend, return_v, "if_multistep")
+    return neuron_multistep(x_seq, v_init, None, cfg, backend, return_v, "if_multistep", backward)
 
 
 def plif_multistep(x_seq: Tensor, w: Union[Tensor, float], v_init: Union[Tensor, float, None] = None, *,
                    decay_input: bool = True, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
                    detach_reset: bool = False, surrogate="sigmoid", alpha: Optional[float] = None,
-                   backend: str = "auto", return_v: bool = False):
+                   backend: str = "auto", return_v: bool = False, backward: str = "bptt"):
     """Multi-step parametric LIF neuron (SpikingJelly ``ParametricLIFNode``): the LIF charge with
     ``1/tau = sigmoid(w)``, ``w`` a learnable one-element tensor whose gradient the kernels compute
     (deterministic reduction over neurons and time). SpikingJelly initialises ``w = -log(init_tau - 1)``.
-    Other arguments and returns as :func:`lif_multistep`."""
+    Other arguments and returns as :func:`lif_multistep` (``backward="rate"`` needs a ``w`` that does
+    not require grad)."""
     cfg = _make_config("plif_multistep", NEURON_PLIF, None, decay_input, v_threshold, v_reset, detach_reset,
                        surrogate, alpha)
-    return neuron_multistep(x_seq, v_init, w, cfg, backend, return_v, "plif_multistep")
+    return neuron_multistep(x_seq, v_init, w, cfg, backend, return_v, "plif_multistep", backward)
 
 
 __all__ = ["lif_multistep", "if_multistep", "plif_multistep", "neuron_multistep", "NEURON_NAMES"]

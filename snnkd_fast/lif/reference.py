@@ -76,3 +76,58 @@ def neuron_multistep_reference(x_seq: torch.Tensor, v_init: torch.Tensor, w: Opt
             v = spike_in_reset * cfg.v_reset + (1.0 - spike_in_reset) * h
         spikes.append(spike)
     return torch.stack(spikes).to(x_seq.dtype), v
+
+
+def eligibility_reference(x_seq: torch.Tensor, v_init: torch.Tensor, w: Optional[torch.Tensor], cfg: NeuronConfig
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rate-based backpropagation's spike pass (Yu et al., NeurIPS 2024; code Tab-ct/rate-based-
+    backpropagation, model/layer.py), without autograd: ``(spikes, v_final, e)`` with the
+    eligibility ``e = (1/T) sum_t sg[t] f[t]``, where ``f[t] = dH[t]/dx`` for an input x held
+    constant over time: ``f[0] = a`` and ``f[t+1] = a + (1 - leak) f[t] dV[t]/dH[t]`` (``a`` is the
+    input's weight in H: 1/tau or sigmoid(w) with decay_input, else 1; ``leak`` is 1/tau,
+    sigmoid(w), or 0 for IF; dV/dH is the reset's surrogate derivative, as in BPTT)."""
+    with torch.no_grad():
+        acc = compute_dtype(x_seq.dtype)
+        if cfg.neuron == NEURON_IF:
+            leak = torch.zeros((), dtype=acc, device=x_seq.device)
+        elif cfg.neuron == NEURON_LIF:
+            leak = 1 / torch.tensor(cfg.tau, dtype=acc, device=x_seq.device)
+        else:
+            leak = torch.sigmoid(w.to(acc))
+        gain = leak if (cfg.decay_input and cfg.neuron != NEURON_IF) else torch.ones_like(leak)
+        spikes, v_final = neuron_multistep_reference(x_seq, v_init, w, cfg)
+        # Replay the membrane to get H[t] (the reference keeps no H): same arithmetic, so same spikes.
+        v = v_init.to(acc).expand(x_seq.shape[1:])
+        f = gain.expand(x_seq.shape[1:])
+        e_sum = torch.zeros(x_seq.shape[1:], dtype=acc, device=x_seq.device)
+        surrogate = SURROGATES[cfg.surrogate]
+        for x, spike in zip(x_seq.to(acc).unbind(0), spikes.to(acc).unbind(0)):
+            h = _charge_reference(v, x, leak, cfg)
+            sg = surrogate.derivative(h - cfg.v_threshold, cfg.alpha)
+            e_sum = e_sum + sg * f
+            if cfg.soft_reset:
+                dv_dh = torch.ones_like(h) if cfg.detach_reset else 1 - cfg.v_threshold * sg
+                v = h - spike * cfg.v_threshold
+            else:
+                dv_dh = (1 - spike) + (0 if cfg.detach_reset else (cfg.v_reset - h) * sg)
+                v = spike * cfg.v_reset + (1 - spike) * h
+            f = gain + (1 - leak) * f * dv_dh
+        return spikes, v_final, e_sum / x_seq.shape[0]
+
+
+def _charge_reference(v, x, leak, cfg: NeuronConfig):
+    if cfg.neuron == NEURON_IF:
+        return v + x
+    if cfg.neuron == NEURON_LIF:
+        tau = torch.tensor(cfg.tau, dtype=v.dtype, device=v.device)
+        return v + (x - (v - cfg.v_rest)) / tau if cfg.decay_input else v - (v - cfg.v_rest) / tau + x
+    return v + (x - (v - cfg.v_rest)) * leak if cfg.decay_input else v - (v - cfg.v_rest) * leak + x
+
+
+def neuron_multistep_rate_reference(x_seq: torch.Tensor, v_init: torch.Tensor, w: Optional[torch.Tensor],
+                                    cfg: NeuronConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spikes whose backward is rate-based: ``dL/dx[t] = (1/T) e sum_t' dL/dS[t']``, written as the
+    rate-based code's own trick ``S + (e * mean_t x) - (e * mean_t x).detach()``; v_final detached."""
+    spikes, v_final, eligibility = eligibility_reference(x_seq, v_init, w, cfg)
+    through_rate = eligibility * x_seq.to(eligibility.dtype).mean(0)
+    return spikes + (through_rate - through_rate.detach()).to(spikes.dtype), v_final

@@ -52,6 +52,21 @@ def _reset(h, spike, v_threshold, v_reset, SOFT_RESET: tl.constexpr):
 
 
 @triton.jit
+def _reset_grad(h, sg, v_threshold, v_rest, SOFT_RESET: tl.constexpr, DETACH_RESET: tl.constexpr):
+    """dV[t]/dH[t] through the reset, given the surrogate derivative sg at H[t]."""
+    if SOFT_RESET:
+        if DETACH_RESET:
+            g = tl.full(h.shape, 1.0, tl.float32)
+        else:
+            g = 1.0 - v_threshold * sg
+    else:
+        g = tl.where(h >= v_threshold, 0.0, 1.0)
+        if not DETACH_RESET:
+            g += (v_rest - h) * sg
+    return g
+
+
+@triton.jit
 def _surrogate_grad(x, alpha, KIND: tl.constexpr):
     if KIND == 0:  # sigmoid
         s = 1.0 / (1.0 + tl.exp(-alpha * x))
@@ -76,30 +91,54 @@ def _surrogate_grad(x, alpha, KIND: tl.constexpr):
 
 
 @triton.jit
-def _lif_forward_kernel(x_ptr, v_init_ptr, decay_ptr, spikes_ptr, v_final_ptr, h_ptr, T, N,
-                        tau, v_threshold, v_rest,
+def _lif_forward_kernel(x_ptr, v_init_ptr, decay_ptr, spikes_ptr, v_final_ptr, out_ptr, T, N,
+                        tau, v_threshold, v_rest, alpha,
                         NEURON: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr,
+                        DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, RATE: tl.constexpr,
                         BLOCK: tl.constexpr):
+    """RATE = False: writes H [T, N] into out_ptr for the BPTT backward. RATE = True (rate-based
+    backward): no H; the eligibility e = (1/T) sum_t sg[t] f[t] accumulates in registers and is
+    written into out_ptr [N], with f[t] = dH[t]/dx for a constant input (see csrc/lif/lif_math.h)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     v = tl.load(v_init_ptr + offs, mask=mask, other=0.0)
     decay = 0.0
     if NEURON == 2:
         decay = tl.load(decay_ptr)
+    if RATE:
+        if NEURON == 0:
+            leak = 0.0
+        elif NEURON == 1:
+            leak = 1.0 / tau
+        else:
+            leak = decay
+        if DECAY_INPUT and NEURON != 0:
+            gain = leak
+        else:
+            gain = 1.0
+        f = tl.zeros([BLOCK], tl.float32) + gain
+        e_sum = tl.zeros([BLOCK], tl.float32)
     # Pointers advance by one row per step (64-bit pointer arithmetic: T*N may exceed 2**31).
-    x_ptrs, h_ptrs, spike_ptrs = x_ptr + offs, h_ptr + offs, spikes_ptr + offs
+    x_ptrs, h_ptrs, spike_ptrs = x_ptr + offs, out_ptr + offs, spikes_ptr + offs
     for _ in range(T):
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         h = _charge(v, x, tau, decay, v_rest, NEURON, DECAY_INPUT)
         spike = h >= v_threshold
         v = _reset(h, spike, v_threshold, v_rest, SOFT_RESET)
-        tl.store(h_ptrs, h, mask=mask)
+        if RATE:
+            sg = _surrogate_grad(h - v_threshold, alpha, SURROGATE)
+            e_sum += sg * f
+            f = gain + (1.0 - leak) * f * _reset_grad(h, sg, v_threshold, v_rest, SOFT_RESET, DETACH_RESET)
+        else:
+            tl.store(h_ptrs, h, mask=mask)
         # via float32: the interpreter cannot cast a bool straight to bfloat16
         tl.store(spike_ptrs, tl.where(spike, 1.0, 0.0).to(spikes_ptr.dtype.element_ty), mask=mask)
         x_ptrs += N
         h_ptrs += N
         spike_ptrs += N
     tl.store(v_final_ptr + offs, v, mask=mask)
+    if RATE:
+        tl.store(out_ptr + offs, e_sum / T, mask=mask)
 
 
 @triton.jit
@@ -132,16 +171,7 @@ def _lif_backward_kernel(grad_s_ptr, grad_v_ptr, h_ptr, v_init_ptr, decay_ptr, g
         has_prev = tl.full([BLOCK], t, tl.int32) > 0
         h_prev = tl.load(h_ptrs - N, mask=mask & has_prev, other=0.0)
         sg = _surrogate_grad(h - v_threshold, alpha, SURROGATE)
-        if SOFT_RESET:
-            if DETACH_RESET:
-                dv_dh = tl.full([BLOCK], 1.0, tl.float32)
-            else:
-                dv_dh = 1.0 - v_threshold * sg
-        else:
-            dv_dh = tl.where(h >= v_threshold, 0.0, 1.0)
-            if not DETACH_RESET:
-                dv_dh += (v_rest - h) * sg
-        gh = gs * sg + gv * dv_dh
+        gh = gs * sg + gv * _reset_grad(h, sg, v_threshold, v_rest, SOFT_RESET, DETACH_RESET)
         if NEURON == 0:
             grad_x = gh
             gv = gh
@@ -179,25 +209,28 @@ def _launch_options(x: torch.Tensor) -> dict:
     return {} if x.device.type == "cpu" else {"enable_fp_fusion": False}
 
 
-def lif_forward(x: torch.Tensor, v_init: torch.Tensor, decay: Optional[torch.Tensor], cfg: NeuronConfig
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lif_forward(x: torch.Tensor, v_init: torch.Tensor, decay: Optional[torch.Tensor], cfg: NeuronConfig,
+                rate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward over contiguous ``x`` ``[T, ...]`` from a contiguous float32 ``v_init``.
-    Returns ``(spikes in x.dtype, v_final float32, h_seq float32)``."""
+    Returns ``(spikes in x.dtype, v_final float32, h_seq float32)``, or with ``rate=True`` the
+    eligibility (float32, one step's shape) in place of h_seq."""
     T = x.shape[0]
     N = x.numel() // T if T else 0
     spikes = torch.empty_like(x)
-    h_seq = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    out = torch.empty(x.shape[1:] if rate else x.shape, dtype=torch.float32, device=x.device)
     v_final = torch.empty(x.shape[1:], dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         v_final.copy_(v_init.view(v_final.shape))
-        return spikes, v_final, h_seq
+        if rate:
+            out.zero_()
+        return spikes, v_final, out
     grid = (triton.cdiv(N, BLOCK),)
     _lif_forward_kernel[grid](
-        x, v_init, decay if decay is not None else v_init, spikes, v_final, h_seq, T, N,
-        float(cfg.tau), float(cfg.v_threshold), float(cfg.v_rest),
-        NEURON=cfg.neuron, DECAY_INPUT=cfg.decay_input, SOFT_RESET=cfg.soft_reset, BLOCK=BLOCK,
-        **_launch_options(x))
-    return spikes, v_final, h_seq
+        x, v_init, decay if decay is not None else v_init, spikes, v_final, out, T, N,
+        float(cfg.tau), float(cfg.v_threshold), float(cfg.v_rest), float(cfg.alpha),
+        NEURON=cfg.neuron, DECAY_INPUT=cfg.decay_input, SOFT_RESET=cfg.soft_reset, DETACH_RESET=cfg.detach_reset,
+        SURROGATE=cfg.surrogate, RATE=rate, BLOCK=BLOCK, **_launch_options(x))
+    return spikes, v_final, out
 
 
 def lif_backward(grad_spikes: Optional[torch.Tensor], grad_v: Optional[torch.Tensor], h_seq: torch.Tensor,
