@@ -3,7 +3,7 @@ is tested against. Readable on purpose: whole ``[T, B, C]`` tensors are material
 does the backward (the closed-form gradients the kernels implement are checked against it in
 tests/test_kd_reference.py).
 
-Specification: /work/shared/methods.md, section "KD losses" (TSER, HTA-KL, CKDSNN/NLD). Notation per
+Specification: the project's shared/methods.md, section "KD losses" (TSER, HTA-KL, CKDSNN/NLD). Notation per
 row (one ``(t, b)`` pair): ``s = z_s / tau``, ``u = z_t / tau``, student ``q = softmax(s)``, teacher
 ``p = softmax(u)``. Every KL term carries the Hinton scaling ``tau**2``.
 
