@@ -7,11 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define SNNKD_HD __host__ __device__ __forceinline__
-#else
-#define SNNKD_HD inline
-#endif
+#include "hd.h"
 
 namespace snnkd {
 

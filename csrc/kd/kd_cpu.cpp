@@ -13,15 +13,11 @@
 #include <numeric>
 #include <vector>
 
-#include "kd_math.h"
+#include "kd_ops.h"
 
 namespace snnkd {
 namespace kd {
 namespace {
-
-struct Strides {
-  int64_t t, b, c;
-};
 
 struct LossParams {
   int loss;
@@ -179,46 +175,24 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, Strides ss, const u_t
   });
 }
 
-at::ScalarType acc_dtype(const at::Tensor& a, const at::Tensor& b) {
-  return a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// [T, B, C] student and [B, C] / [T, B, C] teacher as (pointer, strides, per-t flag).
-std::tuple<Strides, Strides, bool> layout(const at::Tensor& student, const at::Tensor& teacher) {
-  TORCH_CHECK(student.dim() == 3, "snnkd_fast::kd_rows: student must be [T, B, C]");
-  TORCH_CHECK(teacher.dim() == 2 || teacher.dim() == 3, "snnkd_fast::kd_rows: teacher must be [B, C] or [T, B, C]");
-  TORCH_CHECK(teacher.size(-1) == student.size(2) && teacher.size(-2) == student.size(1) &&
-                  (teacher.dim() == 2 || teacher.size(0) == student.size(0)),
-              "snnkd_fast::kd_rows: teacher and student shapes do not match");
-  const Strides ss{student.stride(0), student.stride(1), student.stride(2)};
-  const bool per_t = teacher.dim() == 3;
-  const Strides us{per_t ? teacher.stride(0) : 0, teacher.stride(-2), teacher.stride(-1)};
-  return {ss, us, per_t};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                                    int64_t loss, double temperature,
                                                                    double entropy_temperature, double entropy_weight,
                                                                    double head_threshold) {
-  auto [ss, us, per_t] = layout(student, teacher);
+  const RowLayout L = row_layout(student, teacher, "snnkd_fast::kd_rows_forward");
+  const Strides ss = L.s, us = L.u;
+  const bool per_t = L.teacher_per_t;
   TORCH_CHECK(loss >= kKL && loss <= kHTA, "snnkd_fast::kd_rows_forward: unknown loss id");
-  const int64_t T = student.size(0), B = student.size(1), C = student.size(2);
+  const int64_t T = L.T, B = L.B, C = L.C;
   auto acc_options = student.options().dtype(acc_dtype(student, teacher));
   at::Tensor rows = at::empty({T, B}, acc_options);
   at::Tensor stats = at::empty({T, B, kNumStats}, acc_options);
   at::Tensor keys = at::empty({loss == kHTA ? (per_t ? T : 1) : 0, B, kHtaNum}, student.options().dtype(at::kInt));
   if (rows.numel() == 0) return {rows, stats, keys};
   const LossParams lp{static_cast<int>(loss), temperature, entropy_temperature, entropy_weight, head_threshold};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "snnkd_kd_forward_cpu", [&] {
-    using s_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, teacher.scalar_type(), "snnkd_kd_forward_cpu_t", [&] {
-      using u_t = scalar_t;
-      AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "snnkd_kd_forward_cpu_acc", [&] {
-        forward_kernel<s_t, u_t, scalar_t>(student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(), us, per_t, T, B, C,
-                                           lp, rows.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>(),
-                                           keys.data_ptr<int32_t>());
-      });
-    });
+  SNNKD_KD_DISPATCH_PAIR(student, teacher, "snnkd_kd_forward_cpu", [&] {
+    forward_kernel<s_t, u_t, acc_t>(student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(), us, per_t, T, B, C, lp,
+                                    rows.data_ptr<acc_t>(), stats.data_ptr<acc_t>(), keys.data_ptr<int32_t>());
   });
   return {rows, stats, keys};
 }
@@ -228,8 +202,11 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_backward_cpu(const at::Tensor& grad_r
                                                         const at::Tensor& keys, int64_t loss, double temperature,
                                                         double entropy_temperature, double entropy_weight,
                                                         bool teacher_grad) {
-  auto [ss, us, per_t] = layout(student, teacher);
-  const int64_t T = student.size(0), B = student.size(1), C = student.size(2);
+  const RowLayout L = row_layout(student, teacher, "snnkd_fast::kd_rows_backward");
+  const Strides ss = L.s, us = L.u;
+  const bool per_t = L.teacher_per_t;
+  TORCH_CHECK(loss >= kKL && loss <= kHTA, "snnkd_fast::kd_rows_backward: unknown loss id");
+  const int64_t T = L.T, B = L.B, C = L.C;
   TORCH_CHECK(grad_rows.is_contiguous() && grad_rows.numel() == T * B && stats.is_contiguous() &&
                   stats.numel() == T * B * kNumStats && grad_rows.scalar_type() == stats.scalar_type(),
               "snnkd_fast::kd_rows_backward: grad_rows [T, B] and stats [T, B, 5] must be contiguous, one dtype");
@@ -241,17 +218,12 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_backward_cpu(const at::Tensor& grad_r
     return {grad_student, grad_teacher};
   }
   const LossParams lp{static_cast<int>(loss), temperature, entropy_temperature, entropy_weight, 0.5};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "snnkd_kd_backward_cpu", [&] {
-    using s_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, teacher.scalar_type(), "snnkd_kd_backward_cpu_t", [&] {
-      using u_t = scalar_t;
-      AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "snnkd_kd_backward_cpu_acc", [&] {
-        backward_kernel<s_t, u_t, scalar_t>(grad_rows.data_ptr<scalar_t>(), student.data_ptr<s_t>(), ss,
-                                            teacher.data_ptr<u_t>(), us, per_t, T, B, C, lp,
-                                            stats.data_ptr<scalar_t>(), grad_student.data_ptr<s_t>(),
-                                            teacher_grad ? grad_teacher.data_ptr<u_t>() : nullptr);
-      });
-    });
+  TORCH_CHECK(stats.scalar_type() == acc_dtype(student, teacher),
+              "snnkd_fast::kd_rows_backward: stats must be in the inputs' accumulation dtype");
+  SNNKD_KD_DISPATCH_PAIR(student, teacher, "snnkd_kd_backward_cpu", [&] {
+    backward_kernel<s_t, u_t, acc_t>(grad_rows.data_ptr<acc_t>(), student.data_ptr<s_t>(), ss,
+                                     teacher.data_ptr<u_t>(), us, per_t, T, B, C, lp, stats.data_ptr<acc_t>(),
+                                     grad_student.data_ptr<s_t>(), teacher_grad ? grad_teacher.data_ptr<u_t>() : nullptr);
   });
   return {grad_student, grad_teacher};
 }

@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "kd_cuda_kernels.cuh"
+#include "kd_ops.h"
 
 namespace snnkd {
 namespace kd {
@@ -23,10 +24,6 @@ namespace cuda {
 namespace {
 
 constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
-
-at::ScalarType acc_dtype(const at::Tensor& a, const at::Tensor& b) {
-  return a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 void check_same_device(const char* op, const at::Tensor& student, std::initializer_list<const at::Tensor*> others) {
   TORCH_CHECK(student.is_cuda(), op, ": student must be a CUDA tensor");
@@ -47,40 +44,6 @@ int64_t element_blocks(const char* op, int64_t elements) {
   return blocks;
 }
 
-// kd_cpu.cpp's layout(): [T, B, C] student and [B, C] / [T, B, C] teacher as (strides, per-t flag).
-std::tuple<Strides, Strides, bool> layout(const at::Tensor& student, const at::Tensor& teacher) {
-  TORCH_CHECK(student.dim() == 3, "snnkd_fast::kd_rows: student must be [T, B, C]");
-  TORCH_CHECK(teacher.dim() == 2 || teacher.dim() == 3, "snnkd_fast::kd_rows: teacher must be [B, C] or [T, B, C]");
-  TORCH_CHECK(teacher.size(-1) == student.size(2) && teacher.size(-2) == student.size(1) &&
-                  (teacher.dim() == 2 || teacher.size(0) == student.size(0)),
-              "snnkd_fast::kd_rows: teacher and student shapes do not match");
-  const Strides ss{student.stride(0), student.stride(1), student.stride(2)};
-  const bool per_t = teacher.dim() == 3;
-  const Strides us{per_t ? teacher.stride(0) : 0, teacher.stride(-2), teacher.stride(-1)};
-  return {ss, us, per_t};
-}
-
-// nld_cpu.cpp's rows_layout() (same check and message), as kd strides.
-std::tuple<Strides, Strides, bool> nld_layout(const at::Tensor& student, const at::Tensor& teacher) {
-  TORCH_CHECK(student.dim() == 3 && (teacher.dim() == 2 || teacher.dim() == 3) &&
-                  teacher.size(-1) == student.size(2) && teacher.size(-2) == student.size(1),
-              "snnkd_fast::nld_rows: student [T, B, C] and teacher [B, C] or [T, B, C] must match");
-  const Strides ss{student.stride(0), student.stride(1), student.stride(2)};
-  const bool per_t = teacher.dim() == 3;
-  const Strides us{per_t ? teacher.stride(0) : 0, teacher.stride(-2), teacher.stride(-1)};
-  return {ss, us, per_t};
-}
-
-// Student and teacher element types (float, double, c10::Half, c10::BFloat16) as s_t and u_t.
-#define SNNKD_KD_DISPATCH_PAIR(student, teacher, NAME, ...)                                           \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (student).scalar_type(), NAME, [&] {       \
-    using s_t = scalar_t;                                                                              \
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (teacher).scalar_type(), NAME, [&] {     \
-      using u_t = scalar_t;                                                                            \
-      using acc_t = acc_type_t<s_t, u_t>;                                                              \
-      __VA_ARGS__();                                                                                   \
-    });                                                                                                \
-  })
 
 // Calls f(std::integral_constant<int, LOSS>{}) for a runtime loss id.
 template <typename F>
@@ -97,9 +60,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cuda(const at::Te
                                                                     const at::Tensor& teacher, int64_t loss,
                                                                     double temperature, double entropy_temperature,
                                                                     double entropy_weight, double head_threshold) {
-  Strides ss, us;
-  bool per_t;
-  std::tie(ss, us, per_t) = layout(student, teacher);
+  const RowLayout L = row_layout(student, teacher, "snnkd_fast::kd_rows_forward");
+  const Strides ss = L.s, us = L.u;
+  const bool per_t = L.teacher_per_t;
   TORCH_CHECK(loss >= kKL && loss <= kHTA, "snnkd_fast::kd_rows_forward: unknown loss id");
   check_same_device("snnkd_fast::kd_rows_forward", student, {&teacher});
   const c10::cuda::CUDAGuard guard(student.device());
@@ -139,9 +102,9 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_backward_cuda(const at::Tensor& grad_
                                                          const at::Tensor& keys, int64_t loss, double temperature,
                                                          double entropy_temperature, double entropy_weight,
                                                          bool teacher_grad) {
-  Strides ss, us;
-  bool per_t;
-  std::tie(ss, us, per_t) = layout(student, teacher);
+  const RowLayout L = row_layout(student, teacher, "snnkd_fast::kd_rows_backward");
+  const Strides ss = L.s, us = L.u;
+  const bool per_t = L.teacher_per_t;
   const int64_t T = student.size(0), B = student.size(1), C = student.size(2);
   TORCH_CHECK(grad_rows.is_contiguous() && grad_rows.numel() == T * B && stats.is_contiguous() &&
                   stats.numel() == T * B * kNumStats && grad_rows.scalar_type() == stats.scalar_type(),
@@ -205,9 +168,9 @@ std::tuple<at::Tensor, at::Tensor> nld_rows_forward_cuda(const at::Tensor& stude
                                                          const at::Tensor& seed, double temperature,
                                                          double noise_weight, double noise_std, bool adaptive,
                                                          bool additive) {
-  Strides ss, us;
-  bool per_t;
-  std::tie(ss, us, per_t) = nld_layout(student, teacher);
+  const RowLayout L = row_layout(student, teacher, "snnkd_fast::nld_rows_forward");
+  const Strides ss = L.s, us = L.u;
+  const bool per_t = L.teacher_per_t;
   check_same_device("snnkd_fast::nld_rows_forward", student, {&teacher, &seed});
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t T = student.size(0), B = student.size(1), C = student.size(2);
@@ -233,9 +196,9 @@ std::tuple<at::Tensor, at::Tensor> nld_rows_backward_cuda(const at::Tensor& grad
                                                           const at::Tensor& stats, double temperature,
                                                           double noise_weight, double noise_std, bool adaptive,
                                                           bool additive, bool teacher_grad) {
-  Strides ss, us;
-  bool per_t;
-  std::tie(ss, us, per_t) = nld_layout(student, teacher);
+  const RowLayout L = row_layout(student, teacher, "snnkd_fast::nld_rows_backward");
+  const Strides ss = L.s, us = L.u;
+  const bool per_t = L.teacher_per_t;
   const int64_t T = student.size(0), B = student.size(1), C = student.size(2);
   TORCH_CHECK(grad_rows.is_contiguous() && stats.is_contiguous() && grad_rows.numel() == T * B &&
                   stats.numel() == T * B * kNldStats && grad_rows.scalar_type() == stats.scalar_type(),

@@ -38,10 +38,6 @@ constexpr int kNldStats = 6;   // mean, scale, lse_q, lse_r, lse_p, kl (nld_cpu.
 constexpr int kNldSums = 4;    // sum q A, sum r A, sum r A eps, sum r eps (NLD backward)
 
 // float, or double when either input is double (kd_cpu.cpp's acc_dtype).
-template <typename s_t, typename u_t>
-using acc_type_t =
-    typename std::conditional<std::is_same<s_t, double>::value || std::is_same<u_t, double>::value, double,
-                              float>::type;
 
 // x -> acc_t through float (exact for half/bfloat16; the 16-bit types convert to float only).
 template <typename acc_t, typename T>
@@ -193,9 +189,6 @@ __device__ __forceinline__ T block_all_reduce(T value, Op op, typename cub::Bloc
   return result;
 }
 
-struct Strides {
-  int64_t t, b, c;
-};
 
 // ------------------------------------------------------------------------------------------------
 // KL / TSER / HTA-KL (kd_cpu.cpp)

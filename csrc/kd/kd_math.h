@@ -10,12 +10,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define SNNKD_HD __host__ __device__ __forceinline__
-#else
-#define SNNKD_HD inline
-#endif
+#include "common/hd.h"
 
 namespace snnkd {
 namespace kd {
@@ -27,6 +24,17 @@ using std::fabs;
 using std::log;
 
 enum LossKind : int { kKL = 0, kTSER = 1, kHTA = 2 };
+
+// The accumulation type of a student/teacher element-type pair: double if either is double.
+template <typename s_t, typename u_t>
+using acc_type_t =
+    typename std::conditional<std::is_same<s_t, double>::value || std::is_same<u_t, double>::value, double,
+                              float>::type;
+
+// Element strides of a [T, B, C] tensor (t = 0 for a [B, C] teacher broadcast over time).
+struct Strides {
+  int64_t t, b, c;
+};
 enum Stat : int { kLseS = 0, kLseU = 1, kKlF = 2, kAux0 = 3, kAux1 = 4, kNumStats = 5 };
 enum HtaField : int { kKeyCross = 0, kIdxCross = 1, kIdxTop = 2, kHtaNum = 3 };
 

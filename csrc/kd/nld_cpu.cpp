@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/philox.h"
+#include "kd_ops.h"
 
 namespace snnkd {
 namespace kd {
@@ -47,29 +48,16 @@ double lse_of(int64_t C, F f) {
   return m + std::log(l);
 }
 
-struct Rows {
-  int64_t T, B, C;
-  int64_t s_st, s_sb, s_sc, u_st, u_sb, u_sc;
-};
-
-Rows rows_layout(const at::Tensor& student, const at::Tensor& teacher) {
-  TORCH_CHECK(student.dim() == 3 && (teacher.dim() == 2 || teacher.dim() == 3) &&
-                  teacher.size(-1) == student.size(2) && teacher.size(-2) == student.size(1),
-              "snnkd_fast::nld_rows: student [T, B, C] and teacher [B, C] or [T, B, C] must match");
-  return {student.size(0), student.size(1), student.size(2), student.stride(0), student.stride(1), student.stride(2),
-          teacher.dim() == 3 ? teacher.stride(0) : 0, teacher.stride(-2), teacher.stride(-1)};
-}
-
 template <typename s_t, typename u_t, typename acc_t>
-void forward_kernel(const s_t* S, const u_t* U, uint64_t seed, const Rows& L, const NldParams& P, acc_t* rows,
+void forward_kernel(const s_t* S, const u_t* U, uint64_t seed, const RowLayout& L, const NldParams& P, acc_t* rows,
                     acc_t* stats) {
   at::parallel_for(0, L.T * L.B, 1, [&](int64_t r_begin, int64_t r_end) {
     for (int64_t r = r_begin; r < r_end; ++r) {
       const int64_t t = r / L.B, b = r % L.B, C = L.C;
-      const s_t* s = S + t * L.s_st + b * L.s_sb;
-      const u_t* u = U + t * L.u_st + b * L.u_sb;
+      const s_t* s = S + t * L.s.t + b * L.s.b;
+      const u_t* u = U + t * L.u.t + b * L.u.b;
       const uint64_t base = static_cast<uint64_t>(r) * C;
-      auto z = [&](int64_t c) { return static_cast<double>(s[c * L.s_sc]); };
+      auto z = [&](int64_t c) { return static_cast<double>(s[c * L.s.c]); };
       auto eps = [&](int64_t c) { return static_cast<double>(philox_randn(seed, base + c)); };
       double mean = 0;
       for (int64_t c = 0; c < C; ++c) mean += z(c);
@@ -77,7 +65,7 @@ void forward_kernel(const s_t* S, const u_t* U, uint64_t seed, const Rows& L, co
       double m2 = 0;
       for (int64_t c = 0; c < C; ++c) m2 += (z(c) - mean) * (z(c) - mean);
       const double scale = P.adaptive ? (C > 1 ? m2 / (C - 1) : 0.0) : P.noise_std;
-      const double lse_p = lse_of(C, [&](int64_t c) { return static_cast<double>(u[c * L.u_sc]) * P.inv_tau; });
+      const double lse_p = lse_of(C, [&](int64_t c) { return static_cast<double>(u[c * L.u.c]) * P.inv_tau; });
       double lse_q, lse_r = 0;
       if (P.additive) {
         lse_q = lse_of(C, [&](int64_t c) { return (z(c) + P.noise_std * eps(c)) * P.inv_tau; });
@@ -87,7 +75,7 @@ void forward_kernel(const s_t* S, const u_t* U, uint64_t seed, const Rows& L, co
       }
       double kl = 0;
       for (int64_t c = 0; c < C; ++c) {
-        const double log_p = static_cast<double>(u[c * L.u_sc]) * P.inv_tau - lse_p;
+        const double log_p = static_cast<double>(u[c * L.u.c]) * P.inv_tau - lse_p;
         const double e = eps(c);
         const double log_ps = P.additive ? (z(c) + P.noise_std * e) * P.inv_tau - lse_q
                                          : logaddexp(P.log_w + z(c) * P.inv_tau - lse_q,
@@ -105,7 +93,7 @@ void forward_kernel(const s_t* S, const u_t* U, uint64_t seed, const Rows& L, co
 
 template <typename s_t, typename u_t, typename acc_t>
 void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_t seed, const acc_t* stats,
-                     const Rows& L, const NldParams& P, s_t* grad_s, u_t* grad_u, bool teacher_per_t) {
+                     const RowLayout& L, const NldParams& P, s_t* grad_s, u_t* grad_u, bool teacher_per_t) {
   // One sample per task, its T rows in order: a [B, C] teacher's gradient is summed over t in a
   // double buffer (deterministic).
   at::parallel_for(0, L.B, 1, [&](int64_t b_begin, int64_t b_end) {
@@ -115,13 +103,13 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
       std::fill(teacher_sum.begin(), teacher_sum.end(), 0.0);
       for (int64_t t = 0; t < L.T; ++t) {
         const int64_t r = t * L.B + b;
-        const s_t* s = S + t * L.s_st + b * L.s_sb;
-        const u_t* u = U + t * L.u_st + b * L.u_sb;
+        const s_t* s = S + t * L.s.t + b * L.s.b;
+        const u_t* u = U + t * L.u.t + b * L.u.b;
         const uint64_t base = static_cast<uint64_t>(r) * C;
         const acc_t* stat = stats + r * kNldStats;
         const double mean = stat[0], scale = stat[1], lse_q = stat[2], lse_r = stat[3], lse_p = stat[4], kl = stat[5];
         const double g_row = static_cast<double>(grad_rows[r]);
-        auto z = [&](int64_t c) { return static_cast<double>(s[c * L.s_sc]); };
+        auto z = [&](int64_t c) { return static_cast<double>(s[c * L.s.c]); };
         auto log_ps_of = [&](int64_t c, double e) {
           return P.additive ? (z(c) + P.noise_std * e) * P.inv_tau - lse_q
                             : logaddexp(P.log_w + z(c) * P.inv_tau - lse_q,
@@ -132,7 +120,7 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
           for (int64_t c = 0; c < C; ++c) {
             const double e = philox_randn(seed, base + c);
             const double log_q = z(c) * P.inv_tau - lse_q, log_r = (mean + e * scale) * P.inv_tau - lse_r;
-            const double a = std::exp(static_cast<double>(u[c * L.u_sc]) * P.inv_tau - lse_p -
+            const double a = std::exp(static_cast<double>(u[c * L.u.c]) * P.inv_tau - lse_p -
                                       logaddexp(P.log_w + log_q, P.log_1mw + log_r));
             const double q = std::exp(log_q), rr = std::exp(log_r);
             sum_qa += q * a;
@@ -145,7 +133,7 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
         const double var_coef = C > 1 ? 2.0 / (C - 1) : 0.0;
         for (int64_t c = 0; c < C; ++c) {
           const double e = philox_randn(seed, base + c);
-          const double log_p = static_cast<double>(u[c * L.u_sc]) * P.inv_tau - lse_p;
+          const double log_p = static_cast<double>(u[c * L.u.c]) * P.inv_tau - lse_p;
           const double p = std::exp(log_p);
           const double log_ps = log_ps_of(c, e);
           double g_s;
@@ -176,31 +164,20 @@ uint64_t read_seed(const at::Tensor& seed) {
   return static_cast<uint64_t>(seed.data_ptr<int64_t>()[0]);
 }
 
-at::ScalarType acc_dtype(const at::Tensor& a, const at::Tensor& b) {
-  return a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
-#define SNNKD_DISPATCH_PAIR(student, teacher, acc, NAME, ...)                                                  \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (student).scalar_type(), NAME, [&] {                \
-    using s_t = scalar_t;                                                                                       \
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (teacher).scalar_type(), NAME, [&] {              \
-      using u_t = scalar_t;                                                                                     \
-      AT_DISPATCH_FLOATING_TYPES((acc), NAME, [&] { using acc_t = scalar_t; __VA_ARGS__(); });                  \
-    });                                                                                                         \
-  })
 
 std::tuple<at::Tensor, at::Tensor> nld_rows_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                         const at::Tensor& seed, double temperature,
                                                         double noise_weight, double noise_std, bool adaptive,
                                                         bool additive) {
-  const Rows L = rows_layout(student, teacher);
+  const RowLayout L = row_layout(student, teacher, "snnkd_fast::nld_rows");
   const auto acc = acc_dtype(student, teacher);
   at::Tensor rows = at::empty({L.T, L.B}, student.options().dtype(acc));
   at::Tensor stats = at::empty({L.T, L.B, kNldStats}, student.options().dtype(acc));
   if (rows.numel() == 0) return {rows, stats};
   const NldParams P = make_params(temperature, noise_weight, noise_std, adaptive, additive);
   const uint64_t s = read_seed(seed);
-  SNNKD_DISPATCH_PAIR(student, teacher, acc, "snnkd_nld_forward_cpu", [&] {
+  SNNKD_KD_DISPATCH_PAIR(student, teacher, "snnkd_nld_forward_cpu", [&] {
     forward_kernel<s_t, u_t, acc_t>(student.data_ptr<s_t>(), teacher.data_ptr<u_t>(), s, L, P,
                                     rows.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
   });
@@ -212,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> nld_rows_backward_cpu(const at::Tensor& grad_
                                                          const at::Tensor& stats, double temperature,
                                                          double noise_weight, double noise_std, bool adaptive,
                                                          bool additive, bool teacher_grad) {
-  const Rows L = rows_layout(student, teacher);
+  const RowLayout L = row_layout(student, teacher, "snnkd_fast::nld_rows");
   TORCH_CHECK(grad_rows.is_contiguous() && stats.is_contiguous() && grad_rows.numel() == L.T * L.B &&
                   stats.numel() == L.T * L.B * kNldStats && grad_rows.scalar_type() == stats.scalar_type(),
               "snnkd_fast::nld_rows_backward: grad_rows [T, B] and stats [T, B, 6] must be contiguous, one dtype");
@@ -224,7 +201,9 @@ std::tuple<at::Tensor, at::Tensor> nld_rows_backward_cpu(const at::Tensor& grad_
   }
   const NldParams P = make_params(temperature, noise_weight, noise_std, adaptive, additive);
   const uint64_t s = read_seed(seed);
-  SNNKD_DISPATCH_PAIR(student, teacher, stats.scalar_type(), "snnkd_nld_backward_cpu", [&] {
+  TORCH_CHECK(stats.scalar_type() == acc_dtype(student, teacher),
+              "snnkd_fast::nld_rows_backward: stats must be in the inputs' accumulation dtype");
+  SNNKD_KD_DISPATCH_PAIR(student, teacher, "snnkd_nld_backward_cpu", [&] {
     backward_kernel<s_t, u_t, acc_t>(grad_rows.data_ptr<acc_t>(), student.data_ptr<s_t>(), teacher.data_ptr<u_t>(),
                                      s, stats.data_ptr<acc_t>(), L, P, grad_student.data_ptr<s_t>(),
                                      teacher_grad ? grad_teacher.data_ptr<u_t>() : nullptr, teacher.dim() == 3);

@@ -14,11 +14,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define SNNKD_HD __host__ __device__ __forceinline__
-#else
-#define SNNKD_HD inline
-#endif
+#include "common/hd.h"
 
 namespace snnkd {
 namespace lif {

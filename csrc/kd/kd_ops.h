@@ -1,0 +1,53 @@
+// Host-side helpers shared by the KD-loss launchers (kd_cpu.cpp, nld_cpu.cpp, kd_cuda.cu): the row
+// layout of student and teacher, the accumulation dtype and the student/teacher dtype dispatch.
+// Arguments are validated in Python (snnkd_fast/losses.py); the checks here keep a direct torch.ops
+// call from reading out of bounds.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <torch/types.h>
+
+#include "kd_math.h"
+
+namespace snnkd {
+namespace kd {
+
+// A [T, B, C] student and a [B, C] (broadcast over t: stride 0) or [T, B, C] teacher, read in place.
+struct RowLayout {
+  int64_t T, B, C;
+  Strides s, u;
+  bool teacher_per_t;
+};
+
+inline RowLayout row_layout(const at::Tensor& student, const at::Tensor& teacher, const char* op) {
+  TORCH_CHECK(student.dim() == 3, op, ": student must be [T, B, C]");
+  TORCH_CHECK(teacher.dim() == 2 || teacher.dim() == 3, op, ": teacher must be [B, C] or [T, B, C]");
+  TORCH_CHECK(teacher.size(-1) == student.size(2) && teacher.size(-2) == student.size(1) &&
+                  (teacher.dim() == 2 || teacher.size(0) == student.size(0)),
+              op, ": teacher and student shapes do not match");
+  TORCH_CHECK(teacher.device() == student.device(), op, ": student and teacher must be on one device");
+  const bool per_t = teacher.dim() == 3;
+  return {student.size(0), student.size(1), student.size(2),
+          Strides{student.stride(0), student.stride(1), student.stride(2)},
+          Strides{per_t ? teacher.stride(0) : 0, teacher.stride(-2), teacher.stride(-1)}, per_t};
+}
+
+// float64 if either input is float64, else float32 (half types are computed in float32).
+inline at::ScalarType acc_dtype(const at::Tensor& a, const at::Tensor& b) {
+  return a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace kd
+}  // namespace snnkd
+
+// Runs the variadic body with s_t and u_t set to the student's and teacher's element types and acc_t
+// to their accumulation type (acc_type_t).
+#define SNNKD_KD_DISPATCH_PAIR(student, teacher, NAME, ...)                                             \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (student).scalar_type(), NAME, [&] {         \
+    using s_t = scalar_t;                                                                               \
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (teacher).scalar_type(), NAME, [&] {       \
+      using u_t = scalar_t;                                                                             \
+      using acc_t = snnkd::kd::acc_type_t<s_t, u_t>;                                                    \
+      __VA_ARGS__();                                                                                    \
+    });                                                                                                 \
+  })
