@@ -5,8 +5,10 @@ every "backend not available" error quotes that reason.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +48,18 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Triton's interpreter patches triton.language and keeps the grid position in module globals for the
+# duration of a launch, so two launches from two threads corrupt each other ("Did you forget to add
+# @triton.jit ?", or wrong results). While interpreting, launches are serialized; on a GPU this is a
+# no-op.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def triton_launch_guard():
+    """Context manager around a Triton kernel launch: the interpreter lock under TRITON_INTERPRET=1."""
+    return _INTERPRETER_LOCK if triton_interpret() else contextlib.nullcontext()
 
 
 # The compiled op that carries each op family's kernels (its CPU/CUDA registrations say what is built).

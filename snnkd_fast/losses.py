@@ -80,9 +80,14 @@ def _check_pair(student, teacher, op: str, student_dims=(3,)) -> None:
                          f"{tuple(student.shape)} (need the same B and C, and the same T for a [T, B, C] teacher)")
 
 
-def _check_reduction(reduction, op: str) -> str:
+def _check_reduction(reduction, op: str, student: Tensor) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction={reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    if reduction in ("batchmean", "mean") and student.shape[-2] == 0:
+        # An average over no samples is 0/0: refuse rather than return a silent NaN.
+        raise ValueError(f"{op}: student has B=0 samples (shape {tuple(student.shape)}); reduction={reduction!r} "
+                         "averages over the batch, which is undefined for an empty batch; use reduction='sum' or "
+                         "'none'")
     return reduction
 
 
@@ -109,7 +114,7 @@ def per_timestep_kl(student_seq: Tensor, teacher: Tensor, *, temperature: float 
     op = "per_timestep_kl"
     _check_pair(student_seq, teacher, op)
     temperature = _check_positive(temperature, "temperature", op)
-    reduction = _check_reduction(reduction, op)
+    reduction = _check_reduction(reduction, op, student_seq)
     backend = _kernel_backend(student_seq, teacher, backend, op)
     if backend == "torch":
         return ref.per_timestep_kl_reference(student_seq, teacher, temperature=temperature, reduction=reduction)
@@ -124,7 +129,7 @@ def kd_kl(student: Tensor, teacher: Tensor, *, temperature: float = 4.0, reducti
     op = "kd_kl"
     _check_pair(student, teacher, op, student_dims=(2, 3))
     temperature = _check_positive(temperature, "temperature", op)
-    reduction = _check_reduction(reduction, op)
+    reduction = _check_reduction(reduction, op, student)
     backend = _kernel_backend(student, teacher, backend, op)
     if backend == "torch":
         return ref.kd_kl_reference(student, teacher, temperature=temperature, reduction=reduction)
@@ -151,7 +156,7 @@ def tser_loss(student_seq: Tensor, teacher: Tensor, *, temperature: float = 4.0,
     entropy_weight = _check_finite(entropy_weight, "entropy_weight", op)
     entropy_temperature = temperature if entropy_temperature is None else _check_positive(
         entropy_temperature, "entropy_temperature", op)
-    reduction = _check_reduction(reduction, op)
+    reduction = _check_reduction(reduction, op, student_seq)
     backend = _kernel_backend(student_seq, teacher, backend, op)
     if backend == "torch":
         return ref.tser_loss_reference(student_seq, teacher, temperature=temperature, entropy_weight=entropy_weight,
@@ -180,7 +185,7 @@ def hta_kl(student_seq: Tensor, teacher: Tensor, *, temperature: float = 4.0, he
         raise ValueError(f"{op}: head_threshold must be in (0, 1), got {head_threshold!r}")
     if time_reduction not in TIME_REDUCTIONS:
         raise ValueError(f"{op}: time_reduction={time_reduction!r}; choose one of {', '.join(TIME_REDUCTIONS)}")
-    reduction = _check_reduction(reduction, op)
+    reduction = _check_reduction(reduction, op, student_seq)
     backend = _kernel_backend(student_seq, teacher, backend, op)
     if backend == "torch":
         return ref.hta_kl_reference(student_seq, teacher, temperature=temperature, head_threshold=head_threshold,
@@ -238,9 +243,13 @@ def nld_loss(student_seq: Tensor, teacher: Tensor, *, temperature: float = 2.0, 
         raise ValueError(f"{op}: mode={mode!r}; choose one of {', '.join(NLD_MODES)}")
     if mode == "additive" and noise_std is None:
         raise ValueError(f"{op}: mode='additive' adds noise_std * eps to the logits; give a float noise_std")
-    reduction = _check_reduction(reduction, op)
+    reduction = _check_reduction(reduction, op, student_seq)
     backend = _kernel_backend(student_seq, teacher, backend, op)
     student3 = student_seq if student_seq.dim() == 3 else student_seq.unsqueeze(0)
+    if per_timestep and teacher.dim() == 3 and student3.shape[0] != teacher.shape[0]:
+        # A [B, C] student against a [T, B, C] teacher: one row per teacher timestep, as the reference
+        # broadcasts (the row kernels would otherwise read only the teacher's first timestep).
+        student3 = student3.expand(teacher.shape[0], -1, -1)
     if not per_timestep:
         student3 = _time_mean(student3).unsqueeze(0)
         teacher = _time_mean(teacher) if teacher.dim() == 3 else teacher

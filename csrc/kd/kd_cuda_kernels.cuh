@@ -519,7 +519,7 @@ __global__ void __launch_bounds__(kThreads)
                                     : logaddexp(P.log_w + z * P.inv_tau - lse_q,
                                                 P.log_1mw + (mean + e * scale) * P.inv_tau - lse_r);
     const acc_t p = exp(log_p);
-    if (p > acc_t(0)) kl += p * (log_p - log_ps);
+    if (p != acc_t(0)) kl += p * (log_p - log_ps);  // != 0: a NaN p (NaN/+inf logit) makes the row NaN
   }
   kl = block_all_reduce(kl, SumOp(), sum_temp, sum_slot);
   if (tid == 0) {
@@ -535,7 +535,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Backward, step 1 (mixture mode only), one block per row: the row sums the gradient needs,
-// sums [T, B, kNldSums] = (sum q A, sum r A, sum r A eps, sum r eps) with A = p_t / p_s.
+// sums [T, B, kNldSums] = (sum w q A, sum (1-w) r A, sum (1-w) r A eps, sum r eps) with A = p_t / p_s,
+// the weighted products formed in the log domain (each is at most p_t; q * exp(log A) would be
+// 0 * inf = NaN once q underflows).
 template <typename s_t, typename u_t>
 __global__ void __launch_bounds__(kThreads)
     nld_row_sums_kernel(const s_t* __restrict__ S, Strides ss, const u_t* __restrict__ U, Strides us, int64_t B,
@@ -559,12 +561,12 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t e = static_cast<acc_t>(philox_randn(seed, base + c));
     const acc_t log_q = to_acc<acc_t>(s[c * ss.c]) * P.inv_tau - lse_q;
     const acc_t log_r = (mean + e * scale) * P.inv_tau - lse_r;
-    const acc_t a = exp(to_acc<acc_t>(u[c * us.c]) * P.inv_tau - lse_p - logaddexp(P.log_w + log_q, P.log_1mw + log_r));
-    const acc_t q = exp(log_q), rr = exp(log_r);
-    acc.v[0] += q * a;
-    acc.v[1] += rr * a;
-    acc.v[2] += rr * a * e;
-    acc.v[3] += rr * e;
+    const acc_t log_a = to_acc<acc_t>(u[c * us.c]) * P.inv_tau - lse_p - logaddexp(P.log_w + log_q, P.log_1mw + log_r);
+    const acc_t mra = exp(P.log_1mw + log_r + log_a);
+    acc.v[0] += exp(P.log_w + log_q + log_a);
+    acc.v[1] += mra;
+    acc.v[2] += mra * e;
+    acc.v[3] += exp(log_r) * e;
   }
   acc = cub::BlockReduce<Sums, kThreads>(temp).Reduce(acc, SumNOp());
   if (threadIdx.x == 0) {
@@ -609,9 +611,9 @@ __global__ void __launch_bounds__(kThreads)
       const acc_t* sum = sums + r * kNldSums;
       const acc_t log_q = z * P.inv_tau - lse_q;
       log_ps = logaddexp(P.log_w + log_q, P.log_1mw + (mean + e * scale) * P.inv_tau - lse_r);
-      g_s = -P.w * P.tau * exp(log_q) * (exp(log_p - log_ps) - sum[0]);
+      g_s = -P.tau * (exp(P.log_w + log_q + log_p - log_ps) - exp(log_q) * sum[0]);  // -w tau q (A - sum q A)
       if (P.adaptive) {
-        const acc_t sum_g_eps = -(acc_t(1) - P.w) * P.tau * (sum[2] - sum[1] * sum[3]);
+        const acc_t sum_g_eps = -P.tau * (sum[2] - sum[1] * sum[3]);
         g_s += var_coef * sum_g_eps * (z - mean);
       }
     }

@@ -81,7 +81,7 @@ void forward_kernel(const s_t* S, const u_t* U, uint64_t seed, const RowLayout& 
                                          : logaddexp(P.log_w + z(c) * P.inv_tau - lse_q,
                                                      P.log_1mw + (mean + e * scale) * P.inv_tau - lse_r);
         const double p = std::exp(log_p);
-        if (p > 0) kl += p * (log_p - log_ps);
+        if (p != 0) kl += p * (log_p - log_ps);  // != 0, not > 0: a NaN p (NaN/+inf logit) makes the row NaN
       }
       rows[r] = static_cast<acc_t>(P.tau * P.tau * kl);
       acc_t* stat = stats + r * kNldStats;
@@ -115,21 +115,23 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
                             : logaddexp(P.log_w + z(c) * P.inv_tau - lse_q,
                                         P.log_1mw + (mean + e * scale) * P.inv_tau - lse_r);
         };
-        double sum_qa = 0, sum_ra = 0, sum_rae = 0, sum_re = 0;
+        // Products with A = p_t / p_s are formed in the log domain with their weight folded in: w q A and
+        // (1 - w) r A are at most p_t, whereas q * exp(log A) is 0 * inf = NaN once q underflows.
+        double sum_wqa = 0, sum_mra = 0, sum_mrae = 0, sum_re = 0;
         if (!P.additive) {
           for (int64_t c = 0; c < C; ++c) {
             const double e = philox_randn(seed, base + c);
             const double log_q = z(c) * P.inv_tau - lse_q, log_r = (mean + e * scale) * P.inv_tau - lse_r;
-            const double a = std::exp(static_cast<double>(u[c * L.u.c]) * P.inv_tau - lse_p -
-                                      logaddexp(P.log_w + log_q, P.log_1mw + log_r));
-            const double q = std::exp(log_q), rr = std::exp(log_r);
-            sum_qa += q * a;
-            sum_ra += rr * a;
-            sum_rae += rr * a * e;
-            sum_re += rr * e;
+            const double log_a = static_cast<double>(u[c * L.u.c]) * P.inv_tau - lse_p -
+                                 logaddexp(P.log_w + log_q, P.log_1mw + log_r);
+            const double mra = std::exp(P.log_1mw + log_r + log_a);
+            sum_wqa += std::exp(P.log_w + log_q + log_a);
+            sum_mra += mra;
+            sum_mrae += mra * e;
+            sum_re += std::exp(log_r) * e;
           }
         }
-        const double sum_g_eps = -(1.0 - P.w) * P.tau * (sum_rae - sum_ra * sum_re);
+        const double sum_g_eps = -P.tau * (sum_mrae - sum_mra * sum_re);
         const double var_coef = C > 1 ? 2.0 / (C - 1) : 0.0;
         for (int64_t c = 0; c < C; ++c) {
           const double e = philox_randn(seed, base + c);
@@ -141,7 +143,8 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
             g_s = P.tau * (std::exp(log_ps) - p);
           } else {
             const double log_q = z(c) * P.inv_tau - lse_q;
-            g_s = -P.w * P.tau * std::exp(log_q) * (std::exp(log_p - log_ps) - sum_qa);
+            // -w tau q (A - sum q A), written as -tau (w q A - q sum w q A)
+            g_s = -P.tau * (std::exp(P.log_w + log_q + log_p - log_ps) - std::exp(log_q) * sum_wqa);
             if (P.adaptive) g_s += var_coef * sum_g_eps * (z(c) - mean);
           }
           grad_s[r * C + c] = static_cast<s_t>(g_s * g_row);

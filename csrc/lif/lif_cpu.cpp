@@ -22,6 +22,10 @@ namespace {
 // partial sums, one per block, are reduced in the same order whatever the number of threads.
 constexpr int64_t kBlock = 256;
 
+// Blocks per task: at least ~64k neuron-steps, so that a small layer runs on one thread rather than
+// paying the thread pool's wake-up (measured: [4, 16, 64] fwd+bwd 0.4 ms on 1 thread, 3.6 ms on 2).
+inline int64_t grain_blocks(int64_t T) { return std::max<int64_t>(1, (int64_t(1) << 16) / (kBlock * std::max<int64_t>(T, 1))); }
+
 // Run f(StaticNeuronParams<...>) with the call's mode as compile-time constants, so that each
 // instantiation's per-neuron loop has no branch on the mode and vectorizes. The forward fixes the
 // neuron kind, decay_input and the reset kind (12 variants); the backward fixes the surrogate and
@@ -105,7 +109,7 @@ void forward_kernel(const scalar_t* x, const acc_t* v_init, scalar_t* spikes, ac
                     int64_t T, int64_t N, const P p, EligibilityFn<acc_t> eligibility_fn,
                     const NeuronParams<acc_t>& q) {
   const int64_t num_blocks = (N + kBlock - 1) / kBlock;
-  at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+  at::parallel_for(0, num_blocks, grain_blocks(T), [&](int64_t block_begin, int64_t block_end) {
     acc_t v[kBlock];
     acc_t h_step[kBlock];
     acc_t f[kBlock];
@@ -143,7 +147,7 @@ void backward_kernel(const scalar_t* grad_spikes, const acc_t* grad_v, const acc
                      scalar_t* grad_x, acc_t* grad_v_init, double* decay_partials, int64_t T, int64_t N,
                      const P p) {
   const int64_t num_blocks = (N + kBlock - 1) / kBlock;
-  at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+  at::parallel_for(0, num_blocks, grain_blocks(T), [&](int64_t block_begin, int64_t block_end) {
     acc_t gv[kBlock];
     acc_t gs[kBlock];
     acc_t decay_terms[kBlock];

@@ -105,7 +105,8 @@ def _nld_forward_kernel(s_ptr, u_ptr, seed_ptr, rows_ptr, stats_ptr, B, C, s_st,
         else:
             log_ps = _logaddexp(log_w + z * inv_tau - lse_q, log_1mw + (mean + eps * scale) * inv_tau - lse_r)
         p = tl.where(cmask, tl.exp(log_p), 0.0)
-        kl += tl.sum(tl.where(p > 0, p * (log_p - log_ps), 0.0), axis=0)
+        # p != 0 (not p > 0): a NaN p (NaN or +inf teacher logit) must make the row NaN, not drop out
+        kl += tl.sum(tl.where(p != 0, p * (log_p - log_ps), 0.0), axis=0)
     tl.store(rows_ptr + r, tau_sq * kl)
     stat = stats_ptr + r * 6
     tl.store(stat + 0, mean)
@@ -139,9 +140,12 @@ def _nld_backward_kernel(grow_ptr, s_ptr, u_ptr, seed_ptr, stats_ptr, gs_ptr, gu
         lse_r = tl.load(stat + 3)
         lse_p = tl.load(stat + 4)
         kl = tl.load(stat + 5)
-        sum_qa = 0.0
-        sum_ra = 0.0
-        sum_rae = 0.0
+        # The products with A = p_t / p_s are formed in the log domain with their weight folded in:
+        # w q A <= p_t and (1 - w) r A <= p_t cannot overflow, whereas q * exp(log A) is 0 * inf = NaN
+        # once q underflows and A overflows (float32: |logit / tau| differences of ~90).
+        sum_wqa = 0.0
+        sum_mra = 0.0
+        sum_mrae = 0.0
         sum_re = 0.0
         if not ADDITIVE:
             for c0 in range(0, C, BLOCK_C):
@@ -152,15 +156,15 @@ def _nld_backward_kernel(grow_ptr, s_ptr, u_ptr, seed_ptr, stats_ptr, gs_ptr, gu
                 eps = tl.randn(seed, noise_base + c)
                 log_q = z * inv_tau - lse_q
                 log_r = (mean + eps * scale) * inv_tau - lse_r
-                log_ps = _logaddexp(log_w + log_q, log_1mw + log_r)
-                a = tl.where(cmask, tl.exp(zt * inv_tau - lse_p - log_ps), 0.0)
-                q = tl.where(cmask, tl.exp(log_q), 0.0)
+                log_a = zt * inv_tau - lse_p - _logaddexp(log_w + log_q, log_1mw + log_r)
+                wqa = tl.where(cmask, tl.exp(log_w + log_q + log_a), 0.0)
+                mra = tl.where(cmask, tl.exp(log_1mw + log_r + log_a), 0.0)
                 rr = tl.where(cmask, tl.exp(log_r), 0.0)
-                sum_qa += tl.sum(q * a, axis=0)
-                sum_ra += tl.sum(rr * a, axis=0)
-                sum_rae += tl.sum(rr * a * eps, axis=0)
+                sum_wqa += tl.sum(wqa, axis=0)
+                sum_mra += tl.sum(mra, axis=0)
+                sum_mrae += tl.sum(mra * eps, axis=0)
                 sum_re += tl.sum(rr * eps, axis=0)
-        sum_g_eps = -(1.0 - w) * tau * (sum_rae - sum_ra * sum_re)
+        sum_g_eps = -tau * (sum_mrae - sum_mra * sum_re)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < C
@@ -175,7 +179,8 @@ def _nld_backward_kernel(grow_ptr, s_ptr, u_ptr, seed_ptr, stats_ptr, gs_ptr, gu
             else:
                 log_q = z * inv_tau - lse_q
                 log_ps = _logaddexp(log_w + log_q, log_1mw + (mean + eps * scale) * inv_tau - lse_r)
-                g_s = -w * tau * tl.exp(log_q) * (tl.exp(log_p - log_ps) - sum_qa)
+                # -w tau q (A - sum q A), as -tau (w q A - q sum w q A)
+                g_s = -tau * (tl.exp(log_w + log_q + log_p - log_ps) - tl.exp(log_q) * sum_wqa)
                 if ADAPTIVE:
                     g_s += var_coef * sum_g_eps * (z - mean)
             tl.store(gs_ptr + noise_base + c, (g_s * g_row).to(gs_ptr.dtype.element_ty), mask=cmask)

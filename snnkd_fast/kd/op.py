@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .._backends import triton_launch_guard
 from .params import HTA_NUM, NUM_STATS
 
 Tensor = torch.Tensor
@@ -65,8 +66,9 @@ def _kd_rows_forward_triton(student: Tensor, teacher: Tensor, loss: int, tempera
                             head_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
     from . import triton as kernels
 
-    return kernels.kd_rows_forward(student, teacher, loss, temperature, entropy_temperature, entropy_weight,
-                                   head_threshold)
+    with triton_launch_guard():
+        return kernels.kd_rows_forward(student, teacher, loss, temperature, entropy_temperature, entropy_weight,
+                                       head_threshold)
 
 
 @torch.library.custom_op("snnkd_fast::kd_rows_backward_triton", mutates_args=())
@@ -75,9 +77,10 @@ def _kd_rows_backward_triton(grad_rows: Tensor, student: Tensor, teacher: Tensor
                              teacher_grad: bool) -> tuple[Tensor, Tensor]:
     from . import triton as kernels
 
-    grad_student, grad_teacher = kernels.kd_rows_backward(grad_rows, student, teacher, stats, keys, loss,
-                                                          temperature, entropy_temperature, entropy_weight,
-                                                          teacher_grad)
+    with triton_launch_guard():
+        grad_student, grad_teacher = kernels.kd_rows_backward(grad_rows, student, teacher, stats, keys, loss,
+                                                              temperature, entropy_temperature, entropy_weight,
+                                                              teacher_grad)
     return grad_student, grad_teacher if grad_teacher is not None else teacher.new_empty((0,))
 
 
@@ -147,7 +150,9 @@ def _nld_rows_forward_triton(student: Tensor, teacher: Tensor, seed: Tensor, tem
                              noise_std: float, adaptive: bool, additive: bool) -> tuple[Tensor, Tensor]:
     from . import nld_triton as kernels
 
-    return kernels.nld_rows_forward(student, teacher, seed, temperature, noise_weight, noise_std, adaptive, additive)
+    with triton_launch_guard():
+        return kernels.nld_rows_forward(student, teacher, seed, temperature, noise_weight, noise_std, adaptive,
+                                        additive)
 
 
 @torch.library.custom_op("snnkd_fast::nld_rows_backward_triton", mutates_args=())
@@ -156,8 +161,10 @@ def _nld_rows_backward_triton(grad_rows: Tensor, student: Tensor, teacher: Tenso
                               additive: bool, teacher_grad: bool) -> tuple[Tensor, Tensor]:
     from . import nld_triton as kernels
 
-    grad_student, grad_teacher = kernels.nld_rows_backward(grad_rows, student, teacher, seed, stats, temperature,
-                                                           noise_weight, noise_std, adaptive, additive, teacher_grad)
+    with triton_launch_guard():
+        grad_student, grad_teacher = kernels.nld_rows_backward(grad_rows, student, teacher, seed, stats, temperature,
+                                                               noise_weight, noise_std, adaptive, additive,
+                                                               teacher_grad)
     return grad_student, grad_teacher if grad_teacher is not None else teacher.new_empty((0,))
 
 
@@ -185,5 +192,6 @@ def nld_noise(seed: Tensor, shape, backend: str) -> Tensor:
     if backend == "triton":
         from . import nld_triton as kernels
 
-        return kernels.draw_noise(seed, shape)
+        with triton_launch_guard():
+            return kernels.draw_noise(seed, shape)
     return torch.ops.snnkd_fast.nld_noise(seed, list(shape))

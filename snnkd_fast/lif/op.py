@@ -27,7 +27,7 @@ from typing import Optional, Union
 
 import torch
 
-from .._backends import resolve_backend
+from .._backends import resolve_backend, triton_launch_guard
 from .params import NEURON_IF, NEURON_LIF, NEURON_NAMES, NEURON_PLIF, NeuronConfig, config_from_op_args
 from .reference import compute_dtype, neuron_multistep_rate_reference, neuron_multistep_reference
 from .surrogates import resolve_surrogate
@@ -95,7 +95,8 @@ def _lif_forward_triton(x: Tensor, v_init: Tensor, decay: Optional[Tensor], neur
 
     cfg = config_from_op_args(neuron, tau, decay_input, v_threshold, v_reset, soft_reset, detach_reset, surrogate,
                               alpha)
-    return kernels.lif_forward(x, v_init, decay, cfg)
+    with triton_launch_guard():
+        return kernels.lif_forward(x, v_init, decay, cfg)
 
 
 @torch.library.custom_op("snnkd_fast::lif_backward_triton", mutates_args=())
@@ -107,7 +108,8 @@ def _lif_backward_triton(grad_spikes: Optional[Tensor], grad_v: Optional[Tensor]
 
     cfg = config_from_op_args(neuron, tau, decay_input, v_threshold, v_reset, soft_reset, detach_reset, surrogate,
                               alpha)
-    return kernels.lif_backward(grad_spikes, grad_v, h_seq, v_init, decay, grad_dtype, cfg, decay_grad)
+    with triton_launch_guard():
+        return kernels.lif_backward(grad_spikes, grad_v, h_seq, v_init, decay, grad_dtype, cfg, decay_grad)
 
 
 _register("snnkd_fast::lif_forward_triton", "snnkd_fast::lif_backward_triton",
@@ -152,7 +154,8 @@ def _lif_rate_forward_triton(x: Tensor, v_init: Tensor, decay: Optional[Tensor],
 
     cfg = config_from_op_args(neuron, tau, decay_input, v_threshold, v_reset, soft_reset, detach_reset, surrogate,
                               alpha)
-    return kernels.lif_forward(x, v_init, decay, cfg, rate=True)
+    with triton_launch_guard():
+        return kernels.lif_forward(x, v_init, decay, cfg, rate=True)
 
 
 _register_rate("snnkd_fast::lif_rate_forward_triton")
