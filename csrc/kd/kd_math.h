@@ -12,6 +12,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/fast_exp.h"
 #include "common/hd.h"
 
 namespace snnkd {
@@ -69,8 +70,8 @@ SNNKD_HD acc_t grad_student(int loss, acc_t z_s, acc_t z_u, const RowStats<acc_t
                             acc_t tau, acc_t inv_tau_h, acc_t entropy_weight) {
   const acc_t log_q = z_s * inv_tau - r.lse_s;
   const acc_t log_p = z_u * inv_tau - r.lse_u;
-  const acc_t q = exp(log_q);
-  const acc_t p = exp(log_p);
+  const acc_t q = fast_exp(log_q);
+  const acc_t p = fast_exp(log_p);
   acc_t g;
   if (loss == kHTA) {
     // w_head (q - p) + w_tail q (log q - log p - KL(q||p)); the weights are detached.
@@ -83,7 +84,7 @@ SNNKD_HD acc_t grad_student(int loss, acc_t z_s, acc_t z_u, const RowStats<acc_t
   if (loss == kTSER) {
     // -lambda dH/dz = (lambda / tau_H) q_H (log q_H + H)
     const acc_t log_qh = z_s * inv_tau_h - r.aux0;
-    g += entropy_weight * inv_tau_h * xmul(exp(log_qh), log_qh + r.aux1);
+    g += entropy_weight * inv_tau_h * xmul(fast_exp(log_qh), log_qh + r.aux1);
   }
   return g;
 }
@@ -93,9 +94,9 @@ template <typename acc_t>
 SNNKD_HD acc_t grad_teacher(int loss, acc_t z_s, acc_t z_u, const RowStats<acc_t>& r, acc_t inv_tau, acc_t tau) {
   const acc_t log_q = z_s * inv_tau - r.lse_s;
   const acc_t log_p = z_u * inv_tau - r.lse_u;
-  const acc_t p = exp(log_p);
+  const acc_t p = fast_exp(log_p);
   acc_t g = xmul(p, log_p - log_q - r.kl_f);  // forward KL: p (log p - log q - KL(p||q))
-  if (loss == kHTA) g = r.aux0 * g + (acc_t(1) - r.aux0) * (p - exp(log_q));  // reverse KL: p - q
+  if (loss == kHTA) g = r.aux0 * g + (acc_t(1) - r.aux0) * (p - fast_exp(log_q));  // reverse KL: p - q
   return g * tau;
 }
 

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/fast_exp.h"
 #include "common/hd.h"
 
 namespace snnkd {
@@ -139,34 +140,7 @@ SNNKD_HD acc_t reset(acc_t h, bool spike, const P& p) {
   return spike ? (p.soft_reset ? h - p.v_threshold : p.v_reset) : h;
 }
 
-// ---- exp for the surrogates ----------------------------------------------------------------------
-// The device uses CUDA's expf/exp. On the host, std::exp is an opaque libm call that stops the
-// compiler from vectorizing a loop, so float uses this branch-free Cephes-style expf instead
-// (range reduction by ln 2, degree-6 polynomial, exponent by bit arithmetic; max error ~2 ulp, the
-// same class as CUDA's expf). It only feeds surrogate derivatives (gradients), never the spikes.
-SNNKD_HD float surrogate_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
-#else
-  const float clamped = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  // n = round(x / ln2) with the 1.5 * 2^23 trick (round to nearest, no call)
-  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
-  float poly = 1.9875691500e-4f;
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  const float e_r = (poly * r) * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float result = x < -87.3f ? 0.0f : e_r * scale;
-  return x != x ? x : result;  // NaN stays NaN
-#endif
-}
-SNNKD_HD double surrogate_exp(double x) { return exp(x); }
+// ---- exp for the surrogates: fast_exp (csrc/common/fast_exp.h) vectorizes on the host -----------
 
 // ---- surrogate derivatives, d/dx of the smooth stand-in for Heaviside(x) ------------------------
 // Same formulas (and operation order) as SpikingJelly 2.0's surrogate kernels.
@@ -175,7 +149,7 @@ SNNKD_HD acc_t surrogate_grad(acc_t x, int kind, acc_t alpha) {
   const acc_t one = acc_t(1);
   switch (kind) {
     case kSigmoid: {
-      const acc_t s = one / (one + surrogate_exp(-alpha * x));
+      const acc_t s = one / (one + fast_exp(-alpha * x));
       return (one - s) * s * alpha;
     }
     case kATan: {
@@ -187,7 +161,7 @@ SNNKD_HD acc_t surrogate_grad(acc_t x, int kind, acc_t alpha) {
       return g > acc_t(0) ? g : acc_t(0);
     }
     case kPiecewiseExp:
-      return (alpha / acc_t(2)) * surrogate_exp(-alpha * fabs(x));
+      return (alpha / acc_t(2)) * fast_exp(-alpha * fabs(x));
     case kSoftSign: {
       const acc_t z = one / alpha + fabs(x);
       return one / (acc_t(2) * alpha * z * z);
@@ -199,7 +173,7 @@ SNNKD_HD acc_t surrogate_grad(acc_t x, int kind, acc_t alpha) {
     case kErf: {
       const acc_t z = alpha * x;
       // 1/sqrt(pi) spelled out: M_2_SQRTPI/2 keeps it a compile-time constant on host and device.
-      return (alpha * acc_t(M_2_SQRTPI / 2.0)) * surrogate_exp(-z * z);
+      return (alpha * acc_t(M_2_SQRTPI / 2.0)) * fast_exp(-z * z);
     }
     default:
       return acc_t(0);
