@@ -36,10 +36,12 @@ def _extensions():
     use_cuda = torch_has_cuda and CUDA_HOME is not None and (torch.cuda.is_available() or force_cuda)
 
     # -ffp-contract=off: the charge must round like torch's eager ops (see csrc/lif/lif_math.h).
+    # -fno-math-errno -fno-trapping-math: change no result (errno and FP exception flags are never
+    # read), but let the compiler if-convert and vectorize loops with sqrt and comparisons.
     # -march=native: the extension is always compiled on the machine that runs it (pip install from
     # source), so the CPU kernels' vectorized loops use its full vector width (AVX2/AVX-512);
     # SNNKD_PORTABLE_BUILD=1 targets baseline x86-64/aarch64 instead (e.g. to build a wheel).
-    cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off"]
+    cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
     if os.environ.get("SNNKD_PORTABLE_BUILD", "0") != "1":
         cxx_flags.append("-march=native")
     # OpenMP: at::parallel_for is a header template that runs sequentially unless the extension is

@@ -12,7 +12,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "common/fast_exp.h"
+#include "common/fast_math.h"
 #include "common/hd.h"
 
 namespace snnkd {

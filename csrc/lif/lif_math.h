@@ -14,7 +14,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "common/fast_exp.h"
+#include "common/fast_math.h"
 #include "common/hd.h"
 
 namespace snnkd {
@@ -140,7 +140,7 @@ SNNKD_HD acc_t reset(acc_t h, bool spike, const P& p) {
   return spike ? (p.soft_reset ? h - p.v_threshold : p.v_reset) : h;
 }
 
-// ---- exp for the surrogates: fast_exp (csrc/common/fast_exp.h) vectorizes on the host -----------
+// ---- exp for the surrogates: fast_exp (csrc/common/fast_math.h) vectorizes on the host -----------
 
 // ---- surrogate derivatives, d/dx of the smooth stand-in for Heaviside(x) ------------------------
 // Same formulas (and operation order) as SpikingJelly 2.0's surrogate kernels.

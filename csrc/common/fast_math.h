@@ -1,0 +1,111 @@
+// exp, log and cos for the kernels' inner loops. On the device: CUDA's own functions. On the host,
+// libm calls are opaque and stop the compiler from vectorizing a loop, so float uses branch-free
+// Cephes-style versions the compiler does vectorize (range reduction, short polynomial, exponent by
+// bit arithmetic; max error ~2 ulp, the class of CUDA's expf/logf/cosf). double keeps libm.
+// fast_exp: -inf -> 0, NaN stays NaN, arguments above ~88 saturate (the kernels pass x <= 0 or
+// surrogate arguments). fast_log: 0 -> -inf, x < 0 or NaN -> NaN, +inf -> +inf.
+// cos_2pi(u) = cos(2 pi u) for u in [0, 1] (the Box-Muller angle of the noise generator).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "hd.h"
+
+namespace snnkd {
+
+SNNKD_HD float fast_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  const float clamped = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  // n = round(x / ln2) with the 1.5 * 2^23 trick (round to nearest, no call; needs -ffp-contract=off)
+  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const float e_r = (poly * r) * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float result = x < -87.3f ? 0.0f : e_r * scale;
+  return x != x ? x : result;  // NaN stays NaN
+#endif
+}
+
+SNNKD_HD double fast_exp(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+SNNKD_HD float fast_log(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  // x = m * 2^e with m in [sqrt(1/2), sqrt(2)): the mantissa with the exponent of 0.5, folded
+  int32_t e = ((bits >> 23) & 0xff) - 126;
+  const int32_t mant_bits = (bits & 0x007fffff) | 0x3f000000;
+  float m;
+  std::memcpy(&m, &mant_bits, sizeof(m));
+  const bool small = m < 0.707106781186547524f;
+  e -= small ? 1 : 0;
+  m = small ? (m + m) - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float poly = 7.0376836292e-2f;
+  poly = poly * m - 1.1514610310e-1f;
+  poly = poly * m + 1.1676998740e-1f;
+  poly = poly * m - 1.2420140846e-1f;
+  poly = poly * m + 1.4249322787e-1f;
+  poly = poly * m - 1.6668057665e-1f;
+  poly = poly * m + 2.0000714765e-1f;
+  poly = poly * m - 2.4999993993e-1f;
+  poly = poly * m + 3.3333331174e-1f;
+  const float fe = static_cast<float>(e);
+  float y = poly * m * z + fe * -2.12194440e-4f - 0.5f * z;
+  y = (m + y) + fe * 0.693359375f;
+  // subnormal inputs are not reduced exactly (none reach here: the kernels log sums >= 1e-38)
+  y = x == 0.0f ? -INFINITY : y;
+  y = x < 0.0f ? NAN : y;
+  y = x == INFINITY ? INFINITY : y;
+  return x != x ? x : y;
+#endif
+}
+
+SNNKD_HD double fast_log(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::log(x);
+#else
+  return std::log(x);
+#endif
+}
+
+SNNKD_HD float cos_2pi(float u) {
+#if defined(__CUDA_ARCH__)
+  return cosf(6.283185307179586f * u);
+#else
+  // cos(2 pi u) = cos(pi/2 * q + pi/2 * f) by quadrant q = round(4u) and |f| <= 1/2: cos/sin of the
+  // small angle pi/2 * f by Cephes' minimax polynomials on [-pi/4, pi/4].
+  const float q = (u * 4.0f + 12582912.0f) - 12582912.0f;  // round to nearest (needs -ffp-contract=off)
+  const float a = (u * 4.0f - q) * 1.57079632679489662f;
+  const float a2 = a * a;
+  const float cos_a = ((2.443315711809948e-5f * a2 - 1.388731625493765e-3f) * a2 + 4.166664568298827e-2f) * a2 * a2 -
+                      0.5f * a2 + 1.0f;
+  const float sin_a = ((-1.9515295891e-4f * a2 + 8.3321608736e-3f) * a2 - 1.6666654611e-1f) * a2 * a + a;
+  const int32_t quadrant = static_cast<int32_t>(q) & 3;
+  float r = quadrant == 0 ? cos_a : (quadrant == 1 ? -sin_a : (quadrant == 2 ? -cos_a : sin_a));
+  return r;
+#endif
+}
+
+}  // namespace snnkd
