@@ -20,7 +20,7 @@ SNNKD_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 SNNKD_HD void philox4x32_10(uint64_t seed, uint64_t offset, uint32_t out[4]) {
   uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDACC__)
 #pragma unroll
 #else
 #pragma GCC unroll 10  // fully unrolled, so that a loop drawing many offsets vectorizes on the host
