@@ -1,0 +1,121 @@
+"""Markdown tables of the committed benchmark results, for the README.
+
+    python benchmarks/render_readme_table.py                  # print the tables
+    python benchmarks/render_readme_table.py --write README.md
+
+Reads the result files under ``benchmarks/results/<device>/`` (per device and op, the full grid
+where there is one, else the quick grid) and renders, per device, the forward+backward time of each
+case and backend with its speed-up over the reference and over the file's table peers (its
+``meta["table_peers"]``; SpikingJelly where a file names none) and its peak memory relative to the
+reference (and, where rows report it, the memory beyond the gradient in ``[T, B, C]`` tensors).
+``--write FILE`` replaces what lies between the markers ``<!-- perf-table:start -->`` and
+``<!-- perf-table:end -->`` in FILE.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from common import RESULTS_DIR, fmt_extra, fmt_ms, fmt_ratio, load_results
+
+START_MARKER = "<!-- perf-table:start -->"
+END_MARKER = "<!-- perf-table:end -->"
+GRID_PREFERENCE = ("full", "quick")  # the full grid wins when a device has both
+# Peers with a column when a result file does not name its own (meta "table_peers", "peer_labels").
+DEFAULT_TABLE_PEERS = ("spikingjelly",)
+PEER_LABELS = {"spikingjelly": "SpikingJelly"}
+
+
+def _grid_rank(data: dict[str, Any]) -> int:
+    grid = data["meta"].get("grid")
+    return GRID_PREFERENCE.index(grid) if grid in GRID_PREFERENCE else len(GRID_PREFERENCE)
+
+
+def select_results(results_root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Per device folder and op, the result file of the most complete grid, devices in name order."""
+    selected = []
+    for device_dir in sorted(path for path in results_root.iterdir() if path.is_dir()):
+        best: dict[str, tuple[Path, dict[str, Any]]] = {}
+        for path, data in load_results(device_dir):
+            op = data["meta"].get("op", path.stem)
+            if op not in best or _grid_rank(data) < _grid_rank(best[op][1]):
+                best[op] = (path, data)
+        selected += [best[op] for op in sorted(best)]
+    return selected
+
+
+def render_table(path: Path, data: dict[str, Any]) -> str:
+    meta = data["meta"]
+    versions = meta.get("versions", {})
+    heading = (f"**{meta['device_name']}** ({meta['device']}, {meta['threads']} threads): `{meta['op']}`, "
+               f"{meta['grid']} grid, commit `{meta['git_commit'][:10]}`, torch {versions.get('torch')}, "
+               f"`{path.parent.name}/{path.name}`")
+    peers = list(meta.get("table_peers", DEFAULT_TABLE_PEERS))
+    labels = {**PEER_LABELS, **meta.get("peer_labels", {})}
+    extra = any(row.get("extra_seq_tensors") is not None for row in data["results"])
+    header = ["case", "backend", "fwd+bwd ms", "vs reference", *(f"vs {labels.get(p, p)}" for p in peers),
+              "memory vs reference", *(["extra [T,B,C]"] if extra else [])]
+    lines = [heading, "", f"| {' | '.join(header)} |", "|---|---|" + "---:|" * (len(header) - 2)]
+    previous_case = None
+    for row in data["results"]:
+        if row["pass"] != "fwdbwd":
+            continue
+        case = row["case"] if row["case"] != previous_case else ""  # the case once per group
+        previous_case = row["case"]
+        cells = [case, row["backend"], fmt_ms(row["median_ms"]), fmt_ratio(row.get("speedup_vs_reference")),
+                 *(fmt_ratio(row.get(f"speedup_vs_{p}")) for p in peers), fmt_ratio(row.get("mem_ratio_vs_reference"))]
+        if extra:
+            cells.append(fmt_extra(row.get("extra_seq_tensors")))
+        lines.append(f"| {' | '.join(cells)} |")
+    lines += ["", f"Speed-up: the baseline's median time over this one (above 1x is faster); reference: the "
+                  f"`{meta.get('reference', 'torch')}` backend. Memory: fwd+bwd peak over the reference's."
+                  + (" Extra: fwd+bwd peak memory beyond the student gradient, in [T,B,C] float32 tensors."
+                     if extra else "")]
+    notes = [note for note in meta.get("notes", []) if note.split(":")[0] in meta.get("peers", [])]
+    lines += ["", *(f"- {note}" for note in notes)] if notes else []
+    return "\n".join(lines)
+
+
+def render(results_root: Path) -> str:
+    tables = [render_table(path, data) for path, data in select_results(results_root)]
+    if not tables:
+        return f"_No benchmark results under `{results_root}`._"
+    return "\n\n".join(tables)
+
+
+def replace_between_markers(text: str, block: str, source: str) -> str:
+    """``text`` with everything between the start and end markers replaced by ``block``."""
+    start, end = text.find(START_MARKER), text.find(END_MARKER)
+    if start < 0 or end < 0 or end < start:
+        raise ValueError(f"{source}: needs the markers {START_MARKER} and then {END_MARKER} around the "
+                         f"performance table; found start: {start >= 0}, end: {end >= 0}"
+                         + (", but in the wrong order" if 0 <= end < start else ""))
+    return f"{text[:start + len(START_MARKER)]}\n{block}\n{text[end:]}"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR,
+                        help="folder holding one folder of result files per device (default: benchmarks/results)")
+    parser.add_argument("--write", type=Path, metavar="FILE",
+                        help=f"replace the text between {START_MARKER} and {END_MARKER} in FILE instead of printing")
+    args = parser.parse_args(argv)
+
+    block = render(args.results)
+    if args.write is None:
+        print(block)
+        return 0
+    try:
+        updated = replace_between_markers(args.write.read_text(), block, str(args.write))
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    args.write.write_text(updated)
+    print(f"updated the performance table in {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The single entry point of the benchmarks: runs every benchmark, then plots the results.
+
+    python benchmarks/run.py                      # quick CPU run (the default)
+    python benchmarks/run.py --full               # full grid on the CPU
+    python benchmarks/run.py --full --device cuda
+    bash benchmarks/run_gpu.sh [--full]           # GPU machine without a registry: wheels, build, tests, this
+
+Results go to ``benchmarks/results/<device-slug>/`` (or ``--out``): per benchmark a JSON and a CSV
+file, and their plots. The script first re-executes itself once with glibc malloc settings that keep
+large freed blocks resident (``common.TIMING_MALLOC_ENV``: without them fresh outputs page-fault on
+every call, which dominates some CPU timings); ``--default-malloc`` keeps glibc's defaults. Either
+way the setting is recorded in each JSON's ``meta["malloc"]``; CPU memory is measured in
+subprocesses with their own setting.
+
+``python benchmarks/render_readme_table.py --write README.md`` then puts the committed results in
+the README.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import common
+
+# Benchmark modules of this folder, run in this order. Each has ``main(argv) -> Path`` that takes
+# ``--device cpu|cuda``, ``--quick``, ``--out DIR`` (and ``--peers`` where it measures peers, named
+# in its ``PEERS``) and returns the JSON file it wrote.
+BENCHES = ("bench_lif", "bench_losses")
+
+
+def peers_for(module, peers: str) -> str:
+    """The part of a ``--peers`` list that ``module`` measures ('none' if no name is its peer), so one
+    list can name the peers of several benchmarks."""
+    if peers.strip().lower() == "none":
+        return "none"
+    names = [name.strip().lower() for name in peers.split(",") if name.strip()]
+    known = getattr(module, "PEERS", ())
+    unknown = sorted(set(names) - {peer for bench in BENCHES for peer in getattr(importlib.import_module(bench),
+                                                                                  "PEERS", ())})
+    if unknown:
+        raise SystemExit(f"--peers: unknown peer(s) {', '.join(unknown)}")
+    return ",".join(name for name in names if name in known) or "none"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    grid = parser.add_mutually_exclusive_group()
+    grid.add_argument("--quick", action="store_true", help="small grids, a few minutes on a laptop (the default)")
+    grid.add_argument("--full", action="store_true", help="the full grids")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<device-slug>/)")
+    parser.add_argument("--peers", help="comma-separated peers to measure, of any benchmark, or 'none' (default: all)")
+    common.add_default_malloc_option(parser)
+    args = parser.parse_args(argv)
+    # Before the first benchmark: a later one's load average still holds the earlier ones' load.
+    common.mark_run_start()
+
+    bench_argv = ["--device", args.device]
+    bench_argv += [] if args.full else ["--quick"]
+    bench_argv += ["--out", str(args.out)] if args.out else []
+
+    start = time.perf_counter()
+    written = []
+    for name in BENCHES:
+        module = importlib.import_module(name)
+        argv_for = bench_argv + (["--peers", peers_for(module, args.peers)] if args.peers else [])
+        print(f"=== {name} {' '.join(argv_for)}")
+        bench_start = time.perf_counter()
+        written.append(module.main(argv_for))
+        print(f"=== {name} done in {time.perf_counter() - bench_start:.0f} s")
+
+    import plot  # after the benchmarks: matplotlib is not needed to measure
+
+    print("=== plot")
+    plot.main([str(folder) for folder in dict.fromkeys(path.parent for path in written)])
+    print(f"=== done in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    common.reexec_with_timing_malloc()
+    sys.exit(main())

@@ -1,0 +1,224 @@
+#!/usr/bin/env bash
+# One command for a machine with an NVIDIA GPU and no package registry (e.g. the device tool's
+# nvidia-h100-x1 / nvidia-h200): install the carried peer wheels, build the extension in place on
+# the machine's own CUDA build of torch, run the GPU tests, run the GPU benchmarks.
+#
+#   bash benchmarks/run_gpu.sh [--quick | --full] [--out DIR] [--skip-wheels] [--skip-build]
+#                              [--skip-tests] [--skip-bench] [-- RUN_PY_ARGS...]
+#
+# Peers: the GPU machine has torch, triton, pytest, matplotlib, hypothesis, ... but none of
+# SpikingJelly, snntorch, Liger-Kernel and loguru. Bring their wheels (cp312, manylinux x86_64) in
+# .whl/ of the checkout. On a machine with registry access, from the repository root:
+#
+#   bash ../shared/tools/gpu-wheels.sh    # pip-downloads spikingjelly==2.0.0, snntorch, liger-kernel
+#                                         # and loguru (--no-deps) into .whl/ (git-ignored)
+#
+# .whl/ is ignored by git, so the device tool carries it only when asked: run
+#   command="bash benchmarks/run_gpu.sh", carry=[".whl"]
+# Without .whl/ everything still runs; the missing peers are printed, their benchmark columns are
+# skipped with the reason, and the tests that need them are skipped.
+#
+# Steps (each one's failure is reported and the later ones are still attempted; the exit status is
+# 1 if any failed):
+#   1. gpu      nvidia-smi and torch's view of the GPU
+#   2. wheels   pip install --no-index --no-deps --target $HOME/pysite .whl/*.whl; PYTHONPATH
+#   3. build    pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST default 9.0,
+#               MAX_JOBS default 16); `setup.py build_ext --inplace` where that is impossible offline.
+#               torch is never installed or pinned: the machine's own CUDA build is used.
+#   4. tests    pytest tests -q -x -k "cuda or triton" (real Triton kernels: TRITON_INTERPRET unset)
+#   5. bench    benchmarks/run.py --device cuda --quick (default) or --full, RUN_PY_ARGS appended
+#
+# Output: results in --out DIR, else $OUT/<gpu-slug>/ when $OUT is set (the device tool copies $OUT
+# back: copy that folder to benchmarks/results/), else benchmarks/results/<gpu-slug>/. Logs
+# (run_gpu.log: everything printed; build.log; pytest.log) go to $OUT, else build/run_gpu/. Under
+# $OUT the plots are packed into <gpu-slug>/plots.tar, since the device tool brings back 8 files at
+# most (`python benchmarks/plot.py DIR` also redraws them from the JSON files).
+#
+# PYTHON (default python3) names the interpreter: the one whose torch is the machine's CUDA build.
+set -uo pipefail
+
+cd "$(dirname "$0")/.." || exit 1
+REPO=$(pwd)
+PY=${PYTHON:-python3}
+PEERS=(spikingjelly snntorch liger_kernel loguru)  # import names of the peers .whl/ should hold
+
+GRID=--quick
+RESULTS=""
+SKIP_WHEELS=0 SKIP_BUILD=0 SKIP_TESTS=0 SKIP_BENCH=0
+RUN_PY_ARGS=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --quick|--full) GRID=$1 ;;
+    --out) RESULTS=${2:?--out needs a folder}; shift ;;
+    --skip-wheels) SKIP_WHEELS=1 ;;
+    --skip-build) SKIP_BUILD=1 ;;
+    --skip-tests) SKIP_TESTS=1 ;;
+    --skip-bench) SKIP_BENCH=1 ;;
+    --) shift; RUN_PY_ARGS=("$@"); break ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) RUN_PY_ARGS+=("$1") ;;  # anything else goes to run.py (e.g. --peers none)
+  esac
+  shift
+done
+
+LOG_DIR=${OUT:-$REPO/build/run_gpu}
+mkdir -p "$LOG_DIR" || exit 1
+LOG_DIR=$(cd "$LOG_DIR" && pwd)
+
+FAILED=()
+step() {  # step NAME FUNCTION: run it, time it, record a failure, never stop the script
+  local name=$1 start=$SECONDS rc
+  shift
+  echo
+  echo "=== [$name] $(date -u +%H:%M:%S)"
+  "$@"
+  rc=$?
+  if [ "$rc" -eq 0 ]; then
+    echo "=== [$name] ok ($((SECONDS - start)) s)"
+  else
+    echo "=== [$name] FAILED (exit status $rc, $((SECONDS - start)) s)"
+    FAILED+=("$name")
+  fi
+}
+
+prepend_pythonpath() {
+  export PYTHONPATH="$1${PYTHONPATH:+:$PYTHONPATH}"
+}
+
+check_gpu() {
+  local ok=0
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || ok=1
+  else
+    echo "nvidia-smi not found: no NVIDIA driver on this machine; the CUDA build, the GPU tests and the GPU"
+    echo "benchmark will fail or be skipped (the later steps are still attempted)"
+    ok=1
+  fi
+  "$PY" -c 'import torch
+print(f"torch {torch.__version__}, CUDA build {torch.version.cuda}, GPU visible: {torch.cuda.is_available()}"
+      + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""))
+raise SystemExit(0 if torch.cuda.is_available() else 3)' || ok=1
+  return $ok
+}
+
+install_wheels() {
+  local wheels=() missing=() peer
+  shopt -s nullglob
+  wheels=(.whl/*.whl)
+  shopt -u nullglob
+  if [ ${#wheels[@]} -eq 0 ]; then
+    echo "no wheels in .whl/ (fetch them with bash ../shared/tools/gpu-wheels.sh, carry .whl)"
+  else
+    echo "installing ${#wheels[@]} wheel(s) into $HOME/pysite: ${wheels[*]##*/}"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$HOME/pysite" "${wheels[@]}" || return 1
+  fi
+  if [ ${#wheels[@]} -gt 0 ] || [ -d "$HOME/pysite" ]; then
+    prepend_pythonpath "$HOME/pysite"
+    echo "PYTHONPATH=$PYTHONPATH"
+  fi
+  for peer in "${PEERS[@]}"; do
+    "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$peer') is None)" 2>/dev/null \
+      || missing+=("$peer")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "missing peers: ${missing[*]} (their benchmark columns and tests are skipped)"
+  else
+    echo "all peers importable: ${PEERS[*]}"
+  fi
+  return 0  # a missing peer is no failure
+}
+
+build_extension() {
+  local log=$LOG_DIR/build.log
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+  echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS (output in $log)"
+  : >"$log"
+  if "$PY" -c "import setuptools, wheel" 2>/dev/null; then
+    # No index: nothing can be fetched here, and --no-deps keeps pip from touching torch.
+    if PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
+        "$PY" -m pip install --no-build-isolation --no-deps -e . >>"$log" 2>&1; then
+      report_backends
+      return
+    fi
+    echo "pip install -e . failed; its last lines:"
+    tail -n 25 "$log"
+  else
+    echo "setuptools or wheel is missing: pip install -e . is impossible offline"
+  fi
+  echo "falling back to: $PY setup.py build_ext --inplace"
+  "$PY" setup.py build_ext --inplace >>"$log" 2>&1 || { tail -n 40 "$log"; return 1; }
+  report_backends
+}
+
+report_backends() {  # which backends the build made available (the CUDA one above all)
+  "$PY" -c 'import snnkd_fast
+for name, status in snnkd_fast.backends().items():
+    state = "available" if status.available else "NOT available: " + status.reason
+    print(f"  backend {name}: {state}")
+raise SystemExit(0 if snnkd_fast.backends()["cuda"].available else 4)'
+}
+
+run_tests() {
+  local log=$LOG_DIR/pytest.log rc
+  unset TRITON_INTERPRET  # the real Triton kernels on the GPU, not the interpreter
+  echo "$PY -m pytest tests -q -x -k \"cuda or triton\" -p no:cacheprovider (output in $log)"
+  "$PY" -m pytest tests -q -x -k "cuda or triton" -p no:cacheprovider >"$log" 2>&1
+  rc=$?
+  tail -n 15 "$log"
+  return $rc
+}
+
+gpu_slug() {  # the folder name common.device_slug gives this GPU, else one from nvidia-smi's name
+  local slug name
+  slug=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks")
+import torch, common
+print(common.device_slug(torch.device("cuda")))' 2>/dev/null | tail -n 1)
+  if [ -z "$slug" ]; then
+    name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+    slug=$(printf '%s' "$name" | tr '[:upper:]' '[:lower:]' | sed 's/[^a-z0-9]\{1,\}/-/g; s/^-//; s/-$//')
+  fi
+  echo "${slug:-no-gpu}"
+}
+
+run_bench() {
+  local rc plots=() command=("$PY" benchmarks/run.py --device cuda "$GRID" --out "$RESULTS" "${RUN_PY_ARGS[@]}")
+  echo "${command[*]}"
+  "${command[@]}"
+  rc=$?
+  if [ -n "${OUT:-}" ] && [ -d "$RESULTS" ]; then  # the device tool brings back 8 files at most
+    shopt -s nullglob
+    plots=("$RESULTS"/*.png)
+    shopt -u nullglob
+    if [ ${#plots[@]} -gt 0 ]; then
+      tar -cf "$RESULTS/plots.tar" -C "$RESULTS" "${plots[@]##*/}" && rm -f "${plots[@]}" \
+        && echo "packed ${#plots[@]} plots into $RESULTS/plots.tar"
+    fi
+  fi
+  [ -d "$RESULTS" ] && ls -l "$RESULTS"
+  return $rc
+}
+
+main() {
+  echo "run_gpu.sh in $REPO: python $(command -v "$PY" || echo "'$PY' not found"), grid $GRID, logs in $LOG_DIR"
+  prepend_pythonpath "$REPO"  # snnkd_fast importable from anywhere, also after an in-place build
+  step gpu check_gpu
+  [ $SKIP_WHEELS -eq 1 ] || step wheels install_wheels
+  [ $SKIP_BUILD -eq 1 ] || step build build_extension
+  [ $SKIP_TESTS -eq 1 ] || step tests run_tests
+  if [ $SKIP_BENCH -eq 0 ]; then
+    if [ -z "$RESULTS" ]; then
+      local slug
+      slug=$(gpu_slug)
+      RESULTS=${OUT:+$OUT/$slug}
+      RESULTS=${RESULTS:-$REPO/benchmarks/results/$slug}
+    fi
+    step bench run_bench
+  fi
+  echo
+  echo "=== total $SECONDS s; $(if [ ${#FAILED[@]} -eq 0 ]; then echo "every step ok"; \
+    else echo "FAILED: ${FAILED[*]}"; fi)"
+  [ ${#FAILED[@]} -eq 0 ]
+}
+
+main 2>&1 | tee "$LOG_DIR/run_gpu.log"
+exit "${PIPESTATUS[0]}"
