@@ -167,28 +167,36 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
         }
         const acc_t sum_g_eps = -P.tau * (sum_mrae - sum_mra * sum_re);
         s_t* gs = grad_s + r * C;
-        acc_t* sum = teacher_sum.data();
-        u_t* gu = grad_u && teacher_per_t ? grad_u + r * C : nullptr;
+        // log p_s in the work buffer x (x is not needed after this), then the student's and the
+        // teacher's gradients in separate loops: no store under a condition, so each vectorizes.
+        acc_t* log_ps = row.x.data();
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
+          const acc_t log_q = x[c] - lse_q;
           const acc_t log_p = zt[c] * P.inv_tau - lse_p;
-          const acc_t p = fast_exp(log_p);
-          acc_t log_ps, g_s;
-          if (P.additive) {
-            log_ps = x[c] - lse_q;
-            g_s = P.tau * (fast_exp(log_ps) - p);
-          } else {
-            const acc_t log_q = x[c] - lse_q;
-            log_ps = logaddexp(P.log_w + log_q, P.log_1mw + n[c] - lse_r);
-            // -w tau q (A - sum q A), written as -tau (w q A - q sum w q A)
-            g_s = -P.tau * (fast_exp(P.log_w + log_q + log_p - log_ps) - fast_exp(log_q) * sum_wqa);
-            g_s += P.adaptive ? var_coef * sum_g_eps * (z[c] - mean) : acc_t(0);
-          }
+          const acc_t mixture = logaddexp(P.log_w + log_q, P.log_1mw + n[c] - lse_r);
+          // additive: tau (q' - p); mixture: -w tau q (A - sum q A) = -tau (w q A - q sum w q A)
+          const acc_t g_s = P.additive ? P.tau * (fast_exp(log_q) - fast_exp(log_p))
+                                       : -P.tau * (fast_exp(P.log_w + log_q + log_p - mixture) - fast_exp(log_q) * sum_wqa) +
+                                             (P.adaptive ? var_coef * sum_g_eps * (z[c] - mean) : acc_t(0));
+          log_ps[c] = P.additive ? log_q : mixture;
           gs[c] = static_cast<s_t>(g_s * g_row);
-          if (grad_u) {
-            const acc_t g_u = p > acc_t(0) ? P.tau * g_row * p * (log_p - log_ps - kl) : acc_t(0);
-            if (gu) gu[c] = static_cast<u_t>(g_u);
-            else sum[c] += g_u;
+        }
+        if (grad_u) {
+          // d/dz_t = tau p (log p - log p_s - KL): into the [T, B, C] output, or summed over t
+          auto teacher_grad = [&](int64_t c) {
+            const acc_t log_p = zt[c] * P.inv_tau - lse_p;
+            const acc_t p = fast_exp(log_p);
+            return p > acc_t(0) ? P.tau * g_row * p * (log_p - log_ps[c] - kl) : acc_t(0);
+          };
+          if (teacher_per_t) {
+            u_t* gu = grad_u + r * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) gu[c] = static_cast<u_t>(teacher_grad(c));
+          } else {
+            acc_t* sum = teacher_sum.data();
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) sum[c] += teacher_grad(c);
           }
         }
       }
@@ -256,6 +264,7 @@ at::Tensor nld_noise_cpu(const at::Tensor& seed, at::IntArrayRef shape) {
   const uint64_t s = read_seed(seed);
   float* data = out.data_ptr<float>();
   at::parallel_for(0, out.numel(), 4096, [&](int64_t begin, int64_t end) {
+#pragma omp simd
     for (int64_t i = begin; i < end; ++i) data[i] = philox_randn(s, static_cast<uint64_t>(i));
   });
   return out;
