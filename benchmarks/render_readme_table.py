@@ -9,7 +9,9 @@ case and backend with its speed-up over the reference and over the file's table 
 ``meta["table_peers"]``; SpikingJelly where a file names none) and its peak memory relative to the
 reference (and, where rows report it, the memory beyond the gradient in ``[T, B, C]`` tensors).
 ``--write FILE`` replaces what lies between the markers ``<!-- perf-table:start -->`` and
-``<!-- perf-table:end -->`` in FILE.
+``<!-- perf-table:end -->`` in FILE, and, where FILE has ``<!-- example-table:start -->`` and
+``<!-- example-table:end -->``, the accuracy table of the distillation example's committed results
+(``distill_<dataset>.json``, written by ``python -m snnkd_fast.examples.distill``).
 """
 from __future__ import annotations
 
@@ -18,10 +20,13 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import json
+
 from common import RESULTS_DIR, fmt_extra, fmt_ms, fmt_ratio, load_results
 
 START_MARKER = "<!-- perf-table:start -->"
 END_MARKER = "<!-- perf-table:end -->"
+EXAMPLE_MARKERS = ("<!-- example-table:start -->", "<!-- example-table:end -->")
 GRID_PREFERENCE = ("full", "quick")  # the full grid wins when a device has both
 # Peers with a column when a result file does not name its own (meta "table_peers", "peer_labels").
 DEFAULT_TABLE_PEERS = ("spikingjelly",)
@@ -85,14 +90,35 @@ def render(results_root: Path) -> str:
     return "\n\n".join(tables)
 
 
-def replace_between_markers(text: str, block: str, source: str) -> str:
+def render_examples(results_root: Path) -> Optional[str]:
+    """The distillation example's accuracy tables (one per committed ``distill_*.json``), or None."""
+    tables = []
+    for path in sorted(results_root.glob("*/distill_*.json")):
+        data = json.loads(path.read_text())
+        meta, cfg = data["meta"], data["meta"]["config"]
+        lines = [f"**{path.parent.name}**, `{meta['command']}` (commit `{(meta.get('git_commit') or '?')[:10]}`, "
+                 f"{len(cfg['seeds'])} seeds, {cfg['epochs']} epochs, T={cfg['T']}, {meta['total_seconds']:.0f} s "
+                 f"in all, `{path.parent.name}/{path.name}`): teacher (ANN) {100 * data['teacher_accuracy']:.2f}%",
+                 "", "| method | test accuracy % (mean +- std) | vs no KD | s/epoch | peak MB |",
+                 "|---|---:|---:|---:|---:|"]
+        for row in data["summary"]:
+            delta = "" if row["method"] == "none" or row["delta_vs_none"] is None else f"{100 * row['delta_vs_none']:+.2f}"
+            mem = "-" if row["peak_memory_mb"] is None else f"{row['peak_memory_mb']:.1f}"
+            lines.append(f"| {row['method']} | {100 * row['accuracy_mean']:.2f} +- {100 * row['accuracy_std']:.2f} | "
+                         f"{delta} | {row['seconds_per_epoch']:.3f} | {mem} |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables) if tables else None
+
+
+def replace_between_markers(text: str, block: str, source: str, markers=(START_MARKER, END_MARKER)) -> str:
     """``text`` with everything between the start and end markers replaced by ``block``."""
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
+    start_marker, end_marker = markers
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < 0 or end < start:
-        raise ValueError(f"{source}: needs the markers {START_MARKER} and then {END_MARKER} around the "
-                         f"performance table; found start: {start >= 0}, end: {end >= 0}"
+        raise ValueError(f"{source}: needs the markers {start_marker} and then {end_marker} around the "
+                         f"table; found start: {start >= 0}, end: {end >= 0}"
                          + (", but in the wrong order" if 0 <= end < start else ""))
-    return f"{text[:start + len(START_MARKER)]}\n{block}\n{text[end:]}"
+    return f"{text[:start + len(start_marker)]}\n{block}\n{text[end:]}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -109,6 +135,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     try:
         updated = replace_between_markers(args.write.read_text(), block, str(args.write))
+        examples = render_examples(args.results)
+        if examples is not None and EXAMPLE_MARKERS[0] in updated:
+            updated = replace_between_markers(updated, examples, str(args.write), EXAMPLE_MARKERS)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

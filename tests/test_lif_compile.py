@@ -72,3 +72,33 @@ def test_compile_fullgraph_matches_eager(backend, compile_backend):
     out_compiled.sum().backward()
     for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled_model.parameters()):
         assert_grad_close(p_compiled.grad, p_eager.grad, torch.float32, name)
+
+
+def test_compile_model_and_kd_loss_without_graph_breaks():
+    """A SpikingJelly-style conv SNN with our neurons and a fused KD loss against a teacher compiles
+    into exactly one graph (a counting backend sees one frame, no graph break) and matches eager."""
+    if not snnkd_fast.backends()["cpp"] or not snnkd_fast.backends("kd")["cpp"]:
+        pytest.skip("needs the cpp backends")
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from snnkd_fast.losses import per_timestep_kl
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyConvSNN("cpp")
+    teacher_logits = torch.randn(3, 10)
+
+    def step(x):
+        return per_timestep_kl(model(x) * 3, teacher_logits, temperature=2.0)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    x = torch.randn(4, 3, 2, 4, 4) * 2
+    eager_loss = step(x)
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    compiled_loss = compiled(x)
+    compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+    assert counter.frame_count == 1
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for g_c, g_e in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-6)

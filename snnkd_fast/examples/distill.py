@@ -16,11 +16,12 @@ encoding), the same seeds and the same number of epochs, each method trains a fr
   nld              + nld_loss (CKDSNN's noise-smoothed logits, tau = 2)
   samd             + SAMD on the last stage's activation maps (CKDSNN, tau = 2)
   blockwise        hybrid block-wise replacement (every hybrid M_k, rate-based backward)
-  stars            data-free: the student never sees a training image; it learns from batches
-                   synthesised against the teacher (BN matching, RCA, TAR) with kd_kl
+  stars            data-free: the student never sees a training image; it learns with kd_kl from a
+                   pool of batches synthesised against the teacher (BN matching, CE to the target
+                   class, RCA with the current student, TAR), a few new batches every epoch
 
 Every KD method's objective is ``CE + kd_weight * KD`` except stars (KD only: no labels of real
-images) and blockwise (its own CE + KD composition). kd_weight defaults to 0.1: the KD terms carry
+images); blockwise uses kd_weight for its hybrid and student KD terms. kd_weight defaults to 0.1: the KD terms carry
 Hinton's tau^2 (16 at tau = 4), and at weight 1 they swamp CE in this short schedule (measured:
 Hinton KD then ends ~14 points below plain training on digits; the same with the reference backend). Reported per method: test
 accuracy mean +- std over the seeds, the difference to "none", training seconds per epoch, and the
@@ -181,15 +182,17 @@ class Config:
     data_dir: Optional[str] = None
     methods: tuple = METHODS
     seeds: tuple = (0, 1, 2)
-    epochs: int = 8
+    epochs: int = 20
     teacher_epochs: int = 15
     batch_size: int = 64
     lr: float = 3e-3
     T: int = 4
     width: int = 8
     kd_weight: float = 0.1       # CE + kd_weight * KD; the KD terms carry the Hinton tau^2 factor
-    stars_batches: int = 6       # synthetic batches per epoch
-    stars_steps: int = 20        # optimisation steps per synthetic batch
+    stars_batches: int = 4       # synthetic batches added to the pool per epoch
+    stars_steps: int = 30        # optimisation steps per synthetic batch
+    stars_pool: int = 64         # synthetic batches kept (oldest dropped first)
+    stars_train_batches: int = 16  # student steps per epoch, on batches drawn from the pool
     train_subset: Optional[int] = None
     backend: str = "auto"
     device: str = "cpu"
@@ -312,6 +315,7 @@ def train_student(method: str, seed: int, teacher: Teacher, data: Data, cfg: Con
     if method == "blockwise":
         distiller = HybridDistiller(list(student.blocks), list(teacher.blocks), teacher.head,
                                     student_head=student.head, T=cfg.T, neuron_backward="rate",
+                                    hybrid_weights=cfg.kd_weight, student_kd_weight=cfg.kd_weight,
                                     backend=cfg.backend).to(device)
         distiller.initialize(x[:cfg.batch_size])
         params = distiller.student_parameters()
@@ -325,9 +329,11 @@ def train_student(method: str, seed: int, teacher: Teacher, data: Data, cfg: Con
         objective = _kd_objective(method, cfg)
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
 
-    def step(idx: torch.Tensor) -> None:
-        if synthesizer is not None:  # data-free: idx only counts steps, the batch is synthesised
-            x_syn, _ = synthesizer.synthesize(student)
+    pool: list[torch.Tensor] = []  # STARS: synthetic batches, a memory bank as in DeepInversion/Fast-DFKD
+
+    def step(idx) -> None:
+        if synthesizer is not None:  # data-free: idx is a batch of the synthetic pool
+            x_syn = pool[idx]
             loss = losses.kd_kl(student(x_syn), teacher(x_syn), temperature=4.0, backend=cfg.backend)
         elif distiller is not None:
             loss = distiller.loss(x[idx], y[idx])
@@ -343,7 +349,12 @@ def train_student(method: str, seed: int, teacher: Teacher, data: Data, cfg: Con
 
     def epoch_batches():
         if synthesizer is not None:
-            return [None] * cfg.stars_batches
+            # new batches synthesised against the teacher (and the current student, for RCA), the
+            # oldest dropped past the pool's size, then student steps on batches drawn from it
+            for _ in range(cfg.stars_batches):
+                pool.append(synthesizer.synthesize(student)[0])
+            del pool[:max(0, len(pool) - cfg.stars_pool)]
+            return torch.randint(0, len(pool), (cfg.stars_train_batches,), generator=gen).tolist()
         return list(_batches(len(y), cfg.batch_size, gen))
 
     epoch_seconds = []
@@ -361,7 +372,7 @@ def train_student(method: str, seed: int, teacher: Teacher, data: Data, cfg: Con
     # Memory of training, measured apart from the timing (the measurement slows allocation): one
     # more step on a full batch, after the run so that one-time allocations are behind us.
     with _PeakMemory(device) as memory:
-        step(torch.arange(min(cfg.batch_size, len(y)), device=device))
+        step(0 if synthesizer is not None else torch.arange(min(cfg.batch_size, len(y)), device=device))
     return {"method": method, "seed": seed, "accuracy": accuracy, "seconds_per_epoch": float(np.mean(epoch_seconds)),
             "peak_memory_bytes": memory.peak}
 
@@ -425,12 +436,15 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def _git_commit() -> Optional[str]:
+    """HEAD of the checkout this file lives in, "-dirty" when tracked files differ from it."""
+    root = str(Path(__file__).resolve().parents[2])
     try:
-        root = Path(__file__).resolve().parents[2]
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "diff", "--quiet", "HEAD", "--"], capture_output=True).returncode
     except (OSError, subprocess.CalledProcessError):
         return None
+    return head + ("-dirty" if dirty else "")
 
 
 def parse_args(argv: Optional[list[str]]) -> Config:
@@ -438,7 +452,7 @@ def parse_args(argv: Optional[list[str]]) -> Config:
     parser.add_argument("--data-dir", help="folder with the CIFAR-10 python batches (default: scikit-learn digits)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
-    parser.add_argument("--epochs", type=int, default=None, help="student epochs (default 8; 1 with --smoke)")
+    parser.add_argument("--epochs", type=int, default=None, help="student epochs (default 20; 1 with --smoke)")
     parser.add_argument("--kd-weight", type=float, default=0.1, help="weight of the KD term next to CE (0.1)")
     parser.add_argument("--teacher-epochs", type=int, default=None)
     parser.add_argument("--T", type=int, default=4, help="timesteps")
@@ -463,7 +477,7 @@ def parse_args(argv: Optional[list[str]]) -> Config:
         cfg.width = 32
     if args.smoke:
         cfg.epochs, cfg.teacher_epochs, cfg.seeds, cfg.train_subset = 1, 2, (0,), 256
-        cfg.stars_batches, cfg.stars_steps = 1, 3
+        cfg.stars_batches, cfg.stars_steps, cfg.stars_train_batches = 1, 3, 2
     if args.epochs is not None:
         cfg.epochs = args.epochs
     if args.teacher_epochs is not None:
