@@ -41,9 +41,11 @@ def _extensions():
     # -march=native: the extension is always compiled on the machine that runs it (pip install from
     # source), so the CPU kernels' vectorized loops use its full vector width (AVX2/AVX-512);
     # SNNKD_PORTABLE_BUILD=1 targets baseline x86-64/aarch64 instead (e.g. to build a wheel).
+    # -mprefer-vector-width=512: GCC defaults to 256-bit vectors even on AVX-512 CPUs; the exp-bound
+    # loss loops and the neuron loops measured ~20% faster with 512 (no effect without AVX-512).
     cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
     if os.environ.get("SNNKD_PORTABLE_BUILD", "0") != "1":
-        cxx_flags.append("-march=native")
+        cxx_flags += ["-march=native", "-mprefer-vector-width=512"]
     # OpenMP: at::parallel_for is a header template that runs sequentially unless the extension is
     # compiled with -fopenmp. The libgomp.so.1 torch already loaded is then the one used, so
     # torch.set_num_threads governs our kernels too.

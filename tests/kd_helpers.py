@@ -36,6 +36,8 @@ CASES = [
     LossCase("kd_kl", L.kd_kl, {"temperature": 3.0}),
     LossCase("per_timestep_kl", L.per_timestep_kl, {"temperature": 2.0}),
     LossCase("tser", L.tser_loss, {"temperature": 2.0, "entropy_weight": 0.3, "entropy_temperature": 1.5}),
+    # the default entropy temperature (= temperature): the kernels reuse the KL's softmax for the entropy
+    LossCase("tser_shared_softmax", L.tser_loss, {"temperature": 2.0, "entropy_weight": 0.3}),
     LossCase("hta", L.hta_kl, {"temperature": 2.0, "head_threshold": 0.6}),
     LossCase("hta_mean_logits", L.hta_kl, {"temperature": 2.0, "time_reduction": "mean_logits"}),
     LossCase("nld", L.nld_loss, {"temperature": 2.0, "seed": 7, "per_timestep": False}, nld=True,

@@ -145,6 +145,20 @@ def test_extreme_and_masked_logits(kd_target, case):
     assert torch.isfinite(run.loss).all() and (run.grad_student[..., 5] == 0).all()
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.nld], ids=[c.name for c in CASES if c.nld])
+@pytest.mark.parametrize("scale", [30.0, 1e3])
+def test_nld_extreme_logits_match_reference(kd_target, case, scale):
+    """Student logits hundreds of units apart: the mixture p_s = w q + (1 - w) r underflows on classes
+    the teacher still gives mass to, where the kernels fall back to the log domain for that row (the
+    CPU kernel forms p_s linearly otherwise). scale=30 mixes rows of both kinds."""
+    backend, device = kd_target
+    student = logits((2, 3, 24), scale=scale, device=device)
+    student[:, 0] = logits((2, 24), seed=4, device=device)  # sample 0: ordinary logits
+    teacher = logits((3, 24), scale=1.0, seed=1, device=device)
+    run = compare(case, student, teacher, backend, torch.float32, tol=(2e-4, 1e-4))
+    assert torch.isfinite(run.loss).all() and torch.isfinite(run.grad_student).all()
+
+
 def test_hta_tie_rule_matches_reference(kd_target):
     """Equal teacher logits: the head takes the lower class index first, as the reference does."""
     backend, device = kd_target

@@ -1,8 +1,9 @@
 // CPU kernels of the fused KD losses (per-timestep KL, TSER, HTA-KL). Parallel over samples b: a
-// sample's teacher row is converted once into a per-thread buffer (with its log-sum-exp and, for
-// HTA, its head mask), then each of its T student rows takes two vectorized passes (max; sums) and
-// writes only per-row results: the loss [T, B] and the statistics [T, B, 5] the backward needs.
-// The backward sums a [B, C] teacher's gradient over t in a per-thread buffer of one row.
+// sample's teacher row is turned once into per-thread buffers of its log-probabilities and
+// probabilities (and, for HTA, its head mask), which all T of its student rows then reuse; each student
+// row takes two vectorized passes (max; sums, one exp per element) and writes only per-row results:
+// the loss [T, B] and the statistics [T, B, 5] the backward needs. The backward takes one pass per
+// student row (one exp per element) and sums a [B, C] teacher's gradient over t in a per-thread row.
 // Arithmetic is in the accumulation type (float, or double for double inputs); the loops are
 // `omp simd` reductions (lane-wise partial sums) and use fast_exp, so they vectorize.
 #include <ATen/Dispatch.h>
@@ -11,11 +12,13 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <functional>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
-#include "kd_ops.h"
+#include "kd_cpu_rows.h"
 
 namespace snnkd {
 namespace kd {
@@ -34,128 +37,81 @@ void with_loss(int64_t loss, F&& f) {
   }
 }
 
-// One sample's working rows: the teacher's logits and head mask, the student's logits.
-template <typename acc_t>
-struct RowBuffers {
-  std::vector<acc_t> z_u, z_s;
-  std::vector<uint8_t> head;
-  std::vector<int64_t> order;
-  explicit RowBuffers(int64_t C) : z_u(C), z_s(C), head(C) {}
-};
-
-template <typename T_in, typename acc_t>
-void load_row(const T_in* src, int64_t stride, int64_t C, acc_t* dst) {
-  if (stride == 1) {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<acc_t>(src[c]);
-  } else {
-    for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<acc_t>(src[c * stride]);
-  }
-}
-
-template <typename acc_t>
-acc_t log_sum_exp(const acc_t* z, int64_t C, acc_t scale) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < C; ++c) m = std::max(m, z[c] * scale);
-  acc_t l = 0;
-#pragma omp simd reduction(+ : l)
-  for (int64_t c = 0; c < C; ++c) l += fast_exp(z[c] * scale - m);
-  return m + std::log(l);
-}
-
-// HTA head of one teacher row (logits z_u, log-sum-exp lse_u at 1/tau = inv_tau): classes ordered by
-// (logit descending, index ascending); the head is the prefix whose inclusive cumulative probability
-// stays below the threshold, plus the top-1 class. Only as much of the order as needed is sorted
-// (partial sorts of growing length: a confident teacher's head is a few classes). Writes the mask
-// and (key_cross, idx_cross, idx_top); idx_cross = C and key_cross = INT32_MIN when the whole mass
-// stays below the threshold (every class is head).
-template <typename acc_t>
-void hta_head(const acc_t* z_u, int64_t C, acc_t inv_tau, acc_t lse_u, double head_threshold,
-              std::vector<int64_t>& order, uint8_t* head, int32_t* keys) {
-  order.resize(C);
-  std::iota(order.begin(), order.end(), 0);
-  auto before = [&](int64_t a, int64_t b) { return z_u[a] > z_u[b] || (z_u[a] == z_u[b] && a < b); };
-  int64_t cross = C;
-  for (int64_t k = std::min<int64_t>(C, 64);; k = std::min<int64_t>(C, 8 * k)) {
-    std::partial_sort(order.begin(), order.begin() + k, order.end(), before);
-    double cumulative = 0.0;
-    for (int64_t i = 0; i < k && cross == C; ++i) {
-      cumulative += static_cast<double>(fast_exp(z_u[order[i]] * inv_tau - lse_u));
-      if (cumulative >= head_threshold) cross = i;
-    }
-    if (cross < C || k == C) break;
-  }
-  std::fill(head, head + C, cross == C ? uint8_t(1) : uint8_t(0));
-  for (int64_t i = 0; i < cross && i < C; ++i) head[order[i]] = 1;
-  head[order[0]] = 1;
-  keys[kIdxTop] = static_cast<int32_t>(order[0]);
-  keys[kIdxCross] = static_cast<int32_t>(cross == C ? C : order[cross]);
-  keys[kKeyCross] = cross == C ? std::numeric_limits<int32_t>::min() : float_key(static_cast<float>(z_u[order[cross]]));
-}
-
 template <int LOSS, typename s_t, typename u_t, typename acc_t>
 void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool teacher_per_t, int64_t T, int64_t B,
                     int64_t C, const LossParams& lp, acc_t* rows, acc_t* stats, int32_t* hta_keys) {
   const acc_t inv_tau = acc_t(1.0 / lp.temperature), inv_tau_h = acc_t(1.0 / lp.entropy_temperature);
   const acc_t tau_sq = acc_t(lp.temperature * lp.temperature), entropy_weight = acc_t(lp.entropy_weight);
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  // TSER at its default entropy temperature tau_H = tau: the entropy reuses the KL's softmax
+  const bool entropy_shares_softmax = lp.entropy_temperature == lp.temperature;
   at::parallel_for(0, B, 1, [&](int64_t b_begin, int64_t b_end) {
-    RowBuffers<acc_t> buf(C);
-    acc_t* z_u = buf.z_u.data();
-    acc_t* z_s = buf.z_s.data();
-    const uint8_t* head = buf.head.data();
+    TeacherRow<acc_t> teacher(C, LOSS == kHTA);
+    std::vector<acc_t> s_buf(C), e_buf(LOSS == kHTA ? C : 0);
+    const acc_t* u = teacher.u.data();
+    const acc_t* p = teacher.p.data();
+    acc_t* e_s_row = e_buf.data();
     for (int64_t b = b_begin; b < b_end; ++b) {
-      acc_t lse_u = 0;
       for (int64_t t = 0; t < T; ++t) {
         const int64_t tt = teacher_per_t ? t : 0;
-        if (t == 0 || teacher_per_t) {  // the teacher's row: converted, normalised and masked once
-          load_row(U + tt * us.t + b * us.b, us.c, C, z_u);
-          lse_u = log_sum_exp(z_u, C, inv_tau);
+        if (t == 0 || teacher_per_t) {
+          teacher.load(U + tt * us.t + b * us.b, us.c, C, inv_tau, LOSS == kHTA);
           if (LOSS == kHTA) {
-            hta_head(z_u, C, inv_tau, lse_u, lp.head_threshold, buf.order, buf.head.data(),
-                     hta_keys + (tt * B + b) * kHtaNum);
+            teacher.select_head(C, lp.head_threshold, hta_keys + (tt * B + b) * kHtaNum);
           }
         }
-        load_row(S + t * ss.t + b * ss.b, ss.c, C, z_s);
-        acc_t m_s = neg_inf, m_h = neg_inf;
-#pragma omp simd reduction(max : m_s, m_h)
+        const acc_t* z = row_as_acc(S + t * ss.t + b * ss.b, ss.c, C, s_buf.data());
+        const acc_t z_max = row_max(z, C);
+        const acc_t m_s = z_max * inv_tau;
+        // l_s = sum e^{s - m}; kl_sum = sum p (u - s), KL(p||q) = kl_sum + lse_s - lse_u (the
+        // multiplicands stay small: sum p (log p - s) would scale p's rounding by |log p|); a zero
+        // probability adds nothing (xlogy)
+        acc_t l_s = 0, kl_sum = 0, rev_sum = 0, l_h = 0, qh_s = 0;
+#pragma omp simd reduction(+ : l_s, kl_sum, rev_sum, qh_s)
         for (int64_t c = 0; c < C; ++c) {
-          m_s = std::max(m_s, z_s[c] * inv_tau);
-          m_h = std::max(m_h, z_s[c] * inv_tau_h);
-        }
-        // sum p (u - s) with p already normalised; a zero probability adds nothing (xlogy)
-        acc_t l_s = 0, pu_diff = 0, qs_diff = 0, l_h = 0, qh_s = 0;
-#pragma omp simd reduction(+ : l_s, pu_diff, qs_diff, l_h, qh_s)
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t s = z_s[c] * inv_tau, u = z_u[c] * inv_tau;
+          const acc_t s = z[c] * inv_tau;
           const acc_t e_s = fast_exp(s - m_s);
-          const acc_t p = fast_exp(u - lse_u);
           l_s += e_s;
-          pu_diff += xmul(p, u - s);
-          if (LOSS == kHTA) qs_diff += xmul(e_s, s - u);
-          if (LOSS == kTSER) {
-            const acc_t s_h = z_s[c] * inv_tau_h;
-            const acc_t e_h = fast_exp(s_h - m_h);
-            l_h += e_h;
-            qh_s += xmul(e_h, s_h);
+          kl_sum += xmul(p[c], u[c] - s);
+          if (LOSS == kHTA) {
+            rev_sum += xmul(e_s, s - u[c]);
+            e_s_row[c] = e_s;
           }
+          if (LOSS == kTSER) qh_s += xmul(e_s, s);
         }
         const acc_t lse_s = m_s + std::log(l_s);
-        const acc_t kl_f = pu_diff - lse_u + lse_s;
+        // lse_s - lse_u as (m_s - max_u) + log(l_s / sum_u): when q ~ p (a small KL) the two
+        // log-sum-exps nearly cancel, and the log of their ratio keeps the digits they would lose
+        const acc_t lse_gap = (m_s - teacher.max_u) + std::log(l_s / teacher.sum_u);
+        const acc_t kl_f = kl_sum + lse_gap;
         acc_t loss = tau_sq * kl_f, aux0 = 0, aux1 = 0;
         if (LOSS == kTSER) {
-          const acc_t lse_h = m_h + std::log(l_h);
+          acc_t lse_h = lse_s;
+          if (entropy_shares_softmax) {
+            l_h = l_s;
+          } else {
+            const acc_t m_h = z_max * inv_tau_h;
+            qh_s = 0;
+#pragma omp simd reduction(+ : l_h, qh_s)
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t s_h = z[c] * inv_tau_h;
+              const acc_t e_h = fast_exp(s_h - m_h);
+              l_h += e_h;
+              qh_s += xmul(e_h, s_h);
+            }
+            lse_h = m_h + std::log(l_h);
+          }
           const acc_t entropy = lse_h - qh_s / l_h;
           loss -= entropy_weight * entropy;
           aux0 = lse_h;
           aux1 = entropy;
         } else if (LOSS == kHTA) {
-          const acc_t kl_r = qs_diff / l_s - lse_s + lse_u;
+          const acc_t kl_r = rev_sum / l_s - lse_gap;
+          const acc_t inv_l_s = acc_t(1) / l_s;
+          const uint8_t* head = teacher.head.data();
           acc_t gap_head = 0, gap_all = 0;
 #pragma omp simd reduction(+ : gap_head, gap_all)
           for (int64_t c = 0; c < C; ++c) {
-            const acc_t gap = std::fabs(fast_exp(z_u[c] * inv_tau - lse_u) - fast_exp(z_s[c] * inv_tau - lse_s));
+            const acc_t gap = std::fabs(p[c] - e_s_row[c] * inv_l_s);
             gap_all += gap;
             gap_head += head[c] ? gap : acc_t(0);
           }
@@ -168,7 +124,7 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
         rows[row] = loss;
         acc_t* stat = stats + row * kNumStats;
         stat[kLseS] = lse_s;
-        stat[kLseU] = lse_u;
+        stat[kLseU] = teacher.lse_u;
         stat[kKlF] = kl_f;
         stat[kAux0] = aux0;
         stat[kAux1] = aux1;
@@ -183,11 +139,13 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, Strides ss, const u_t
                      u_t* grad_u) {
   const acc_t inv_tau = acc_t(1.0 / lp.temperature), tau = acc_t(lp.temperature);
   const acc_t inv_tau_h = acc_t(1.0 / lp.entropy_temperature), entropy_weight = acc_t(lp.entropy_weight);
+  const bool entropy_shares_softmax = lp.entropy_temperature == lp.temperature;
   at::parallel_for(0, B, 1, [&](int64_t b_begin, int64_t b_end) {
-    RowBuffers<acc_t> buf(C);
-    acc_t* z_u = buf.z_u.data();
-    acc_t* z_s = buf.z_s.data();
+    TeacherRow<acc_t> teacher(C, false);
+    std::vector<acc_t> s_buf(C);
     std::vector<acc_t> teacher_sum(grad_u && !teacher_per_t ? C : 0);
+    const acc_t* log_p = teacher.log_p.data();
+    const acc_t* p = teacher.p.data();
     for (int64_t b = b_begin; b < b_end; ++b) {
       std::fill(teacher_sum.begin(), teacher_sum.end(), acc_t(0));
       for (int64_t t = 0; t < T; ++t) {
@@ -195,22 +153,43 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, Strides ss, const u_t
         const acc_t* stat = stats + row * kNumStats;
         const RowStats<acc_t> r{stat[kLseS], stat[kLseU], stat[kKlF], stat[kAux0], stat[kAux1]};
         const acc_t g_row = grad_rows[row];
-        if (t == 0 || teacher_per_t) load_row(U + (teacher_per_t ? t : 0) * us.t + b * us.b, us.c, C, z_u);
-        load_row(S + t * ss.t + b * ss.b, ss.c, C, z_s);
+        // the teacher's log-probabilities are recomputed (one pass per teacher row, not per t)
+        if (t == 0 || teacher_per_t) teacher.load(U + (teacher_per_t ? t : 0) * us.t + b * us.b, us.c, C, inv_tau, false);
+        const acc_t* z = row_as_acc(S + t * ss.t + b * ss.b, ss.c, C, s_buf.data());
         s_t* gs = grad_s + row * C;
+        if (LOSS == kTSER && !entropy_shares_softmax) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          gs[c] = static_cast<s_t>(g_row * grad_student<acc_t>(LOSS, z_s[c], z_u[c], r, inv_tau, tau, inv_tau_h,
-                                                               entropy_weight));
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t log_q = z[c] * inv_tau - r.lse_s, log_qh = z[c] * inv_tau_h - r.aux0;
+            const acc_t g = grad_student_kl<acc_t>(LOSS, log_q, fast_exp(log_q), log_p[c], p[c], r, tau) +
+                            grad_student_entropy<acc_t>(log_qh, fast_exp(log_qh), r, inv_tau_h, entropy_weight);
+            gs[c] = static_cast<s_t>(g_row * g);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t log_q = z[c] * inv_tau - r.lse_s;
+            const acc_t q = fast_exp(log_q);
+            acc_t g = grad_student_kl<acc_t>(LOSS, log_q, q, log_p[c], p[c], r, tau);
+            if (LOSS == kTSER) g += grad_student_entropy<acc_t>(log_q, q, r, inv_tau_h, entropy_weight);
+            gs[c] = static_cast<s_t>(g_row * g);
+          }
         }
-        if (grad_u && teacher_per_t) {
-          u_t* gu = grad_u + row * C;
+        if (grad_u) {
+          auto teacher_grad = [&](int64_t c) {
+            const acc_t log_q = z[c] * inv_tau - r.lse_s;
+            return g_row * grad_teacher_kl<acc_t>(LOSS, log_q, LOSS == kHTA ? fast_exp(log_q) : acc_t(0), log_p[c],
+                                                  p[c], r, tau);
+          };
+          if (teacher_per_t) {
+            u_t* gu = grad_u + row * C;
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) gu[c] = static_cast<u_t>(g_row * grad_teacher<acc_t>(LOSS, z_s[c], z_u[c], r, inv_tau, tau));
-        } else if (grad_u) {
-          acc_t* sum = teacher_sum.data();
+            for (int64_t c = 0; c < C; ++c) gu[c] = static_cast<u_t>(teacher_grad(c));
+          } else {
+            acc_t* sum = teacher_sum.data();
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) sum[c] += g_row * grad_teacher<acc_t>(LOSS, z_s[c], z_u[c], r, inv_tau, tau);
+            for (int64_t c = 0; c < C; ++c) sum[c] += teacher_grad(c);
+          }
         }
       }
       if (grad_u && !teacher_per_t) {

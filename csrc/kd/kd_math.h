@@ -52,10 +52,11 @@ SNNKD_HD bool hta_is_head(int32_t key, int64_t c, int32_t key_cross, int32_t idx
   return key > key_cross || (key == key_cross && c < idx_cross) || c == idx_top;
 }
 
-// x * y with x = 0 giving 0 whatever y is (xlogy semantics: 0 * -inf = 0).
+// x * y with x = 0 giving 0 whatever y is (xlogy semantics: 0 * -inf = 0); a NaN x stays NaN, so a
+// NaN/+inf logit poisons its row.
 template <typename acc_t>
 SNNKD_HD acc_t xmul(acc_t x, acc_t y) {
-  return x > acc_t(0) ? x * y : acc_t(0);
+  return x != acc_t(0) ? x * y : acc_t(0);
 }
 
 // Row-level scalars the per-element gradients need (from the saved statistics).
@@ -64,14 +65,11 @@ struct RowStats {
   acc_t lse_s, lse_u, kl_f, aux0, aux1;
 };
 
-// d l / d z_s for one element. tau: temperature; inv_tau_h, entropy_weight: TSER's entropy term.
+// d l / d z_s of the KL part for one element, from the student's and teacher's log-probabilities
+// and probabilities (kernels that cache the teacher's row pass them in; grad_student derives them).
 template <typename acc_t>
-SNNKD_HD acc_t grad_student(int loss, acc_t z_s, acc_t z_u, const RowStats<acc_t>& r, acc_t inv_tau,
-                            acc_t tau, acc_t inv_tau_h, acc_t entropy_weight) {
-  const acc_t log_q = z_s * inv_tau - r.lse_s;
-  const acc_t log_p = z_u * inv_tau - r.lse_u;
-  const acc_t q = fast_exp(log_q);
-  const acc_t p = fast_exp(log_p);
+SNNKD_HD acc_t grad_student_kl(int loss, acc_t log_q, acc_t q, acc_t log_p, acc_t p, const RowStats<acc_t>& r,
+                               acc_t tau) {
   acc_t g;
   if (loss == kHTA) {
     // w_head (q - p) + w_tail q (log q - log p - KL(q||p)); the weights are detached.
@@ -80,24 +78,47 @@ SNNKD_HD acc_t grad_student(int loss, acc_t z_s, acc_t z_u, const RowStats<acc_t
   } else {
     g = q - p;
   }
-  g *= tau;
+  return g * tau;
+}
+
+// TSER's entropy term of d l / d z_s: -lambda dH/dz = (lambda / tau_H) q_H (log q_H + H), from the
+// log-probability and probability at the entropy temperature tau_H.
+template <typename acc_t>
+SNNKD_HD acc_t grad_student_entropy(acc_t log_qh, acc_t qh, const RowStats<acc_t>& r, acc_t inv_tau_h,
+                                    acc_t entropy_weight) {
+  return entropy_weight * inv_tau_h * xmul(qh, log_qh + r.aux1);
+}
+
+// d l / d z_s for one element. tau: temperature; inv_tau_h, entropy_weight: TSER's entropy term.
+template <typename acc_t>
+SNNKD_HD acc_t grad_student(int loss, acc_t z_s, acc_t z_u, const RowStats<acc_t>& r, acc_t inv_tau,
+                            acc_t tau, acc_t inv_tau_h, acc_t entropy_weight) {
+  const acc_t log_q = z_s * inv_tau - r.lse_s;
+  const acc_t log_p = z_u * inv_tau - r.lse_u;
+  acc_t g = grad_student_kl(loss, log_q, fast_exp(log_q), log_p, fast_exp(log_p), r, tau);
   if (loss == kTSER) {
-    // -lambda dH/dz = (lambda / tau_H) q_H (log q_H + H)
     const acc_t log_qh = z_s * inv_tau_h - r.aux0;
-    g += entropy_weight * inv_tau_h * xmul(fast_exp(log_qh), log_qh + r.aux1);
+    g += grad_student_entropy(log_qh, fast_exp(log_qh), r, inv_tau_h, entropy_weight);
   }
   return g;
 }
 
-// d l / d z_t for one element (the teacher requires grad in data-free KD).
+// d l / d z_t for one element (the teacher requires grad in data-free KD), from the log-probabilities
+// and probabilities.
+template <typename acc_t>
+SNNKD_HD acc_t grad_teacher_kl(int loss, acc_t log_q, acc_t q, acc_t log_p, acc_t p, const RowStats<acc_t>& r,
+                               acc_t tau) {
+  acc_t g = xmul(p, log_p - log_q - r.kl_f);  // forward KL: p (log p - log q - KL(p||q))
+  if (loss == kHTA) g = r.aux0 * g + (acc_t(1) - r.aux0) * (p - q);  // reverse KL: p - q
+  return g * tau;
+}
+
+// d l / d z_t for one element from the logits.
 template <typename acc_t>
 SNNKD_HD acc_t grad_teacher(int loss, acc_t z_s, acc_t z_u, const RowStats<acc_t>& r, acc_t inv_tau, acc_t tau) {
   const acc_t log_q = z_s * inv_tau - r.lse_s;
   const acc_t log_p = z_u * inv_tau - r.lse_u;
-  const acc_t p = fast_exp(log_p);
-  acc_t g = xmul(p, log_p - log_q - r.kl_f);  // forward KL: p (log p - log q - KL(p||q))
-  if (loss == kHTA) g = r.aux0 * g + (acc_t(1) - r.aux0) * (p - fast_exp(log_q));  // reverse KL: p - q
-  return g * tau;
+  return grad_teacher_kl(loss, log_q, loss == kHTA ? fast_exp(log_q) : acc_t(0), log_p, fast_exp(log_p), r, tau);
 }
 
 }  // namespace kd

@@ -1,8 +1,11 @@
-// CPU kernels of CKDSNN's noise-smoothed logits distillation (NLD). Same passes and formulas as
-// snnkd_fast/kd/nld_triton.py (see its docstring). Per row, the student and teacher logits and the
-// row's noise eps (regenerated from (seed, row*C + c) with csrc/common/philox.h, the eps the Triton
-// kernels draw) go into per-thread buffers of one row -- nothing of [T, B, C] is stored -- and every
-// pass over them is an omp-simd loop in the accumulation type (float, or double for double inputs).
+// CPU kernels of CKDSNN's noise-smoothed logits distillation (NLD). The formulas of
+// snnkd_fast/kd/nld_triton.py (see its docstring), arranged for the CPU: one sample per task, its
+// teacher's softmax computed once for its T rows (kd_cpu_rows.h); per row, the student logits and
+// the row's noise eps (regenerated from (seed, row*C + c) with csrc/common/philox.h, the eps the
+// Triton and CUDA kernels draw) go into per-thread buffers of one row -- nothing of [T, B, C] is
+// stored -- and every pass over them is an omp-simd loop in the accumulation type (float, or double
+// for double inputs). The mixture is formed in the linear domain, with a log-domain fallback for the
+// rows where that would underflow (mixture_underflows).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,7 +17,7 @@
 #include <vector>
 
 #include "common/philox.h"
-#include "kd_ops.h"
+#include "kd_cpu_rows.h"
 
 namespace snnkd {
 namespace kd {
@@ -43,31 +46,30 @@ inline acc_t logaddexp(acc_t a, acc_t b) {
   return m == -std::numeric_limits<acc_t>::infinity() ? m : r;
 }
 
-// log-sum-exp of x[c] over c in [0, C)
+// Sum of e^{x[c] - m} over c, each term stored in e (m = max x; the caller forms the log-sum-exp).
 template <typename acc_t>
-acc_t lse_of(const acc_t* x, int64_t C) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < C; ++c) m = std::max(m, x[c]);
+acc_t exp_sum(const acc_t* x, int64_t C, acc_t m, acc_t* e) {
   acc_t l = 0;
 #pragma omp simd reduction(+ : l)
-  for (int64_t c = 0; c < C; ++c) l += fast_exp(x[c] - m);
-  return m == -std::numeric_limits<acc_t>::infinity() ? m : m + std::log(l);
+  for (int64_t c = 0; c < C; ++c) {
+    e[c] = fast_exp(x[c] - m);
+    l += e[c];
+  }
+  return l;
 }
 
-// One row's working buffers: logits, noise, and the log of the student's (noisy) distribution parts.
+// One student row's working buffers: its logits z, noise eps, scaled (noisy) logits x and noise
+// logits n, and e^{x - max x}, e^{n - max n} (the forward's softmax numerators; the backward keeps q
+// and r there).
 template <typename acc_t>
 struct NldRow {
-  std::vector<acc_t> z, zt, eps, x, n;
-  explicit NldRow(int64_t C) : z(C), zt(C), eps(C), x(C), n(C) {}
+  std::vector<acc_t> z, eps, x, n, e_x, e_n;
+  explicit NldRow(int64_t C) : z(C), eps(C), x(C), n(C), e_x(C), e_n(C) {}
 
-  template <typename s_t, typename u_t>
-  void load(const s_t* s, int64_t s_c, const u_t* u, int64_t u_c, uint64_t seed, uint64_t base, int64_t C) {
+  template <typename s_t>
+  void load(const s_t* s, int64_t s_c, uint64_t seed, uint64_t base, int64_t C) {
     for (int64_t c = 0; c < C; ++c) z[c] = static_cast<acc_t>(s[c * s_c]);
-    for (int64_t c = 0; c < C; ++c) zt[c] = static_cast<acc_t>(u[c * u_c]);
-    acc_t* e = eps.data();
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) e[c] = static_cast<acc_t>(philox_randn(seed, base + static_cast<uint64_t>(c)));
+    philox_randn_fill(seed, base, C, eps.data());
   }
 
   // x: the student's (noisy, in additive mode) logits / tau; n: the noise logits / tau (mixture).
@@ -82,114 +84,212 @@ struct NldRow {
   }
 };
 
+// The mixture p_s = w q + (1 - w) r is formed in the linear domain (one log per element instead of
+// logaddexp's two exps and a log), which is exact unless a class the teacher gives mass to has p_s
+// below the smallest normal number (its log and p / p_s would lose range): such a row -- only logits
+// tens of units apart reach it -- is computed again in the log domain (the *_log_domain passes).
+template <typename acc_t>
+bool mixture_underflows(const acc_t* p, const acc_t* p_s, int64_t C) {
+  const acc_t tiny = std::numeric_limits<acc_t>::min();
+  int underflow = 0;
+#pragma omp simd reduction(| : underflow)
+  for (int64_t c = 0; c < C; ++c) underflow |= (p[c] != acc_t(0) && !(p_s[c] >= tiny)) ? 1 : 0;
+  return underflow != 0;
+}
+
+// sum_c p (log p - log p_s) with log p_s = logaddexp(log w + log q, log(1 - w) + log r)
+template <typename acc_t>
+acc_t mixture_kl_log_domain(const NldParams<acc_t>& P, const acc_t* log_p, const acc_t* p, const acc_t* x,
+                            const acc_t* n, acc_t lse_q, acc_t lse_r, int64_t C) {
+  acc_t kl = 0;
+#pragma omp simd reduction(+ : kl)
+  for (int64_t c = 0; c < C; ++c) {
+    kl += xmul(p[c], log_p[c] - logaddexp(P.log_w + x[c] - lse_q, P.log_1mw + n[c] - lse_r));
+  }
+  return kl;
+}
+
+// The mixture's student gradient of one row in the log domain (the rows mixture_underflows flags),
+// into gs, and log p_s into log_ps when the teacher's gradient needs it. Products with A = p / p_s
+// are formed with their weight folded in: w q A and (1 - w) r A are at most p, whereas q * exp(log A)
+// is 0 * inf = NaN once q underflows.
+template <typename s_t, typename acc_t>
+void backward_row_log_domain(const NldParams<acc_t>& P, const acc_t* log_p, const NldRow<acc_t>& row, acc_t mean,
+                             acc_t lse_q, acc_t lse_r, acc_t var_coef, acc_t g_row, s_t* gs, acc_t* log_ps) {
+  const int64_t C = static_cast<int64_t>(row.z.size());
+  const acc_t *z = row.z.data(), *e = row.eps.data(), *x = row.x.data(), *n = row.n.data();
+  acc_t sum_wqa = 0, sum_mra = 0, sum_mrae = 0, sum_re = 0;
+#pragma omp simd reduction(+ : sum_wqa, sum_mra, sum_mrae, sum_re)
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t log_q = x[c] - lse_q, log_r = n[c] - lse_r;
+    const acc_t log_a = log_p[c] - logaddexp(P.log_w + log_q, P.log_1mw + log_r);
+    const acc_t mra = fast_exp(P.log_1mw + log_r + log_a);
+    sum_wqa += fast_exp(P.log_w + log_q + log_a);
+    sum_mra += mra;
+    sum_mrae += mra * e[c];
+    sum_re += fast_exp(log_r) * e[c];
+  }
+  const acc_t sum_g_eps = -P.tau * (sum_mrae - sum_mra * sum_re);
+  const acc_t adaptive_coef = P.adaptive ? var_coef * sum_g_eps : acc_t(0);
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t log_q = x[c] - lse_q;
+    const acc_t mixture = logaddexp(P.log_w + log_q, P.log_1mw + n[c] - lse_r);
+    const acc_t g_s = -P.tau * (fast_exp(P.log_w + log_q + log_p[c] - mixture) - fast_exp(log_q) * sum_wqa) +
+                      adaptive_coef * (z[c] - mean);
+    gs[c] = static_cast<s_t>(g_s * g_row);
+  }
+  if (log_ps) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) log_ps[c] = logaddexp(P.log_w + x[c] - lse_q, P.log_1mw + n[c] - lse_r);
+  }
+}
+
 template <typename s_t, typename u_t, typename acc_t>
 void forward_kernel(const s_t* S, const u_t* U, uint64_t seed, const RowLayout& L, const NldParams<acc_t>& P,
                     acc_t* rows, acc_t* stats) {
-  at::parallel_for(0, L.T * L.B, 1, [&](int64_t r_begin, int64_t r_end) {
+  // One sample per task, its T rows in order: the teacher's softmax is computed once per sample.
+  at::parallel_for(0, L.B, 1, [&](int64_t b_begin, int64_t b_end) {
     const int64_t C = L.C;
     NldRow<acc_t> row(C);
-    std::vector<acc_t> teacher_scaled(C);
-    for (int64_t r = r_begin; r < r_end; ++r) {
-      const int64_t t = r / L.B, b = r % L.B;
-      row.load(S + t * L.s.t + b * L.s.b, L.s.c, U + t * L.u.t + b * L.u.b, L.u.c, seed, static_cast<uint64_t>(r) * C,
-               C);
-      const acc_t *z = row.z.data(), *zt = row.zt.data(), *x = row.x.data(), *n = row.n.data();
-      acc_t sum = 0;
+    TeacherRow<acc_t> teacher(C, false);
+    const acc_t *log_p = teacher.log_p.data(), *p = teacher.p.data();
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      for (int64_t t = 0; t < L.T; ++t) {
+        const int64_t r = t * L.B + b;
+        if (t == 0 || L.teacher_per_t) teacher.load(U + t * L.u.t + b * L.u.b, L.u.c, C, P.inv_tau, false);
+        row.load(S + t * L.s.t + b * L.s.b, L.s.c, seed, static_cast<uint64_t>(r) * C, C);
+        const acc_t *z = row.z.data(), *x = row.x.data(), *n = row.n.data();
+        acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < C; ++c) sum += z[c];
-      const acc_t mean = sum / acc_t(C);
-      acc_t m2 = 0;
+        for (int64_t c = 0; c < C; ++c) sum += z[c];
+        const acc_t mean = sum / acc_t(C);
+        acc_t m2 = 0;
 #pragma omp simd reduction(+ : m2)
-      for (int64_t c = 0; c < C; ++c) m2 += (z[c] - mean) * (z[c] - mean);
-      const acc_t scale = P.adaptive ? (C > 1 ? m2 / acc_t(C - 1) : acc_t(0)) : P.noise_std;
-      row.student_logits(P, mean, scale, C);
-      acc_t* ts = teacher_scaled.data();
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) ts[c] = zt[c] * P.inv_tau;
-      const acc_t lse_p = lse_of(ts, C);
-      const acc_t lse_q = lse_of(x, C);
-      const acc_t lse_r = P.additive ? acc_t(0) : lse_of(n, C);
-      acc_t kl = 0;
+        for (int64_t c = 0; c < C; ++c) m2 += (z[c] - mean) * (z[c] - mean);
+        const acc_t scale = P.adaptive ? (C > 1 ? m2 / acc_t(C - 1) : acc_t(0)) : P.noise_std;
+        row.student_logits(P, mean, scale, C);
+        acc_t* e_x = row.e_x.data();
+        acc_t* e_n = row.e_n.data();
+        const acc_t m_x = row_max(x, C);
+        const acc_t l_x = exp_sum(x, C, m_x, e_x);
+        const acc_t lse_q = m_x + std::log(l_x);
+        acc_t lse_r = 0, kl = 0;
+        if (P.additive) {
+          // log p - log p_s = (u - x) + (lse_q - lse_u): small multiplicands (see kd_cpu.cpp)
+          const acc_t* u = teacher.u.data();
+          const acc_t lse_diff = lse_q - teacher.lse_u;
 #pragma omp simd reduction(+ : kl)
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t log_p = ts[c] - lse_p;
-        const acc_t log_ps = P.additive ? x[c] - lse_q : logaddexp(P.log_w + x[c] - lse_q, P.log_1mw + n[c] - lse_r);
-        const acc_t p = fast_exp(log_p);
-        kl += p != acc_t(0) ? p * (log_p - log_ps) : acc_t(0);  // != 0: a NaN p (NaN/+inf logit) poisons the row
+          for (int64_t c = 0; c < C; ++c) kl += xmul(p[c], (u[c] - x[c]) + lse_diff);
+        } else {
+          const acc_t m_n = row_max(n, C);
+          const acc_t l_n = exp_sum(n, C, m_n, e_n);
+          lse_r = m_n + std::log(l_n);
+          const acc_t a = P.w / l_x, a_n = (acc_t(1) - P.w) / l_n;
+          acc_t* p_s = e_x;  // p_s = w q + (1 - w) r, in place
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) p_s[c] = a * e_x[c] + a_n * e_n[c];
+          if (mixture_underflows(p, p_s, C)) {
+            kl = mixture_kl_log_domain(P, log_p, p, x, n, lse_q, lse_r, C);
+          } else {
+#pragma omp simd reduction(+ : kl)
+            for (int64_t c = 0; c < C; ++c) kl += xmul(p[c], log_p[c] - fast_log(p_s[c]));
+          }
+        }
+        rows[r] = P.tau * P.tau * kl;
+        acc_t* stat = stats + r * kNldStats;
+        stat[0] = mean;
+        stat[1] = scale;
+        stat[2] = lse_q;
+        stat[3] = lse_r;
+        stat[4] = teacher.lse_u;
+        stat[5] = kl;
       }
-      rows[r] = P.tau * P.tau * kl;
-      acc_t* stat = stats + r * kNldStats;
-      stat[0] = mean;
-      stat[1] = scale;
-      stat[2] = lse_q;
-      stat[3] = lse_r;
-      stat[4] = lse_p;
-      stat[5] = kl;
     }
   });
 }
 
 template <typename s_t, typename u_t, typename acc_t>
 void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_t seed, const acc_t* stats,
-                     const RowLayout& L, const NldParams<acc_t>& P, s_t* grad_s, u_t* grad_u, bool teacher_per_t) {
-  // One sample per task, its T rows in order: a [B, C] teacher's gradient is summed over t in a
-  // buffer of one row (deterministic).
+                     const RowLayout& L, const NldParams<acc_t>& P, s_t* grad_s, u_t* grad_u) {
+  // One sample per task, its T rows in order: the teacher's softmax is computed once per sample and
+  // a [B, C] teacher's gradient is summed over t in a buffer of one row (deterministic).
   at::parallel_for(0, L.B, 1, [&](int64_t b_begin, int64_t b_end) {
     const int64_t C = L.C;
     NldRow<acc_t> row(C);
-    std::vector<acc_t> teacher_sum(grad_u && !teacher_per_t ? C : 0);
+    TeacherRow<acc_t> teacher(C, false);
+    const acc_t *log_p = teacher.log_p.data(), *p = teacher.p.data();
+    std::vector<acc_t> teacher_sum(grad_u && !L.teacher_per_t ? C : 0);
+    std::vector<acc_t> log_ps_buf(grad_u ? C : 0);
     const acc_t var_coef = C > 1 ? acc_t(2) / acc_t(C - 1) : acc_t(0);
     for (int64_t b = b_begin; b < b_end; ++b) {
       std::fill(teacher_sum.begin(), teacher_sum.end(), acc_t(0));
       for (int64_t t = 0; t < L.T; ++t) {
         const int64_t r = t * L.B + b;
-        row.load(S + t * L.s.t + b * L.s.b, L.s.c, U + t * L.u.t + b * L.u.b, L.u.c, seed,
-                 static_cast<uint64_t>(r) * C, C);
+        if (t == 0 || L.teacher_per_t) teacher.load(U + t * L.u.t + b * L.u.b, L.u.c, C, P.inv_tau, false);
+        row.load(S + t * L.s.t + b * L.s.b, L.s.c, seed, static_cast<uint64_t>(r) * C, C);
         const acc_t* stat = stats + r * kNldStats;
-        const acc_t mean = stat[0], scale = stat[1], lse_q = stat[2], lse_r = stat[3], lse_p = stat[4], kl = stat[5];
+        const acc_t mean = stat[0], scale = stat[1], lse_q = stat[2], lse_r = stat[3], kl = stat[5];
         const acc_t g_row = grad_rows[r];
         row.student_logits(P, mean, scale, C);
-        const acc_t *z = row.z.data(), *zt = row.zt.data(), *e = row.eps.data(), *x = row.x.data(), *n = row.n.data();
-        // Products with A = p_t / p_s are formed in the log domain with their weight folded in:
-        // w q A and (1 - w) r A are at most p_t, whereas q * exp(log A) is 0 * inf = NaN once q underflows.
-        acc_t sum_wqa = 0, sum_mra = 0, sum_mrae = 0, sum_re = 0;
-        if (!P.additive) {
-#pragma omp simd reduction(+ : sum_wqa, sum_mra, sum_mrae, sum_re)
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t log_q = x[c] - lse_q, log_r = n[c] - lse_r;
-            const acc_t log_a = zt[c] * P.inv_tau - lse_p - logaddexp(P.log_w + log_q, P.log_1mw + log_r);
-            const acc_t mra = fast_exp(P.log_1mw + log_r + log_a);
-            sum_wqa += fast_exp(P.log_w + log_q + log_a);
-            sum_mra += mra;
-            sum_mrae += mra * e[c];
-            sum_re += fast_exp(log_r) * e[c];
-          }
-        }
-        const acc_t sum_g_eps = -P.tau * (sum_mrae - sum_mra * sum_re);
+        const acc_t *z = row.z.data(), *e = row.eps.data(), *x = row.x.data(), *n = row.n.data();
+        acc_t* q = row.e_x.data();
+        acc_t* rr = row.e_n.data();
         s_t* gs = grad_s + r * C;
-        // log p_s in the work buffer x (x is not needed after this), then the student's and the
-        // teacher's gradients in separate loops: no store under a condition, so each vectorizes.
-        acc_t* log_ps = row.x.data();
+        acc_t* log_ps = log_ps_buf.data();
+        if (P.additive) {
+          // tau (q - p), q = softmax of the noisy logits
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t log_q = x[c] - lse_q;
-          const acc_t log_p = zt[c] * P.inv_tau - lse_p;
-          const acc_t mixture = logaddexp(P.log_w + log_q, P.log_1mw + n[c] - lse_r);
-          // additive: tau (q' - p); mixture: -w tau q (A - sum q A) = -tau (w q A - q sum w q A)
-          const acc_t g_s = P.additive ? P.tau * (fast_exp(log_q) - fast_exp(log_p))
-                                       : -P.tau * (fast_exp(P.log_w + log_q + log_p - mixture) - fast_exp(log_q) * sum_wqa) +
-                                             (P.adaptive ? var_coef * sum_g_eps * (z[c] - mean) : acc_t(0));
-          log_ps[c] = P.additive ? log_q : mixture;
-          gs[c] = static_cast<s_t>(g_s * g_row);
+          for (int64_t c = 0; c < C; ++c) {
+            q[c] = fast_exp(x[c] - lse_q);
+            gs[c] = static_cast<s_t>(g_row * P.tau * (q[c] - p[c]));
+          }
+          if (grad_u) {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) log_ps[c] = x[c] - lse_q;
+          }
+        } else {
+          // A = p / p_s: sum_wqa = sum w q A, sum_mra = sum (1-w) r A, sum_mrae = sum (1-w) r A eps,
+          // sum_re = sum r eps; then d/dz = -tau (w q A - q sum_wqa) (+ the adaptive scale's term).
+          acc_t* p_s = row.x.data();  // x is not needed once q is formed
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            q[c] = fast_exp(x[c] - lse_q);
+            rr[c] = fast_exp(n[c] - lse_r);
+            p_s[c] = P.w * q[c] + (acc_t(1) - P.w) * rr[c];
+          }
+          if (mixture_underflows(p, p_s, C)) {
+            row.student_logits(P, mean, scale, C);  // x again: the log-domain pass needs it
+            backward_row_log_domain(P, log_p, row, mean, lse_q, lse_r, var_coef, g_row, gs, grad_u ? log_ps : nullptr);
+          } else {
+            acc_t sum_wqa = 0, sum_mra = 0, sum_mrae = 0, sum_re = 0;
+#pragma omp simd reduction(+ : sum_wqa, sum_mra, sum_mrae, sum_re)
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t ratio = p[c] != acc_t(0) ? p[c] / p_s[c] : acc_t(0);
+              const acc_t mra = (acc_t(1) - P.w) * rr[c] * ratio;
+              sum_wqa += P.w * q[c] * ratio;
+              sum_mra += mra;
+              sum_mrae += mra * e[c];
+              sum_re += rr[c] * e[c];
+            }
+            const acc_t sum_g_eps = -P.tau * (sum_mrae - sum_mra * sum_re);
+            const acc_t adaptive_coef = P.adaptive ? var_coef * sum_g_eps : acc_t(0);
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t ratio = p[c] != acc_t(0) ? p[c] / p_s[c] : acc_t(0);
+              const acc_t g_s = -P.tau * (P.w * q[c] * ratio - q[c] * sum_wqa) + adaptive_coef * (z[c] - mean);
+              gs[c] = static_cast<s_t>(g_s * g_row);
+            }
+            if (grad_u) {
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) log_ps[c] = fast_log(p_s[c]);
+            }
+          }
         }
         if (grad_u) {
           // d/dz_t = tau p (log p - log p_s - KL): into the [T, B, C] output, or summed over t
-          auto teacher_grad = [&](int64_t c) {
-            const acc_t log_p = zt[c] * P.inv_tau - lse_p;
-            const acc_t p = fast_exp(log_p);
-            return p > acc_t(0) ? P.tau * g_row * p * (log_p - log_ps[c] - kl) : acc_t(0);
-          };
-          if (teacher_per_t) {
+          auto teacher_grad = [&](int64_t c) { return P.tau * g_row * xmul(p[c], log_p[c] - log_ps[c] - kl); };
+          if (L.teacher_per_t) {
             u_t* gu = grad_u + r * C;
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) gu[c] = static_cast<u_t>(teacher_grad(c));
@@ -200,7 +300,7 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
           }
         }
       }
-      if (grad_u && !teacher_per_t) {
+      if (grad_u && !L.teacher_per_t) {
         for (int64_t c = 0; c < C; ++c) grad_u[b * C + c] = static_cast<u_t>(teacher_sum[c]);
       }
     }
@@ -254,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor> nld_rows_backward_cpu(const at::Tensor& grad_
     const auto P = make_params<acc_t>(temperature, noise_weight, noise_std, adaptive, additive);
     backward_kernel<s_t, u_t, acc_t>(grad_rows.data_ptr<acc_t>(), student.data_ptr<s_t>(), teacher.data_ptr<u_t>(),
                                      s, stats.data_ptr<acc_t>(), L, P, grad_student.data_ptr<s_t>(),
-                                     teacher_grad ? grad_teacher.data_ptr<u_t>() : nullptr, teacher.dim() == 3);
+                                     teacher_grad ? grad_teacher.data_ptr<u_t>() : nullptr);
   });
   return {grad_student, grad_teacher};
 }
@@ -264,8 +364,7 @@ at::Tensor nld_noise_cpu(const at::Tensor& seed, at::IntArrayRef shape) {
   const uint64_t s = read_seed(seed);
   float* data = out.data_ptr<float>();
   at::parallel_for(0, out.numel(), 4096, [&](int64_t begin, int64_t end) {
-#pragma omp simd
-    for (int64_t i = begin; i < end; ++i) data[i] = philox_randn(s, static_cast<uint64_t>(i));
+    philox_randn_fill(s, static_cast<uint64_t>(begin), end - begin, data + begin);
   });
   return out;
 }
