@@ -1,0 +1,58 @@
+"""Calling the registered kernel ops with autograd: through ``torch.library`` under ``torch.compile``,
+through a plain ``torch.autograd.Function`` in eager mode.
+
+Every kernel op is a ``torch.library`` op with a fake implementation and ``register_autograd``: that is
+what ``torch.compile(fullgraph=True)`` traces and what ``torch.library.opcheck`` checks. In eager mode,
+though, each call of such an op with a grad-requiring input runs its autograd kernel in Python
+(default filling, redispatch), ~30 us a forward+backward on a CPU: as much as the whole kernel for a
+``[4, 64, 100]`` loss, and more than it on a GPU. :func:`eager_function` builds, from the very same
+``setup_context`` and backward formula, an ``autograd.Function`` that calls the op below the autograd
+dispatch key (straight to its CPU/CUDA kernel); :func:`call_with_autograd` picks the registered op
+while compiling and that Function otherwise. Both paths are tested against each other by the
+compile tests (same outputs and gradients) and every eager test.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+
+
+def _dispatch_below_autograd():
+    # private but long-standing (torch.library's own autograd kernel uses it); without it the op's
+    # autograd kernel just runs and finds nothing to record (grad mode is off in forward)
+    return _below_autograd() if _below_autograd is not None else contextlib.nullcontext()
+
+
+def eager_function(forward_op: Callable, setup_context: Callable, backward: Callable) -> type:
+    """An ``autograd.Function`` computing ``forward_op(*inputs)`` with the autograd formula registered
+    for it (``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grad_outputs)``, as given to
+    ``torch.library.register_autograd``). First-order only, like the registered formula."""
+
+    class EagerOp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            with _dispatch_below_autograd():
+                output = forward_op(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, *grad_outputs):
+            with _dispatch_below_autograd():
+                return backward(ctx, *grad_outputs)
+
+    EagerOp.__name__ = EagerOp.__qualname__ = f"Eager_{getattr(forward_op, '__name__', 'op')}"
+    return EagerOp
+
+
+def call_with_autograd(op: Callable, eager: type, *inputs: Any):
+    """``op(*inputs)``: the registered op while torch.compile traces, ``eager.apply`` otherwise."""
+    if torch.compiler.is_compiling():
+        return op(*inputs)
+    return eager.apply(*inputs)
