@@ -157,15 +157,17 @@ def configure_threads() -> int:
 # --------------------------------------------------------------------------------------------------
 
 def git_commit() -> str:
-    """``git rev-parse HEAD``, with ``-dirty`` when tracked files differ from it. Untracked files are
-    ignored: fresh result files are untracked until committed and must not mark every run dirty."""
+    """``git rev-parse HEAD``, with ``-dirty`` when tracked files differ from it. Result files are
+    ignored (untracked ones, and benchmarks/results/ itself, which a run rewrites as it goes): they
+    must not mark the next benchmark of the same run dirty."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                         ":(exclude)benchmarks/results"))
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")

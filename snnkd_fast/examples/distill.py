@@ -436,12 +436,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def _git_commit() -> Optional[str]:
-    """HEAD of the checkout this file lives in, "-dirty" when tracked files differ from it."""
+    """HEAD of the checkout this file lives in, "-dirty" when tracked files differ from it (committed
+    results under benchmarks/results/, which the benchmarks rewrite, do not count)."""
     root = str(Path(__file__).resolve().parents[2])
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "diff", "--quiet", "HEAD", "--"], capture_output=True).returncode
+        dirty = subprocess.run(["git", "-C", root, "diff", "--quiet", "HEAD", "--", ".", ":(exclude)benchmarks/results"],
+                               capture_output=True).returncode
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("-dirty" if dirty else "")
