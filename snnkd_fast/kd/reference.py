@@ -79,14 +79,13 @@ def reduce_rows(rows: torch.Tensor, reduction: str, num_classes: int) -> torch.T
         return rows
     num_steps = rows.shape[0] if rows.dim() == 2 else 1
     batch = rows.shape[-1]
-    total = rows.sum() / num_steps
-    if reduction == "sum":
-        return total
-    if reduction == "batchmean":
-        return total / batch
-    if reduction == "mean":
-        return total / (batch * num_classes)
-    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    per_step = {"sum": 1, "batchmean": batch, "mean": batch * num_classes}.get(reduction)
+    if per_step is None:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    # one division by the exact integer count (a sum and a division, forward and backward: the
+    # reduction runs on every call of every loss, so its op count is part of their overhead)
+    divisor = num_steps * per_step
+    return rows.sum() / divisor if divisor != 1 else rows.sum()
 
 
 def student_entropy_reference(logits: torch.Tensor, temperature: float) -> torch.Tensor:
