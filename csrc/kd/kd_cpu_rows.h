@@ -40,6 +40,34 @@ inline int64_t sort_key(double x) {
   return bits < 0 ? (bits ^ 0x7FFFFFFFFFFFFFFFLL) : bits;
 }
 
+// The item of items[0, n) at which the inclusive cumulative mass, in the order `before` sorts them,
+// first reaches threshold (the caller has checked that the total does): a range of the order known to
+// hold it is halved with nth_element, keeping the mass before the range, and the last <= 64 items are
+// sorted and scanned. O(n) expected, where sorting would be O(n log n).
+template <typename Item, typename Before, typename MassOf>
+Item crossing_item(Item* items, int64_t n, double threshold, Before before, MassOf mass_of) {
+  int64_t lo = 0, hi = n;
+  double mass_before = 0.0;
+  while (hi - lo > 64) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    std::nth_element(items + lo, items + mid, items + hi, before);
+    double left = 0.0;
+    for (int64_t i = lo; i < mid; ++i) left += mass_of(items[i]);
+    if (mass_before + left >= threshold) {
+      hi = mid;
+    } else {
+      mass_before += left;
+      lo = mid;
+    }
+  }
+  std::sort(items + lo, items + hi, before);
+  for (int64_t i = lo; i < hi; ++i) {
+    mass_before += mass_of(items[i]);
+    if (mass_before >= threshold) return items[i];
+  }
+  return items[hi - 1];  // reached only through rounding between the two summation orders
+}
+
 // One sample's teacher row at temperature tau, computed once for its T student rows: u = z_u / tau,
 // log_p and p (log_softmax and softmax of u), and for HTA the sort keys of the logits and the head mask.
 template <typename acc_t>
@@ -47,6 +75,7 @@ struct TeacherRow {
   std::vector<acc_t> buf, u, log_p, p;
   std::vector<int64_t> keys;
   std::vector<int32_t> order;
+  std::vector<int64_t> packed;
   std::vector<uint8_t> head;
   const acc_t* z = nullptr;  // the logits of the last row loaded: the input itself or buf
   acc_t lse_u = 0;
@@ -91,7 +120,6 @@ struct TeacherRow {
   void select_head(int64_t C, double threshold, int32_t* out) {
     const int64_t* key = keys.data();
     const acc_t* pp = p.data();
-    auto before = [key](int32_t a, int32_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); };
     int32_t top = 0;
     for (int32_t c = 1; c < C; ++c) top = key[c] > key[top] ? c : top;
     double total = 0.0;
@@ -100,30 +128,21 @@ struct TeacherRow {
     if (static_cast<double>(pp[top]) >= threshold) {
       cross = top;
     } else if (total >= threshold) {
-      std::iota(order.begin(), order.end(), 0);
-      int32_t* o = order.data();
-      int64_t lo = 0, hi = C;  // order positions [lo, hi) hold the crossing; mass_before: positions < lo
-      double mass_before = 0.0;
-      while (hi - lo > 64) {
-        const int64_t mid = lo + (hi - lo) / 2;
-        std::nth_element(o + lo, o + mid, o + hi, before);
-        double left = 0.0;
-        for (int64_t i = lo; i < mid; ++i) left += static_cast<double>(pp[o[i]]);
-        if (mass_before + left >= threshold) {
-          hi = mid;
-        } else {
-          mass_before += left;
-          lo = mid;
-        }
-      }
-      std::sort(o + lo, o + hi, before);
-      cross = o[hi - 1];  // reached only through rounding between the two summation orders
-      for (int64_t i = lo; i < hi; ++i) {
-        mass_before += static_cast<double>(pp[o[i]]);
-        if (mass_before >= threshold) {
-          cross = o[i];
-          break;
-        }
+      if (std::is_same<acc_t, float>::value) {
+        // float keys fit 32 bits: (key, index) packed into one int64 whose descending order is the
+        // class order, so selection compares plain integers (no indirection through key[])
+        packed.resize(C);
+        for (int64_t c = 0; c < C; ++c) packed[c] = key[c] * (int64_t(1) << 32) + (int64_t(0xFFFFFFFF) - c);
+        auto class_of = [](int64_t v) { return int64_t(0xFFFFFFFF) - (v & int64_t(0xFFFFFFFF)); };
+        const int64_t item = crossing_item(packed.data(), C, threshold, std::greater<int64_t>(),
+                                           [&](int64_t v) { return static_cast<double>(pp[class_of(v)]); });
+        cross = class_of(item);
+      } else {
+        order.resize(C);
+        std::iota(order.begin(), order.end(), 0);
+        auto before = [key](int32_t a, int32_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); };
+        cross = crossing_item(order.data(), C, threshold, before,
+                              [&](int32_t c) { return static_cast<double>(pp[c]); });
       }
     }
     const int64_t key_cross = cross == C ? std::numeric_limits<int64_t>::min() : key[cross];
