@@ -34,12 +34,16 @@ def eager_function(forward_op: Callable, setup_context: Callable, backward: Call
     ``torch.library.register_autograd``). First-order only, like the registered formula."""
 
     class EagerOp(torch.autograd.Function):
+        # forward without ctx plus a setup_context staticmethod: the form torch.func transforms
+        # (grad, vjp, jacrev) accept, which torch.library's own autograd wrapper is not
         @staticmethod
-        def forward(ctx, *inputs):
+        def forward(*inputs):
             with _dispatch_below_autograd():
-                output = forward_op(*inputs)
+                return forward_op(*inputs)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
             setup_context(ctx, inputs, output)
-            return output
 
         @staticmethod
         @once_differentiable

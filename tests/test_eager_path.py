@@ -1,0 +1,56 @@
+"""The eager path of the kernel ops (snnkd_fast/_library.py): the registered autograd formula run as a
+plain autograd.Function below the autograd key. Its agreement with the torch.library op is checked by
+the compile tests (same outputs and gradients) and by every eager test; here: what the Function form
+adds (torch.func transforms) and refuses (double backward)."""
+import pytest
+import torch
+
+import snnkd_fast
+from snnkd_fast import losses
+
+BACKENDS = [b for b in ("cpp", "triton") if snnkd_fast.backends("kd")[b]]
+
+
+def _logits(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+LOSSES = {
+    "per_timestep_kl": lambda s, t, b: losses.per_timestep_kl(s, t, backend=b),
+    "tser_loss": lambda s, t, b: losses.tser_loss(s, t, backend=b),
+    "hta_kl": lambda s, t, b: losses.hta_kl(s, t, backend=b),
+    "nld_loss": lambda s, t, b: losses.nld_loss(s, t, seed=3, backend=b),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_torch_func_grad_matches_autograd(name, backend):
+    student, teacher = _logits(3, 5, 11), _logits(5, 11, seed=1)
+    loss = LOSSES[name]
+    grad_s, grad_t = torch.func.grad(lambda s, t: loss(s, t, backend), argnums=(0, 1))(student, teacher)
+    s_leaf, t_leaf = student.clone().requires_grad_(True), teacher.clone().requires_grad_(True)
+    loss(s_leaf, t_leaf, backend).backward()
+    torch.testing.assert_close(grad_s, s_leaf.grad, rtol=0, atol=0)
+    torch.testing.assert_close(grad_t, t_leaf.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backward", ["bptt", "rate"])
+@pytest.mark.parametrize("backend", [b for b in ("cpp", "triton") if snnkd_fast.backends("lif")[b]])
+def test_torch_func_grad_neurons(backend, backward):
+    x = _logits(4, 3, 17)
+    run = lambda x: (snnkd_fast.lif_multistep(x, backend=backend, backward=backward) * torch.arange(17.0)).sum()
+    grad = torch.func.grad(run)(x)
+    leaf = x.clone().requires_grad_(True)
+    run(leaf).backward()
+    torch.testing.assert_close(grad, leaf.grad, rtol=0, atol=0)
+
+
+def test_double_backward_is_refused():
+    """First order only (as the registered formula): the gradient carries no graph of its own, so a
+    second backward through it raises instead of returning a wrong (zero) second derivative."""
+    student = _logits(2, 3, 7).requires_grad_(True)
+    loss = losses.per_timestep_kl(student, _logits(3, 7, seed=1), backend="cpp")
+    (grad,) = torch.autograd.grad(loss, student, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate|does not require grad"):
+        grad.sum().backward()
