@@ -54,3 +54,26 @@ def test_double_backward_is_refused():
     (grad,) = torch.autograd.grad(loss, student, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|differentiate|does not require grad"):
         grad.sum().backward()
+
+
+def _graph_node_names(tensor):
+    names, stack, seen = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+def test_eager_calls_take_the_autograd_function_path():
+    """Guards the overhead fix: in eager mode the kernel ops' backward is the plain Function's
+    (EagerOpBackward), not torch.library's generated one."""
+    student = _logits(2, 3, 7).requires_grad_(True)
+    names = _graph_node_names(losses.per_timestep_kl(student, _logits(3, 7, seed=1), backend="cpp"))
+    assert any(name.startswith("EagerOp") for name in names), names
+    x = _logits(2, 3, 5).requires_grad_(True)
+    names = _graph_node_names(snnkd_fast.lif_multistep(x, backend="cpp"))
+    assert any(name.startswith("EagerOp") for name in names), names
