@@ -195,9 +195,10 @@ __device__ __forceinline__ T block_all_reduce(T value, Op op, typename cub::Bloc
 // ------------------------------------------------------------------------------------------------
 
 // HTA head of each teacher row (grid Tt * B, one block per row): keys[row] = (key_cross, idx_cross,
-// idx_top), the CPU's sort-based rule (hta_teacher_row) without a sort. The crossing class's key is
-// the largest key k whose mass(key >= k) reaches head_threshold (bisection on the order-preserving
-// keys); among the classes tied at that key, the index-order walk then finds the first one where the
+// idx_top), the CPU's rule (TeacherRow::select_head, kd_cpu_rows.h) without a sort. The crossing
+// class's key is the largest key k whose mass(key >= k) reaches head_threshold (bisection on the
+// order-preserving keys, ~33 reads of the row; the Triton kernel's 16-candidate search needs 9);
+// among the classes tied at that key, the index-order walk then finds the first one where the
 // inclusive cumulative probability reaches the threshold. The masses are in double, as on the CPU,
 // so that the head only differs from the CPU's for a cumulative mass within ~1e-15 of the threshold.
 struct HtaPass1 {

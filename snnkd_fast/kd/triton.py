@@ -41,9 +41,9 @@ def _float_key(x):
 def _hta_teacher_kernel(u_ptr, keys_ptr, B, C, u_st, u_sb, u_sc, inv_tau, head_threshold,
                         BLOCK_C: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NUM_CANDIDATES: tl.constexpr):
     """Per teacher row: the class where the sorted inclusive cumulative probability first reaches
-    head_threshold (as (key, index)) and the top-1 class, found by bisection on the order-preserving
-    keys (a threshold search: no sort, works for any C, one row at a time). The mass summed in
-    float32 per pass, as the bisection did."""
+    head_threshold (as (key, index)) and the top-1 class, found by a threshold search on the
+    order-preserving keys (16 candidate keys per read of the row; no sort, works for any C, one row
+    per program). Masses are summed in float32."""
     row = tl.program_id(0)
     base = u_ptr + (row // B).to(tl.int64) * u_st + (row % B).to(tl.int64) * u_sb
     # pass 1: log-sum-exp, extreme keys, top-1 (lowest index among equal maxima)
