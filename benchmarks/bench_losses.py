@@ -283,14 +283,17 @@ def measure_peak_memory(impl: Callable, name: str, case: Case, student: torch.Te
                         device: torch.device, warm: bool) -> tuple[int, bool]:
     """(bytes one fwd+bwd needs above the inputs, whether the peak counter could be reset first).
     ``warm``: ``impl`` already ran at this shape (the timing did). Otherwise (a fresh CPU process) a
-    tiny warm-up does one-time set-up (thread pools, lazy state) that is no cost of the op; a
-    compiled peer is shape-specialised, so it is warmed up (compiled) at the case's shape."""
+    tiny warm-up does one-time set-up (thread pools, lazy state) that is no cost of the op -- two
+    samples, so that a kernel parallel over samples starts its thread pool there and not in the
+    measured call; a compiled peer is shape-specialised, so it is warmed up (compiled) at the
+    case's shape."""
     if not warm:
         if name == "torch_compile":
             impl(student, teacher).backward()
         else:
-            tiny = student[:1, :1].detach().clone().requires_grad_()
-            impl(tiny, teacher[:1]).backward()
+            samples = min(2, student.shape[1])
+            tiny = student[:1, :samples].detach().clone().requires_grad_()
+            impl(tiny, teacher[:samples]).backward()
             del tiny
     student.grad = None
     peak = common.measure_peak(lambda: impl(student, teacher).backward(), device)
