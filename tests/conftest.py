@@ -22,6 +22,16 @@ def pytest_report_header(config):
     return lines
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module whose tensors are tiny: more threads only add fork/join cost
+    (and stall on a busy machine). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # (backend, device) pairs of kernels under test; each is skipped with the reason it cannot run here.
 KERNEL_TARGETS = [("cpp", "cpu"), ("triton", "cpu"), ("cuda", "cuda"), ("triton", "cuda")]
 

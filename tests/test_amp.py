@@ -45,13 +45,7 @@ HALF_KD_TOL = {torch.float16: (2e-3, 2e-4), torch.bfloat16: (1.6e-2, 2e-3)}  # a
 AMP_GRAD_RTOL = {torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: intra-op threads only add fork/join cost (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
 
 
 def _backends(family):
