@@ -181,15 +181,8 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, Strides ss, const u_t
             return g_row * grad_teacher_kl<acc_t>(LOSS, log_q, LOSS == kHTA ? fast_exp(log_q) : acc_t(0), log_p[c],
                                                   p[c], r, tau);
           };
-          if (teacher_per_t) {
-            u_t* gu = grad_u + row * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) gu[c] = static_cast<u_t>(teacher_grad(c));
-          } else {
-            acc_t* sum = teacher_sum.data();
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) sum[c] += teacher_grad(c);
-          }
+          add_teacher_grad_row(teacher_per_t, teacher_per_t ? grad_u + row * C : nullptr, teacher_sum.data(), C,
+                               teacher_grad);
         }
       }
       if (grad_u && !teacher_per_t) {

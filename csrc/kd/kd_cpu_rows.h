@@ -40,6 +40,20 @@ inline int64_t sort_key(double x) {
   return bits < 0 ? (bits ^ 0x7FFFFFFFFFFFFFFFLL) : bits;
 }
 
+// One row's teacher gradient grad(c) (the teacher requires grad): into row_out, the row of a
+// [T, B, C] teacher's gradient, or added to `sum`, the sample's row summed over t for a [B, C]
+// teacher (written out by the caller once the sample's rows are done: a fixed order).
+template <typename u_t, typename acc_t, typename Grad>
+inline void add_teacher_grad_row(bool teacher_per_t, u_t* row_out, acc_t* sum, int64_t C, Grad grad) {
+  if (teacher_per_t) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) row_out[c] = static_cast<u_t>(grad(c));
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) sum[c] += grad(c);
+  }
+}
+
 // The item of items[0, n) at which the inclusive cumulative mass, in the order `before` sorts them,
 // first reaches threshold (the caller has checked that the total does): a range of the order known to
 // hold it is halved with nth_element, keeping the mass before the range, and the last <= 64 items are

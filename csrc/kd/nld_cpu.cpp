@@ -289,15 +289,8 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
         if (grad_u) {
           // d/dz_t = tau p (log p - log p_s - KL): into the [T, B, C] output, or summed over t
           auto teacher_grad = [&](int64_t c) { return P.tau * g_row * xmul(p[c], log_p[c] - log_ps[c] - kl); };
-          if (L.teacher_per_t) {
-            u_t* gu = grad_u + r * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) gu[c] = static_cast<u_t>(teacher_grad(c));
-          } else {
-            acc_t* sum = teacher_sum.data();
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) sum[c] += teacher_grad(c);
-          }
+          add_teacher_grad_row(L.teacher_per_t, L.teacher_per_t ? grad_u + r * C : nullptr, teacher_sum.data(), C,
+                               teacher_grad);
         }
       }
       if (grad_u && !L.teacher_per_t) {
