@@ -5,10 +5,11 @@ Every kernel op is a ``torch.library`` op with a fake implementation and ``regis
 what ``torch.compile(fullgraph=True)`` traces and what ``torch.library.opcheck`` checks. In eager mode,
 though, each call of such an op with a grad-requiring input runs its autograd kernel in Python
 (default filling, redispatch), ~30 us a forward+backward on a CPU: as much as the whole kernel for a
-``[4, 64, 100]`` loss, and more than it on a GPU. :func:`eager_function` builds, from the very same
-``setup_context`` and backward formula, an ``autograd.Function`` that calls the op below the autograd
-dispatch key (straight to its CPU/CUDA kernel); :func:`call_with_autograd` picks the registered op
-while compiling and that Function otherwise. Both paths are tested against each other by the
+``[4, 64, 100]`` loss, and more than it on a GPU. :func:`register_autograd` registers the formula with
+torch.library and builds from the very same ``setup_context`` and backward an ``autograd.Function``
+(:func:`eager_function`) that calls the op below the autograd dispatch key (straight to its CPU/CUDA
+kernel); :func:`call_with_autograd` picks the registered op while compiling and that Function
+otherwise. Both paths are tested against each other by the
 compile tests (same outputs and gradients) and every eager test.
 """
 from __future__ import annotations
@@ -55,8 +56,23 @@ def eager_function(forward_op: Callable, setup_context: Callable, backward: Call
     return EagerOp
 
 
-def call_with_autograd(op: Callable, eager: type, *inputs: Any):
-    """``op(*inputs)``: the registered op while torch.compile traces, ``eager.apply`` otherwise."""
+# qualified op name -> (the op, the eager Function of its autograd formula)
+_REGISTERED: dict[str, tuple[Callable, type]] = {}
+
+
+def register_autograd(qualified_name: str, backward: Callable, setup_context: Callable) -> None:
+    """``torch.library.register_autograd(qualified_name, backward, setup_context=...)``, and the eager
+    Function of the same formula that :func:`call_with_autograd` uses outside torch.compile."""
+    torch.library.register_autograd(qualified_name, backward, setup_context=setup_context)
+    namespace, name = qualified_name.split("::")
+    op = getattr(getattr(torch.ops, namespace), name)
+    _REGISTERED[qualified_name] = (op, eager_function(op, setup_context, backward))
+
+
+def call_with_autograd(qualified_name: str, *inputs: Any):
+    """The op registered as ``qualified_name`` on ``inputs``: the torch.library op while torch.compile
+    traces, its eager Function otherwise."""
+    op, eager = _REGISTERED[qualified_name]
     if torch.compiler.is_compiling():
         return op(*inputs)
     return eager.apply(*inputs)

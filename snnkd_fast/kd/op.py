@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .._backends import triton_launch_guard
-from .._library import call_with_autograd, eager_function
+from .._library import call_with_autograd, register_autograd
 from .params import HTA_NUM, NUM_STATS
 
 Tensor = torch.Tensor
@@ -55,20 +55,10 @@ def _make_backward(backward_op):
     return backward
 
 
-# op name -> the eager autograd.Function of the same formula (snnkd_fast/_library.py)
-_EAGER = {}
-
-
 def _register(forward_name: str, backward_name: str, backward_op) -> None:
     torch.library.register_fake(forward_name)(_rows_forward_fake)
     torch.library.register_fake(backward_name)(_rows_backward_fake)
-    torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
-    _EAGER[forward_name] = eager_function(_resolve(forward_name), _setup_context, _make_backward(backward_op))
-
-
-def _resolve(qualified_name: str):
-    namespace, name = qualified_name.split("::")
-    return getattr(getattr(torch.ops, namespace), name)
+    register_autograd(forward_name, _make_backward(backward_op), _setup_context)
 
 
 @torch.library.custom_op("snnkd_fast::kd_rows_forward_triton", mutates_args=())
@@ -106,8 +96,8 @@ def kd_rows(student_seq: Tensor, teacher: Tensor, loss: int, backend: str, tempe
             entropy_temperature: float, entropy_weight: float, head_threshold: float) -> Tensor:
     """Per-row losses [T, B] (float32) of a validated call on a kernel backend."""
     name = "snnkd_fast::kd_rows_forward_triton" if backend == "triton" else "snnkd_fast::kd_rows_forward"
-    rows, _, _ = call_with_autograd(_resolve(name), _EAGER[name], student_seq, teacher, loss, float(temperature),
-                                    float(entropy_temperature), float(entropy_weight), float(head_threshold))
+    rows, _, _ = call_with_autograd(name, student_seq, teacher, loss, float(temperature), float(entropy_temperature),
+                                    float(entropy_weight), float(head_threshold))
     return rows
 
 
@@ -153,9 +143,7 @@ def _make_nld_backward(backward_op):
 def _register_nld(forward_name: str, backward_name: str, backward_op) -> None:
     torch.library.register_fake(forward_name)(_nld_forward_fake)
     torch.library.register_fake(backward_name)(_nld_backward_fake)
-    torch.library.register_autograd(forward_name, _make_nld_backward(backward_op), setup_context=_nld_setup_context)
-    _EAGER[forward_name] = eager_function(_resolve(forward_name), _nld_setup_context,
-                                          _make_nld_backward(backward_op))
+    register_autograd(forward_name, _make_nld_backward(backward_op), _nld_setup_context)
 
 
 @torch.library.custom_op("snnkd_fast::nld_rows_forward_triton", mutates_args=())
@@ -193,9 +181,8 @@ def nld_rows(student_seq: Tensor, teacher: Tensor, seed: Tensor, backend: str, t
              noise_weight: float, noise_std, additive: bool) -> Tensor:
     """Per-row NLD losses [T, B] on a kernel backend. ``noise_std=None``: the adaptive scale."""
     name = "snnkd_fast::nld_rows_forward_triton" if backend == "triton" else "snnkd_fast::nld_rows_forward"
-    rows, _ = call_with_autograd(_resolve(name), _EAGER[name], student_seq, teacher, seed, float(temperature),
-                                 float(noise_weight), 0.0 if noise_std is None else float(noise_std),
-                                 noise_std is None, additive)
+    rows, _ = call_with_autograd(name, student_seq, teacher, seed, float(temperature), float(noise_weight),
+                                 0.0 if noise_std is None else float(noise_std), noise_std is None, additive)
     return rows
 
 

@@ -28,7 +28,7 @@ from typing import Optional, Union
 import torch
 
 from .._backends import resolve_backend, triton_launch_guard
-from .._library import call_with_autograd, eager_function
+from .._library import call_with_autograd, register_autograd
 from .params import NEURON_IF, NEURON_LIF, NEURON_NAMES, NEURON_PLIF, NeuronConfig, config_from_op_args
 from .reference import compute_dtype, neuron_multistep_rate_reference, neuron_multistep_reference
 from .surrogates import resolve_surrogate
@@ -76,16 +76,10 @@ def _make_backward(backward_op):
     return backward
 
 
-# op name (in torch.ops.snnkd_fast) -> the eager autograd.Function of the same formula (_library.py)
-_EAGER = {}
-
-
 def _register(forward_name: str, backward_name: str, backward_op):
     torch.library.register_fake(forward_name)(_forward_fake)
     torch.library.register_fake(backward_name)(_backward_fake)
-    torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
-    short = forward_name.split("::")[1]
-    _EAGER[short] = eager_function(getattr(torch.ops.snnkd_fast, short), _setup_context, _make_backward(backward_op))
+    register_autograd(forward_name, _make_backward(backward_op), _setup_context)
 
 
 _COMPILED_OPS_REGISTERED = False
@@ -150,9 +144,7 @@ def _rate_backward(ctx, grad_spikes, _grad_v, _grad_e):
 
 def _register_rate(forward_name: str) -> None:
     torch.library.register_fake(forward_name)(_rate_forward_fake)
-    torch.library.register_autograd(forward_name, _rate_backward, setup_context=_rate_setup_context)
-    short = forward_name.split("::")[1]
-    _EAGER[short] = eager_function(getattr(torch.ops.snnkd_fast, short), _rate_setup_context, _rate_backward)
+    register_autograd(forward_name, _rate_backward, _rate_setup_context)
 
 
 @torch.library.custom_op("snnkd_fast::lif_rate_forward_triton", mutates_args=())
@@ -291,9 +283,8 @@ def neuron_multistep(x_seq: Tensor, v_init, w: Optional[Tensor], cfg: NeuronConf
                             "use backend='cpp', 'cuda' or 'torch' for float64")
         acc = compute_dtype(x_seq.dtype)
         decay = torch.sigmoid(w.to(acc)).reshape(()) if cfg.neuron == NEURON_PLIF else None
-        name = _KERNEL_OPS[backend, backward]
-        spikes, v_final, _ = call_with_autograd(getattr(torch.ops.snnkd_fast, name), _EAGER[name],
-                                                x_seq.contiguous(), v0.contiguous(), decay, *cfg.op_args())
+        spikes, v_final, _ = call_with_autograd("snnkd_fast::" + _KERNEL_OPS[backend, backward], x_seq.contiguous(),
+                                                v0.contiguous(), decay, *cfg.op_args())
     return (spikes, v_final) if return_v else spikes
 
 
