@@ -25,8 +25,9 @@ from .params import HTA_NUM, LOSS_HTA, LOSS_TSER, NUM_STATS
 
 # A finite stand-in for -inf as the initial running maximum: exp(-inf - NEG_BIG) = 0 and
 # exp(NEG_BIG - NEG_BIG) = 1, so masked lanes and all -inf chunks need no special case.
-NEG_BIG = -1.0e38
-INT32_MIN = -2147483648
+# tl.constexpr: compiled kernels may read module globals only as constexprs (the interpreter reads any).
+NEG_BIG = tl.constexpr(-1.0e38)
+INT32_MIN = tl.constexpr(-2147483648)
 
 
 @triton.jit
