@@ -49,6 +49,8 @@ PEERS = ("spikingjelly", "snntorch")
 PEER_LABELS = {"spikingjelly": "SpikingJelly", "snntorch": "snntorch"}
 TABLE_PEERS = ("spikingjelly",)  # the peer with the same semantics has a column in the case tables
 # Imported once by the CPU memory server, for every measurement it forks.
+# What a peer runs on this device where it chooses itself (recorded in meta["peer_implementations"]).
+PEER_IMPLEMENTATIONS: dict[str, Any] = {}
 MEMORY_PRELOAD = ("snnkd_fast", "spikingjelly.activation_based.neuron", "snntorch")
 STATE_BYTES = 4  # the membrane saved for the backward is float32 for fp32/bf16/fp16 inputs
 NOTES = (
@@ -91,6 +93,12 @@ class Case:
 
 
 def build_grid(device: torch.device, quick: bool) -> list[Case]:
+    if quick and device.type == "cuda":
+        # A GPU needs millions of neurons to fill: the full grid's conv map and wide MLP, T=4 and 16,
+        # fp32, plus bf16 on the conv map.
+        conv, mlp = ("conv", (64, 128, 32, 32)), ("mlp", (64, 4096))
+        return ([Case(layout, (t, *shape), torch.float32) for layout, shape in (mlp, conv) for t in (4, 16)]
+                + [Case(conv[0], (t, *conv[1]), torch.bfloat16) for t in (4, 16)])
     if quick:
         steps, dtypes = (4, 8), (torch.float32,)
         step_shapes = (("mlp", (32, 4096)), ("conv", (8, 64, 16, 16)))
@@ -130,6 +138,11 @@ def make_forward(name: str, device: torch.device) -> Callable[[torch.Tensor], to
         from spikingjelly.activation_based import neuron
 
         node = neuron.LIFNode(tau=TAU, step_mode="m").to(device)
+        if device.type == "cuda":  # SpikingJelly 2.0 picks its CUDA path itself: native CUDA, Triton or torch
+            from spikingjelly.activation_based.functional import neuron as sj_functional
+
+            PEER_IMPLEMENTATIONS["spikingjelly"] = sj_functional.neuron_implementation("lif", device)
+            print(f"spikingjelly LIF on {device}: {PEER_IMPLEMENTATIONS['spikingjelly']}")
 
         def spikingjelly_forward(x_seq: torch.Tensor) -> torch.Tensor:
             spikes = node(x_seq)
@@ -246,36 +259,42 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     meta = common.run_metadata(device, argv, threads, op=OP, grid="quick" if args.quick else "full", tau=TAU,
                                reference=REFERENCE, peers=list(peers), skipped=skipped, peak_bandwidth_Bps=bandwidth,
                                peak_bandwidth_source=bandwidth_source, notes=list(NOTES),
-                               memory_method=common.memory_method(device))
+                               memory_method=common.memory_method(device), failures={},
+                               peer_implementations=PEER_IMPLEMENTATIONS)
     common.print_run_header(meta)
 
     rows: list[dict[str, Any]] = []
     table_peers = {peer: PEER_LABELS[peer] for peer in peers if peer in TABLE_PEERS}
     with common.CpuMemoryMeter(__file__, threads) if device.type == "cpu" else contextlib.nullcontext() as meter:
-        for case in build_grid(device, args.quick):
-            print(f"\n{case.label}  [{'x'.join(map(str, case.shape))}]")
-            x = make_input(case, device)
-            case_rows = []
-            for name, forward in forwards.items():
-                try:
-                    timings = time_passes(forward, x, timer)
-                except Exception as error:
-                    if kind_of(name) != "peer":
-                        raise  # our own kernels failing is a bug to see, not to skip
-                    print(f"  ! {name} failed on this case, skipped: {type(error).__name__}: {error}")
-                    skipped[f"{name} @ {case.label}"] = f"{type(error).__name__}: {error}"
-                    continue
-                peak_mem = (meter(name, memory_spec(case)) if meter is not None
-                            else measure_peak_memory(name, case, device)[0])
-                case_rows += make_rows(case, name, timings, peak_mem, bandwidth)
-            common.add_ratios(case_rows, REFERENCE, peers)
-            print(common.case_table(case_rows, table_peers))
-            rows += case_rows
-            del x
+        try:
+            for case in build_grid(device, args.quick):
+                print(f"\n{case.label}  [{'x'.join(map(str, case.shape))}]")
+                x = make_input(case, device)
+                case_rows = []
+                for name, forward in forwards.items():
+                    try:
+                        timings = time_passes(forward, x, timer)
+                    except Exception as error:
+                        if kind_of(name) != "peer":  # our own kernels failing is a bug: recorded, exit status 1
+                            common.record_failure(meta["failures"], name, case.label, error)
+                            continue
+                        print(f"  ! {name} failed on this case, skipped: {type(error).__name__}: {error}")
+                        skipped[f"{name} @ {case.label}"] = f"{type(error).__name__}: {error}"
+                        continue
+                    peak_mem = (meter(name, memory_spec(case)) if meter is not None
+                                else measure_peak_memory(name, case, device)[0])
+                    case_rows += make_rows(case, name, timings, peak_mem, bandwidth)
+                common.add_ratios(case_rows, REFERENCE, peers)
+                print(common.case_table(case_rows, table_peers))
+                rows += case_rows
+                del x
+        except KeyboardInterrupt:  # a deadline (run_gpu.sh): keep what was measured
+            meta["interrupted"] = common.interrupted_note(len(rows))
 
     return common.write_results(args.out or default_out_dir(device), FILE_STEM, meta, rows, CSV_COLUMNS, start)
 
 
 if __name__ == "__main__":
     common.reexec_with_timing_malloc()
-    main()
+    written = main()
+    sys.exit(common.exit_status([written]) if written else 0)

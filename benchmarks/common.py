@@ -159,7 +159,7 @@ def configure_threads() -> int:
 def git_commit() -> str:
     """``git rev-parse HEAD``, with ``-dirty`` when tracked files differ from it. Result files are
     ignored (untracked ones, and benchmarks/results/ itself, which a run rewrites as it goes): they
-    must not mark the next benchmark of the same run dirty."""
+    must not mark the next benchmark of the same run dirty. Without git metadata: $SNNKD_GIT_COMMIT."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -169,7 +169,8 @@ def git_commit() -> str:
         dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
                          ":(exclude)benchmarks/results"))
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # A copy of the tree without .git (e.g. the device tool's): the caller may name the commit.
+        return os.environ.get("SNNKD_GIT_COMMIT", "unknown")
     return commit + ("-dirty" if dirty else "")
 
 
@@ -730,6 +731,33 @@ def write_csv(path: Path, rows: list[dict[str, Any]], leading_columns: Iterable[
         for row in rows:
             writer.writerow({key: "x".join(map(str, value)) if isinstance(value, list) else
                              ("" if value is None else value) for key, value in row.items()})
+
+
+def record_failure(failures: dict[str, str], name: str, case_label: str, error: BaseException) -> None:
+    """Our own kernel failed on a case: print it loudly, keep it in ``meta["failures"]`` and go on, so that
+    one broken kernel does not lose the rest of the run (the run still exits 1: see ``exit_status``)."""
+    text = f"{type(error).__name__}: {error}"
+    print(f"  !!! {name} FAILED on {case_label}: {text}")
+    failures[f"{name} @ {case_label}"] = text[:2000]
+
+
+def interrupted_note(rows_kept: int) -> str:
+    """``meta["interrupted"]`` of a run stopped by SIGINT (run_gpu.sh's deadline, or Ctrl-C): the rows
+    measured so far are written, and run.py runs no further benchmark."""
+    note = f"stopped by SIGINT (deadline or Ctrl-C) after {rows_kept} rows; the grid is incomplete"
+    print(f"\n!!! {note}")
+    return note
+
+
+def exit_status(result_files: Iterable[Path]) -> int:
+    """1 if any result file records a failure of our kernels (``meta["failures"]``), else 0."""
+    failed = 0
+    for path in result_files:
+        failures = json.loads(Path(path).read_text())["meta"].get("failures") or {}
+        for what, why in failures.items():
+            print(f"FAILED {what}: {why.splitlines()[0] if why else ''}")
+        failed |= bool(failures)
+    return int(failed)
 
 
 def write_results(out_dir: Path, stem: str, meta: dict[str, Any], rows: list[dict[str, Any]],

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -72,13 +73,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         bench_start = time.perf_counter()
         written.append(module.main(argv_for))
         print(f"=== {name} done in {time.perf_counter() - bench_start:.0f} s")
+        if json.loads(written[-1].read_text())["meta"].get("interrupted"):
+            print("=== interrupted: the remaining benchmarks are not run")
+            break
 
     import plot  # after the benchmarks: matplotlib is not needed to measure
 
     print("=== plot")
     plot.main([str(folder) for folder in dict.fromkeys(path.parent for path in written)])
     print(f"=== done in {time.perf_counter() - start:.0f} s")
-    return 0
+    return common.exit_status(written)  # 1 if one of our kernels failed on a case (recorded in the JSON)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 # the machine's own CUDA build of torch, run the GPU tests, run the GPU benchmarks.
 #
 #   bash benchmarks/run_gpu.sh [--quick | --full] [--out DIR] [--skip-wheels] [--skip-build]
-#                              [--skip-tests] [--skip-bench] [-- RUN_PY_ARGS...]
+#                              [--skip-tests] [--skip-bench] [--deadline-s N] [-- RUN_PY_ARGS...]
 #
 # Peers: the GPU machine has torch, triton, pytest, matplotlib, hypothesis, ... but none of
 # SpikingJelly, snntorch, Liger-Kernel and loguru. Bring their wheels (cp312, manylinux x86_64) in
@@ -31,7 +31,13 @@
 #               still runs inside one device call: ~1,800 tests, each new Triton specialization a JIT
 #               compile. Up to 25 failures are collected (not -x: one session should see them all).
 #               TEST_K overrides the -k expression (e.g. TEST_K=cuda for the CUDA kernels only).
-#   5. bench    benchmarks/run.py --device cuda --quick (default) or --full, RUN_PY_ARGS appended
+#   5. bench    benchmarks/run.py --device cuda --quick (default) or --full, RUN_PY_ARGS appended. With
+#               --deadline-s N (or DEADLINE_S=N) the benchmark gets what is left of N seconds since the
+#               script started (less 20 s): SIGINT then, and the benchmark running writes the rows it
+#               has measured (meta["interrupted"]) and run.py runs no further one.
+#
+# With pytest-xdist installed (the GPU image has it) the tests run in TEST_WORKERS processes (default
+# 8): most of their time is Triton's JIT compiling ~300 kernel specializations, on the CPU cores.
 #
 # Output: results in --out DIR, else $OUT/<gpu-slug>/ when $OUT is set (the device tool copies $OUT
 # back: copy that folder to benchmarks/results/), else benchmarks/results/<gpu-slug>/. Logs
@@ -48,6 +54,7 @@ PY=${PYTHON:-python3}
 PEERS=(spikingjelly snntorch liger_kernel loguru)  # import names of the peers .whl/ should hold
 
 GRID=--quick
+DEADLINE_S=${DEADLINE_S:-}
 RESULTS=""
 SKIP_WHEELS=0 SKIP_BUILD=0 SKIP_TESTS=0 SKIP_BENCH=0
 RUN_PY_ARGS=()
@@ -59,6 +66,7 @@ while [ $# -gt 0 ]; do
     --skip-build) SKIP_BUILD=1 ;;
     --skip-tests) SKIP_TESTS=1 ;;
     --skip-bench) SKIP_BENCH=1 ;;
+    --deadline-s) DEADLINE_S=${2:?--deadline-s needs seconds}; shift ;;
     --) shift; RUN_PY_ARGS=("$@"); break ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) RUN_PY_ARGS+=("$1") ;;  # anything else goes to run.py (e.g. --peers none)
@@ -165,10 +173,13 @@ raise SystemExit(0 if snnkd_fast.backends()["cuda"].available else 4)'
 
 run_tests() {
   local log=$LOG_DIR/pytest.log rc budget=${TEST_BUDGET_S:-300} k=${TEST_K:-(cuda or triton) and not kernels_compile}
+  local workers=()
   unset TRITON_INTERPRET  # the real Triton kernels on the GPU, not the interpreter
-  echo "$PY -m pytest tests -q --maxfail=25 -k \"$k\" -p no:cacheprovider, at most $budget s (output in $log)"
+  if "$PY" -c "import xdist" 2>/dev/null; then workers=(-n "${TEST_WORKERS:-8}"); fi
+  echo "$PY -m pytest tests -q ${workers[*]} --maxfail=25 -k \"$k\" -p no:cacheprovider, at most $budget s (output in $log)"
   # SIGINT after the budget: pytest stops and still prints its summary of what ran
-  timeout -s INT "$budget" "$PY" -m pytest tests -q --maxfail=25 -k "$k" -p no:cacheprovider -rf >"$log" 2>&1
+  timeout -s INT -k 20 "$budget" "$PY" -m pytest tests -q "${workers[@]}" --maxfail=25 -k "$k" -p no:cacheprovider -rf \
+    >"$log" 2>&1
   rc=$?
   tail -n 40 "$log"
   if [ "$rc" -eq 124 ]; then
@@ -193,9 +204,13 @@ print(common.device_slug(torch.device("cuda")))' 2>/dev/null | tail -n 1)
 }
 
 run_bench() {
-  local rc plots=() command=("$PY" benchmarks/run.py --device cuda "$GRID" --out "$RESULTS" "${RUN_PY_ARGS[@]}")
+  local rc plots=() limit=() command=("$PY" benchmarks/run.py --device cuda "$GRID" --out "$RESULTS" "${RUN_PY_ARGS[@]}")
+  if [ -n "$DEADLINE_S" ]; then
+    limit=(timeout -s INT -k 30 $((DEADLINE_S - SECONDS - 20 > 30 ? DEADLINE_S - SECONDS - 20 : 30)))
+    echo "deadline: at most ${limit[5]} s for the benchmark"
+  fi
   echo "${command[*]}"
-  "${command[@]}"
+  "${limit[@]}" "${command[@]}"
   rc=$?
   if [ -n "${OUT:-}" ] && [ -d "$RESULTS" ]; then  # the device tool brings back 8 files at most
     shopt -s nullglob
