@@ -8,6 +8,7 @@ import torch
 import snnkd_fast
 from snnkd_fast.losses import per_timestep_kl
 
+from conftest import skip_unless_runnable
 from kd_helpers import CASE_IDS, CASES, run_loss
 
 KD_TOL = {  # (rtol, atol) for loss values and gradients vs the reference
@@ -22,11 +23,7 @@ KD_TARGETS = [("cpp", "cpu"), ("triton", "cpu"), ("cuda", "cuda"), ("triton", "c
 @pytest.fixture(params=KD_TARGETS, ids=[f"{b}-{d}" for b, d in KD_TARGETS])
 def kd_target(request):
     backend, device = request.param
-    status = snnkd_fast.backends("kd")[backend]
-    if not status:
-        pytest.skip(f"backend {backend!r} unavailable for the KD losses: {status.reason}")
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+    skip_unless_runnable(backend, device, family="kd")
     return backend, device
 
 

@@ -14,11 +14,14 @@ import snnkd_fast  # noqa: E402
 from snnkd_fast import nn as snn  # noqa: E402
 from snnkd_fast.compat.spikingjelly import replace_neurons  # noqa: E402
 
+from conftest import device_for  # noqa: E402
 from tolerances import assert_grad_close  # noqa: E402
 
 SJ_SURROGATES = [surrogate.Sigmoid(), surrogate.ATan(alpha=3.0), surrogate.PiecewiseQuadratic(),
                  surrogate.PiecewiseExp(), surrogate.SoftSign(), surrogate.SuperSpike(), surrogate.Erf()]
-BACKENDS = [b for b in ("cpp", "triton", "torch") if snnkd_fast.backends()[b]]
+BACKENDS = [b for b in ("cpp", "triton", "torch", "cuda") if snnkd_fast.backends()[b]]
+# SpikingJelly runs on the CPU (its torch path: the semantics we match); ours on device_for(backend).
+TRITON_ON_CUDA_TENSORS = True
 
 
 def _pair(kind, backend, **kwargs):
@@ -54,19 +57,21 @@ def _drive(node, xs, step_mode):
 def test_module_parity(backend, kind, step_mode, v_reset, detach_reset, decay_input, sg):
     sj, ours = _pair(kind, backend, tau=2.5, decay_input=decay_input, v_reset=v_reset, detach_reset=detach_reset,
                      surrogate_function=sg, step_mode=step_mode)
+    device = device_for(backend)
+    ours.to(device)
     x = (torch.randn(6, 4, 17) * 1.5 + 0.4)
-    x_sj, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    x_sj, x_ours = x.clone().requires_grad_(True), x.clone().to(device).requires_grad_(True)
     chunks = lambda t: [t[:2], t[2:]]  # noqa: E731  (two calls: the membrane must carry over)
     s_sj = _drive(sj, chunks(x_sj), step_mode)
     s_ours = _drive(ours, chunks(x_ours), step_mode)
-    assert torch.equal(s_sj, s_ours)
-    assert torch.equal(sj.v, ours.v)
+    assert torch.equal(s_sj, s_ours.cpu())
+    assert torch.equal(sj.v, ours.v.cpu())
     g = torch.randn_like(s_sj)
     (s_sj * g).sum().backward()
-    (s_ours * g).sum().backward()
-    assert_grad_close(x_ours.grad, x_sj.grad, torch.float32, "grad x")
+    (s_ours * g.to(device)).sum().backward()
+    assert_grad_close(x_ours.grad.cpu(), x_sj.grad, torch.float32, "grad x")
     if kind == "plif":
-        assert_grad_close(ours.w.grad, sj.w.grad, torch.float32, "grad w")
+        assert_grad_close(ours.w.grad.cpu(), sj.w.grad, torch.float32, "grad w")
     functional.reset_net(sj)
     ours.reset()
     assert sj.v == ours.v == (0.0 if v_reset is None else v_reset)
