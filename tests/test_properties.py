@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 import snnkd_fast
 from snnkd_fast.lif.surrogates import SURROGATES
 
+from conftest import device_for
 from kd_helpers import CASES, run_loss
 from lif_helpers import NEURON_KINDS, make_inputs, run_neuron
 from tolerances import GRAD_TOL, assert_grad_close, assert_value_close
@@ -39,6 +40,12 @@ CPU_KERNELS = ["cpp", "triton"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
+
+
+def _on_cpu(run):
+    """A NeuronRun / LossRun with its tensors on the CPU, to compare with the CPU reference."""
+    return dataclasses.replace(run, **{field.name: None if getattr(run, field.name) is None
+                                       else getattr(run, field.name).cpu() for field in dataclasses.fields(run)})
 
 
 def _require(backend: str, family: str = "lif") -> None:
@@ -80,7 +87,10 @@ def _check_neuron(backend: str, cfg: dict) -> None:
     x, v_init, grad_spikes, grad_v, _ = make_inputs(cfg["shape"], dtype, scale=cfg["scale"], seed=cfg["seed"])
     w = torch.tensor(cfg["w"], dtype=torch.float64)
     v_init = v_init if cfg["with_v_init"] else None
-    kernel = run_neuron(cfg["kind"], x, v_init, w, grad_spikes, grad_v, backend, **cfg["kwargs"])
+    device = device_for(backend)
+    kernel = run_neuron(cfg["kind"], x.to(device), None if v_init is None else v_init.to(device), w.to(device),
+                        grad_spikes.to(device), grad_v.to(device), backend, **cfg["kwargs"])
+    kernel = _on_cpu(kernel)
     reference = run_neuron(cfg["kind"], x, v_init, w, grad_spikes, grad_v, "torch", **cfg["kwargs"])
     assert kernel.spikes.dtype == dtype and kernel.spikes.shape == x.shape
     assert torch.equal(kernel.spikes, reference.spikes), f"spikes differ from the reference: {cfg}"
@@ -168,7 +178,10 @@ def _check_loss(backend: str, cfg: dict) -> None:
     student = (torch.randn(T, B, C, generator=g, dtype=torch.float64) * cfg["scale"]).float()
     t_shape = (T, B, C) if cfg["teacher_3d"] else (B, C)
     teacher = (torch.randn(t_shape, generator=g, dtype=torch.float64) * cfg["teacher_scale"]).float()
-    kernel = run_loss(case, student, teacher, backend, reduction=cfg["reduction"], seed_backend=backend)
+    device = device_for(backend)
+    kernel = run_loss(case, student.to(device), teacher.to(device), backend, reduction=cfg["reduction"],
+                      seed_backend=backend)
+    kernel = _on_cpu(kernel)
     reference = run_loss(case, student.double(), teacher.double(), "torch", reduction=cfg["reduction"],
                          seed_backend=backend)
     assert kernel.loss.dtype == torch.float32 and kernel.loss.shape == reference.loss.shape

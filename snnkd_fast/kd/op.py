@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backends import triton_launch_guard
+from .._backends import triton_interpret, triton_launch_guard
 from .._library import call_with_autograd, register_autograd
 from .params import HTA_NUM, NUM_STATS
 
@@ -193,6 +193,8 @@ def nld_noise(seed: Tensor, shape, backend: str) -> Tensor:
     if backend == "triton":
         from . import nld_triton as kernels
 
+        if seed.device.type == "cpu" and not triton_interpret():  # compiled Triton draws on the GPU
+            return nld_noise(seed.cuda(), shape, backend).cpu()
         with triton_launch_guard():
             return kernels.draw_noise(seed, shape)
     return torch.ops.snnkd_fast.nld_noise(seed, list(shape))
