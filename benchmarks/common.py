@@ -159,18 +159,20 @@ def configure_threads() -> int:
 def git_commit() -> str:
     """``git rev-parse HEAD``, with ``-dirty`` when tracked files differ from it. Result files are
     ignored (untracked ones, and benchmarks/results/ itself, which a run rewrites as it goes): they
-    must not mark the next benchmark of the same run dirty. Without git metadata: $SNNKD_GIT_COMMIT."""
+    must not mark the next benchmark of the same run dirty. $SNNKD_GIT_COMMIT, where set, is returned
+    as it is: a copy of the tree on another machine (the device tool's) may carry a stale .git."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
 
+    if os.environ.get("SNNKD_GIT_COMMIT"):  # named by the caller: wins over a copy's stale .git
+        return os.environ["SNNKD_GIT_COMMIT"]
     try:
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
                          ":(exclude)benchmarks/results"))
     except (OSError, subprocess.CalledProcessError):
-        # A copy of the tree without .git (e.g. the device tool's): the caller may name the commit.
-        return os.environ.get("SNNKD_GIT_COMMIT", "unknown")
+        return "unknown"
     return commit + ("-dirty" if dirty else "")
 
 
@@ -234,6 +236,9 @@ def run_metadata(device: torch.device, bench_argv: list[str], threads: int, **fi
                      for name in ("torch", "triton", "spikingjelly", "snntorch", "numpy", "snnkd_fast")},
         "cuda_runtime": torch.version.cuda,
         "malloc": malloc_metadata(),
+        # Results without this field (the first H100 run) let the L2 flush overlap the host's work.
+        "timing_method": ("CUDA events, L2 flushed and synchronized before each sample (host enqueue included)"
+                          if device.type == "cuda" else "wall clock (time.perf_counter)"),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **fields,
     }
@@ -260,8 +265,13 @@ class Timer:
 
     CPU: wall clock (``time.perf_counter``). CUDA: CUDA events around ``run``, after overwriting a
     buffer larger than the L2 cache so that inputs left in L2 by ``setup`` or the previous
-    repetition do not flatter memory-bound kernels (as ``triton.testing.do_bench`` does). Each
-    repetition synchronises, so a forward pass's outputs never pile up across repetitions.
+    repetition do not flatter memory-bound kernels (as ``triton.testing.do_bench`` does). The
+    overwrite is waited for before the start event: otherwise the host enqueues ``run`` while the
+    GPU is still busy with it (~0.1 ms), which hides up to that much host overhead (Python, dispatch,
+    autograd) from one pass and not from a longer one, so small cases' fwd and bwd would read as
+    device time and their fwd+bwd as host time. Each pass's time is thus the host's enqueueing plus
+    the device's execution, as in a training step. Each repetition synchronises, so a forward pass's
+    outputs never pile up across repetitions.
 
     The number of repetitions adapts to the cost of one: about ``budget_s`` of samples, clamped to
     ``[min_reps, max_reps]``, after ``warmup_s`` of warm-up (JIT compilation, Triton autotuning,
@@ -282,6 +292,7 @@ class Timer:
         state = setup()
         if self.device.type == "cuda":
             self._l2_flush.zero_()
+            torch.cuda.synchronize(self.device)  # see the class docstring: no host work hidden behind it
             self._start.record()
             result = run(state)
             self._end.record()

@@ -46,6 +46,8 @@
 # most (`python benchmarks/plot.py DIR` also redraws them from the JSON files).
 #
 # PYTHON (default python3) names the interpreter: the one whose torch is the machine's CUDA build.
+# SNNKD_GIT_COMMIT stamps the results with the commit that was sent (the device tool's copy of the
+# tree carries a stale .git): commit first, then SNNKD_GIT_COMMIT=$(git rev-parse HEAD) in the command.
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
