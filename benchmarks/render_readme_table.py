@@ -56,7 +56,9 @@ def render_table(path: Path, data: dict[str, Any]) -> str:
     versions = meta.get("versions", {})
     heading = (f"**{meta['device_name']}** ({meta['device']}, {meta['threads']} threads): `{meta['op']}`, "
                f"{meta['grid']} grid, commit `{meta['git_commit'][:10]}`, torch {versions.get('torch')}, "
-               f"`{path.parent.name}/{path.name}`")
+               f"`{path.parent.name}/{path.name}`"
+               + (" — **partial grid** (the run hit its deadline; the cases below are complete)"
+                  if meta.get("interrupted") else ""))
     peers = list(meta.get("table_peers", DEFAULT_TABLE_PEERS))
     labels = {**PEER_LABELS, **meta.get("peer_labels", {})}
     extra = any(row.get("extra_seq_tensors") is not None for row in data["results"])
