@@ -70,10 +70,11 @@ def _seed():
 def _runs_triton_on_cpu_tensors(item) -> bool:
     """A test parametrized with backend "triton" in a module that builds its tensors on the CPU (the
     interpreter's device): such modules leave ``TRITON_ON_CUDA_TENSORS`` unset. Modules that choose
-    the device per target (``kernel_target``) set it, or pass ("triton", "cpu") pairs, which
-    ``skip_unless_runnable`` handles."""
+    the device per backend (``device_for``) set it, tests that do mark themselves ``cuda_tensors``,
+    and ("triton", "cpu") target pairs are skipped by ``skip_unless_runnable``."""
     callspec = getattr(item, "callspec", None)
-    if callspec is None or getattr(item.module, "TRITON_ON_CUDA_TENSORS", False):
+    if (callspec is None or getattr(item.module, "TRITON_ON_CUDA_TENSORS", False)
+            or item.get_closest_marker("cuda_tensors") is not None):
         return False
     return any(value == "triton" for value in callspec.params.values() if isinstance(value, str))
 

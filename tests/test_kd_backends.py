@@ -68,6 +68,28 @@ def test_class_counts(kd_target, case, C, T):
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_backward_saves_only_the_inputs_at_sequence_size(kd_target, case):
+    """What autograd keeps for the backward: the student and teacher themselves (no copies) and
+    O(T*B) statistics; no [T, B, C] tensor of the kernel's own (softmax, mask, noise)."""
+    backend, device = kd_target
+    T, B, C = 3, 4, 50
+    student = logits((T, B, C), device=device).requires_grad_(True)
+    teacher = logits((B, C), seed=1, device=device).requires_grad_(True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        case.fn(student, teacher, backend=backend, **case.kwargs)
+    inputs = {student.untyped_storage().data_ptr(), teacher.untyped_storage().data_ptr()}
+    own = [tuple(t.shape) for t in saved if t.numel() >= T * B * C and t.untyped_storage().data_ptr() not in inputs]
+    assert not own, f"sequence-sized tensors saved for the backward: {own}"
+    assert saved, "nothing saved: the hook did not see the kernel's autograd function"
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_large_row_streams(kd_target, case):
     """A row far wider than one tile: the online log-sum-exp and HTA's threshold search stream it."""
     backend, device = kd_target

@@ -164,3 +164,42 @@ def test_no_sequence_sized_temporary_on_cpu(name):
     assert fused["extra_bytes"] < 1.25 * fused["sequence_bytes"], fused
     reference = _peak_extra(name, "torch")
     assert reference["extra_bytes"] > 2.5 * reference["sequence_bytes"], reference
+
+
+@pytest.mark.cuda_tensors
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("name", ["per_timestep_kl", "tser_loss", "hta_kl", "nld_loss", "kd_kl"])
+def test_no_sequence_sized_temporary_on_gpu(name, backend):
+    """GPU counterpart of the test above, with the caching allocator's exact counters: the peak
+    allocated during forward+backward, beyond what was allocated before, is the student's gradient
+    plus O(T*B) statistics for the kernels; the reference needs several [T, B, C] temporaries."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not snnkd_fast.backends("kd")[backend]:
+        pytest.skip(snnkd_fast.backends("kd")[backend].reason)
+    fn = {"per_timestep_kl": L.per_timestep_kl, "tser_loss": L.tser_loss, "hta_kl": L.hta_kl,
+          "nld_loss": L.nld_loss, "kd_kl": L.kd_kl}[name]
+    kwargs = {"per_timestep": True} if name == "nld_loss" else {}
+    T, B, C = 4, 64, 16000
+    sequence_bytes = T * B * C * 4
+
+    def peak_extra(backend_: str) -> int:
+        student = torch.randn(T, B, C, device="cuda", requires_grad=True)
+        teacher = torch.randn(B, C, device="cuda")
+        fn(student[:, :2, :8], teacher[:2, :8], backend=backend_, **kwargs).backward()  # kernels loaded
+        student.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn(student, teacher, backend=backend_, **kwargs).backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+    fused = peak_extra(backend)
+    # the gradient [T, B, C] autograd must hold, plus statistics; kd_kl also holds [B, C] tensors
+    # (the time mean it saves and its gradient, before autograd spreads it over T)
+    limit = 1.25 + (2.0 / T if name == "kd_kl" else 0.0)
+    assert fused < limit * sequence_bytes, (fused, sequence_bytes)
+    if name != "kd_kl":  # the control: eager kd_kl also stays near one gradient's worth
+        reference = peak_extra("torch")
+        assert reference > 2.0 * sequence_bytes, (reference, sequence_bytes)
