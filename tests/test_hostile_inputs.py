@@ -15,7 +15,10 @@ What happens, per input (decided from the code; the tests pin it):
   was a silent NaN before).
 * C = 1: loss 0 and gradients 0 (both distributions are the point mass).
 * integer / bool / complex tensors: TypeError naming x_seq / v_init / w / student / teacher.
-* tensors on another device: ValueError naming v_init / w / teacher (skipped without CUDA).
+* tensors on another device: ValueError naming v_init / w / teacher, either way round (a CPU tensor
+  with a CUDA one, a module's CPU parameter or carried membrane against CUDA input); a kernel given
+  tensors of the wrong device: ValueError "runs on CPU tensors" / "runs on CUDA tensors" (skipped
+  without CUDA).
 * non-contiguous and stride-0 (expanded) inputs: the contiguous copy's answer.
 * logits / currents of +-1e4: finite.
 * -inf logit (a masked class): exact -- the class drops out. NLD: a -inf teacher class is exact, a -inf
@@ -23,6 +26,13 @@ What happens, per input (decided from the code; the tests pin it):
 * NaN -- neurons: that neuron's membrane is NaN from then on and it never spikes; the others are
   untouched. Losses: NaN or +inf logits make that row's loss NaN; the other rows are untouched.
 * first calls from two threads at once (triton under the interpreter, cpp): the single-threaded answer.
+
+Devices: every tensor a test hands to an op is built on ``conftest.device_for(backend)`` -- the CPU for
+torch and cpp (and triton under the interpreter), the GPU for cuda and for compiled triton -- so on a
+GPU machine these tests run the GPU kernels (``TRITON_ON_CUDA_TENSORS``); layouts (transposes, stride-0
+expands, slices) are made on that device. A kernel is compared with the torch reference on the same
+device. Inputs are drawn on the CPU from a seeded CPU generator and then moved, so every device sees the
+same values.
 """
 import subprocess
 import sys
@@ -37,11 +47,15 @@ import snnkd_fast
 from snnkd_fast import losses as L
 from snnkd_fast import nn as snn
 
+from conftest import device_for
+
 ROOT = Path(__file__).resolve().parents[1]
 NAN, INF = float("nan"), float("inf")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
+# Tensors are built on device_for(backend): compiled Triton gets CUDA tensors (conftest's GPU skip rule).
+TRITON_ON_CUDA_TENSORS = True
 
 
 def bounded(fn, timeout=120.0):
@@ -68,8 +82,8 @@ def _available(backend: str, family: str) -> bool:
     return bool(snnkd_fast.backends(family)[backend])
 
 
-NEURON_BACKENDS = [b for b in ("torch", "cpp", "triton") if _available(b, "lif")]
-LOSS_BACKENDS = [b for b in ("torch", "cpp", "triton") if _available(b, "kd")]
+NEURON_BACKENDS = [b for b in ("torch", "cpp", "triton", "cuda") if _available(b, "lif")]
+LOSS_BACKENDS = [b for b in ("torch", "cpp", "triton", "cuda") if _available(b, "kd")]
 NEURON_KINDS = ("lif", "if", "plif")
 
 
@@ -78,15 +92,15 @@ def neuron(kind, x, v_init=None, w=None, **kwargs):
         return snnkd_fast.lif_multistep(x, v_init, **kwargs)
     if kind == "if":
         return snnkd_fast.if_multistep(x, v_init, **kwargs)
-    return snnkd_fast.plif_multistep(x, torch.tensor(0.3) if w is None else w, v_init, **kwargs)
+    return snnkd_fast.plif_multistep(x, torch.tensor(0.3, device=x.device) if w is None else w, v_init, **kwargs)
 
 
 def loss_call(name, student, teacher, backend, **kwargs):
     fn = getattr(L, name)
     if name == "nld_loss" and backend != "torch":
         kwargs.setdefault("seed", 11)
-    if name == "nld_loss" and backend == "torch":
-        kwargs.setdefault("generator", torch.Generator().manual_seed(11))
+    if name == "nld_loss" and backend == "torch":  # torch.randn needs a generator of the tensors' device
+        kwargs.setdefault("generator", torch.Generator(device=student.device).manual_seed(11))
     return fn(student, teacher, backend=backend, **kwargs)
 
 
@@ -95,9 +109,10 @@ TIME_AVERAGED = {"kd_kl", "nld_loss"}  # one row per sample (nld: with the defau
 TAKES_2D_STUDENT = {"kd_kl", "nld_loss"}
 
 
-def logits(*shape, scale=3.0, seed=0, dtype=torch.float32):
+def logits(*shape, scale=3.0, seed=0, dtype=torch.float32, device="cpu"):
+    """Drawn on the CPU (the same values on every device), then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,14 +122,15 @@ def logits(*shape, scale=3.0, seed=0, dtype=torch.float32):
 @pytest.mark.parametrize("backend", NEURON_BACKENDS)
 @pytest.mark.parametrize("kind", NEURON_KINDS)
 def test_neuron_ranks_and_empty_time(kind, backend):
+    device = device_for(backend)
     with pytest.raises(ValueError, match="x_seq must have a leading time dimension"):
-        neuron(kind, torch.tensor(1.0), backend=backend)
+        neuron(kind, torch.tensor(1.0, device=device), backend=backend)
     with pytest.raises(ValueError, match="T=0"):
-        neuron(kind, torch.zeros(0, 3), backend=backend)
+        neuron(kind, torch.zeros(0, 3, device=device), backend=backend)
     with pytest.raises(ValueError, match="T=0"):
-        neuron(kind, torch.zeros(0), backend=backend)
+        neuron(kind, torch.zeros(0, device=device), backend=backend)
     # 1-dim: T steps of one (0-dim) neuron -- valid, and the same as a [T, 1] input
-    x = logits(6, scale=1.5) + 0.5
+    x = logits(6, scale=1.5, device=device) + 0.5
     torch.testing.assert_close(neuron(kind, x, backend=backend), neuron(kind, x[:, None], backend=backend)[:, 0],
                                rtol=0, atol=0)
 
@@ -122,8 +138,9 @@ def test_neuron_ranks_and_empty_time(kind, backend):
 @pytest.mark.parametrize("backend", NEURON_BACKENDS)
 @pytest.mark.parametrize("kind", NEURON_KINDS)
 def test_neuron_empty_batch_is_an_empty_result(kind, backend):
-    x = torch.zeros(3, 0, 4, requires_grad=True)
-    w = torch.tensor(0.3, requires_grad=True)
+    device = device_for(backend)
+    x = torch.zeros(3, 0, 4, device=device, requires_grad=True)
+    w = torch.tensor(0.3, device=device, requires_grad=True)
     spikes, v = neuron(kind, x, w=w, backend=backend, return_v=True)
     assert spikes.shape == (3, 0, 4) and v.shape == (0, 4)
     (spikes.sum() + v.sum()).backward()
@@ -135,27 +152,36 @@ def test_neuron_empty_batch_is_an_empty_result(kind, backend):
 @pytest.mark.parametrize("backend", NEURON_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.complex64], ids=str)
 def test_neuron_non_float_dtypes_are_refused(backend, dtype):
+    device = device_for(backend)
+    ones = torch.ones(3, 4, device=device)
     for kind in NEURON_KINDS:
         with pytest.raises(TypeError, match="x_seq must be float16, bfloat16, float32 or float64"):
-            neuron(kind, torch.ones(3, 4).to(dtype), backend=backend)
+            neuron(kind, ones.to(dtype), backend=backend)
         with pytest.raises(TypeError, match="v_init must be a floating-point tensor"):
-            neuron(kind, torch.ones(3, 4), torch.ones(4).to(dtype), backend=backend)
+            neuron(kind, ones, torch.ones(4, device=device).to(dtype), backend=backend)
     with pytest.raises(TypeError, match="w must be a floating-point tensor"):
-        snnkd_fast.plif_multistep(torch.ones(3, 4), torch.ones(()).to(dtype), backend=backend)
+        snnkd_fast.plif_multistep(ones, torch.ones((), device=device).to(dtype), backend=backend)
 
 
 @pytest.mark.parametrize("backend", NEURON_BACKENDS)
 def test_neuron_bad_v_init_and_w(backend):
+    device = device_for(backend)
+    x = torch.ones(3, 4, device=device)
     with pytest.raises(ValueError, match="v_init has shape"):
-        snnkd_fast.lif_multistep(torch.ones(3, 4), torch.ones(5), backend=backend)
+        snnkd_fast.lif_multistep(x, torch.ones(5, device=device), backend=backend)
     with pytest.raises(ValueError, match="w must hold one element"):
-        snnkd_fast.plif_multistep(torch.ones(3, 4), torch.ones(2), backend=backend)
+        snnkd_fast.plif_multistep(x, torch.ones(2, device=device), backend=backend)
     with pytest.raises(TypeError, match="w must be a one-element tensor"):
-        snnkd_fast.plif_multistep(torch.ones(3, 4), "0.3", backend=backend)
+        snnkd_fast.plif_multistep(x, "0.3", backend=backend)
     with pytest.raises(ValueError, match="tau must be > 1"):
-        snnkd_fast.lif_multistep(torch.ones(3, 4), tau=1.0, backend=backend)
+        snnkd_fast.lif_multistep(x, tau=1.0, backend=backend)
     with pytest.raises(ValueError, match="v_threshold must be finite"):
-        snnkd_fast.lif_multistep(torch.ones(3, 4), v_threshold=NAN, backend=backend)
+        snnkd_fast.lif_multistep(x, v_threshold=NAN, backend=backend)
+
+
+def _compiled_triton_available(family: str) -> bool:
+    """Triton compiles for the GPU here (not the interpreter): it refuses CPU tensors."""
+    return _available("triton", family) and device_for("triton") == "cuda"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a second device")
@@ -167,6 +193,32 @@ def test_neuron_tensors_on_different_devices():
         snnkd_fast.plif_multistep(x, torch.tensor(0.3, device="cuda"))
     with pytest.raises(ValueError, match="runs on CPU tensors"):
         snnkd_fast.lif_multistep(x.cuda(), backend="cpp")
+    # the other way round: CUDA input with a CPU v_init / w, on every backend that takes CUDA tensors
+    x_cuda = x.cuda()
+    gpu_backends = ["auto", "torch"] + [b for b in ("cuda", "triton") if _available(b, "lif")
+                                        and (b == "cuda" or _compiled_triton_available("lif"))]
+    for backend in gpu_backends:
+        with pytest.raises(ValueError, match="v_init is on cpu but x_seq is on cuda"):
+            snnkd_fast.lif_multistep(x_cuda, torch.zeros(4), backend=backend)
+        with pytest.raises(ValueError, match="v_init is on cpu but x_seq is on cuda"):
+            snnkd_fast.if_multistep(x_cuda, torch.zeros(4), backend=backend)
+        with pytest.raises(ValueError, match="w is on cpu but x_seq is on cuda"):
+            snnkd_fast.plif_multistep(x_cuda, torch.tensor(0.3), backend=backend)
+        # a module left on the CPU (its parameter w), and a membrane carried over from a CPU call
+        with pytest.raises(ValueError, match="w is on cpu but x_seq is on cuda"):
+            snn.ParametricLIFNode(step_mode="m", backend=backend)(x_cuda)
+        if backend in ("auto", "torch"):  # the CPU call needs a CPU backend
+            node = snn.LIFNode(step_mode="m", backend=backend)
+            node(x)
+            with pytest.raises(ValueError, match="v_init is on cpu but x_seq is on cuda"):
+                node(x_cuda)
+    # a kernel given tensors of a device it does not run on
+    if _available("cuda", "lif"):
+        with pytest.raises(ValueError, match="backend='cuda' runs on CUDA tensors"):
+            snnkd_fast.lif_multistep(x, backend="cuda")
+    if _compiled_triton_available("lif"):
+        with pytest.raises(ValueError, match="backend='triton' runs on CUDA tensors"):
+            snnkd_fast.lif_multistep(x, backend="triton")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,11 +226,12 @@ def test_neuron_tensors_on_different_devices():
 # --------------------------------------------------------------------------------------------------
 
 def _neuron_run(kind, x, v_init, backend, **kwargs):
+    """Forward + backward on x's device; returns spikes, v_final and the gradients of x, v_init, w."""
     x = x.detach().requires_grad_(True)
     v_init = v_init.detach().requires_grad_(True)
-    w = torch.tensor(0.4, requires_grad=True)
+    w = torch.tensor(0.4, device=x.device, requires_grad=True)
     spikes, v = neuron(kind, x, v_init, w, backend=backend, return_v=True, **kwargs)
-    g = torch.linspace(-1.0, 1.0, spikes.numel()).view(spikes.shape)
+    g = torch.linspace(-1.0, 1.0, spikes.numel(), device=spikes.device).view(spikes.shape)
     ((spikes * g).sum() + v.sum()).backward()
     return spikes.detach(), v.detach(), x.grad, v_init.grad, w.grad
 
@@ -187,16 +240,17 @@ def _neuron_run(kind, x, v_init, backend, **kwargs):
 @pytest.mark.parametrize("kind", NEURON_KINDS)
 @pytest.mark.parametrize("layout", ["transposed", "expanded_x", "expanded_v_init", "sliced"])
 def test_neuron_strided_inputs_give_the_contiguous_answer(kind, backend, layout):
-    base = logits(5, 4, 6, scale=1.5, seed=1) + 0.5
-    v_init = logits(4, 6, scale=0.5, seed=2)
+    device = device_for(backend)  # the views are made on the device
+    base = logits(5, 4, 6, scale=1.5, seed=1, device=device) + 0.5
+    v_init = logits(4, 6, scale=0.5, seed=2, device=device)
     if layout == "transposed":
-        x = logits(5, 6, 4, scale=1.5, seed=1).transpose(1, 2)
+        x = logits(5, 6, 4, scale=1.5, seed=1, device=device).transpose(1, 2)
     elif layout == "expanded_x":
         x = base[:, :1].expand(5, 4, 6)  # stride 0 over dim 1
     elif layout == "expanded_v_init":
-        x, v_init = base, logits(6, scale=0.5, seed=2).expand(4, 6)
+        x, v_init = base, logits(6, scale=0.5, seed=2, device=device).expand(4, 6)
     else:
-        x = logits(10, 4, 12, scale=1.5, seed=1)[::2, :, ::2]
+        x = logits(10, 4, 12, scale=1.5, seed=1, device=device)[::2, :, ::2]
     assert not x.is_contiguous() or not v_init.is_contiguous()
     strided = _neuron_run(kind, x, v_init, backend)
     contiguous = _neuron_run(kind, x.contiguous(), v_init.contiguous(), backend)
@@ -210,12 +264,14 @@ def test_neuron_strided_inputs_give_the_contiguous_answer(kind, backend, layout)
 @pytest.mark.parametrize("backend", NEURON_BACKENDS)
 @pytest.mark.parametrize("kind", NEURON_KINDS)
 def test_neuron_huge_inputs_stay_finite(kind, backend):
-    x = logits(6, 3, 8, scale=1e4, seed=3)
-    spikes, v, gx, gv, gw = bounded(lambda: _neuron_run(kind, x, torch.zeros(3, 8), backend))
+    device = device_for(backend)
+    x = logits(6, 3, 8, scale=1e4, seed=3, device=device)
+    v_init = torch.zeros(3, 8, device=device)
+    spikes, v, gx, gv, gw = bounded(lambda: _neuron_run(kind, x, v_init, backend))
     assert set(spikes.unique().tolist()) <= {0.0, 1.0} and 0 < spikes.sum() < spikes.numel()
     for t in (v, gx, gv) + ((gw,) if kind == "plif" else ()):
         assert torch.isfinite(t).all()
-    reference = _neuron_run(kind, x, torch.zeros(3, 8), "torch")
+    reference = _neuron_run(kind, x, v_init, "torch")  # the reference on the same device
     assert torch.equal(spikes, reference[0])
 
 
@@ -225,7 +281,8 @@ def test_neuron_huge_inputs_stay_finite(kind, backend):
 def test_neuron_nan_input_never_spikes_and_stays_local(kind, backend, v_reset):
     """NaN policy (README, lif/op.py): a NaN input makes that neuron's membrane NaN from then on and it
     never spikes; every other neuron is untouched."""
-    x = torch.full((6, 2, 3), 2.5)  # strong input: every neuron would spike at every step
+    device = device_for(backend)
+    x = torch.full((6, 2, 3), 2.5, device=device)  # strong input: every neuron would spike at every step
     poisoned = x.clone()
     poisoned[2, 1, 0] = NAN
     spikes, v = bounded(lambda: neuron(kind, poisoned, backend=backend, return_v=True, v_reset=v_reset))
@@ -234,7 +291,7 @@ def test_neuron_nan_input_never_spikes_and_stays_local(kind, backend, v_reset):
     assert torch.equal(spikes[:2], clean_spikes[:2])          # before the NaN: unchanged
     assert (spikes[2:, 1, 0] == 0).all()                       # from the NaN on: never spikes
     assert torch.isnan(v[1, 0])                                # and its membrane stays NaN
-    others = torch.ones(2, 3, dtype=torch.bool)
+    others = torch.ones(2, 3, dtype=torch.bool, device=device)
     others[1, 0] = False
     assert torch.equal(spikes[:, others], clean_spikes[:, others])
     assert torch.equal(v[others], clean_v[others])
@@ -244,7 +301,7 @@ def test_neuron_nan_input_never_spikes_and_stays_local(kind, backend, v_reset):
 def test_neuron_plus_inf_membrane_spikes_and_resets_in_kernels(backend):
     """The one documented divergence: a +inf membrane spikes; the kernels' hard reset brings it back to
     v_reset (the reference's s * v_reset + (1 - s) * h is NaN there)."""
-    x = torch.tensor([[INF, 0.5]] * 3)
+    x = torch.tensor([[INF, 0.5]] * 3, device=device_for(backend))
     spikes, v = snnkd_fast.lif_multistep(x, backend=backend, return_v=True)
     assert spikes[:, 0].tolist() == [1.0, 1.0, 1.0] and v[0].item() == 0.0
     assert torch.equal(spikes[:, 1], snnkd_fast.lif_multistep(x, backend="torch")[:, 1])
@@ -257,7 +314,8 @@ def test_neuron_plus_inf_membrane_spikes_and_resets_in_kernels(backend):
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_loss_wrong_ranks(name, backend):
-    s, t = logits(2, 3, 5), logits(3, 5, seed=1)
+    device = device_for(backend)
+    s, t = logits(2, 3, 5, device=device), logits(3, 5, seed=1, device=device)
     with pytest.raises(ValueError, match="student must be"):
         loss_call(name, s[None], t, backend)
     with pytest.raises(ValueError, match="student must be"):
@@ -276,8 +334,10 @@ def test_loss_wrong_ranks(name, backend):
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_loss_mismatched_shapes(name, backend):
-    s = logits(2, 3, 5)
-    for teacher in (logits(4, 5), logits(3, 6), logits(3, 3, 5), logits(2, 4, 5), logits(2, 3, 4)):
+    device = device_for(backend)
+    s = logits(2, 3, 5, device=device)
+    for shape in ((4, 5), (3, 6), (3, 3, 5), (2, 4, 5), (2, 3, 4)):
+        teacher = logits(*shape, device=device)
         with pytest.raises(ValueError, match="does not match student shape"):
             loss_call(name, s, teacher, backend)
 
@@ -285,12 +345,13 @@ def test_loss_mismatched_shapes(name, backend):
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_loss_empty_time_and_classes(name, backend):
+    d = device_for(backend)
     with pytest.raises(ValueError, match="student has T=0"):
-        loss_call(name, logits(0, 3, 5), logits(3, 5), backend)
+        loss_call(name, logits(0, 3, 5, device=d), logits(3, 5, device=d), backend)
     with pytest.raises(ValueError, match="teacher has T=0"):
-        loss_call(name, logits(2, 3, 5), logits(0, 3, 5), backend)
+        loss_call(name, logits(2, 3, 5, device=d), logits(0, 3, 5, device=d), backend)
     with pytest.raises(ValueError, match="C=0"):
-        loss_call(name, logits(2, 3, 0), logits(3, 0), backend)
+        loss_call(name, logits(2, 3, 0, device=d), logits(3, 0, device=d), backend)
 
 
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
@@ -298,8 +359,9 @@ def test_loss_empty_time_and_classes(name, backend):
 def test_loss_empty_batch(name, backend):
     """B = 0: "none" is the empty rows, "sum" is 0; an average over no samples is refused with a
     ValueError naming B=0 (it used to be a silent NaN: 0 / 0)."""
-    student = torch.zeros(3, 0, 5, requires_grad=True)
-    teacher = torch.zeros(0, 5, requires_grad=True)
+    device = device_for(backend)
+    student = torch.zeros(3, 0, 5, device=device, requires_grad=True)
+    teacher = torch.zeros(0, 5, device=device, requires_grad=True)
     rows = loss_call(name, student, teacher, backend, reduction="none")
     assert rows.shape == ((0,) if name in TIME_AVERAGED else (3, 0))
     total = loss_call(name, student, teacher, backend, reduction="sum")
@@ -316,8 +378,9 @@ def test_loss_empty_batch(name, backend):
 def test_loss_one_class_is_zero(name, backend):
     """C = 1: both distributions are the point mass; every KL (and TSER's entropy) is 0, and so are the
     gradients."""
-    student = logits(3, 4, 1, scale=5.0).requires_grad_(True)
-    teacher = logits(4, 1, scale=5.0, seed=1).requires_grad_(True)
+    device = device_for(backend)
+    student = logits(3, 4, 1, scale=5.0, device=device).requires_grad_(True)
+    teacher = logits(4, 1, scale=5.0, seed=1, device=device).requires_grad_(True)
     rows = loss_call(name, student, teacher, backend, reduction="none")
     assert torch.isfinite(rows).all()
     torch.testing.assert_close(rows, torch.zeros_like(rows), rtol=0, atol=1e-5)
@@ -330,7 +393,8 @@ def test_loss_one_class_is_zero(name, backend):
 @pytest.mark.parametrize("name", LOSS_NAMES)
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.complex64], ids=str)
 def test_loss_non_float_dtypes_are_refused(name, backend, dtype):
-    s, t = logits(2, 3, 5), logits(3, 5, seed=1)
+    device = device_for(backend)
+    s, t = logits(2, 3, 5, device=device), logits(3, 5, seed=1, device=device)
     with pytest.raises(TypeError, match="student must be float16, bfloat16, float32 or float64"):
         loss_call(name, s.to(dtype), t, backend)
     with pytest.raises(TypeError, match="teacher must be float16, bfloat16, float32 or float64"):
@@ -354,6 +418,26 @@ def test_loss_bad_scalars_are_refused(name):
 def test_loss_tensors_on_different_devices(name):
     with pytest.raises(ValueError, match="teacher is on"):
         loss_call(name, logits(2, 3, 5), logits(3, 5).cuda(), "auto")
+    # the other way round (a CUDA student, a CPU teacher) on every backend that takes CUDA tensors, with
+    # a [B, C] and a [T, B, C] teacher
+    student = logits(2, 3, 5, device="cuda")
+    gpu_backends = ["auto", "torch"] + [b for b in ("cuda", "triton") if _available(b, "kd")
+                                        and (b == "cuda" or _compiled_triton_available("kd"))]
+    for backend in gpu_backends:
+        for teacher in (logits(3, 5, seed=1), logits(2, 3, 5, seed=1)):
+            with pytest.raises(ValueError, match="teacher is on cpu but student is on cuda"):
+                loss_call(name, student, teacher, backend)
+    # a kernel given tensors of a device it does not run on
+    cpu_pair = logits(2, 3, 5), logits(3, 5, seed=1)
+    if _available("cpp", "kd"):
+        with pytest.raises(ValueError, match="backend='cpp' runs on CPU tensors"):
+            loss_call(name, student, logits(3, 5, seed=1, device="cuda"), "cpp")
+    if _available("cuda", "kd"):
+        with pytest.raises(ValueError, match="backend='cuda' runs on CUDA tensors"):
+            loss_call(name, *cpu_pair, "cuda")
+    if _compiled_triton_available("kd"):
+        with pytest.raises(ValueError, match="backend='triton' runs on CUDA tensors"):
+            loss_call(name, *cpu_pair, "triton")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,7 +449,7 @@ def _loss_run(name, student, teacher, backend, transform=None, **kwargs):
     t_leaf = teacher.detach().clone().requires_grad_(True)
     s, t = transform(s_leaf, t_leaf) if transform else (s_leaf, t_leaf)
     rows = loss_call(name, s, t, backend, reduction="none", **kwargs)
-    weights = torch.linspace(0.5, 1.5, rows.numel()).view(rows.shape)
+    weights = torch.linspace(0.5, 1.5, rows.numel(), device=rows.device).view(rows.shape)
     (rows * weights).sum().backward()
     return rows.detach(), s_leaf.grad, t_leaf.grad
 
@@ -389,7 +473,8 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_loss_strided_inputs_give_the_contiguous_answer(name, backend, layout):
     s_shape, t_shape, transform = LAYOUTS[layout]
-    student, teacher = logits(*s_shape), logits(*t_shape, seed=1)
+    device = device_for(backend)  # the views are made on the device
+    student, teacher = logits(*s_shape, device=device), logits(*t_shape, seed=1, device=device)
     strided = _loss_run(name, student, teacher, backend, transform)
     s_view, t_view = transform(student, teacher)
     assert not (s_view.is_contiguous() and t_view.is_contiguous())
@@ -407,7 +492,8 @@ def test_loss_strided_inputs_give_the_contiguous_answer(name, backend, layout):
 @pytest.mark.parametrize("name", LOSS_NAMES)
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
 def test_loss_huge_logits_stay_finite(name, backend):
-    student, teacher = logits(3, 4, 12, scale=1e4), logits(4, 12, scale=1e4, seed=1)
+    device = device_for(backend)
+    student, teacher = logits(3, 4, 12, scale=1e4, device=device), logits(4, 12, scale=1e4, seed=1, device=device)
     rows, gs, gt = bounded(lambda: _loss_run(name, student, teacher, backend))
     assert torch.isfinite(rows).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
 
@@ -417,8 +503,9 @@ def test_nld_all_noise_mixture_gradient_is_finite(backend):
     """noise_weight=1: the student distribution is the noise softmax alone (the gradient flows only
     through the row mean and variance); found by test_properties."""
     g = torch.Generator().manual_seed(0)
-    student = (torch.randn(1, 1, 28, generator=g, dtype=torch.float64) * 13).float().requires_grad_(True)
-    teacher = torch.randn(1, 28, generator=g, dtype=torch.float64).float()
+    device = device_for(backend)
+    student = (torch.randn(1, 1, 28, generator=g, dtype=torch.float64) * 13).float().to(device).requires_grad_(True)
+    teacher = torch.randn(1, 28, generator=g, dtype=torch.float64).float().to(device)
     loss = loss_call("nld_loss", student, teacher, backend, temperature=1.0, noise_weight=1.0, seed=0)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
@@ -429,7 +516,8 @@ def test_nld_all_noise_mixture_gradient_is_finite(backend):
 def test_loss_masked_class_drops_out_exactly(name, backend):
     """A class at -inf in student and teacher has probability 0: the loss is that of the other classes,
     and its gradient is exactly 0."""
-    student, teacher = logits(3, 4, 9), logits(4, 9, seed=1)
+    device = device_for(backend)
+    student, teacher = logits(3, 4, 9, device=device), logits(4, 9, seed=1, device=device)
     masked_s, masked_t = student.clone(), teacher.clone()
     masked_s[..., 4] = -INF
     masked_t[:, 4] = -INF
@@ -447,12 +535,13 @@ def test_loss_masked_class_drops_out_exactly(name, backend):
 def test_nld_masked_teacher_class_is_finite_and_student_needs_finite_logits(backend):
     """NLD: a -inf teacher class is exact (p = 0); a -inf *student* logit leaves the row's mean and
     variance undefined (kd/reference.py: NLD needs finite logits), so that row -- only that row -- is NaN."""
-    student, teacher = logits(3, 4, 9), logits(4, 9, seed=1)
+    device = device_for(backend)
+    student, teacher = logits(3, 4, 9, device=device), logits(4, 9, seed=1, device=device)
     teacher[:, 4] = -INF
     rows, gs, gt = bounded(lambda: _loss_run("nld_loss", student, teacher, backend))
     assert torch.isfinite(rows).all() and torch.isfinite(gs).all() and (gt[:, 4] == 0).all()
     student[1, 2, 4] = -INF
-    rows = loss_call("nld_loss", student, logits(4, 9, seed=1), backend, reduction="none")
+    rows = loss_call("nld_loss", student, logits(4, 9, seed=1, device=device), backend, reduction="none")
     assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3]]).all()
 
 
@@ -461,7 +550,8 @@ def test_nld_masked_teacher_class_is_finite_and_student_needs_finite_logits(back
 @pytest.mark.parametrize("where", ["student_nan", "student_posinf", "teacher_nan", "teacher_posinf"])
 def test_loss_nan_policy_poisons_only_that_row(name, backend, where):
     """losses.py: +inf or NaN logits make that row's loss NaN; every other row is unchanged."""
-    student, teacher = logits(3, 4, 6), logits(4, 6, seed=1)
+    device = device_for(backend)
+    student, teacher = logits(3, 4, 6, device=device), logits(4, 6, seed=1, device=device)
     bad = NAN if where.endswith("nan") else INF
     s_bad, t_bad = student.clone(), teacher.clone()
     if where.startswith("student"):
@@ -489,7 +579,8 @@ def test_nld_per_timestep_2d_student_uses_every_teacher_step(backend):
     """per_timestep=True with a [B, C] student and a [T, B, C] teacher: one row per teacher timestep,
     as the reference broadcasts (the kernels used to read only the teacher's first timestep). With
     noise_weight=0 NLD is the plain tau^2 KL, so each row must equal per_timestep_kl against that step."""
-    student, teacher = logits(3, 6), logits(4, 3, 6, seed=1)
+    device = device_for(backend)  # the torch reference below runs on the same device
+    student, teacher = logits(3, 6, device=device), logits(4, 3, 6, seed=1, device=device)
     s = student.clone().requires_grad_(True)
     rows = loss_call("nld_loss", s, teacher, backend, per_timestep=True, noise_weight=0.0, reduction="none")
     assert rows.shape == (4, 3)
@@ -513,30 +604,31 @@ MODULES = {"LIFNode": snn.LIFNode, "IFNode": snn.IFNode, "ParametricLIFNode": sn
 @pytest.mark.parametrize("backend", NEURON_BACKENDS)
 @pytest.mark.parametrize("cls", list(MODULES))
 def test_modules_hostile_inputs(cls, backend):
-    node = MODULES[cls](step_mode="m", backend=backend)
+    device = device_for(backend)
+    node = MODULES[cls](step_mode="m", backend=backend).to(device)  # PLIF's w on the device
     with pytest.raises(TypeError, match=f"{cls}: x must be a tensor"):
         node([1.0, 2.0])
     with pytest.raises(TypeError, match=f"{cls}: x_seq must be float16"):
-        node(torch.ones(3, 4, dtype=torch.int64))
+        node(torch.ones(3, 4, dtype=torch.int64, device=device))
     with pytest.raises(ValueError, match=f"{cls}: x_seq has T=0"):
-        node(torch.zeros(0, 4))
-    assert node(torch.zeros(3, 0, 4)).shape == (3, 0, 4)  # B = 0
+        node(torch.zeros(0, 4, device=device))
+    assert node(torch.zeros(3, 0, 4, device=device)).shape == (3, 0, 4)  # B = 0
     node.reset()
     # The membrane is carried across calls: a call with another batch size without reset() is refused.
-    node(torch.ones(3, 4, 5))
+    node(torch.ones(3, 4, 5, device=device))
     with pytest.raises(ValueError, match="v_init has shape \\(4, 5\\)"):
-        node(torch.ones(3, 8, 5))
+        node(torch.ones(3, 8, 5, device=device))
     node.reset()
-    assert node(torch.ones(3, 8, 5)).shape == (3, 8, 5)
+    assert node(torch.ones(3, 8, 5, device=device)).shape == (3, 8, 5)
     # NaN in the module: as the op
     node.reset()
-    x = torch.full((4, 2), 2.5)
+    x = torch.full((4, 2), 2.5, device=device)
     x[1, 0] = NAN
     out = node(x)
     assert (out[1:, 0] == 0).all() and torch.isnan(node.v[0])
     # single-step mode on a 0-dim neuron
-    single = MODULES[cls](step_mode="s", backend=backend)
-    assert single(torch.tensor(5.0)).shape == ()
+    single = MODULES[cls](step_mode="s", backend=backend).to(device)
+    assert single(torch.tensor(5.0, device=device)).shape == ()
 
 
 def test_modules_bad_constructor_arguments():
