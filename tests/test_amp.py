@@ -1,4 +1,5 @@
-"""Mixed precision: snnkd_fast under ``torch.autocast("cpu", dtype=torch.bfloat16)`` and with half inputs.
+"""Mixed precision: snnkd_fast under ``torch.autocast("cpu", dtype=torch.bfloat16)``, under
+``torch.autocast("cuda", dtype=torch.bfloat16 / torch.float16)`` on the GPU kernels, and with half inputs.
 
 None of the ops is on an autocast cast list: they take the dtype that arrives (under autocast a
 ``Linear`` hands them bfloat16), compute in float32 and return the dtypes below; mixed student and
@@ -13,10 +14,19 @@ teacher dtypes are fine.
 Time averages (``kd_kl``, ``hta_kl(time_reduction="mean_logits")``, ``nld_loss``) are taken in fp32
 (fp64), never in the half type.
 
+CUDA autocast (``torch.autocast("cuda", dtype=torch.bfloat16)`` or ``dtype=torch.float16``) behaves the
+same on CUDA tensors, for the "cuda" and the (compiled) "triton" kernels as for the "torch" reference:
+the ops are on no CUDA autocast cast list either (the GPU variants check it), take the dtype that arrives (a ``Linear`` under
+autocast hands them bf16 / fp16), compute in fp32 and return the dtypes of the table (triton: no fp64,
+as on the CPU). The GPU variants below (ids ``...-cuda-cuda``, ``...-triton-cuda``, ``...-torch-cuda``)
+run the same checks under CUDA autocast, bf16 and fp16, and are skipped without a GPU; the CPU ones
+(ids as before: ``cpp``, ``triton`` under the interpreter, ``torch``) keep CPU autocast.
+
 Checked here:
-* a small SNN (Linear -> LIFNode(step_mode="m") -> Linear) under bf16 autocast (and fp16, cpp) against
+* a small SNN (Linear -> LIFNode(step_mode="m") -> Linear) under bf16 autocast (and fp16: cpp on the
+  CPU, cuda and triton on the GPU) against
   an fp32 teacher, with per_timestep_kl / hta_kl / nld_loss (fixed seed): forward and backward run, the
-  node sees and emits bf16, the loss is fp32, and every parameter gradient is within a relative L2
+  node sees and emits bf16 (fp16), the loss is fp32, and every parameter gradient is within a relative L2
   error of 5e-2 (fp16: 1e-2) of the same model in fp32 without autocast. The first layer sits on a
   grid bf16 holds exactly, so the node gets the same currents and no spike flips: with a random first
   layer, bf16 rounding flips the spikes of membranes near the threshold and the step differs from
@@ -25,6 +35,11 @@ Checked here:
 * every op accepts the autocast dtypes (bf16 activations, fp32 teacher, mixed student/teacher dtypes);
 * fp16 inputs to every op (no autocast) give the fp32 reference's answer on the same values (spikes
   exactly, values and gradients within tests/tolerances.py).
+
+Devices: a test's tensors and model are on the device of its (backend, device) target, or for the
+tests without autocast on ``conftest.device_for(backend)`` (the GPU for cuda and compiled triton); the
+values are drawn on the CPU from seeded generators and moved, and a kernel is compared with the torch
+reference on the same device.
 """
 import copy
 
@@ -35,6 +50,7 @@ import snnkd_fast
 from snnkd_fast import losses as L
 from snnkd_fast import nn as snn
 
+from conftest import device_for, skip_unless_runnable
 from lif_helpers import NEURON_KINDS, make_inputs, run_neuron
 from tolerances import GRAD_TOL, assert_grad_close
 
@@ -46,13 +62,53 @@ AMP_GRAD_RTOL = {torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
+# Tensors are built on the target's device / device_for(backend): compiled Triton gets CUDA tensors.
+TRITON_ON_CUDA_TENSORS = True
 
 
 def _backends(family):
-    return [b for b in ("cpp", "triton") if snnkd_fast.backends(family)[b]]
+    return [b for b in ("cpp", "triton", "cuda") if snnkd_fast.backends(family)[b]]
 
 
+# kernels of both families, for the tests without autocast (run on device_for(backend))
 BACKENDS = [b for b in _backends("lif") if b in _backends("kd")]
+
+# (backend, device) targets of the autocast tests: autocast is per device type, so the device is part of
+# the test. The CPU targets (CPU autocast) as before, ids the backend; the GPU targets (CUDA autocast)
+# always, skipped with the reason where they cannot run (no CUDA device, backend not built).
+CPU_TARGETS = [(b, "cpu") for b in ("cpp", "triton") if b in BACKENDS]
+GPU_TARGETS = [("cuda", "cuda"), ("triton", "cuda")]
+TARGETS = CPU_TARGETS + GPU_TARGETS
+
+
+def target_id(backend: str, device: str) -> str:
+    return backend if device == "cpu" else f"{backend}-{device}"
+
+
+DTYPE_ID = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def autocast_configs(cpu_targets, gpu_targets):
+    """(amp_dtype, backend, device): bf16 CPU autocast on the CPU targets; bf16 and fp16 CUDA autocast on
+    the GPU targets."""
+    return ([(torch.bfloat16, b, d) for b, d in cpu_targets]
+            + [(dtype, b, d) for b, d in gpu_targets for dtype in (torch.bfloat16, torch.float16)])
+
+
+def autocast_ids(configs):
+    """The CPU ids as before this module ran on the GPU (the backend alone: bf16 is implied); the GPU ids
+    name the autocast dtype and the target, e.g. "fp16-triton-cuda"."""
+    return [target_id(b, d) if d == "cpu" else f"{DTYPE_ID[dtype]}-{target_id(b, d)}" for dtype, b, d in configs]
+
+
+def skip_unless_target_runs(backend: str, device: str) -> None:
+    """As conftest.skip_unless_runnable, for both op families (a test here runs neurons and losses)."""
+    for family in ("lif", "kd"):
+        skip_unless_runnable(backend, device, family)
+    if backend == "triton" and device == "cuda" and device_for("triton") != "cuda":
+        pytest.skip("triton runs in the interpreter (TRITON_INTERPRET=1): CPU tensors only")
+
+
 LOSSES = {
     "per_timestep_kl": lambda s, t, backend: L.per_timestep_kl(s, t, temperature=4.0, backend=backend),
     "hta_kl": lambda s, t, backend: L.hta_kl(s, t, temperature=4.0, head_threshold=0.5, backend=backend),
@@ -79,7 +135,8 @@ def _student(backend, dyadic_first_layer=False):
 
 
 def _step(model, x, teacher, loss_fn, backend, autocast_dtype=None):
-    """One forward + backward; returns (loss, {name: grad}, what the LIF node saw and emitted, output dtype)."""
+    """One forward + backward under autocast of x's device type (CPU or CUDA); returns (loss, {name: grad},
+    what the LIF node saw and emitted, output dtype)."""
     seen = {}
 
     def hook(module, inputs, spikes):
@@ -89,7 +146,7 @@ def _step(model, x, teacher, loss_fn, backend, autocast_dtype=None):
     model.zero_grad(set_to_none=True)
     model[1].reset()
     try:
-        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             out = model(x)
             loss = loss_fn(out, teacher, backend)
         loss.backward()
@@ -98,18 +155,23 @@ def _step(model, x, teacher, loss_fn, backend, autocast_dtype=None):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, seen, out.dtype
 
 
-# fp16 autocast on the cpp kernels only: the Triton interpreter is slow and bf16 covers its dtype path
-AMP_CONFIGS = [(torch.bfloat16, b) for b in BACKENDS] + [(torch.float16, b) for b in BACKENDS if b == "cpp"]
+# CPU: fp16 autocast on the cpp kernels only (the Triton interpreter is slow and bf16 covers its dtype
+# path). GPU: bf16 and fp16 CUDA autocast on the cuda and the compiled triton kernels.
+AMP_CONFIGS = ([(torch.bfloat16, b, d) for b, d in CPU_TARGETS] + [(torch.float16, b, d) for b, d in CPU_TARGETS
+                                                                    if b == "cpp"]
+               + [(dtype, b, d) for b, d in GPU_TARGETS for dtype in (torch.bfloat16, torch.float16)])
 
 
 @pytest.mark.parametrize("loss_name", list(LOSSES))
-@pytest.mark.parametrize("amp_dtype, backend", AMP_CONFIGS,
-                         ids=[f"{'bf16' if d == torch.bfloat16 else 'fp16'}-{b}" for d, b in AMP_CONFIGS])
-def test_autocast_training_step_matches_fp32(backend, loss_name, amp_dtype):
+@pytest.mark.parametrize("amp_dtype, backend, device", AMP_CONFIGS,
+                         ids=[f"{'bf16' if d == torch.bfloat16 else 'fp16'}-{target_id(b, dev)}"
+                              for d, b, dev in AMP_CONFIGS])
+def test_autocast_training_step_matches_fp32(backend, device, loss_name, amp_dtype):
+    skip_unless_target_runs(backend, device)
     g = torch.Generator().manual_seed(1)
-    x = torch.randint(-3, 4, (4, 16, 32), generator=g) * 0.5
-    teacher = torch.randn(16, 10, generator=g) * 3.0   # an fp32 ANN teacher's logits
-    model = _student(backend, dyadic_first_layer=True)
+    x = (torch.randint(-3, 4, (4, 16, 32), generator=g) * 0.5).to(device)
+    teacher = (torch.randn(16, 10, generator=g) * 3.0).to(device)   # an fp32 ANN teacher's logits
+    model = _student(backend, dyadic_first_layer=True).to(device)
     reference = copy.deepcopy(model)
     loss_fn = LOSSES[loss_name]
 
@@ -127,27 +189,33 @@ def test_autocast_training_step_matches_fp32(backend, loss_name, amp_dtype):
         assert error < AMP_GRAD_RTOL[amp_dtype], f"{name}: relative L2 error {error:.3g} vs fp32"
 
 
+REFERENCE_CONFIGS = autocast_configs(CPU_TARGETS, GPU_TARGETS)
+
+
 @pytest.mark.parametrize("loss_name", list(LOSSES))
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_autocast_training_step_kernels_match_reference_under_autocast(backend, loss_name):
+@pytest.mark.parametrize("amp_dtype, backend, device", REFERENCE_CONFIGS, ids=autocast_ids(REFERENCE_CONFIGS))
+def test_autocast_training_step_kernels_match_reference_under_autocast(backend, device, loss_name, amp_dtype):
     """A random first layer: under bf16 some membranes land within bf16 rounding of the threshold and
     flip, so the step differs from fp32 by ~10% (inherent to bf16, not to the kernels). Against the
-    pure-PyTorch neuron and loss run under the same autocast the kernels agree to float rounding."""
+    pure-PyTorch neuron and loss run under the same autocast (on the same device) the kernels agree to
+    float rounding. (GPU: also under fp16 autocast.)"""
+    skip_unless_target_runs(backend, device)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 16, 32, generator=g) * 2.0
-    teacher = torch.randn(16, 10, generator=g) * 3.0
+    x = (torch.randn(4, 16, 32, generator=g) * 2.0).to(device)
+    teacher = (torch.randn(16, 10, generator=g) * 3.0).to(device)
     loss_fn = LOSSES[loss_name]
     # NLD's reference draws other noise than the kernels: its loss stays on the kernel in both runs
     ref_loss_fn = loss_fn if loss_name == "nld_loss" else (lambda s, t, _backend: loss_fn(s, t, "torch"))
-    loss, grads, seen, _ = _step(_student(backend), x, teacher, loss_fn, backend, autocast_dtype=torch.bfloat16)
-    ref_loss, ref_grads, ref_seen, _ = _step(_student("torch"), x, teacher, ref_loss_fn, backend,
-                                             autocast_dtype=torch.bfloat16)
-    assert loss.dtype == torch.float32 and seen["x"] == ref_seen["x"] == torch.bfloat16
+    loss, grads, seen, _ = _step(_student(backend).to(device), x, teacher, loss_fn, backend,
+                                 autocast_dtype=amp_dtype)
+    ref_loss, ref_grads, ref_seen, _ = _step(_student("torch").to(device), x, teacher, ref_loss_fn, backend,
+                                             autocast_dtype=amp_dtype)
+    assert loss.dtype == torch.float32 and seen["x"] == ref_seen["x"] == amp_dtype
     assert torch.equal(seen["spikes"], ref_seen["spikes"])
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     # cpp matches bit for bit; Triton's interpreter rounds fp32 -> bf16 toward zero (not to nearest,
     # as the GPU does), so its bf16 gradients are off by up to one bf16 ulp (2^-7 relative).
-    rtol = GRAD_TOL[torch.bfloat16][0]
+    rtol = GRAD_TOL[amp_dtype][0]
     for name, grad in grads.items():
         error = relative_l2(grad, ref_grads[name])
         assert error < rtol, f"{name}: relative L2 error {error:.3g} vs the reference under autocast"
@@ -170,15 +238,22 @@ PAIRS = [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), (torc
          (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+# the kernels and the torch reference, on the CPU (CPU autocast) and on the GPU (CUDA autocast)
+ACCEPT_CONFIGS = autocast_configs(CPU_TARGETS + [("torch", "cpu")], GPU_TARGETS + [("torch", "cuda")])
+
+
+@pytest.mark.parametrize("amp_dtype, backend, device", ACCEPT_CONFIGS, ids=autocast_ids(ACCEPT_CONFIGS))
 @pytest.mark.parametrize("name", list(LOSS_FNS))
-def test_losses_accept_autocast_and_mixed_dtypes(name, backend):
+def test_losses_accept_autocast_and_mixed_dtypes(name, backend, device, amp_dtype):
+    skip_unless_target_runs(backend, device)
     g = torch.Generator().manual_seed(2)
     base_s, base_t = torch.randn(3, 4, 10, generator=g) * 3, torch.randn(4, 10, generator=g) * 3
-    for s_dtype, t_dtype in PAIRS if backend != "triton" else PAIRS[:3]:  # the interpreter is slow
+    base_s, base_t = base_s.to(device), base_t.to(device)
+    interpreter = backend == "triton" and device == "cpu"
+    for s_dtype, t_dtype in PAIRS[:3] if interpreter else PAIRS:  # the interpreter is slow
         student = base_s.to(s_dtype).clone().requires_grad_(True)
         teacher = base_t.to(t_dtype).clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=amp_dtype):
             loss = LOSS_FNS[name](student, teacher, backend)
         assert loss.dtype == torch.float32, (s_dtype, t_dtype)
         loss.backward()
@@ -197,16 +272,17 @@ def test_losses_accept_autocast_and_mixed_dtypes(name, backend):
             torch.testing.assert_close(half.float(), full, rtol=rtol, atol=atol * max(1.0, full.abs().max().item()))
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+@pytest.mark.parametrize("amp_dtype, backend, device", ACCEPT_CONFIGS, ids=autocast_ids(ACCEPT_CONFIGS))
 @pytest.mark.parametrize("kind", NEURON_KINDS)
-def test_neurons_accept_autocast_dtypes(kind, backend):
+def test_neurons_accept_autocast_dtypes(kind, backend, device, amp_dtype):
+    skip_unless_target_runs(backend, device)
     ops = {"lif": snnkd_fast.lif_multistep, "if": snnkd_fast.if_multistep}
     for x_dtype, v_dtype in [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
                              (torch.bfloat16, torch.float16)]:
-        x = (torch.randn(4, 3, 5) * 1.5 + 0.5).to(x_dtype).requires_grad_(True)
-        v_init = (torch.randn(3, 5) * 0.3).to(v_dtype).requires_grad_(True)
-        w = torch.tensor(0.3, dtype=v_dtype, requires_grad=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = (torch.randn(4, 3, 5) * 1.5 + 0.5).to(x_dtype).to(device).requires_grad_(True)
+        v_init = (torch.randn(3, 5) * 0.3).to(v_dtype).to(device).requires_grad_(True)
+        w = torch.tensor(0.3, dtype=v_dtype, device=device, requires_grad=True)
+        with torch.autocast(device, dtype=amp_dtype):
             if kind == "plif":
                 spikes, v = snnkd_fast.plif_multistep(x, w, v_init, backend=backend, return_v=True)
             else:
@@ -217,9 +293,10 @@ def test_neurons_accept_autocast_dtypes(kind, backend):
         if kind == "plif":
             assert w.grad.dtype == v_dtype and torch.isfinite(w.grad)
     node = {"lif": snn.LIFNode, "if": snn.IFNode, "plif": snn.ParametricLIFNode}[kind](step_mode="m", backend=backend)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = node(torch.nn.functional.linear(torch.randn(4, 3, 8), torch.randn(5, 8)))
-    assert out.dtype == torch.bfloat16 and node.v.dtype == torch.float32
+    node = node.to(device)  # PLIF's w
+    with torch.autocast(device, dtype=amp_dtype):
+        out = node(torch.nn.functional.linear(torch.randn(4, 3, 8).to(device), torch.randn(5, 8).to(device)))
+    assert out.dtype == amp_dtype and node.v.dtype == torch.float32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,7 +306,8 @@ def test_neurons_accept_autocast_dtypes(kind, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", NEURON_KINDS)
 def test_neuron_fp16_inputs_match_fp32_reference(kind, backend):
-    x, v_init, grad_spikes, grad_v, w = make_inputs((6, 4, 9), torch.float16)
+    # on device_for(backend); the fp32 torch reference runs on the same device
+    x, v_init, grad_spikes, grad_v, w = make_inputs((6, 4, 9), torch.float16, device=device_for(backend))
     half = run_neuron(kind, x, v_init, w, grad_spikes, grad_v, backend, surrogate="atan", tau=3.0)
     fp32 = run_neuron(kind, x.float(), v_init, w, grad_spikes.float(), grad_v, "torch", surrogate="atan", tau=3.0)
     assert half.spikes.dtype == torch.float16 and half.grad_x.dtype == torch.float16
@@ -247,8 +325,9 @@ def test_neuron_fp16_inputs_match_fp32_reference(kind, backend):
 @pytest.mark.parametrize("name", list(LOSS_FNS))
 def test_loss_fp16_inputs_match_fp32_reference(name, backend):
     g = torch.Generator().manual_seed(3)
-    student = (torch.randn(3, 5, 40, generator=g) * 3).half()
-    teacher = (torch.randn(5, 40, generator=g) * 3).half()
+    device = device_for(backend)  # the fp32 reference runs on the same device
+    student = (torch.randn(3, 5, 40, generator=g) * 3).half().to(device)
+    teacher = (torch.randn(5, 40, generator=g) * 3).half().to(device)
     s16, t16 = student.clone().requires_grad_(True), teacher.clone().requires_grad_(True)
     loss16 = LOSS_FNS[name](s16, t16, backend)
     loss16.backward()
