@@ -178,6 +178,37 @@ def test_nld_extreme_logits_match_reference(kd_target, case, scale):
     assert torch.isfinite(run.loss).all() and torch.isfinite(run.grad_student).all()
 
 
+def _hta_teacher_keys(backend, teacher, head_threshold, temperature=4.0):
+    """The (key_cross, idx_cross, idx_top) rows a backend's HTA teacher selection stores."""
+    from snnkd_fast.kd.params import LOSS_HTA
+
+    student = torch.zeros((1, *teacher.shape), dtype=teacher.dtype, device=teacher.device)
+    name = "kd_rows_forward_triton" if backend == "triton" else "kd_rows_forward"
+    _, _, keys = getattr(torch.ops.snnkd_fast, name)(student, teacher, LOSS_HTA, temperature, temperature, 0.0,
+                                                      head_threshold)
+    return keys.cpu()
+
+
+@pytest.mark.parametrize("head_threshold", [0.05, 0.5, 0.9, 0.999])
+def test_hta_head_selection_matches_cpp(kd_target, head_threshold):
+    """The head (crossing key and index, top-1) each GPU/Triton teacher kernel selects equals the cpp
+    kernel's (a sort-free search vs nth_element on the same keys) on teachers of every kind: spread,
+    confident, flat, with tied values, and long rows that take every search pass."""
+    backend, device = kd_target
+    if backend == "cpp":
+        pytest.skip("the cpp selection is the baseline")
+    if not snnkd_fast.backends("kd")["cpp"]:
+        pytest.skip("needs the cpp backend as the baseline")
+    g = torch.Generator().manual_seed(7)
+    teachers = [torch.randn(8, 37, generator=g) * 3, torch.randn(4, 1000, generator=g) * 0.01,
+                torch.randn(4, 1000, generator=g) * 30, torch.randint(-3, 4, (6, 50), generator=g).float(),
+                torch.randn(2, 20000, generator=g) * 4, torch.full((2, 9), 1.5)]
+    for teacher in teachers:
+        expected = _hta_teacher_keys("cpp", teacher, head_threshold)
+        got = _hta_teacher_keys(backend, teacher.to(device), head_threshold)
+        assert torch.equal(got, expected), (tuple(teacher.shape), head_threshold, got, expected)
+
+
 def test_hta_tie_rule_matches_reference(kd_target):
     """Equal teacher logits: the head takes the lower class index first, as the reference does."""
     backend, device = kd_target

@@ -48,12 +48,34 @@ class CompileOnlyDriver:
 
 
 COMPILED: list[str] = []
+RESOURCES = False  # --resources: registers and spill stack of each cubin (cuobjdump -res-usage)
+
+
+def resource_usage(kernel) -> str:
+    """'REG:n STACK:n SHARED:n ...' of a compiled kernel's cubin, read by cuobjdump (no GPU needed)."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tool = str(tool) if tool.exists() else shutil.which("cuobjdump")
+    if tool is None:
+        return "(cuobjdump not found)"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        out = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True).stdout
+    return " ".join(line.strip() for line in out.splitlines() if "REG:" in line)
 
 
 def compile_only(run):
     def run_as_warmup(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        COMPILED.append(f"{self.fn.__name__} {sorted(kwargs.items())}")
+        line = f"{self.fn.__name__} {sorted(kwargs.items())}"
+        if RESOURCES and line not in COMPILED:
+            line += "  " + resource_usage(kernel)
+        COMPILED.append(line)
         return kernel
     return run_as_warmup
 
@@ -112,7 +134,12 @@ def exercise_ops() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
+    parser.add_argument("--resources", action="store_true",
+                        help="print each specialization's registers and spill stack (cuobjdump -res-usage)")
+    parser.add_argument("-k", dest="only", help="only the kernels whose name contains this")
     args = parser.parse_args()
+    global RESOURCES
+    RESOURCES = args.resources
     triton_driver.set_active(CompileOnlyDriver(GPUTarget("cuda", args.arch, 32)))
     JITFunction.run = compile_only(JITFunction.run)
     # The dispatch layer allows Triton on CPU tensors only while interpreting; here it compiles only.
@@ -123,7 +150,8 @@ def main() -> int:
         status["triton"] = backends.BackendStatus(True)
     exercise_ops()
     for line in dict.fromkeys(COMPILED):
-        print(line)
+        if args.only is None or args.only in line.split()[0]:
+            print(line)
     print(f"compiled {len(set(COMPILED))} kernel specializations for sm_{args.arch} with triton {triton.__version__}")
     return 0
 

@@ -17,6 +17,8 @@ exact. A +inf or NaN logit gives a NaN loss (documented policy).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -70,22 +72,28 @@ def _hta_teacher_kernel(u_ptr, keys_ptr, B, C, u_st, u_sb, u_sc, inv_tau, head_t
     lse = m + tl.log(l)
     # Threshold search: the largest key k with mass(key >= k) >= head_threshold is the crossing
     # class's key. Invariant: mass(key >= lo) reaches the threshold, mass(key >= hi) does not. Each
-    # pass over the row tests NUM_CANDIDATES keys splitting [lo, hi) evenly (one exp per element, the
-    # compares on a [NUM_CANDIDATES, SEARCH_BLOCK] tile), so the 2^32-wide key range shrinks 17-fold
-    # per pass: 8 passes reach width 1 (9 for margin), where bisection needed 33 reads of the row.
+    # pass over the row tests NUM_CANDIDATES keys splitting [lo, hi) evenly (one exp per element), so
+    # the 2^32-wide key range shrinks 17-fold per pass: 8 passes reach width 1 (9 for margin), where
+    # bisection needed 33 reads of the row. The per-candidate masses accumulate in a
+    # [NUM_CANDIDATES, SEARCH_BLOCK] register tile reduced once per pass, not once per chunk: the
+    # loop body is then independent loads, compares and adds, with no cross-warp reduction (and
+    # its barriers) per chunk. Candidates are clamped into [lo, hi - 1] (testing any key in the
+    # interval keeps the invariant), which also keeps them, and the compares, in int32.
     lo = key_min.to(tl.int64)
     hi = key_max.to(tl.int64) + 1
     for _ in range(9):
         step = (hi - lo + NUM_CANDIDATES) // (NUM_CANDIDATES + 1)  # ceil((hi - lo) / 17) >= 1
-        candidates = lo + step * (1 + tl.arange(0, NUM_CANDIDATES)).to(tl.int64)
-        mass = tl.zeros([NUM_CANDIDATES], dtype=tl.float32)
+        candidates = tl.minimum(lo + step * (1 + tl.arange(0, NUM_CANDIDATES)).to(tl.int64), hi - 1)
+        candidates32 = candidates.to(tl.int32)
+        mass_tile = tl.zeros([NUM_CANDIDATES, SEARCH_BLOCK], dtype=tl.float32)
         for c0 in range(0, C, SEARCH_BLOCK):
             c = c0 + tl.arange(0, SEARCH_BLOCK)
             cmask = c < C
             z = tl.load(base + c.to(tl.int64) * u_sc, mask=cmask, other=float("-inf")).to(tl.float32)
             p = tl.where(cmask, tl.exp(z * inv_tau - lse), 0.0)
-            above = _float_key(z).to(tl.int64)[None, :] >= candidates[:, None]
-            mass += tl.sum(tl.where(above, p[None, :], 0.0), axis=1)
+            above = _float_key(z)[None, :] >= candidates32[:, None]
+            mass_tile += tl.where(above, p[None, :], 0.0)
+        mass = tl.sum(mass_tile, axis=1)
         reached = mass >= head_threshold  # true for a prefix of the candidates (mass falls with the key)
         lo = tl.maximum(lo, tl.max(tl.where(reached, candidates, lo), axis=0))
         hi = tl.minimum(hi, tl.min(tl.where(reached, hi, candidates), axis=0))
@@ -283,6 +291,18 @@ def _kd_backward_kernel(s_ptr, u_ptr, keys_ptr, stats_ptr, grow_ptr, gs_ptr, gu_
             tl.store(gu_ptr + b.to(tl.int64) * C + c, gu_sum.to(gu_ptr.dtype.element_ty), mask=cmask)
 
 
+# The HTA teacher kernel runs one program per teacher row (B programs, few for a GPU): 8 warps each,
+# and a [16, HTA_SEARCH_BLOCK] mass tile (16 registers per thread at 8 warps).
+# Not yet timed on a GPU: benchmarks/tune_triton_kd.py sweeps both.
+HTA_TEACHER_WARPS = 8
+HTA_SEARCH_BLOCK = 256
+
+
+def _launch_warps(num_warps: int) -> dict:
+    """num_warps for a compiled launch; the interpreter takes no launch options."""
+    return {} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": num_warps}
+
+
 def _blocks(T: int, C: int) -> tuple[int, int]:
     """Tile [BLOCK_T, BLOCK_C]: all timesteps of a sample at once when T is small, <= 4096 elements."""
     block_t = min(triton.next_power_of_2(T), 16)
@@ -315,7 +335,8 @@ def kd_rows_forward(student: torch.Tensor, teacher: torch.Tensor, loss: int, tem
         _hta_teacher_kernel[(teacher3.shape[0] * B,)](
             teacher3, keys, B, C, u_st, teacher3.stride(1), teacher3.stride(2), 1.0 / temperature,
             float(head_threshold), BLOCK_C=max(16, min(triton.next_power_of_2(C), 4096)),
-            SEARCH_BLOCK=max(16, min(triton.next_power_of_2(C), 256)), NUM_CANDIDATES=16)
+            SEARCH_BLOCK=max(16, min(triton.next_power_of_2(C), HTA_SEARCH_BLOCK)), NUM_CANDIDATES=16,
+            **_launch_warps(HTA_TEACHER_WARPS))
     _kd_forward_kernel[(B,)](
         student, teacher3, keys, rows, stats, T, B, C, *student.stride(), u_st, teacher3.stride(1),
         teacher3.stride(2), 1.0 / temperature, 1.0 / entropy_temperature, temperature * temperature,
