@@ -4,7 +4,7 @@
 # the machine's own CUDA build of torch, run the GPU tests, run the GPU benchmarks.
 #
 #   bash benchmarks/run_gpu.sh [--quick | --full] [--out DIR] [--skip-wheels] [--skip-build]
-#                              [--skip-tests] [--skip-bench] [--deadline-s N] [-- RUN_PY_ARGS...]
+#                              [--skip-tests] [--skip-bench] [--deadline-s N] [--tune] [-- RUN_PY_ARGS...]
 #
 # Peers: the GPU machine has torch, triton, pytest, matplotlib, hypothesis, ... but none of
 # SpikingJelly, snntorch, Liger-Kernel and loguru. Bring their wheels (cp312, manylinux x86_64) in
@@ -36,14 +36,18 @@
 #               script started (less 20 s): SIGINT then, and the benchmark running writes the rows it
 #               has measured (meta["interrupted"]) and run.py runs no further one.
 #
+#   6. tune     (--tune) benchmarks/tune_triton.py: sweeps the Triton kernels' launch shapes (warps,
+#               blocks) against the CUDA kernels, tune_triton.json in the results folder (~2 min).
+#
 # With pytest-xdist installed (the GPU image has it) the tests run in TEST_WORKERS processes (default
 # 8): most of their time is Triton's JIT compiling ~300 kernel specializations, on the CPU cores.
 #
 # Output: results in --out DIR, else $OUT/<gpu-slug>/ when $OUT is set (the device tool copies $OUT
 # back: copy that folder to benchmarks/results/), else benchmarks/results/<gpu-slug>/. Logs
-# (run_gpu.log: everything printed; build.log; pytest.log) go to $OUT, else build/run_gpu/. Under
-# $OUT the plots are packed into <gpu-slug>/plots.tar, since the device tool brings back 8 files at
-# most (`python benchmarks/plot.py DIR` also redraws them from the JSON files).
+# (run_gpu.log: everything printed; build.log, kept under $OUT only when the build failed;
+# pytest.log) go to $OUT, else build/run_gpu/. Under $OUT the plots are packed into
+# <gpu-slug>/plots.tar, since the device tool brings back 8 files at most (`python
+# benchmarks/plot.py DIR` also redraws them from the JSON files).
 #
 # PYTHON (default python3) names the interpreter: the one whose torch is the machine's CUDA build.
 # SNNKD_GIT_COMMIT stamps the results with the commit that was sent (the device tool's copy of the
@@ -58,7 +62,7 @@ PEERS=(spikingjelly snntorch liger_kernel loguru)  # import names of the peers .
 GRID=--quick
 DEADLINE_S=${DEADLINE_S:-}
 RESULTS=""
-SKIP_WHEELS=0 SKIP_BUILD=0 SKIP_TESTS=0 SKIP_BENCH=0
+SKIP_WHEELS=0 SKIP_BUILD=0 SKIP_TESTS=0 SKIP_BENCH=0 TUNE=0
 RUN_PY_ARGS=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -69,6 +73,7 @@ while [ $# -gt 0 ]; do
     --skip-tests) SKIP_TESTS=1 ;;
     --skip-bench) SKIP_BENCH=1 ;;
     --deadline-s) DEADLINE_S=${2:?--deadline-s needs seconds}; shift ;;
+    --tune) TUNE=1 ;;
     --) shift; RUN_PY_ARGS=("$@"); break ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) RUN_PY_ARGS+=("$1") ;;  # anything else goes to run.py (e.g. --peers none)
@@ -152,6 +157,8 @@ build_extension() {
     # No index: nothing can be fetched here, and --no-deps keeps pip from touching torch.
     if PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
         "$PY" -m pip install --no-build-isolation --no-deps -e . >>"$log" 2>&1; then
+      # under $OUT a successful build's log is dropped: the device tool brings back 8 files at most
+      [ -n "${OUT:-}" ] && rm -f "$log"
       report_backends
       return
     fi
@@ -227,6 +234,13 @@ run_bench() {
   return $rc
 }
 
+run_tune() {
+  local out=${RESULTS:-${OUT:+$OUT/$(gpu_slug)}}
+  out=${out:-$REPO/benchmarks/results/$(gpu_slug)}
+  unset TRITON_INTERPRET
+  "$PY" benchmarks/tune_triton.py --out "$out"
+}
+
 main() {
   echo "run_gpu.sh in $REPO: python $(command -v "$PY" || echo "'$PY' not found"), grid $GRID, logs in $LOG_DIR"
   prepend_pythonpath "$REPO"  # snnkd_fast importable from anywhere, also after an in-place build
@@ -242,6 +256,9 @@ main() {
       RESULTS=${RESULTS:-$REPO/benchmarks/results/$slug}
     fi
     step bench run_bench
+  fi
+  if [ $TUNE -eq 1 ]; then
+    step tune run_tune
   fi
   echo
   echo "=== total $SECONDS s; $(if [ ${#FAILED[@]} -eq 0 ]; then echo "every step ok"; \

@@ -291,9 +291,12 @@ def _kd_backward_kernel(s_ptr, u_ptr, keys_ptr, stats_ptr, grow_ptr, gs_ptr, gu_
             tl.store(gu_ptr + b.to(tl.int64) * C + c, gu_sum.to(gu_ptr.dtype.element_ty), mask=cmask)
 
 
-# The HTA teacher kernel runs one program per teacher row (B programs, few for a GPU): 8 warps each,
-# and a [16, HTA_SEARCH_BLOCK] mass tile (16 registers per thread at 8 warps).
-# Not yet timed on a GPU: benchmarks/tune_triton_kd.py sweeps both.
+# Launch shapes of the compiled kernels, module attributes so that benchmarks/tune_triton.py can sweep
+# them on a GPU. The row kernels run one program per sample (B programs: few for a GPU when B is
+# small) over a <= 4096-element tile: Triton's default 4 warps, as measured on the H100 so far.
+# The HTA teacher kernel runs one program per teacher row with a [16, HTA_SEARCH_BLOCK] mass tile
+# (16 registers per thread at 8 warps); 8 warps is not yet timed against 4 or 16.
+KD_ROW_WARPS = 4
 HTA_TEACHER_WARPS = 8
 HTA_SEARCH_BLOCK = 256
 
@@ -340,7 +343,8 @@ def kd_rows_forward(student: torch.Tensor, teacher: torch.Tensor, loss: int, tem
     _kd_forward_kernel[(B,)](
         student, teacher3, keys, rows, stats, T, B, C, *student.stride(), u_st, teacher3.stride(1),
         teacher3.stride(2), 1.0 / temperature, 1.0 / entropy_temperature, temperature * temperature,
-        float(entropy_weight), LOSS=loss, TEACHER_PER_T=per_t, BLOCK_T=block_t, BLOCK_C=block_c)
+        float(entropy_weight), LOSS=loss, TEACHER_PER_T=per_t, BLOCK_T=block_t, BLOCK_C=block_c,
+        **_launch_warps(KD_ROW_WARPS))
     return rows, stats, keys
 
 
@@ -362,5 +366,5 @@ def kd_rows_backward(grad_rows: torch.Tensor, student: torch.Tensor, teacher: to
         grad_teacher if grad_teacher is not None else grad_student, T, B, C, *student.stride(), u_st,
         teacher3.stride(1), teacher3.stride(2), 1.0 / temperature, 1.0 / entropy_temperature, temperature,
         float(entropy_weight), LOSS=loss, TEACHER_PER_T=per_t, TEACHER_GRAD=teacher_grad,
-        BLOCK_T=block_t, BLOCK_C=block_c)
+        BLOCK_T=block_t, BLOCK_C=block_c, **_launch_warps(KD_ROW_WARPS))
     return grad_student, grad_teacher

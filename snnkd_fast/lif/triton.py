@@ -204,10 +204,17 @@ def _lif_backward_kernel(grad_s_ptr, grad_v_ptr, h_ptr, v_init_ptr, decay_ptr, g
         tl.store(partials_ptr + tl.program_id(0), tl.sum(tl.where(mask, decay_sum, 0.0), axis=0))
 
 
+# Warps per program of the compiled kernels (Triton's default), a module attribute like BLOCK so that
+# benchmarks/tune_triton.py can sweep both on a GPU.
+NUM_WARPS = 4
+
+
 def _launch_options(x: torch.Tensor) -> dict:
     # FMA contraction would round the PLIF charge differently from the reference (and is
-    # meaningless in the interpreter, which rejects the option).
-    return {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusion": False}
+    # meaningless in the interpreter, which rejects launch options).
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return {}
+    return {"enable_fp_fusion": False, "num_warps": NUM_WARPS}
 
 
 def lif_forward(x: torch.Tensor, v_init: torch.Tensor, decay: Optional[torch.Tensor], cfg: NeuronConfig,
