@@ -40,8 +40,8 @@ Peers:
   On CPU inductor generates and compiles C++ (in-process: ``compile_threads=1``, so no pool of
   compile workers competes with the timing for the cores); ``--compile smallest`` (the default with
   ``--quick`` on a CPU) compiles only the smallest case, and ``--compile-budget-s`` (default 30 s
-  there; 60 s with --quick on a GPU) stops compiling once a cold inductor cache has made compilation that
-  slow, with the reason.
+  there; 60 s with --quick on a GPU, 180 s for the full GPU grid) stops compiling once a cold inductor
+  cache has made compilation that slow, with the reason.
 * ``liger_kldiv`` / ``liger_jsd``: Liger-Kernel's ``LigerKLDIVLoss(reduction="batchmean",
   log_target=True)`` and ``LigerJSD(beta=0)`` (forward KL), Triton kernels, so GPU only. They
   compute the KL part only, ``tau^2 KL(p || q_t)`` on log-softmaxed inputs flattened to ``[T*B, C]``
@@ -161,8 +161,12 @@ class Case:
 def build_grid(device: torch.device, quick: bool, losses: tuple[str, ...]) -> list[Case]:
     if device.type == "cuda":
         dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
+        # Full: B=512 up to C=1000, fewer samples at C=32000 and 128000 (the eager reference's [T, B, C]
+        # temporaries of a 512x128000 batch would need ~20 GB, and one case costs seconds to time
+        # with every peer: 20 cases per loss and dtype fit a device session).
         shapes = ([(4, 64, 100), (4, 256, 1000), (4, 256, 32000)] if quick else
-                  [(t, b, c) for t in (4, 16) for b in (64, 512) for c in (10, 100, 1000, 32000, 128000)])
+                  [(t, b, c) for t in (4, 16) for b, c in ((512, 10), (512, 100), (512, 1000), (256, 32000),
+                                                          (64, 128000))])
     else:
         dtypes = (torch.float32,)
         # A few CPU cores: at C=32000 some implementations take seconds per call even at B=16 (HTA's
@@ -499,7 +503,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                              "CPU, where inductor compiles C++ for seconds per loss and shape, else 'all')")
     parser.add_argument("--compile-budget-s", type=float,
                         help="stop compiling (skip torch_compile, with the reason) once compilations took this long "
-                             "in total (default: 30 with --quick on a CPU, 60 with --quick on a GPU, else no limit)")
+                             "in total (default: 30 with --quick on a CPU, 60 with --quick on a GPU, 180 on a GPU, "
+                             "else no limit)")
     return parser.parse_args(argv)
 
 
@@ -515,7 +520,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     compile_policy = args.compile or ("smallest" if quick_cpu else "all")
     # A quick run bounds compilation (cold inductor caches: seconds to tens of seconds per case).
     compile_budget_s = (args.compile_budget_s if args.compile_budget_s is not None
-                        else 30.0 if quick_cpu else 60.0 if args.quick else math.inf)
+                        else 30.0 if quick_cpu else 60.0 if args.quick else 180.0 if device.type == "cuda"
+                        else math.inf)
     if compile_policy == "none" and "torch_compile" in args.peers:
         args.peers = tuple(peer for peer in args.peers if peer != "torch_compile")
     if "torch_compile" in args.peers:
@@ -536,7 +542,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     elif device.type == "cpu":
         timer = Timer(device, budget_s=0.2, warmup_s=0.05, min_reps=5, min_warmup=2)
     else:
-        timer = Timer(device, budget_s=0.5, warmup_s=0.1, min_reps=10)
+        timer = Timer(device, budget_s=0.25, warmup_s=0.05, min_reps=10)
     bandwidth, bandwidth_source = common.peak_bandwidth(device, timer)
     # `skipped` and `mismatches` are stored by reference: per-case skips are added to them below.
     mismatches: dict[str, str] = {}
