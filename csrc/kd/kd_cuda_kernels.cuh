@@ -199,8 +199,9 @@ __device__ __forceinline__ T block_all_reduce(T value, Op op, typename cub::Bloc
 // class's key is the largest key k whose mass(key >= k) reaches head_threshold (bisection on the
 // order-preserving keys, ~33 reads of the row; the Triton kernel's 16-candidate search needs 9);
 // among the classes tied at that key, the index-order walk then finds the first one where the
-// inclusive cumulative probability reaches the threshold. The masses are in double, as on the CPU,
-// so that the head only differs from the CPU's for a cumulative mass within ~1e-15 of the threshold.
+// inclusive cumulative probability reaches the threshold. The masses are summed in double; each
+// probability is a float exp for float, half and bf16 logits (teacher_prob), as in the Triton kernel,
+// so the head differs from the CPU's only for a cumulative mass within ~1e-7 of the threshold.
 struct HtaPass1 {
   Online<double> lse;
   int64_t key_max, key_min, top;  // top: lowest index among the key_max classes (C when empty)
@@ -215,6 +216,19 @@ struct HtaPass1Merge {
     return r;
   }
 };
+
+// p = e^{z / tau - lse} of a teacher logit, the argument in double. A double exp is a long FP64
+// routine, and the bisection takes ~33 per element: in float (single-precision exp, its error far
+// below the 2^-24 resolution a float logit has anyway) for every logit type but double.
+template <typename u_t>
+__device__ __forceinline__ double teacher_prob(u_t z, double inv_tau, double lse) {
+  const double arg = to_acc<double>(z) * inv_tau - lse;
+  if constexpr (std::is_same<u_t, double>::value) {
+    return exp(arg);
+  } else {
+    return static_cast<double>(expf(static_cast<float>(arg)));
+  }
+}
 
 template <typename u_t>
 __global__ void __launch_bounds__(kThreads)
@@ -257,7 +271,7 @@ __global__ void __launch_bounds__(kThreads)
     double mass = 0.0;
     for (int64_t c = tid; c < C; c += kThreads) {
       const u_t z = u[c * us.c];
-      if (sort_key(z) >= mid) mass += exp(to_acc<double>(z) * inv_tau - lse);
+      if (sort_key(z) >= mid) mass += teacher_prob(z, inv_tau, lse);
     }
     mass = block_all_reduce(mass, SumOp(), sum_temp, sum_slot);
     if (mass >= head_threshold) {
@@ -272,7 +286,7 @@ __global__ void __launch_bounds__(kThreads)
   double running = 0.0;
   for (int64_t c = tid; c < C; c += kThreads) {
     const u_t z = u[c * us.c];
-    if (sort_key(z) > key_cross) running += exp(to_acc<double>(z) * inv_tau - lse);
+    if (sort_key(z) > key_cross) running += teacher_prob(z, inv_tau, lse);
   }
   running = block_all_reduce(running, SumOp(), sum_temp, sum_slot);
   int64_t idx_cross = C;
@@ -283,7 +297,7 @@ __global__ void __launch_bounds__(kThreads)
     if (c < C) {
       const u_t z = u[c * us.c];
       tied = sort_key(z) == key_cross;
-      if (tied) prob = exp(to_acc<double>(z) * inv_tau - lse);
+      if (tied) prob = teacher_prob(z, inv_tau, lse);
     }
     double inclusive, chunk_total;
     cub::BlockScan<double, kThreads>(scan_temp).InclusiveSum(prob, inclusive, chunk_total);
