@@ -77,3 +77,32 @@ def test_eager_calls_take_the_autograd_function_path():
     x = _logits(2, 3, 5).requires_grad_(True)
     names = _graph_node_names(snnkd_fast.lif_multistep(x, backend="cpp"))
     assert any(name.startswith("EagerOp") for name in names), names
+
+
+def test_eager_calls_skip_function_apply_outside_transforms(monkeypatch):
+    """Guards the second overhead fix: outside torch.func transforms the Function's C apply is called
+    directly (Function.apply's per-call inspect.signature binding skipped), with the same results;
+    under a transform the call still goes through Function.apply (what functorch needs)."""
+    from snnkd_fast import _library
+
+    calls = []
+    original = torch.autograd.Function.apply.__func__
+
+    def counting_apply(cls, *args, **kwargs):
+        calls.append(cls.__name__)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd.Function, "apply", classmethod(counting_apply))
+    student = _logits(2, 3, 7).requires_grad_(True)
+    teacher = _logits(3, 7, seed=1)
+    loss = losses.per_timestep_kl(student, teacher, backend="cpp")
+    loss.backward()
+    assert not [name for name in calls if name.startswith("Eager")], calls
+    reference = student.detach().clone().requires_grad_(True)
+    losses.per_timestep_kl(reference, teacher, backend="torch").backward()
+    torch.testing.assert_close(student.grad, reference.grad)
+
+    grad = torch.func.grad(lambda s: losses.per_timestep_kl(s, teacher, backend="cpp"))(student.detach())
+    assert [name for name in calls if name.startswith("Eager")], "torch.func.grad must use Function.apply"
+    torch.testing.assert_close(grad, reference.grad)
+    assert _library._transforms_active is not None and _library._unwrap_dead_wrappers is not None
