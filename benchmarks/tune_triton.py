@@ -5,8 +5,10 @@
 The first H100 run (benchmarks/results/nvidia-h100-80gb-hbm3/) left these open, each a module
 attribute of the Triton backends that this script sets in turn:
 
-* ``snnkd_fast.kd.triton.KD_ROW_WARPS`` (4): the loss row kernels run one program per sample over a
-  <= 4096-element tile; at [4, 256, 32000] their forward reached 15% of the HBM peak (CUDA: 30%).
+* ``snnkd_fast.kd.triton.KD_ROW_WARPS`` (4), ``KD_BLOCK_T`` (16) and ``KD_BWD_SPLIT_C`` (True): the
+  loss row kernels ran one program per sample over a <= 4096-element tile; at [4, 256, 32000] their
+  forward reached 15% of the HBM peak (CUDA: 30%). Since then the forward can run one program per
+  timestep tile and the backward one per class chunk (the latter on by default, not yet timed).
 * ``snnkd_fast.kd.triton.HTA_TEACHER_WARPS`` (8) and ``HTA_SEARCH_BLOCK`` (256): HTA's teacher-side
   head selection, one program per teacher row; its forward took 1.5 ms where KL's took 0.17 ms.
 * ``snnkd_fast.lif.triton.BLOCK`` (256) and ``NUM_WARPS`` (4): the neuron kernels, 0.80x
@@ -113,8 +115,9 @@ def main(argv: Optional[list[str]] = None) -> Path:
     for loss in ("per_timestep_kl", "hta_kl"):
         fn = getattr(losses, loss)
         for shape in LOSS_SHAPES:
-            rows += sweep(f"{loss} {'x'.join(map(str, shape))} fp32: KD_ROW_WARPS", timer, kd_triton,
-                          {"KD_ROW_WARPS": (4, 8, 16)}, loss_inputs(shape),
+            rows += sweep(f"{loss} {'x'.join(map(str, shape))} fp32: row kernels", timer, kd_triton,
+                          {"KD_ROW_WARPS": (4, 8), "KD_BLOCK_T": (1, 16), "KD_BWD_SPLIT_C": (False, True)},
+                          loss_inputs(shape),
                           lambda s, t, fn=fn: fn(s, t, backend="triton"),
                           (lambda s, t, fn=fn: fn(s, t, backend="cuda")) if cuda_available else None)
     for shape in HTA_SHAPES:

@@ -257,3 +257,29 @@ def test_default_backend_is_a_kernel():
     expected = "cpp" if snnkd_fast.backends("kd")["cpp"] else "torch"
     assert resolve_backend("auto", x.device, "test", family="kd") == expected
     per_timestep_kl(x, x[0])  # runs
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("per_timestep_kl", "tser", "hta")],
+                         ids=lambda c: c.name)
+def test_triton_launch_shapes_change_no_result(kd_target, case, monkeypatch):
+    """The Triton grid variants benchmarks/tune_triton.py sweeps compute the same numbers: forward
+    programs over timestep tiles (KD_BLOCK_T 1, 2: up to T programs per sample) and the backward with
+    and without one program per class chunk, bit for bit -- except the broadcast teacher's gradient,
+    a sum over t whose order follows the tile height."""
+    backend, device = kd_target
+    if backend != "triton":
+        pytest.skip("Triton launch shapes")
+    import snnkd_fast.kd.triton as kernels
+
+    student, teacher = logits((5, 3, 300), device=device), logits((3, 300), seed=1, device=device)
+    baseline = run_loss(case, student, teacher, backend)
+    for block_t, split_c in ((1, True), (2, False), (16, False)):
+        monkeypatch.setattr(kernels, "KD_BLOCK_T", block_t)
+        monkeypatch.setattr(kernels, "KD_BWD_SPLIT_C", split_c)
+        variant = run_loss(case, student, teacher, backend)
+        assert torch.equal(variant.loss, baseline.loss), (block_t, split_c)
+        assert torch.equal(variant.grad_student, baseline.grad_student), (block_t, split_c)
+        if block_t >= student.shape[0]:
+            assert torch.equal(variant.grad_teacher, baseline.grad_teacher), (block_t, split_c)
+        else:
+            torch.testing.assert_close(variant.grad_teacher, baseline.grad_teacher, rtol=1e-6, atol=1e-7)

@@ -143,10 +143,12 @@ def _kd_forward_kernel(s_ptr, u_ptr, keys_ptr, rows_ptr, stats_ptr, T, B, C,
                        inv_tau, inv_tau_h, tau_sq, entropy_weight,
                        LOSS: tl.constexpr, TEACHER_PER_T: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid (B, programs over t): program (b, j) takes sample b's timestep tiles j, j + n, ... (rows are
+    independent; more programs than samples fill a GPU when B is small)."""
     b = tl.program_id(0)
     s_base = s_ptr + b.to(tl.int64) * s_sb
     u_base = u_ptr + b.to(tl.int64) * u_sb
-    for t0 in range(0, T, BLOCK_T):
+    for t0 in range(tl.program_id(1) * BLOCK_T, T, BLOCK_T * tl.num_programs(1)):
         t = t0 + tl.arange(0, BLOCK_T)
         tmask = t < T
         m_s = tl.full([BLOCK_T], NEG_BIG, tl.float32)
@@ -238,11 +240,13 @@ def _kd_backward_kernel(s_ptr, u_ptr, keys_ptr, stats_ptr, grow_ptr, gs_ptr, gu_
                         inv_tau, inv_tau_h, tau, entropy_weight,
                         LOSS: tl.constexpr, TEACHER_PER_T: tl.constexpr, TEACHER_GRAD: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """grad_student [T, B, C] and grad_teacher ([B, C] summed over t, or [T, B, C]) contiguous."""
+    """grad_student [T, B, C] and grad_teacher ([B, C] summed over t, or [T, B, C]) contiguous. Grid (B,
+    programs over C): program (b, j) takes sample b's class chunks j, j + n, ..., every timestep of
+    each (so the teacher gradient's sum over t stays inside one program: no atomics)."""
     b = tl.program_id(0)
     s_base = s_ptr + b.to(tl.int64) * s_sb
     u_base = u_ptr + b.to(tl.int64) * u_sb
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(tl.program_id(1) * BLOCK_C, C, BLOCK_C * tl.num_programs(1)):
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < C
         gu_sum = tl.zeros([BLOCK_C], tl.float32)
@@ -297,6 +301,12 @@ def _kd_backward_kernel(s_ptr, u_ptr, keys_ptr, stats_ptr, grow_ptr, gs_ptr, gu_
 # The HTA teacher kernel runs one program per teacher row with a [16, HTA_SEARCH_BLOCK] mass tile
 # (16 registers per thread at 8 warps); 8 warps is not yet timed against 4 or 16.
 KD_ROW_WARPS = 4
+# Timesteps per tile at most (the tile holds <= 4096 elements; forward programs: B * cdiv(T, KD_BLOCK_T))
+# and whether the backward runs one program per (sample, class chunk) instead of one per sample.
+# The backward split changes no result (each chunk's arithmetic and its sum over t are the same) and
+# multiplies its programs by C / chunk: 256 programs for [4, 256, 32000] become 8,000.
+KD_BLOCK_T = 16
+KD_BWD_SPLIT_C = True
 HTA_TEACHER_WARPS = 8
 HTA_SEARCH_BLOCK = 256
 
@@ -308,7 +318,7 @@ def _launch_warps(num_warps: int) -> dict:
 
 def _blocks(T: int, C: int) -> tuple[int, int]:
     """Tile [BLOCK_T, BLOCK_C]: all timesteps of a sample at once when T is small, <= 4096 elements."""
-    block_t = min(triton.next_power_of_2(T), 16)
+    block_t = min(triton.next_power_of_2(T), KD_BLOCK_T)
     block_c = max(16, min(triton.next_power_of_2(C), 4096 // block_t))
     return block_t, block_c
 
@@ -340,7 +350,7 @@ def kd_rows_forward(student: torch.Tensor, teacher: torch.Tensor, loss: int, tem
             float(head_threshold), BLOCK_C=max(16, min(triton.next_power_of_2(C), 4096)),
             SEARCH_BLOCK=max(16, min(triton.next_power_of_2(C), HTA_SEARCH_BLOCK)), NUM_CANDIDATES=16,
             **_launch_warps(HTA_TEACHER_WARPS))
-    _kd_forward_kernel[(B,)](
+    _kd_forward_kernel[(B, triton.cdiv(T, block_t))](
         student, teacher3, keys, rows, stats, T, B, C, *student.stride(), u_st, teacher3.stride(1),
         teacher3.stride(2), 1.0 / temperature, 1.0 / entropy_temperature, temperature * temperature,
         float(entropy_weight), LOSS=loss, TEACHER_PER_T=per_t, BLOCK_T=block_t, BLOCK_C=block_c,
@@ -361,7 +371,7 @@ def kd_rows_backward(grad_rows: torch.Tensor, student: torch.Tensor, teacher: to
             grad_teacher.zero_()
         return grad_student, grad_teacher
     block_t, block_c = _blocks(T, C)
-    _kd_backward_kernel[(B,)](
+    _kd_backward_kernel[(B, triton.cdiv(C, block_c) if KD_BWD_SPLIT_C else 1)](
         student, teacher3, keys, stats, grad_rows.contiguous(), grad_student,
         grad_teacher if grad_teacher is not None else grad_student, T, B, C, *student.stride(), u_st,
         teacher3.stride(1), teacher3.stride(2), 1.0 / temperature, 1.0 / entropy_temperature, temperature,
