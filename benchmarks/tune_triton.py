@@ -34,6 +34,7 @@ from common import Timer
 LOSS_SHAPES = ((4, 256, 32000), (16, 512, 1000))
 HTA_SHAPES = ((4, 256, 32000), (4, 64, 128000))
 LIF_SHAPES = ((8, 64, 128, 32, 32), (16, 64, 4096))
+SMOKE = False
 
 
 def time_case(timer: Timer, fn: Callable[[torch.Tensor], torch.Tensor], leaf: torch.Tensor) -> dict[str, float]:
@@ -51,6 +52,8 @@ def time_case(timer: Timer, fn: Callable[[torch.Tensor], torch.Tensor], leaf: to
 def sweep(label: str, timer: Timer, module: Any, grid: dict[str, tuple], make: Callable[[], tuple],
           call: Callable[..., torch.Tensor], baseline: Optional[Callable[..., torch.Tensor]]) -> list[dict]:
     """Time ``call(*make())`` for every combination of ``grid`` (module attributes), restoring them."""
+    if SMOKE:  # two values per knob: the script's paths, not a tuning
+        grid = {name: values[:2] for name, values in grid.items()}
     saved = {name: getattr(module, name) for name in grid}
     rows, reference_value = [], None
     inputs = make()
@@ -88,7 +91,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU under TRITON_INTERPRET=1: checks the script, times nothing useful")
     args = parser.parse_args(argv)
-    global LOSS_SHAPES, HTA_SHAPES, LIF_SHAPES
+    global LOSS_SHAPES, HTA_SHAPES, LIF_SHAPES, SMOKE
+    SMOKE = args.smoke
     if args.smoke:
         LOSS_SHAPES, HTA_SHAPES, LIF_SHAPES = ((2, 3, 40),), ((2, 3, 40),), ((2, 3, 70),)
     if not torch.cuda.is_available() and not args.smoke:
@@ -99,7 +103,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
     from snnkd_fast import losses
 
     device = torch.device("cpu" if args.smoke else "cuda")
-    timer = Timer(device, budget_s=0.2, warmup_s=0.05, min_reps=10)
+    timer = (Timer(device, budget_s=0.0, warmup_s=0.0, min_reps=1, max_reps=1, min_warmup=2) if args.smoke
+             else Timer(device, budget_s=0.2, warmup_s=0.05, min_reps=10))
     cuda_available = bool(snnkd_fast.backends("kd")["cuda"])
     lif_cuda_available = bool(snnkd_fast.backends()["cuda"])
     rows: list[dict] = []

@@ -1,0 +1,25 @@
+"""The GPU-only benchmark scripts still run: benchmarks/tune_triton.py --smoke takes its every path
+(each sweep, the result check, the JSON) on the CPU through Triton's interpreter, so the script a GPU
+session relies on cannot rot between GPU sessions."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_tune_triton_smoke(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tune_triton.py"), "--smoke", "--out",
+                             str(tmp_path)], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = json.loads((tmp_path / "tune_triton.json").read_text())
+    sweeps = {row["sweep"].split(":")[1].strip() for row in data["results"]}
+    assert sweeps == {"row kernels", "HTA teacher", "BLOCK, NUM_WARPS"}, sweeps
+    assert all(row.get("same_result_as_first", True) for row in data["results"]), data["results"]
