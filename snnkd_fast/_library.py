@@ -70,10 +70,11 @@ def register_autograd(qualified_name: str, backward: Callable, setup_context: Ca
 
 
 # Function.apply binds the arguments to forward's signature with inspect on every call when
-# setup_context is defined (~15-20 us of a ~100 us forward+backward of a small op on a CPU). Our
-# forwards take *inputs and are always given all of them, so the binding changes nothing; outside
-# torch.func transforms, apply is then the C base's apply after unwrapping dead functorch wrappers,
-# which is what _apply calls. Under a transform (grad, vjp, ...) it goes through Function.apply.
+# setup_context is defined: a per_timestep_kl forward+backward on tiny CPU inputs took 84 us through
+# it and takes 61 us without it. Our forwards take *inputs and are always given all of them, so the
+# binding changes nothing; outside torch.func transforms, apply is then the C base's apply after
+# unwrapping dead functorch wrappers, which is what _apply calls. Under a transform (grad, vjp, ...)
+# it goes through Function.apply.
 _unwrap_dead_wrappers = getattr(getattr(getattr(torch, "_functorch", None), "utils", None),
                                 "unwrap_dead_wrappers", None)
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
