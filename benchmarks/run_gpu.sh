@@ -36,8 +36,9 @@
 #               script started (less 20 s): SIGINT then, and the benchmark running writes the rows it
 #               has measured (meta["interrupted"]) and run.py runs no further one.
 #
-#   6. tune     (--tune) benchmarks/tune_triton.py: sweeps the Triton kernels' launch shapes (warps,
-#               blocks) against the CUDA kernels, tune_triton.json in the results folder (~2 min).
+#   4b. tune    (--tune, between the tests and the benchmark) benchmarks/tune_triton.py: sweeps the
+#               Triton kernels' launch shapes (warps, blocks) against the CUDA kernels,
+#               tune_triton.json in the results folder (~2-3 min).
 #
 # With pytest-xdist installed (the GPU image has it) the tests run in TEST_WORKERS processes (default
 # 8): most of their time is Triton's JIT compiling ~300 kernel specializations, on the CPU cores.
@@ -45,9 +46,9 @@
 # Output: results in --out DIR, else $OUT/<gpu-slug>/ when $OUT is set (the device tool copies $OUT
 # back: copy that folder to benchmarks/results/), else benchmarks/results/<gpu-slug>/. Logs
 # (run_gpu.log: everything printed; build.log, kept under $OUT only when the build failed;
-# pytest.log) go to $OUT, else build/run_gpu/. Under $OUT the plots are packed into
-# <gpu-slug>/plots.tar, since the device tool brings back 8 files at most (`python
-# benchmarks/plot.py DIR` also redraws them from the JSON files).
+# pytest.log) go to $OUT, else build/run_gpu/. Under $OUT the results folder is packed into one
+# $OUT/<gpu-slug>.tar at the end, since the device tool brings back 8 files at most: `tar -xf` it in
+# benchmarks/results/ (`python benchmarks/plot.py DIR` also redraws the plots from the JSON files).
 #
 # PYTHON (default python3) names the interpreter: the one whose torch is the machine's CUDA build.
 # SNNKD_GIT_COMMIT stamps the results with the commit that was sent (the device tool's copy of the
@@ -213,7 +214,7 @@ print(common.device_slug(torch.device("cuda")))' 2>/dev/null | tail -n 1)
 }
 
 run_bench() {
-  local rc plots=() limit=() command=("$PY" benchmarks/run.py --device cuda "$GRID" --out "$RESULTS" "${RUN_PY_ARGS[@]}")
+  local rc limit=() command=("$PY" benchmarks/run.py --device cuda "$GRID" --out "$RESULTS" "${RUN_PY_ARGS[@]}")
   if [ -n "$DEADLINE_S" ]; then
     limit=(timeout -s INT -k 30 $((DEADLINE_S - SECONDS - 20 > 30 ? DEADLINE_S - SECONDS - 20 : 30)))
     echo "deadline: at most ${limit[5]} s for the benchmark"
@@ -221,24 +222,21 @@ run_bench() {
   echo "${command[*]}"
   "${limit[@]}" "${command[@]}"
   rc=$?
-  if [ -n "${OUT:-}" ] && [ -d "$RESULTS" ]; then  # the device tool brings back 8 files at most
-    shopt -s nullglob
-    plots=("$RESULTS"/*.png)
-    shopt -u nullglob
-    if [ ${#plots[@]} -gt 0 ]; then
-      tar -cf "$RESULTS/plots.tar" -C "$RESULTS" "${plots[@]##*/}" && rm -f "${plots[@]}" \
-        && echo "packed ${#plots[@]} plots into $RESULTS/plots.tar"
-    fi
-  fi
   [ -d "$RESULTS" ] && ls -l "$RESULTS"
   return $rc
 }
 
 run_tune() {
-  local out=${RESULTS:-${OUT:+$OUT/$(gpu_slug)}}
-  out=${out:-$REPO/benchmarks/results/$(gpu_slug)}
   unset TRITON_INTERPRET
-  "$PY" benchmarks/tune_triton.py --out "$out"
+  "$PY" benchmarks/tune_triton.py --out "$RESULTS"
+}
+
+pack_results() {  # under $OUT: the results folder as one tar (the device tool brings back 8 files at most)
+  local parent name
+  [ -n "${OUT:-}" ] && [ -d "$RESULTS" ] || return 0
+  parent=$(dirname "$RESULTS") name=$(basename "$RESULTS")
+  tar -cf "$parent/$name.tar" -C "$parent" "$name" && rm -rf "$RESULTS" \
+    && echo "packed the results into $parent/$name.tar (tar -xf it in benchmarks/results/)"
 }
 
 main() {
@@ -248,18 +246,15 @@ main() {
   [ $SKIP_WHEELS -eq 1 ] || step wheels install_wheels
   [ $SKIP_BUILD -eq 1 ] || step build build_extension
   [ $SKIP_TESTS -eq 1 ] || step tests run_tests
-  if [ $SKIP_BENCH -eq 0 ]; then
-    if [ -z "$RESULTS" ]; then
-      local slug
-      slug=$(gpu_slug)
-      RESULTS=${OUT:+$OUT/$slug}
-      RESULTS=${RESULTS:-$REPO/benchmarks/results/$slug}
-    fi
-    step bench run_bench
+  if [ -z "$RESULTS" ] && { [ $SKIP_BENCH -eq 0 ] || [ $TUNE -eq 1 ]; }; then
+    local slug
+    slug=$(gpu_slug)
+    RESULTS=${OUT:+$OUT/$slug}
+    RESULTS=${RESULTS:-$REPO/benchmarks/results/$slug}
   fi
-  if [ $TUNE -eq 1 ]; then
-    step tune run_tune
-  fi
+  [ $TUNE -eq 0 ] || step tune run_tune  # before the benchmark, which --deadline-s can cut short
+  [ $SKIP_BENCH -eq 1 ] || step bench run_bench
+  pack_results
   echo
   echo "=== total $SECONDS s; $(if [ ${#FAILED[@]} -eq 0 ]; then echo "every step ok"; \
     else echo "FAILED: ${FAILED[*]}"; fi)"
