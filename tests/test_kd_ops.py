@@ -12,6 +12,7 @@ import torch
 import snnkd_fast
 import snnkd_fast.losses as L
 
+from conftest import device_for
 from kd_helpers import CASES
 
 S = torch.randn(4, 3, 10)
@@ -69,38 +70,47 @@ def test_gradcheck_through_the_cpp_kernels(case):
     assert torch.autograd.gradcheck(fn, (student, teacher), eps=1e-6, atol=1e-7)
 
 
+# The "cuda" backend is the same ops as "cpp", on CUDA tensors.
 OPS = {
     "cpp": ("kd_rows_forward", "nld_rows_forward"),
+    "cuda": ("kd_rows_forward", "nld_rows_forward"),
     "triton": ("kd_rows_forward_triton", "nld_rows_forward_triton"),
 }
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.cuda_tensors
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
 @pytest.mark.parametrize("loss", [0, 1, 2], ids=["kl", "tser", "hta"])
 def test_opcheck_kd_rows(backend, loss):
     if not snnkd_fast.backends("kd")[backend]:
         pytest.skip(snnkd_fast.backends("kd")[backend].reason)
+    device = device_for(backend)
     op = getattr(torch.ops.snnkd_fast, OPS[backend][0])
-    student = torch.randn(3, 2, 9, requires_grad=True)
-    teacher = torch.randn(2, 9, requires_grad=True)
+    student = torch.randn(3, 2, 9, device=device, requires_grad=True)
+    teacher = torch.randn(2, 9, device=device, requires_grad=True)
     torch.library.opcheck(op, (student, teacher, loss, 2.0, 1.5, 0.2, 0.5))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.cuda_tensors
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
 @pytest.mark.parametrize("adaptive, additive", [(True, False), (False, True)])
 def test_opcheck_nld_rows(backend, adaptive, additive):
     if not snnkd_fast.backends("kd")[backend]:
         pytest.skip(snnkd_fast.backends("kd")[backend].reason)
+    device = device_for(backend)
     op = getattr(torch.ops.snnkd_fast, OPS[backend][1])
-    student = torch.randn(3, 2, 9, requires_grad=True)
-    teacher = torch.randn(3, 2, 9, requires_grad=True)
-    torch.library.opcheck(op, (student, teacher, torch.tensor(11), 2.0, 0.1, 0.5, adaptive, additive))
+    student = torch.randn(3, 2, 9, device=device, requires_grad=True)
+    teacher = torch.randn(3, 2, 9, device=device, requires_grad=True)
+    seed = torch.tensor(11, device=device)
+    torch.library.opcheck(op, (student, teacher, seed, 2.0, 0.1, 0.5, adaptive, additive))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.cuda_tensors
+@pytest.mark.parametrize("backend", ["cpp", "torch", "cuda"] + (["triton"] if device_for("triton") == "cuda" else []))
 def test_compile_fullgraph(backend):
     if not snnkd_fast.backends("kd")[backend]:
         pytest.skip(snnkd_fast.backends("kd")[backend].reason)
+    device = device_for(backend)
     torch._dynamo.reset()
 
     def objective(student, teacher):
@@ -109,7 +119,7 @@ def test_compile_fullgraph(backend):
                 + L.nld_loss(student, teacher, seed=3, backend=backend))
 
     compiled = torch.compile(objective, fullgraph=True, backend="aot_eager")
-    student, teacher = torch.randn(3, 4, 12), torch.randn(4, 12)
+    student, teacher = torch.randn(3, 4, 12, device=device), torch.randn(4, 12, device=device)
     s1, s2 = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
     eager_loss, compiled_loss = objective(s1, teacher), compiled(s2, teacher)
     if backend != "torch":  # the reference draws its NLD noise with torch.randn, the kernels from the seed

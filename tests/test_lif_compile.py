@@ -7,20 +7,24 @@ from torch import nn
 import snnkd_fast
 from snnkd_fast import nn as snn
 
+from conftest import device_for
 from tolerances import assert_grad_close
 
-OPS = {"cpp": "lif_forward", "triton": "lif_forward_triton"}
+# The "cuda" backend is the same op as "cpp" (lif_forward), on CUDA tensors.
+OPS = {"cpp": "lif_forward", "cuda": "lif_forward", "triton": "lif_forward_triton"}
+# Every test builds its tensors on device_for(backend): on a GPU machine cuda and compiled triton run.
+TRITON_ON_CUDA_TENSORS = True
 
 
-def _sample_args(neuron: int, requires_grad: bool):
-    x = (torch.randn(4, 3, 5) * 1.5 + 0.4).requires_grad_(requires_grad)
-    v_init = torch.zeros(3, 5).requires_grad_(requires_grad)
-    decay = torch.tensor(0.4).requires_grad_(requires_grad) if neuron == 2 else None
+def _sample_args(neuron: int, requires_grad: bool, device: str = "cpu"):
+    x = (torch.randn(4, 3, 5) * 1.5 + 0.4).to(device).requires_grad_(requires_grad)
+    v_init = torch.zeros(3, 5, device=device).requires_grad_(requires_grad)
+    decay = torch.tensor(0.4, device=device).requires_grad_(requires_grad) if neuron == 2 else None
     # (x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset, soft_reset, detach_reset, surrogate, alpha)
     return (x, v_init, decay, neuron, 2.0, True, 1.0, 0.0, False, False, 1, 2.0)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
 @pytest.mark.parametrize("neuron", [0, 1, 2], ids=["if", "lif", "plif"])
 def test_opcheck(backend, neuron):
     status = snnkd_fast.backends()[backend]
@@ -28,7 +32,7 @@ def test_opcheck(backend, neuron):
         pytest.skip(status.reason)
     op = getattr(torch.ops.snnkd_fast, OPS[backend])
     for requires_grad in (False, True):
-        torch.library.opcheck(op, _sample_args(neuron, requires_grad))
+        torch.library.opcheck(op, _sample_args(neuron, requires_grad, device_for(backend)))
 
 
 class TinyConvSNN(nn.Module):
@@ -52,18 +56,23 @@ class TinyConvSNN(nn.Module):
         return out
 
 
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
+# triton only on a GPU: under the interpreter its launches are not what a compiled graph would run
+COMPILE_BACKENDS = ["cpp", "torch", "cuda"] + (["triton"] if device_for("triton") == "cuda" else [])
+
+
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
 @pytest.mark.parametrize("compile_backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_compile_fullgraph_matches_eager(backend, compile_backend):
     if not snnkd_fast.backends()[backend]:
         pytest.skip(snnkd_fast.backends()[backend].reason)
+    device = device_for(backend)
     torch._dynamo.reset()
     torch.manual_seed(0)
-    eager = TinyConvSNN(backend)
-    compiled_model = TinyConvSNN(backend)
+    eager = TinyConvSNN(backend).to(device)
+    compiled_model = TinyConvSNN(backend).to(device)
     compiled_model.load_state_dict(eager.state_dict())
     compiled = torch.compile(compiled_model, fullgraph=True, backend=compile_backend)
-    x = torch.randn(4, 3, 2, 4, 4) * 2
+    x = (torch.randn(4, 3, 2, 4, 4) * 2).to(device)
     out_eager = eager(x)
     out_compiled = compiled(x)
     assert out_eager.sum() > 0

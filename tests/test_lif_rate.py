@@ -11,6 +11,7 @@ from snnkd_fast.lif.op import _make_config
 from snnkd_fast.lif.params import NEURON_IF, NEURON_LIF, NEURON_PLIF
 from snnkd_fast.lif.reference import eligibility_reference, neuron_multistep_reference
 
+from conftest import device_for
 from lif_helpers import neuron_call
 from tolerances import assert_grad_close
 
@@ -96,14 +97,17 @@ def test_plif_weight_with_grad_is_refused():
         snnkd_fast.lif_multistep(torch.randn(3, 4), backward="exact")
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.cuda_tensors
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
 def test_opcheck_rate_ops(backend):
     status = snnkd_fast.backends()[backend]
     if not status:
         pytest.skip(status.reason)
+    device = device_for(backend)
     op = torch.ops.snnkd_fast.lif_rate_forward_triton if backend == "triton" else torch.ops.snnkd_fast.lif_rate_forward
-    x = (torch.randn(4, 3, 5) + 0.5).requires_grad_(True)
-    torch.library.opcheck(op, (x, torch.zeros(3, 5), None, 1, 2.0, True, 1.0, 0.0, False, False, 0, 4.0))
+    x = (torch.randn(4, 3, 5) + 0.5).to(device).requires_grad_(True)
+    torch.library.opcheck(op, (x, torch.zeros(3, 5, device=device), None, 1, 2.0, True, 1.0, 0.0, False, False, 0,
+                               4.0))
 
 
 class TinySNN(nn.Module):
