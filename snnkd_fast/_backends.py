@@ -50,6 +50,19 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_takes_cpu_tensors() -> bool:
+    """Whether backend='triton' may run on CPU tensors: under the interpreter. Its own predicate so that
+    tests/triton_aot_compile.py can allow that (to compile, without a GPU, the kernels a CPU call
+    launches) while every launch still sees the real triton_interpret()."""
+    return triton_interpret()
+
+
+def triton_launch_options(**options) -> dict:
+    """``options`` (num_warps, enable_fp_fusion, ...) for a compiled Triton launch; none under the
+    interpreter, which refuses launch options."""
+    return {} if triton_interpret() else options
+
+
 # Triton's interpreter patches triton.language and keeps the grid position in module globals for the
 # duration of a launch, so two launches from two threads corrupt each other ("Did you forget to add
 # @triton.jit ?", or wrong results). While interpreting, launches are serialized; on a GPU this is a
@@ -126,7 +139,7 @@ def resolve_backend(backend: str, device: torch.device, op_name: str, family: st
         raise ValueError(f"{op_name}: backend='cpp' runs on CPU tensors; the input is on {device}")
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"{op_name}: backend='cuda' runs on CUDA tensors; the input is on {device}")
-    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpret()):
+    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_takes_cpu_tensors()):
         raise ValueError(f"{op_name}: backend='triton' runs on CUDA tensors, or on CPU tensors under "
                          f"TRITON_INTERPRET=1; the input is on {device}")
     return backend

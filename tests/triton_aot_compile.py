@@ -145,7 +145,7 @@ def main() -> int:
     # The dispatch layer allows Triton on CPU tensors only while interpreting; here it compiles only.
     import snnkd_fast._backends as backends
 
-    backends.triton_interpret = lambda: True
+    backends.triton_takes_cpu_tensors = lambda: True
     for status in backends._STATUS.values():
         status["triton"] = backends.BackendStatus(True)
     exercise_ops()

@@ -17,12 +17,11 @@ exact. A +inf or NaN logit gives a NaN loss (documented policy).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .._backends import triton_launch_options
 from .params import HTA_NUM, LOSS_HTA, LOSS_TSER, NUM_STATS
 
 # A finite stand-in for -inf as the initial running maximum: exp(-inf - NEG_BIG) = 0 and
@@ -311,11 +310,6 @@ HTA_TEACHER_WARPS = 8
 HTA_SEARCH_BLOCK = 256
 
 
-def _launch_warps(num_warps: int) -> dict:
-    """num_warps for a compiled launch; the interpreter takes no launch options."""
-    return {} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": num_warps}
-
-
 def _blocks(T: int, C: int) -> tuple[int, int]:
     """Tile [BLOCK_T, BLOCK_C]: all timesteps of a sample at once when T is small, <= 4096 elements."""
     block_t = min(triton.next_power_of_2(T), KD_BLOCK_T)
@@ -349,12 +343,12 @@ def kd_rows_forward(student: torch.Tensor, teacher: torch.Tensor, loss: int, tem
             teacher3, keys, B, C, u_st, teacher3.stride(1), teacher3.stride(2), 1.0 / temperature,
             float(head_threshold), BLOCK_C=max(16, min(triton.next_power_of_2(C), 4096)),
             SEARCH_BLOCK=max(16, min(triton.next_power_of_2(C), HTA_SEARCH_BLOCK)), NUM_CANDIDATES=16,
-            **_launch_warps(HTA_TEACHER_WARPS))
+            **triton_launch_options(num_warps=HTA_TEACHER_WARPS))
     _kd_forward_kernel[(B, triton.cdiv(T, block_t))](
         student, teacher3, keys, rows, stats, T, B, C, *student.stride(), u_st, teacher3.stride(1),
         teacher3.stride(2), 1.0 / temperature, 1.0 / entropy_temperature, temperature * temperature,
         float(entropy_weight), LOSS=loss, TEACHER_PER_T=per_t, BLOCK_T=block_t, BLOCK_C=block_c,
-        **_launch_warps(KD_ROW_WARPS))
+        **triton_launch_options(num_warps=KD_ROW_WARPS))
     return rows, stats, keys
 
 
@@ -376,5 +370,5 @@ def kd_rows_backward(grad_rows: torch.Tensor, student: torch.Tensor, teacher: to
         grad_teacher if grad_teacher is not None else grad_student, T, B, C, *student.stride(), u_st,
         teacher3.stride(1), teacher3.stride(2), 1.0 / temperature, 1.0 / entropy_temperature, temperature,
         float(entropy_weight), LOSS=loss, TEACHER_PER_T=per_t, TEACHER_GRAD=teacher_grad,
-        BLOCK_T=block_t, BLOCK_C=block_c, **_launch_warps(KD_ROW_WARPS))
+        BLOCK_T=block_t, BLOCK_C=block_c, **triton_launch_options(num_warps=KD_ROW_WARPS))
     return grad_student, grad_teacher

@@ -14,13 +14,13 @@ as float32, so a float64 path would round tau and v_threshold. float64 is served
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .._backends import triton_launch_options
 from .params import NeuronConfig
 
 BLOCK = 256
@@ -209,12 +209,9 @@ def _lif_backward_kernel(grad_s_ptr, grad_v_ptr, h_ptr, v_init_ptr, decay_ptr, g
 NUM_WARPS = 4
 
 
-def _launch_options(x: torch.Tensor) -> dict:
-    # FMA contraction would round the PLIF charge differently from the reference (and is
-    # meaningless in the interpreter, which rejects launch options).
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return {}
-    return {"enable_fp_fusion": False, "num_warps": NUM_WARPS}
+def _launch_options() -> dict:
+    # No FMA contraction: it would round the PLIF charge differently from the reference.
+    return triton_launch_options(enable_fp_fusion=False, num_warps=NUM_WARPS)
 
 
 def lif_forward(x: torch.Tensor, v_init: torch.Tensor, decay: Optional[torch.Tensor], cfg: NeuronConfig,
@@ -237,7 +234,7 @@ def lif_forward(x: torch.Tensor, v_init: torch.Tensor, decay: Optional[torch.Ten
         x, v_init, decay if decay is not None else v_init, spikes, v_final, out, T, N,
         float(cfg.tau), float(cfg.v_threshold), float(cfg.v_rest), float(cfg.alpha),
         NEURON=cfg.neuron, DECAY_INPUT=cfg.decay_input, SOFT_RESET=cfg.soft_reset, DETACH_RESET=cfg.detach_reset,
-        SURROGATE=cfg.surrogate, RATE=rate, BLOCK=BLOCK, **_launch_options(x))
+        SURROGATE=cfg.surrogate, RATE=rate, BLOCK=BLOCK, **_launch_options())
     return spikes, v_final, out
 
 
@@ -263,7 +260,7 @@ def lif_backward(grad_spikes: Optional[torch.Tensor], grad_v: Optional[torch.Ten
         float(cfg.tau), float(cfg.v_threshold), float(cfg.v_rest), float(cfg.alpha),
         NEURON=cfg.neuron, DECAY_INPUT=cfg.decay_input, SOFT_RESET=cfg.soft_reset, DETACH_RESET=cfg.detach_reset,
         SURROGATE=cfg.surrogate, HAS_GRAD_S=grad_spikes is not None, HAS_GRAD_V=grad_v is not None,
-        DECAY_GRAD=decay_grad, BLOCK=BLOCK, **_launch_options(h_seq))
+        DECAY_GRAD=decay_grad, BLOCK=BLOCK, **_launch_options())
     if decay_grad:
         grad_decay = partials.sum()
     return grad_x, grad_v_init, grad_decay
