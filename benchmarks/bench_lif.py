@@ -138,7 +138,9 @@ def make_forward(name: str, device: torch.device) -> Callable[[torch.Tensor], to
         from spikingjelly.activation_based import neuron
 
         node = neuron.LIFNode(tau=TAU, step_mode="m").to(device)
-        if device.type == "cuda":  # SpikingJelly 2.0 picks its CUDA path itself: native CUDA, Triton or torch
+        # SpikingJelly 2.0 picks its CUDA path itself (native CUDA, Triton or torch): recorded once per run
+        # (make_forward runs again for each case's memory measurement)
+        if device.type == "cuda" and "spikingjelly" not in PEER_IMPLEMENTATIONS:
             from spikingjelly.activation_based.functional import neuron as sj_functional
 
             PEER_IMPLEMENTATIONS["spikingjelly"] = sj_functional.neuron_implementation("lif", device)
@@ -188,12 +190,6 @@ def select_implementations(device: torch.device,
 # --------------------------------------------------------------------------------------------------
 # measurements
 # --------------------------------------------------------------------------------------------------
-
-def time_passes(forward: Callable, x: torch.Tensor, timer: Timer) -> dict[str, Timing]:
-    with torch.no_grad():
-        grad = torch.randn_like(forward(x))  # in the dtype this implementation's spikes have
-    return common.time_passes(timer, lambda: forward(x), lambda out: torch.autograd.backward(out, grad), x)
-
 
 def measure_peak_memory(name: str, case: Case, device: torch.device) -> tuple[int, bool]:
     """(bytes one fwd+bwd needs above the inputs, whether the peak counter could be reset first).
@@ -276,7 +272,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
                 case_rows = []
                 for name, forward in forwards.items():
                     try:
-                        timings = time_passes(forward, x, timer)
+                        timings = common.time_passes_of(timer, forward, x)
                     except Exception as error:
                         if kind_of(name) != "peer":  # our own kernels failing is a bug: recorded, exit status 1
                             common.record_failure(meta["failures"], name, case.label, error)

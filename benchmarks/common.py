@@ -347,6 +347,15 @@ def time_passes(timer: Timer, forward: Callable[[], torch.Tensor], backward: Cal
     }
 
 
+def time_passes_of(timer: Timer, forward: Callable[[torch.Tensor], torch.Tensor],
+                   leaf: torch.Tensor) -> dict[str, Timing]:
+    """:func:`time_passes` of ``forward(leaf)`` with a fixed random upstream gradient, in the dtype of
+    the output (drawn once, untimed)."""
+    with torch.no_grad():
+        grad = torch.randn_like(forward(leaf))
+    return time_passes(timer, lambda: forward(leaf), lambda out: torch.autograd.backward(out, grad), leaf)
+
+
 def peak_bandwidth(device: torch.device, timer: Timer) -> tuple[float, str]:
     """(bytes/s, where the figure comes from): a datasheet value for known GPUs, otherwise the
     bandwidth of a large ``Tensor.copy_`` (read + write), far larger than any cache."""

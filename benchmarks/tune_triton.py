@@ -38,14 +38,7 @@ SMOKE = False
 
 
 def time_case(timer: Timer, fn: Callable[[torch.Tensor], torch.Tensor], leaf: torch.Tensor) -> dict[str, float]:
-    grad = None
-
-    def backward(out: torch.Tensor) -> None:
-        torch.autograd.backward(out, grad)
-
-    with torch.no_grad():
-        grad = torch.ones_like(fn(leaf))
-    timings = common.time_passes(timer, lambda: fn(leaf), backward, leaf)
+    timings = common.time_passes_of(timer, fn, leaf)
     return {name: timing.median_ms for name, timing in timings.items() if name in ("fwd", "fwdbwd")}
 
 
