@@ -40,25 +40,6 @@ inline at::ScalarType acc_dtype(const at::Tensor& a, const at::Tensor& b) {
   return a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Maximum of x[0, n) (-inf for n = 0; NaNs are skipped, the sums that follow propagate them). Kept
-// in independent lanes with a > b ? a : b, which maps onto vmaxps: GCC leaves `omp simd reduction(max)`
-// over std::max scalar, a loop-carried dependency that cost more than the exp pass it precedes.
-template <typename acc_t>
-inline acc_t row_max(const acc_t* x, int64_t n) {
-  constexpr int kLanes = 16;
-  acc_t lanes[kLanes];
-  for (int j = 0; j < kLanes; ++j) lanes[j] = -std::numeric_limits<acc_t>::infinity();
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-#pragma omp simd
-    for (int j = 0; j < kLanes; ++j) lanes[j] = lanes[j] > x[i + j] ? lanes[j] : x[i + j];
-  }
-  for (int j = 0; i + j < n; ++j) lanes[j] = lanes[j] > x[i + j] ? lanes[j] : x[i + j];
-  acc_t m = lanes[0];
-  for (int j = 1; j < kLanes; ++j) m = m > lanes[j] ? m : lanes[j];
-  return m;
-}
-
 }  // namespace kd
 }  // namespace snnkd
 
