@@ -223,8 +223,9 @@ def nld_loss(student_seq: Tensor, teacher: Tensor, *, temperature: float = 2.0, 
     softmax(n/tau)`` and ``l = tau^2 KL(softmax(z_t/tau) || p_s)``. ``mode="additive"``:
     ``p_s = softmax((z + noise_std eps)/tau)`` (the paper's figure; needs a float ``noise_std``).
 
-    eps ~ N(0, 1) is drawn inside the kernels from a counter-based RNG (Philox) keyed by a seed and
-    the element index, regenerated identically in the backward, never materialised. The seed is
+    eps ~ N(0, 1) is drawn inside the kernels from a counter-based RNG (Philox, four normals per
+    draw as ``tl.randn4x``) keyed by a seed and the element's row and class, regenerated identically
+    in the backward, never materialised. The seed is
     drawn from ``generator`` (default: the device's default generator) on every call, or given as
     ``seed``. The "torch" backend draws eps with ``torch.randn`` from the same generator instead,
     so its noise differs from the kernels' for the same seed. Training only: evaluate with CE alone.

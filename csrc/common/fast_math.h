@@ -4,7 +4,8 @@
 // bit arithmetic; max error ~2 ulp, the class of CUDA's expf/logf/cosf). double keeps libm.
 // fast_exp: -inf -> 0, NaN stays NaN, arguments above ~88 saturate (the kernels pass x <= 0 or
 // surrogate arguments). fast_log: 0 -> -inf, x < 0 or NaN -> NaN, +inf -> +inf.
-// cos_2pi(u) = cos(2 pi u) for u in [0, 1] (the Box-Muller angle of the noise generator).
+// cos_2pi(u) = cos(2 pi u) and sin_2pi(u) = sin(2 pi u) for u in [0, 1] (the Box-Muller angle of the
+// noise generator).
 #pragma once
 
 #include <cmath>
@@ -90,21 +91,39 @@ SNNKD_HD double fast_log(double x) {
 #endif
 }
 
-SNNKD_HD float cos_2pi(float u) {
-#if defined(__CUDA_ARCH__)
-  return cosf(6.283185307179586f * u);
-#else
-  // cos(2 pi u) = cos(pi/2 * q + pi/2 * f) by quadrant q = round(4u) and |f| <= 1/2: cos/sin of the
-  // small angle pi/2 * f by Cephes' minimax polynomials on [-pi/4, pi/4].
+// The host's reduction for cos_2pi and sin_2pi: 2 pi u = pi/2 * q + pi/2 * f with the quadrant
+// q = round(4u) and |f| <= 1/2, and cos/sin of the small angle pi/2 * f by Cephes' minimax
+// polynomials on [-pi/4, pi/4].
+struct QuarterTurns {
+  float cos_a, sin_a;
+  int32_t quadrant;  // q mod 4
+};
+
+SNNKD_HD QuarterTurns quarter_turns(float u) {
   const float q = (u * 4.0f + 12582912.0f) - 12582912.0f;  // round to nearest (needs -ffp-contract=off)
   const float a = (u * 4.0f - q) * 1.57079632679489662f;
   const float a2 = a * a;
   const float cos_a = ((2.443315711809948e-5f * a2 - 1.388731625493765e-3f) * a2 + 4.166664568298827e-2f) * a2 * a2 -
                       0.5f * a2 + 1.0f;
   const float sin_a = ((-1.9515295891e-4f * a2 + 8.3321608736e-3f) * a2 - 1.6666654611e-1f) * a2 * a + a;
-  const int32_t quadrant = static_cast<int32_t>(q) & 3;
-  float r = quadrant == 0 ? cos_a : (quadrant == 1 ? -sin_a : (quadrant == 2 ? -cos_a : sin_a));
-  return r;
+  return {cos_a, sin_a, static_cast<int32_t>(q) & 3};
+}
+
+SNNKD_HD float cos_2pi(float u) {
+#if defined(__CUDA_ARCH__)
+  return cosf(6.283185307179586f * u);
+#else
+  const QuarterTurns t = quarter_turns(u);
+  return t.quadrant == 0 ? t.cos_a : (t.quadrant == 1 ? -t.sin_a : (t.quadrant == 2 ? -t.cos_a : t.sin_a));
+#endif
+}
+
+SNNKD_HD float sin_2pi(float u) {
+#if defined(__CUDA_ARCH__)
+  return sinf(6.283185307179586f * u);
+#else
+  const QuarterTurns t = quarter_turns(u);
+  return t.quadrant == 0 ? t.sin_a : (t.quadrant == 1 ? t.cos_a : (t.quadrant == 2 ? -t.sin_a : -t.cos_a));
 #endif
 }
 

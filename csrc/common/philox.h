@@ -1,7 +1,10 @@
-// Counter-based Gaussian noise, compatible with Triton's tl.randn (Philox4x32-10, then Box-Muller on
-// the first two words): the CPU and CUDA kernels draw the same eps for a (seed, offset) as the
-// Triton kernels do, up to the last bits of log/cos (fast_math.h's on the host). Used by the NLD loss,
-// which regenerates its noise in the backward instead of storing it.
+// Counter-based Gaussian noise, compatible with Triton's tl.randn4x (Philox4x32-10, then Box-Muller
+// on both word pairs, cos and sin: four normals per draw): the CPU and CUDA kernels draw the same eps
+// for a (seed, counter) as the Triton kernels do, up to the last bits of log/cos/sin (fast_math.h's
+// on the host). Used by the NLD loss, which regenerates its noise in the backward instead of storing
+// it: class c of row r gets component c mod 4 of the draw at counter r * noise_quads(C) + c / 4
+// (nld_eps). Four classes share a draw, so a kernel that draws per quad does a quarter of the Philox
+// rounds and half the logs and square roots of one draw per class (tl.randn, which keeps one normal).
 #pragma once
 
 #include <cmath>
@@ -53,23 +56,44 @@ SNNKD_HD float uint_to_uniform(uint32_t bits) {
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
 
-// Box-Muller on two random words, as tl.randn: radius from the first, angle from the second.
-SNNKD_HD float box_muller(uint32_t bits_radius, uint32_t bits_angle) {
+// Box-Muller on two random words, as tl.randn4x's pair_uniform_to_normal: radius from the first,
+// angle from the second; both normals (cos and sin).
+SNNKD_HD void box_muller(uint32_t bits_radius, uint32_t bits_angle, float& normal_cos, float& normal_sin) {
   float u1 = uint_to_uniform(bits_radius);
   const float u2 = uint_to_uniform(bits_angle);
   u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
   const float radius = std::sqrt(-2.0f * fast_log(u1));
-  return radius * cos_2pi(u2);  // cos(2 pi u2): the loop over elements vectorizes on the host
+  normal_cos = radius * cos_2pi(u2);  // cos(2 pi u2): loops over elements vectorize on the host
+  normal_sin = radius * sin_2pi(u2);
 }
 
-// One standard-normal float for (seed, offset), as tl.randn(seed, offset).
-SNNKD_HD float philox_randn(uint64_t seed, uint64_t offset) {
+// The four standard normals of tl.randn4x(seed, counter).
+SNNKD_HD void philox_randn4x(uint64_t seed, uint64_t counter, float out[4]) {
   uint32_t r[4];
-  philox4x32_10(seed, offset, r);
-  return box_muller(r[0], r[1]);
+  philox4x32_10(seed, counter, r);
+  box_muller(r[0], r[1], out[0], out[1]);
+  box_muller(r[2], r[3], out[2], out[3]);
+}
+
+// Philox draws per row of C classes (four classes per draw).
+SNNKD_HD uint64_t noise_quads(int64_t C) { return static_cast<uint64_t>((C + 3) / 4); }
+
+// NLD's eps of class c in the row whose draws start at counter quad_base (= row * noise_quads(C)):
+// one draw and one Box-Muller pair per class (for kernels that visit classes one at a time).
+SNNKD_HD float nld_eps(uint64_t seed, uint64_t quad_base, int64_t c) {
+  uint32_t r[4];
+  philox4x32_10(seed, quad_base + static_cast<uint64_t>(c >> 2), r);
+  const bool second_pair = (c & 2) != 0;
+  float normal_cos, normal_sin;
+  box_muller(second_pair ? r[2] : r[0], second_pair ? r[3] : r[1], normal_cos, normal_sin);
+  return (c & 1) ? normal_sin : normal_cos;
 }
 
 #if !defined(__CUDACC__)
+// GCC 12 warns (-Wmaybe-uninitialized) inside its AVX-512 intrinsics (their _mm512_undefined_*) where
+// they are inlined, so the warning is off for the functions below, not only for the include.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #if defined(__AVX512F__)
 namespace philox_avx512 {
 // Both 32-bit halves of x * m for 16 lanes: vpmuludq on the even and the odd lanes, recombined.
@@ -81,8 +105,8 @@ inline void mul_hi_lo(__m512i x, __m512i m, __m512i& hi, __m512i& lo) {
   lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
 }
 
-// The first two Philox words for the 16 offsets base + [0, 16).
-inline void philox_words16(uint64_t seed, uint64_t base, __m512i& w0, __m512i& w1) {
+// The four Philox words for the 16 counters base + [0, 16).
+inline void philox_words16(uint64_t seed, uint64_t base, __m512i w[4]) {
   // counters (offset_lo, offset_hi) built in registers (16 scalar stores then a vector load would
   // stall on store forwarding); the high word steps only when the low word wraps inside the block
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
@@ -106,31 +130,49 @@ inline void philox_words16(uint64_t seed, uint64_t base, __m512i& w0, __m512i& w
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  w0 = c0;
-  w1 = c1;
+  w[0] = c0;
+  w[1] = c1;
+  w[2] = c2;
+  w[3] = c3;
 }
 }  // namespace philox_avx512
 #endif
 
-// out[i] = philox_randn(seed, base + i) for i in [0, n) (identical values), 16 offsets at a time
-// with AVX-512 where the compiler targets it.
+// out[c] = nld_eps(seed, quad_base, c) for c in [0, C) (identical values): one draw per four classes,
+// 16 draws at a time with AVX-512 where the compiler targets it (the last block's surplus draws are
+// discarded: scalar draws for the row's remainder cost as much as a vector block).
 template <typename out_t>
-inline void philox_randn_fill(uint64_t seed, uint64_t base, int64_t n, out_t* out) {
-  int64_t i = 0;
+inline void nld_eps_row(uint64_t seed, uint64_t quad_base, int64_t C, out_t* out) {
+  int64_t q = 0;  // draws done
 #if defined(__AVX512F__)
-  alignas(64) uint32_t w0[16], w1[16];
-  for (; i + 16 <= n; i += 16) {
-    __m512i a, b;
-    philox_avx512::philox_words16(seed, base + static_cast<uint64_t>(i), a, b);
-    _mm512_store_si512(w0, a);
-    _mm512_store_si512(w1, b);
+  alignas(64) uint32_t words[4][16];
+  alignas(64) float normals[4][16];
+  for (; 4 * q < C; q += 16) {
+    __m512i w[4];
+    philox_avx512::philox_words16(seed, quad_base + static_cast<uint64_t>(q), w);
+    for (int k = 0; k < 4; ++k) _mm512_store_si512(words[k], w[k]);
 #pragma omp simd
-    for (int j = 0; j < 16; ++j) out[i + j] = static_cast<out_t>(box_muller(w0[j], w1[j]));
+    for (int j = 0; j < 16; ++j) {
+      box_muller(words[0][j], words[1][j], normals[0][j], normals[1][j]);
+      box_muller(words[2][j], words[3][j], normals[2][j], normals[3][j]);
+    }
+    out_t* o = out + 4 * q;
+    if (4 * (q + 16) <= C) {
+      for (int j = 0; j < 16; ++j) {
+        for (int k = 0; k < 4; ++k) o[4 * j + k] = static_cast<out_t>(normals[k][j]);
+      }
+    } else {
+      for (int64_t i = 0; i < C - 4 * q; ++i) o[i] = static_cast<out_t>(normals[i % 4][i / 4]);
+    }
   }
 #endif
-#pragma omp simd
-  for (int64_t j = i; j < n; ++j) out[j] = static_cast<out_t>(philox_randn(seed, base + static_cast<uint64_t>(j)));
+  for (; 4 * q < C; ++q) {
+    float normals4[4];
+    philox_randn4x(seed, quad_base + static_cast<uint64_t>(q), normals4);
+    for (int64_t k = 0; k < 4 && 4 * q + k < C; ++k) out[4 * q + k] = static_cast<out_t>(normals4[k]);
+  }
 }
+#pragma GCC diagnostic pop
 #endif  // !__CUDACC__
 
 }  // namespace snnkd

@@ -248,7 +248,8 @@ at::Tensor nld_noise_cuda(const at::Tensor& seed, at::IntArrayRef shape) {
   if (n == 0) return out;
   const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 8192);  // grid-stride beyond
   auto stream = c10::cuda::getCurrentCUDAStream();
-  nld_noise_kernel<float><<<blocks, kThreads, 0, stream>>>(seed_data, out.data_ptr<float>(), n);
+  const int64_t C = shape.empty() ? 1 : shape.back();  // a 0-d shape: one row of one class
+  nld_noise_kernel<float><<<blocks, kThreads, 0, stream>>>(seed_data, out.data_ptr<float>(), n, C);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -1,7 +1,7 @@
 // CPU kernels of CKDSNN's noise-smoothed logits distillation (NLD). The formulas of
 // snnkd_fast/kd/nld_triton.py (see its docstring), arranged for the CPU: one sample per task, its
 // teacher's softmax computed once for its T rows (kd_cpu_rows.h); per row, the student logits and
-// the row's noise eps (regenerated from (seed, row*C + c) with csrc/common/philox.h, the eps the
+// the row's noise eps (regenerated from the seed with csrc/common/philox.h's nld_eps_row, the eps the
 // Triton and CUDA kernels draw) go into per-thread buffers of one row -- nothing of [T, B, C] is
 // stored -- and every pass over them is an omp-simd loop in the accumulation type (float, or double
 // for double inputs). The mixture is formed in the linear domain, with a log-domain fallback for the
@@ -67,9 +67,9 @@ struct NldRow {
   explicit NldRow(int64_t C) : z(C), eps(C), x(C), n(C), e_x(C), e_n(C) {}
 
   template <typename s_t>
-  void load(const s_t* s, int64_t s_c, uint64_t seed, uint64_t base, int64_t C) {
+  void load(const s_t* s, int64_t s_c, uint64_t seed, uint64_t quad_base, int64_t C) {
     for (int64_t c = 0; c < C; ++c) z[c] = static_cast<acc_t>(s[c * s_c]);
-    philox_randn_fill(seed, base, C, eps.data());
+    nld_eps_row(seed, quad_base, C, eps.data());
   }
 
   // x: the student's (noisy, in additive mode) logits / tau; n: the noise logits / tau (mixture).
@@ -158,7 +158,7 @@ void forward_kernel(const s_t* S, const u_t* U, uint64_t seed, const RowLayout& 
       for (int64_t t = 0; t < L.T; ++t) {
         const int64_t r = t * L.B + b;
         if (t == 0 || L.teacher_per_t) teacher.load(U + t * L.u.t + b * L.u.b, L.u.c, C, P.inv_tau, false);
-        row.load(S + t * L.s.t + b * L.s.b, L.s.c, seed, static_cast<uint64_t>(r) * C, C);
+        row.load(S + t * L.s.t + b * L.s.b, L.s.c, seed, static_cast<uint64_t>(r) * noise_quads(C), C);
         const acc_t *z = row.z.data(), *x = row.x.data(), *n = row.n.data();
         acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -227,7 +227,7 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
       for (int64_t t = 0; t < L.T; ++t) {
         const int64_t r = t * L.B + b;
         if (t == 0 || L.teacher_per_t) teacher.load(U + t * L.u.t + b * L.u.b, L.u.c, C, P.inv_tau, false);
-        row.load(S + t * L.s.t + b * L.s.b, L.s.c, seed, static_cast<uint64_t>(r) * C, C);
+        row.load(S + t * L.s.t + b * L.s.b, L.s.c, seed, static_cast<uint64_t>(r) * noise_quads(C), C);
         const acc_t* stat = stats + r * kNldStats;
         const acc_t mean = stat[0], scale = stat[1], lse_q = stat[2], lse_r = stat[3], kl = stat[5];
         const acc_t g_row = grad_rows[r];
@@ -354,10 +354,13 @@ std::tuple<at::Tensor, at::Tensor> nld_rows_backward_cpu(const at::Tensor& grad_
 
 at::Tensor nld_noise_cpu(const at::Tensor& seed, at::IntArrayRef shape) {
   at::Tensor out = at::empty(shape, seed.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
   const uint64_t s = read_seed(seed);
+  const int64_t C = shape.empty() ? 1 : shape.back();  // a 0-d shape: one row of one class
+  const int64_t rows = out.numel() / C;
   float* data = out.data_ptr<float>();
-  at::parallel_for(0, out.numel(), 4096, [&](int64_t begin, int64_t end) {
-    philox_randn_fill(s, static_cast<uint64_t>(begin), end - begin, data + begin);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / C), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) nld_eps_row(s, static_cast<uint64_t>(r) * noise_quads(C), C, data + r * C);
   });
   return out;
 }

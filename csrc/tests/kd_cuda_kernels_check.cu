@@ -50,7 +50,7 @@ SNNKD_KD_INSTANTIATE_STUDENT(float)
 SNNKD_KD_INSTANTIATE_STUDENT(double)
 SNNKD_KD_INSTANTIATE_STUDENT(__half)
 SNNKD_KD_INSTANTIATE_STUDENT(__nv_bfloat16)
-template __global__ void nld_noise_kernel<float>(const int64_t*, float*, int64_t);
+template __global__ void nld_noise_kernel<float>(const int64_t*, float*, int64_t, int64_t);
 
 }  // namespace cuda
 }  // namespace kd

@@ -1,8 +1,9 @@
 // Unit test of the host-side noise generator and KD per-element math (csrc/common/philox.h,
 // csrc/kd/kd_math.h): Philox4x32-10 against the Random123 known-answer vector, the batched
-// (AVX-512 where compiled for it) fill against the per-offset draw -- across a wrap of the counter's
+// (AVX-512 where compiled for it) row fill against the per-class draw -- across a wrap of the counter's
 // low word, which no test through the Python ops can reach -- and the split gradient helpers
 // against the logit-level ones the CUDA kernels call.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -34,19 +35,42 @@ static void test_philox_known_answer() {
   for (int i = 0; i < 4; ++i) CHECK(out[i] == expected[i], "word %d: %08x != %08x", i, out[i], expected[i]);
 }
 
-static void test_fill_matches_single_draws() {
+static void test_row_fill_matches_single_draws() {
   const uint64_t seeds[] = {0ull, 7ull, 0x123456789abcdefull};
   const uint64_t bases[] = {0ull, 3ull, (1ull << 32) - 5, (1ull << 32) - 16, (5ull << 32) - 1};
   for (uint64_t seed : seeds) {
     for (uint64_t base : bases) {
-      for (int64_t n : {1, 15, 16, 17, 40}) {
-        std::vector<float> filled(n);
-        philox_randn_fill(seed, base, n, filled.data());
-        for (int64_t i = 0; i < n; ++i) {
-          const float single = philox_randn(seed, base + static_cast<uint64_t>(i));
-          CHECK(filled[i] == single, "seed %llu base %llu i %lld: %.9g != %.9g", (unsigned long long)seed,
-                (unsigned long long)base, (long long)i, filled[i], single);
+      // rows of C classes around the 64-class (16-draw) blocks and partial last draws
+      for (int64_t C : {1, 3, 4, 5, 15, 63, 64, 65, 130}) {
+        std::vector<float> filled(C);
+        nld_eps_row(seed, base, C, filled.data());
+        for (int64_t c = 0; c < C; ++c) {
+          const float single = nld_eps(seed, base, c);
+          CHECK(filled[c] == single, "seed %llu base %llu C %lld c %lld: %.9g != %.9g", (unsigned long long)seed,
+                (unsigned long long)base, (long long)C, (long long)c, filled[c], single);
         }
+      }
+    }
+  }
+}
+
+// The four normals of a draw are Box-Muller's cos and sin of both word pairs (tl.randn4x), here
+// against libm in double.
+static void test_randn4x_is_box_muller_of_both_pairs() {
+  for (uint64_t counter : {0ull, 1ull, 12345ull, (1ull << 33) + 7}) {
+    uint32_t words[4];
+    philox4x32_10(99, counter, words);
+    float normals[4];
+    philox_randn4x(99, counter, normals);
+    for (int pair = 0; pair < 2; ++pair) {
+      const double u1 = std::max(1.0e-7, static_cast<double>(uint_to_uniform(words[2 * pair])));
+      const double u2 = static_cast<double>(uint_to_uniform(words[2 * pair + 1]));
+      const double radius = std::sqrt(-2.0 * std::log(u1)), angle = 6.283185307179586 * u2;
+      const double expected[2] = {radius * std::cos(angle), radius * std::sin(angle)};
+      for (int k = 0; k < 2; ++k) {
+        const double got = normals[2 * pair + k];
+        CHECK(std::fabs(got - expected[k]) <= 2e-6 * (1.0 + std::fabs(expected[k])), "counter %llu normal %d: %.9g != %.9g",
+              (unsigned long long)counter, 2 * pair + k, got, expected[k]);
       }
     }
   }
@@ -83,7 +107,8 @@ static void test_gradient_split() {
 
 int main() {
   test_philox_known_answer();
-  test_fill_matches_single_draws();
+  test_row_fill_matches_single_draws();
+  test_randn4x_is_box_muller_of_both_pairs();
   test_gradient_split();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);

@@ -1,8 +1,9 @@
 """Triton kernels of CKDSNN's noise-smoothed logits distillation (NLD) and their launchers.
 
 One program per row (a sample, or a (t, b) pair with per_timestep=True). The Gaussian noise eps is
-never stored: it is drawn from Triton's counter-based Philox generator keyed by (seed, row * C + c)
-in the forward and drawn again, identically, in the backward. Passes over the row:
+never stored: it is drawn from Triton's counter-based Philox generator (``_nld_eps``: component c mod 4
+of tl.randn4x(seed, row * ceil(C/4) + c // 4), the eps csrc/common/philox.h's nld_eps draws) in the
+forward and drawn again, identically, in the backward. Passes over the row:
   1. mean and unbiased variance of z (Chan's chunk-combined Welford), LSE(z/tau), LSE(teacher/tau);
   2. LSE of the noise logits n/tau, n = mean + eps * scale (scale = variance, or noise_std);
   3. KL(p_t || p_s), log p_s = logaddexp(log w + log q, log(1 - w) + log r).
@@ -31,6 +32,15 @@ def _row_pointers(s_ptr, u_ptr, r, B, s_st, s_sb, u_st, u_sb):
 
 
 @triton.jit
+def _nld_eps(seed, quad_base, c):
+    """eps of classes c in the row whose draws start at counter quad_base = row * ceil(C / 4): four
+    classes share one Philox draw (tl.randn4x: Box-Muller's cos and sin of both word pairs)."""
+    n0, n1, n2, n3 = tl.randn4x(seed, quad_base + c // 4)
+    k = c % 4
+    return tl.where(k == 0, n0, tl.where(k == 1, n1, tl.where(k == 2, n2, n3)))
+
+
+@triton.jit
 def _logaddexp(a, b):
     m = tl.maximum(tl.maximum(a, b), NEG_BIG)
     return m + tl.log(tl.exp(a - m) + tl.exp(b - m))
@@ -43,7 +53,7 @@ def _nld_forward_kernel(s_ptr, u_ptr, seed_ptr, rows_ptr, stats_ptr, B, C, s_st,
     r = tl.program_id(0)
     s_row, u_row = _row_pointers(s_ptr, u_ptr, r, B, s_st, s_sb, u_st, u_sb)
     seed = tl.load(seed_ptr)
-    noise_base = r.to(tl.int64) * C
+    quad_base = r.to(tl.int64) * ((C + 3) // 4)
     count = 0.0
     mean = 0.0
     m2 = 0.0
@@ -65,7 +75,7 @@ def _nld_forward_kernel(s_ptr, u_ptr, seed_ptr, rows_ptr, stats_ptr, B, C, s_st,
         m2 += chunk_m2 + delta * delta * count * n_chunk / total
         count = total
         if ADDITIVE:
-            x = (z + noise_std * tl.randn(seed, noise_base + c)) * inv_tau
+            x = (z + noise_std * _nld_eps(seed, quad_base, c)) * inv_tau
         else:
             x = z * inv_tau
         m_new = tl.maximum(m_q, tl.max(tl.where(cmask, x, NEG_BIG), axis=0))
@@ -87,7 +97,7 @@ def _nld_forward_kernel(s_ptr, u_ptr, seed_ptr, rows_ptr, stats_ptr, B, C, s_st,
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < C
-            n = (mean + tl.randn(seed, noise_base + c) * scale) * inv_tau
+            n = (mean + _nld_eps(seed, quad_base, c) * scale) * inv_tau
             m_new = tl.maximum(m_r, tl.max(tl.where(cmask, n, NEG_BIG), axis=0))
             l_r = l_r * tl.exp(m_r - m_new) + tl.sum(tl.where(cmask, tl.exp(n - m_new), 0.0), axis=0)
             m_r = m_new
@@ -98,7 +108,7 @@ def _nld_forward_kernel(s_ptr, u_ptr, seed_ptr, rows_ptr, stats_ptr, B, C, s_st,
         cmask = c < C
         z = tl.load(s_row + c.to(tl.int64) * s_sc, mask=cmask, other=0.0).to(tl.float32)
         zt = tl.load(u_row + c.to(tl.int64) * u_sc, mask=cmask, other=float("-inf")).to(tl.float32) * inv_tau
-        eps = tl.randn(seed, noise_base + c)
+        eps = _nld_eps(seed, quad_base, c)
         log_p = zt - lse_p
         if ADDITIVE:
             log_ps = (z + noise_std * eps) * inv_tau - lse_q
@@ -132,6 +142,7 @@ def _nld_backward_kernel(grow_ptr, s_ptr, u_ptr, seed_ptr, stats_ptr, gs_ptr, gu
         r = t * B + b
         s_row, u_row = _row_pointers(s_ptr, u_ptr, r, B, s_st, s_sb, u_st, u_sb)
         noise_base = r.to(tl.int64) * C
+        quad_base = r.to(tl.int64) * ((C + 3) // 4)
         g_row = tl.load(grow_ptr + r)
         stat = stats_ptr + r * 6
         mean = tl.load(stat + 0)
@@ -153,7 +164,7 @@ def _nld_backward_kernel(grow_ptr, s_ptr, u_ptr, seed_ptr, stats_ptr, gs_ptr, gu
                 cmask = c < C
                 z = tl.load(s_row + c.to(tl.int64) * s_sc, mask=cmask, other=0.0).to(tl.float32)
                 zt = tl.load(u_row + c.to(tl.int64) * u_sc, mask=cmask, other=float("-inf")).to(tl.float32)
-                eps = tl.randn(seed, noise_base + c)
+                eps = _nld_eps(seed, quad_base, c)
                 log_q = z * inv_tau - lse_q
                 log_r = (mean + eps * scale) * inv_tau - lse_r
                 log_a = zt * inv_tau - lse_p - _logaddexp(log_w + log_q, log_1mw + log_r)
@@ -170,7 +181,7 @@ def _nld_backward_kernel(grow_ptr, s_ptr, u_ptr, seed_ptr, stats_ptr, gs_ptr, gu
             cmask = c < C
             z = tl.load(s_row + c.to(tl.int64) * s_sc, mask=cmask, other=0.0).to(tl.float32)
             zt = tl.load(u_row + c.to(tl.int64) * u_sc, mask=cmask, other=float("-inf")).to(tl.float32)
-            eps = tl.randn(seed, noise_base + c)
+            eps = _nld_eps(seed, quad_base, c)
             log_p = zt * inv_tau - lse_p
             p = tl.where(cmask, tl.exp(log_p), 0.0)
             if ADDITIVE:
@@ -196,9 +207,10 @@ def _nld_backward_kernel(grow_ptr, s_ptr, u_ptr, seed_ptr, stats_ptr, gs_ptr, gu
 
 
 @triton.jit
-def _noise_kernel(seed_ptr, out_ptr, N, BLOCK: tl.constexpr):
+def _noise_kernel(seed_ptr, out_ptr, N, C, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, tl.randn(tl.load(seed_ptr), offs), mask=offs < N)
+    eps = _nld_eps(tl.load(seed_ptr), (offs // C) * ((C + 3) // 4), offs % C)
+    tl.store(out_ptr + offs, eps, mask=offs < N)
 
 
 def _weights(noise_weight: float) -> tuple[float, float, float]:
@@ -251,8 +263,10 @@ def nld_rows_backward(grad_rows, student, teacher, seed, stats, temperature, noi
 
 
 def draw_noise(seed: torch.Tensor, shape) -> torch.Tensor:
-    """The eps the NLD kernels draw for ``seed``: element ``i`` of the flattened [rows, C] noise."""
+    """The eps the NLD kernels draw for ``seed`` into rows of C = ``shape[-1]`` classes (the flattened
+    [rows, C] noise)."""
     out = torch.empty(shape, dtype=torch.float32, device=seed.device)
     if out.numel():
-        _noise_kernel[(triton.cdiv(out.numel(), 1024),)](seed, out, out.numel(), BLOCK=1024)
+        C = shape[-1] if len(shape) else 1
+        _noise_kernel[(triton.cdiv(out.numel(), 1024),)](seed, out, out.numel(), C, BLOCK=1024)
     return out
