@@ -1,11 +1,12 @@
 // CPU kernels of the fused KD losses (per-timestep KL, TSER, HTA-KL). Parallel over samples b: a
 // sample's teacher row is turned once into per-thread buffers of its log-probabilities and
 // probabilities (and, for HTA, its head mask), which all T of its student rows then reuse; each student
-// row takes two vectorized passes (max; sums, one exp per element) and writes only per-row results:
-// the loss [T, B] and the statistics [T, B, 5] the backward needs. The backward takes one pass per
-// student row (one exp per element) and sums a [B, C] teacher's gradient over t in a per-thread row.
-// Arithmetic is in the accumulation type (float, or double for double inputs); the loops are
-// `omp simd` reductions (lane-wise partial sums) and use fast_exp, so they vectorize.
+// row takes two vectorized passes (max; sums, one exp per element; HTA two more for its weights) and
+// writes only per-row results: the loss [T, B] and the statistics [T, B, 5] the backward needs. The
+// backward takes one pass per student row (one exp per element) and sums a [B, C] teacher's gradient
+// over t in a per-thread row. Arithmetic is in the accumulation type (float, or double for double
+// inputs) with fast_exp; the forward's rows are padded to whole vectors and summed in explicit lanes
+// (kd_cpu_rows.h: at SNN class counts the per-row costs GCC leaves otherwise dominate).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -87,8 +88,7 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
         acc_t qh_s = LOSS == kTSER ? lane_sum(qh_lanes) : acc_t(0), l_h = 0;
         // lse_s - lse_u as (m_s - max_u) + log(l_s / sum_u): when q ~ p (a small KL) the two
         // log-sum-exps nearly cancel, and the log of their ratio keeps the digits they would lose.
-        // lse_s itself is then lse_u + lse_gap: one log per row, not two (a tenth of a 10-class
-        // row's forward), for one more rounding of lse_s.
+        // lse_s itself is then lse_u + lse_gap: one log per row, not two, for one more rounding.
         const acc_t lse_gap = (m_s - teacher.max_u) + std::log(l_s / teacher.sum_u);
         const acc_t lse_s = teacher.lse_u + lse_gap;
         const acc_t kl_f = kl_sum + lse_gap;
