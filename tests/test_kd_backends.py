@@ -68,6 +68,22 @@ def test_class_counts(kd_target, case, C, T):
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("C", [15, 16, 17, 48])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "bf16"])
+def test_cpu_rows_around_the_vector_width(case, C, layout):
+    """The cpp kernels pad a row to whole 16-float vectors with neutral logits (-inf) and read a row
+    of a multiple of 16 contiguous floats in place: both sides of that edge, and the copied rows
+    (strided, converted from bf16) of either length."""
+    skip_unless_runnable("cpp", "cpu", family="kd")
+    dtype = torch.bfloat16 if layout == "bf16" else torch.float32
+    student = logits((2, 3, 2 * C if layout == "strided" else C), dtype=dtype)
+    teacher = logits((3, 2 * C if layout == "strided" else C), seed=1, dtype=dtype)
+    if layout == "strided":
+        student, teacher = student[..., ::2], teacher[..., ::2]
+    compare(case, student, teacher, "cpp", dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_backward_saves_only_the_inputs_at_sequence_size(kd_target, case):
     """What autograd keeps for the backward: the student and teacher themselves (no copies) and
     O(T*B) statistics; no [T, B, C] tensor of the kernel's own (softmax, mask, noise)."""
