@@ -46,25 +46,60 @@ inline acc_t logaddexp(acc_t a, acc_t b) {
   return m == -std::numeric_limits<acc_t>::infinity() ? m : r;
 }
 
-// Sum of e^{x[c] - m} over c, each term stored in e (m = max x; the caller forms the log-sum-exp).
+// The row sums below run over a padded row (width a multiple of kRowLanes, kd_cpu_rows.h) in explicit
+// lanes: at SNN class counts the per-row cost of `omp simd reduction` dominated.
+
+// Sum of x[0, width) (width: padded).
 template <typename acc_t>
-acc_t exp_sum(const acc_t* x, int64_t C, acc_t m, acc_t* e) {
-  acc_t l = 0;
-#pragma omp simd reduction(+ : l)
-  for (int64_t c = 0; c < C; ++c) {
-    e[c] = fast_exp(x[c] - m);
-    l += e[c];
+acc_t lane_row_sum(const acc_t* x, int64_t width) {
+  acc_t lanes[kRowLanes] = {};
+  for (int64_t i = 0; i < width; i += kRowLanes) {
+#pragma omp simd
+    for (int j = 0; j < kRowLanes; ++j) lanes[j] += x[i + j];
   }
-  return l;
+  return lane_sum(lanes);
+}
+
+// Sum of e^{x[c] - m} over a padded row, each term stored in e (m = max x; the caller forms the
+// log-sum-exp).
+template <typename acc_t>
+acc_t exp_sum(const acc_t* x, int64_t width, acc_t m, acc_t* e) {
+  acc_t lanes[kRowLanes] = {};
+  for (int64_t i = 0; i < width; i += kRowLanes) {
+#pragma omp simd
+    for (int j = 0; j < kRowLanes; ++j) {
+      e[i + j] = fast_exp(x[i + j] - m);
+      lanes[j] += e[i + j];
+    }
+  }
+  return lane_sum(lanes);
+}
+
+// p / p_s, 0 where p = 0 (whatever p_s). Written as a division by a selected denominator, not as a
+// selected division: GCC does not if-convert a conditional division (it might trap), which left the
+// loops containing it scalar ("control flow in loop").
+template <typename acc_t>
+inline acc_t safe_ratio(acc_t p, acc_t p_s) {
+  return p / (p != acc_t(0) ? p_s : acc_t(1));
 }
 
 // One student row's working buffers: its logits z, noise eps, scaled (noisy) logits x and noise
 // logits n, and e^{x - max x}, e^{n - max n} (the forward's softmax numerators; the backward keeps q
-// and r there).
+// and r there). Each holds width = padded_width(C) entries; the loops write only [0, C) of z, eps,
+// x and n, whose padding stays neutral: z = eps = 0, x = n = -inf (so e_x = e_n = 0 there).
 template <typename acc_t>
 struct NldRow {
+  int64_t C, width;
   std::vector<acc_t> z, eps, x, n, e_x, e_n;
-  explicit NldRow(int64_t C) : z(C), eps(C), x(C), n(C), e_x(C), e_n(C) {}
+  explicit NldRow(int64_t C_)
+      : C(C_),
+        width(padded_width(C_)),
+        z(width),
+        eps(width),
+        x(padded_row_buffer<acc_t>(C_, width)),
+        n(padded_row_buffer<acc_t>(C_, width)),
+        e_x(width),
+        e_n(width) {}
 
   template <typename s_t>
   void load(const s_t* s, int64_t s_c, uint64_t seed, uint64_t quad_base, int64_t C) {
@@ -116,7 +151,7 @@ acc_t mixture_kl_log_domain(const NldParams<acc_t>& P, const acc_t* log_p, const
 template <typename s_t, typename acc_t>
 void backward_row_log_domain(const NldParams<acc_t>& P, const acc_t* log_p, const NldRow<acc_t>& row, acc_t mean,
                              acc_t lse_q, acc_t lse_r, acc_t var_coef, acc_t g_row, s_t* gs, acc_t* log_ps) {
-  const int64_t C = static_cast<int64_t>(row.z.size());
+  const int64_t C = row.C;
   const acc_t *z = row.z.data(), *e = row.eps.data(), *x = row.x.data(), *n = row.n.data();
   acc_t sum_wqa = 0, sum_mra = 0, sum_mrae = 0, sum_re = 0;
 #pragma omp simd reduction(+ : sum_wqa, sum_mra, sum_mrae, sum_re)
@@ -160,40 +195,52 @@ void forward_kernel(const s_t* S, const u_t* U, uint64_t seed, const RowLayout& 
         if (t == 0 || L.teacher_per_t) teacher.load(U + t * L.u.t + b * L.u.b, L.u.c, C, P.inv_tau, false);
         row.load(S + t * L.s.t + b * L.s.b, L.s.c, seed, static_cast<uint64_t>(r) * noise_quads(C), C);
         const acc_t *z = row.z.data(), *x = row.x.data(), *n = row.n.data();
-        acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < C; ++c) sum += z[c];
-        const acc_t mean = sum / acc_t(C);
-        acc_t m2 = 0;
-#pragma omp simd reduction(+ : m2)
-        for (int64_t c = 0; c < C; ++c) m2 += (z[c] - mean) * (z[c] - mean);
+        const int64_t width = row.width;
+        const acc_t mean = lane_row_sum(z, width) / acc_t(C);
+        acc_t m2_lanes[kRowLanes] = {};
+        for (int64_t i = 0; i < width; i += kRowLanes) {
+#pragma omp simd
+          for (int j = 0; j < kRowLanes; ++j) {
+            const acc_t d = i + j < C ? z[i + j] - mean : acc_t(0);  // the padding is not a class
+            m2_lanes[j] += d * d;
+          }
+        }
+        const acc_t m2 = lane_sum(m2_lanes);
         const acc_t scale = P.adaptive ? (C > 1 ? m2 / acc_t(C - 1) : acc_t(0)) : P.noise_std;
         row.student_logits(P, mean, scale, C);
         acc_t* e_x = row.e_x.data();
         acc_t* e_n = row.e_n.data();
-        const acc_t m_x = row_max(x, C);
-        const acc_t l_x = exp_sum(x, C, m_x, e_x);
+        const acc_t m_x = row_max(x, width);
+        const acc_t l_x = exp_sum(x, width, m_x, e_x);
         const acc_t lse_q = m_x + std::log(l_x);
         acc_t lse_r = 0, kl = 0;
         if (P.additive) {
           // log p - log p_s = (u - x) + (lse_q - lse_u): small multiplicands (see kd_cpu.cpp)
           const acc_t* u = teacher.u.data();
           const acc_t lse_diff = lse_q - teacher.lse_u;
-#pragma omp simd reduction(+ : kl)
-          for (int64_t c = 0; c < C; ++c) kl += xmul(p[c], (u[c] - x[c]) + lse_diff);
+          acc_t kl_lanes[kRowLanes] = {};
+          for (int64_t i = 0; i < width; i += kRowLanes) {
+#pragma omp simd
+            for (int j = 0; j < kRowLanes; ++j) kl_lanes[j] += xmul(p[i + j], (u[i + j] - x[i + j]) + lse_diff);
+          }
+          kl = lane_sum(kl_lanes);
         } else {
-          const acc_t m_n = row_max(n, C);
-          const acc_t l_n = exp_sum(n, C, m_n, e_n);
+          const acc_t m_n = row_max(n, width);
+          const acc_t l_n = exp_sum(n, width, m_n, e_n);
           lse_r = m_n + std::log(l_n);
           const acc_t a = P.w / l_x, a_n = (acc_t(1) - P.w) / l_n;
-          acc_t* p_s = e_x;  // p_s = w q + (1 - w) r, in place
+          acc_t* p_s = e_x;  // p_s = w q + (1 - w) r, in place (0 in the padding)
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) p_s[c] = a * e_x[c] + a_n * e_n[c];
+          for (int64_t c = 0; c < width; ++c) p_s[c] = a * e_x[c] + a_n * e_n[c];
           if (mixture_underflows(p, p_s, C)) {
             kl = mixture_kl_log_domain(P, log_p, p, x, n, lse_q, lse_r, C);
           } else {
-#pragma omp simd reduction(+ : kl)
-            for (int64_t c = 0; c < C; ++c) kl += xmul(p[c], log_p[c] - fast_log(p_s[c]));
+            acc_t kl_lanes[kRowLanes] = {};
+            for (int64_t i = 0; i < width; i += kRowLanes) {
+#pragma omp simd
+              for (int j = 0; j < kRowLanes; ++j) kl_lanes[j] += xmul(p[i + j], log_p[i + j] - fast_log(p_s[i + j]));
+            }
+            kl = lane_sum(kl_lanes);
           }
         }
         rows[r] = P.tau * P.tau * kl;
@@ -262,10 +309,12 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
             row.student_logits(P, mean, scale, C);  // x again: the log-domain pass needs it
             backward_row_log_domain(P, log_p, row, mean, lse_q, lse_r, var_coef, g_row, gs, grad_u ? log_ps : nullptr);
           } else {
+            // (an omp-simd reduction over C, not lanes over the padded row: with the lane loop here
+            // GCC left the gradient loop below scalar, and the backward lost more than it gained)
             acc_t sum_wqa = 0, sum_mra = 0, sum_mrae = 0, sum_re = 0;
 #pragma omp simd reduction(+ : sum_wqa, sum_mra, sum_mrae, sum_re)
             for (int64_t c = 0; c < C; ++c) {
-              const acc_t ratio = p[c] != acc_t(0) ? p[c] / p_s[c] : acc_t(0);
+              const acc_t ratio = safe_ratio(p[c], p_s[c]);
               const acc_t mra = (acc_t(1) - P.w) * rr[c] * ratio;
               sum_wqa += P.w * q[c] * ratio;
               sum_mra += mra;
@@ -276,7 +325,7 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
             const acc_t adaptive_coef = P.adaptive ? var_coef * sum_g_eps : acc_t(0);
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-              const acc_t ratio = p[c] != acc_t(0) ? p[c] / p_s[c] : acc_t(0);
+              const acc_t ratio = safe_ratio(p[c], p_s[c]);
               const acc_t g_s = -P.tau * (P.w * q[c] * ratio - q[c] * sum_wqa) + adaptive_coef * (z[c] - mean);
               gs[c] = static_cast<s_t>(g_s * g_row);
             }
