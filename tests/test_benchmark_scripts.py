@@ -1,6 +1,7 @@
-"""The GPU-only benchmark scripts still run: benchmarks/tune_triton.py --smoke takes its every path
-(each sweep, the result check, the JSON) on the CPU through Triton's interpreter, so the script a GPU
-session relies on cannot rot between GPU sessions."""
+"""Benchmark scripts no other test runs still run: benchmarks/tune_triton.py --smoke takes its
+every path (each sweep, the result check, the JSON) on the CPU through Triton's interpreter, so the
+script a GPU session relies on cannot rot between GPU sessions; benchmarks/ab_kernels.py --smoke
+compares the built extension with itself."""
 import importlib.util
 import json
 import os
@@ -23,3 +24,21 @@ def test_tune_triton_smoke(tmp_path):
     sweeps = {row["sweep"].split(":")[1].strip() for row in data["results"]}
     assert sweeps == {"row kernels", "HTA teacher", "BLOCK, NUM_WARPS"}, sweeps
     assert all(row.get("same_result_as_first", True) for row in data["results"]), data["results"]
+
+
+def test_ab_kernels_smoke(tmp_path):
+    """benchmarks/ab_kernels.py, comparing the built extension with itself on its smallest shape:
+    the alternating child processes, the aggregation and the result files."""
+    import snnkd_fast
+
+    if not snnkd_fast.backends("kd")["cpp"]:
+        pytest.skip("the C++ extension is not built")
+    so = next((ROOT / "snnkd_fast").glob("_C*.so"))
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab_kernels.py"), "--base-so", str(so),
+                             "--smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = json.loads((tmp_path / "ab_kernels.json").read_text())
+    assert {row["op"] for row in data["results"]} == {"per_timestep_kl", "tser_loss", "hta_kl", "nld_loss"}
+    assert all(row["base_fwd_us"] > 0 and row["new_bwd_us"] > 0 for row in data["results"])
+    assert (tmp_path / "ab_kernels.csv").exists()
