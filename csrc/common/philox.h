@@ -2,7 +2,7 @@
 // on both word pairs, cos and sin: four normals per draw): the CPU and CUDA kernels draw the same eps
 // for a (seed, counter) as the Triton kernels do, up to the last bits of log/cos/sin (fast_math.h's
 // on the host). Used by the NLD loss, which regenerates its noise in the backward instead of storing
-// it: class c of row r gets component c mod 4 of the draw at counter r * noise_quads(C) + c / 4
+// it: class c of row r gets component c mod 4 of the draw at counter nld_row_counter(r, C) + c / 4
 // (nld_eps). Four classes share a draw, so a kernel that draws per quad does a quarter of the Philox
 // rounds and half the logs and square roots of one draw per class (tl.randn, which keeps one normal).
 #pragma once
@@ -75,10 +75,12 @@ SNNKD_HD void philox_randn4x(uint64_t seed, uint64_t counter, float out[4]) {
   box_muller(r[2], r[3], out[2], out[3]);
 }
 
-// Philox draws per row of C classes (four classes per draw).
-SNNKD_HD uint64_t noise_quads(int64_t C) { return static_cast<uint64_t>((C + 3) / 4); }
+// The counter of the first draw of row `row` of C classes: row * ceil(C / 4) (four classes per draw).
+SNNKD_HD uint64_t nld_row_counter(int64_t row, int64_t C) {
+  return static_cast<uint64_t>(row) * static_cast<uint64_t>((C + 3) / 4);
+}
 
-// NLD's eps of class c in the row whose draws start at counter quad_base (= row * noise_quads(C)):
+// NLD's eps of class c in the row whose draws start at counter quad_base (= nld_row_counter(row, C)):
 // one draw and one Box-Muller pair per class (for kernels that visit classes one at a time).
 SNNKD_HD float nld_eps(uint64_t seed, uint64_t quad_base, int64_t c) {
   uint32_t r[4];

@@ -48,7 +48,7 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
   at::parallel_for(0, B, 1, [&](int64_t b_begin, int64_t b_end) {
     TeacherRow<acc_t> teacher(C, LOSS == kHTA);
     const int64_t n = teacher.n;  // the loops' width: C, or C padded to whole vectors (kd_cpu_rows.h)
-    std::vector<acc_t> s_buf = padded_row_buffer<acc_t>(C, n), e_buf(LOSS == kHTA ? n : 0);
+    std::vector<acc_t> s_buf = padded_row_buffer<acc_t>(C), e_buf(LOSS == kHTA ? n : 0);
     const acc_t* u = teacher.u.data();
     const acc_t* p = teacher.p.data();
     acc_t* e_s_row = e_buf.data();

@@ -86,11 +86,11 @@ SNNKD_NOINLINE void scaled_exp_row(const acc_t* x, int64_t n, acc_t scale, acc_t
   for (int64_t c = 0; c < n; ++c) out[c] = fast_exp(x[c] * scale - m);
 }
 
-// A buffer of n = padded_width(C) entries whose entries [C, n) hold -inf: the padding of a row of
-// C logits (row_as_acc writes only [0, C)).
+// A buffer of padded_width(C) entries whose entries from C on hold -inf: the padding of a row of C
+// logits (row_as_acc writes only [0, C)).
 template <typename acc_t>
-std::vector<acc_t> padded_row_buffer(int64_t C, int64_t n) {
-  return std::vector<acc_t>(n, -std::numeric_limits<acc_t>::infinity());
+std::vector<acc_t> padded_row_buffer(int64_t C) {
+  return std::vector<acc_t>(padded_width(C), -std::numeric_limits<acc_t>::infinity());
 }
 
 // A row of C logits as acc_t over n >= C entries (n = C, or padded_width(C) with buf a
@@ -187,7 +187,7 @@ struct TeacherRow {
 
   TeacherRow(int64_t C, bool hta)
       : n(padded_width(C)),
-        buf(padded_row_buffer<acc_t>(C, n)),
+        buf(padded_row_buffer<acc_t>(C)),
         u(n),
         log_p(n),
         p(n),

@@ -470,7 +470,7 @@ struct NldPass1Merge {
 // Forward, one block per row r = t * B + b (grid T * B), passes as nld_cpu.cpp: (1) sum of z, LSE of
 // the teacher and of the student logits (noisy ones with `additive`); (2) adaptive: the unbiased
 // variance about the mean; (3) mixture: LSE of the noise logits; (4) the KL. rows [T, B], stats
-// [T, B, kNldStats]. eps = nld_eps(seed, r * noise_quads(C), c), drawn again in each pass.
+// [T, B, kNldStats]. eps = nld_eps(seed, nld_row_counter(r, C), c), drawn again in each pass.
 template <typename s_t, typename u_t>
 __global__ void __launch_bounds__(kThreads)
     nld_forward_kernel(const s_t* __restrict__ S, Strides ss, const u_t* __restrict__ U, Strides us, int64_t B,
@@ -490,7 +490,7 @@ __global__ void __launch_bounds__(kThreads)
   const s_t* s = S + t * ss.t + b * ss.b;
   const u_t* u = U + t * us.t + b * us.b;
   const uint64_t seed = load_seed(seed_ptr);
-  const uint64_t quad_base = static_cast<uint64_t>(r) * noise_quads(C);
+  const uint64_t quad_base = nld_row_counter(r, C);
   const int tid = threadIdx.x;
 
   NldPass1<acc_t> a{online_init<acc_t>(), online_init<acc_t>(), acc_t(0)};
@@ -567,7 +567,7 @@ __global__ void __launch_bounds__(kThreads)
   const s_t* s = S + t * ss.t + b * ss.b;
   const u_t* u = U + t * us.t + b * us.b;
   const uint64_t seed = load_seed(seed_ptr);
-  const uint64_t quad_base = static_cast<uint64_t>(r) * noise_quads(C);
+  const uint64_t quad_base = nld_row_counter(r, C);
   const acc_t* stat = stats + r * kNldStats;
   const acc_t mean = stat[0], scale = stat[1], lse_q = stat[2], lse_r = stat[3], lse_p = stat[4];
 
@@ -615,7 +615,7 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t mean = stat[0], scale = stat[1], lse_q = stat[2], lse_r = stat[3], lse_p = stat[4], kl = stat[5];
     const acc_t g_row = grad_rows[r];
     const acc_t z = to_acc<acc_t>(s[t * ss.t]);
-    const acc_t e = static_cast<acc_t>(nld_eps(seed, static_cast<uint64_t>(r) * noise_quads(C), c));
+    const acc_t e = static_cast<acc_t>(nld_eps(seed, nld_row_counter(r, C), c));
     const acc_t log_p = to_acc<acc_t>(u[t * us.t]) * P.inv_tau - lse_p;
     const acc_t p = exp(log_p);
     acc_t log_ps, g_s;
@@ -645,17 +645,16 @@ __global__ void __launch_bounds__(kThreads)
   if (grad_u && !teacher_per_t) grad_u[b * C + c] = from_acc<u_t>(teacher_sum);
 }
 
-// The eps the NLD kernels draw for rows of C classes: out[i] = nld_eps(seed, (i / C) * noise_quads(C),
+// The eps the NLD kernels draw for rows of C classes: out[i] = nld_eps(seed, nld_row_counter(i / C, C),
 // i mod C), grid-stride over n. (A template, out_t = float, so that two translation units including
 // this header do not both define it.)
 template <typename out_t>
 __global__ void __launch_bounds__(kThreads)
     nld_noise_kernel(const int64_t* __restrict__ seed_ptr, out_t* __restrict__ out, int64_t n, int64_t C) {
   const uint64_t seed = load_seed(seed_ptr);
-  const uint64_t quads = noise_quads(C);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
-    out[i] = static_cast<out_t>(nld_eps(seed, static_cast<uint64_t>(i / C) * quads, i % C));
+    out[i] = static_cast<out_t>(nld_eps(seed, nld_row_counter(i / C, C), i % C));
   }
 }
 

@@ -3,9 +3,10 @@
 // teacher's softmax computed once for its T rows (kd_cpu_rows.h); per row, the student logits and
 // the row's noise eps (regenerated from the seed with csrc/common/philox.h's nld_eps_row, the eps the
 // Triton and CUDA kernels draw) go into per-thread buffers of one row -- nothing of [T, B, C] is
-// stored -- and every pass over them is an omp-simd loop in the accumulation type (float, or double
-// for double inputs). The mixture is formed in the linear domain, with a log-domain fallback for the
-// rows where that would underflow (mixture_underflows).
+// stored -- and every pass over them is a vectorized loop in the accumulation type (float, or double
+// for double inputs; the forward's row sums in explicit lanes over padded rows, kd_cpu_rows.h). The
+// mixture is formed in the linear domain, with a log-domain fallback for the rows where that would
+// underflow (mixture_underflows).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -96,8 +97,8 @@ struct NldRow {
         width(padded_width(C_)),
         z(width),
         eps(width),
-        x(padded_row_buffer<acc_t>(C_, width)),
-        n(padded_row_buffer<acc_t>(C_, width)),
+        x(padded_row_buffer<acc_t>(C_)),
+        n(padded_row_buffer<acc_t>(C_)),
         e_x(width),
         e_n(width) {}
 
@@ -193,7 +194,7 @@ void forward_kernel(const s_t* S, const u_t* U, uint64_t seed, const RowLayout& 
       for (int64_t t = 0; t < L.T; ++t) {
         const int64_t r = t * L.B + b;
         if (t == 0 || L.teacher_per_t) teacher.load(U + t * L.u.t + b * L.u.b, L.u.c, C, P.inv_tau, false);
-        row.load(S + t * L.s.t + b * L.s.b, L.s.c, seed, static_cast<uint64_t>(r) * noise_quads(C), C);
+        row.load(S + t * L.s.t + b * L.s.b, L.s.c, seed, nld_row_counter(r, C), C);
         const acc_t *z = row.z.data(), *x = row.x.data(), *n = row.n.data();
         const int64_t width = row.width;
         const acc_t mean = lane_row_sum(z, width) / acc_t(C);
@@ -274,7 +275,7 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
       for (int64_t t = 0; t < L.T; ++t) {
         const int64_t r = t * L.B + b;
         if (t == 0 || L.teacher_per_t) teacher.load(U + t * L.u.t + b * L.u.b, L.u.c, C, P.inv_tau, false);
-        row.load(S + t * L.s.t + b * L.s.b, L.s.c, seed, static_cast<uint64_t>(r) * noise_quads(C), C);
+        row.load(S + t * L.s.t + b * L.s.b, L.s.c, seed, nld_row_counter(r, C), C);
         const acc_t* stat = stats + r * kNldStats;
         const acc_t mean = stat[0], scale = stat[1], lse_q = stat[2], lse_r = stat[3], kl = stat[5];
         const acc_t g_row = grad_rows[r];
@@ -409,7 +410,7 @@ at::Tensor nld_noise_cpu(const at::Tensor& seed, at::IntArrayRef shape) {
   const int64_t rows = out.numel() / C;
   float* data = out.data_ptr<float>();
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / C), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) nld_eps_row(s, static_cast<uint64_t>(r) * noise_quads(C), C, data + r * C);
+    for (int64_t r = begin; r < end; ++r) nld_eps_row(s, nld_row_counter(r, C), C, data + r * C);
   });
   return out;
 }

@@ -32,6 +32,12 @@ def _row_pointers(s_ptr, u_ptr, r, B, s_st, s_sb, u_st, u_sb):
 
 
 @triton.jit
+def _nld_row_counter(r, C):
+    """The counter of row r's first draw: r * ceil(C / 4) (philox.h's nld_row_counter)."""
+    return r.to(tl.int64) * ((C + 3) // 4)
+
+
+@triton.jit
 def _nld_eps(seed, quad_base, c):
     """eps of classes c in the row whose draws start at counter quad_base = row * ceil(C / 4): four
     classes share one Philox draw (tl.randn4x: Box-Muller's cos and sin of both word pairs)."""
@@ -53,7 +59,7 @@ def _nld_forward_kernel(s_ptr, u_ptr, seed_ptr, rows_ptr, stats_ptr, B, C, s_st,
     r = tl.program_id(0)
     s_row, u_row = _row_pointers(s_ptr, u_ptr, r, B, s_st, s_sb, u_st, u_sb)
     seed = tl.load(seed_ptr)
-    quad_base = r.to(tl.int64) * ((C + 3) // 4)
+    quad_base = _nld_row_counter(r, C)
     count = 0.0
     mean = 0.0
     m2 = 0.0
@@ -142,7 +148,7 @@ def _nld_backward_kernel(grow_ptr, s_ptr, u_ptr, seed_ptr, stats_ptr, gs_ptr, gu
         r = t * B + b
         s_row, u_row = _row_pointers(s_ptr, u_ptr, r, B, s_st, s_sb, u_st, u_sb)
         noise_base = r.to(tl.int64) * C
-        quad_base = r.to(tl.int64) * ((C + 3) // 4)
+        quad_base = _nld_row_counter(r, C)
         g_row = tl.load(grow_ptr + r)
         stat = stats_ptr + r * 6
         mean = tl.load(stat + 0)
@@ -209,7 +215,7 @@ def _nld_backward_kernel(grow_ptr, s_ptr, u_ptr, seed_ptr, stats_ptr, gs_ptr, gu
 @triton.jit
 def _noise_kernel(seed_ptr, out_ptr, N, C, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    eps = _nld_eps(tl.load(seed_ptr), (offs // C) * ((C + 3) // 4), offs % C)
+    eps = _nld_eps(tl.load(seed_ptr), _nld_row_counter(offs // C, C), offs % C)
     tl.store(out_ptr + offs, eps, mask=offs < N)
 
 
