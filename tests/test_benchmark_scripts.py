@@ -35,10 +35,11 @@ def test_ab_kernels_smoke(tmp_path):
         pytest.skip("the C++ extension is not built")
     so = next((ROOT / "snnkd_fast").glob("_C*.so"))
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab_kernels.py"), "--base-so", str(so),
-                             "--smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
-                            cwd=ROOT)
+                             "--smoke", "--ops", "losses,neurons", "--name", "ab_smoke", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
-    data = json.loads((tmp_path / "ab_kernels.json").read_text())
-    assert {row["op"] for row in data["results"]} == {"per_timestep_kl", "tser_loss", "hta_kl", "nld_loss"}
+    data = json.loads((tmp_path / "ab_smoke.json").read_text())
+    assert {row["op"] for row in data["results"]} == {"per_timestep_kl", "tser_loss", "hta_kl", "nld_loss",
+                                                      "lif_sigmoid", "lif_atan", "plif_sigmoid"}
     assert all(row["base_fwd_us"] > 0 and row["new_bwd_us"] > 0 for row in data["results"])
-    assert (tmp_path / "ab_kernels.csv").exists()
+    assert (tmp_path / "ab_smoke.csv").exists()

@@ -50,6 +50,17 @@ def test_every_mode_matches_reference(kernel_target, kind, decay_input, reset, d
     assert 0 < kernel.spikes.sum() < kernel.spikes.numel(), "inputs must exercise both spiking and silent steps"
 
 
+@pytest.mark.parametrize("decay_input", [True, False], ids=["di1", "di0"])
+@pytest.mark.parametrize("reset", list(RESETS))
+@pytest.mark.parametrize("detach_reset", [False, True], ids=["det0", "det1"])
+def test_plif_float32_vector_paths(kernel_target, decay_input, reset, detach_reset):
+    """PLIF in float32 over 300 neurons (a full 256-neuron CPU block, whole vectors and a remainder):
+    the decay gradient's vectorized loops, one instantiation per decay_input, reset and detach."""
+    backend, device = kernel_target
+    compare("plif", (6, 300), torch.float32, backend, device, decay_input=decay_input, v_reset=RESETS[reset],
+            detach_reset=detach_reset)
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 1), (4, 2, 5, 3), (6, 301), (2, 1024), (8, 4, 33)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("kind", NEURON_KINDS)

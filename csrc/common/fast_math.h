@@ -17,21 +17,41 @@
 
 namespace snnkd {
 
+// a * b + c, rounded once where the CPU has FMA: the build's -ffp-contract=off keeps a plain a * b + c
+// at two roundings (the neuron charge must round like torch's eager ops); these polynomials need
+// no such thing, and one FMA is one instruction where a multiply and an add are two.
+SNNKD_HD float fmadd(float a, float b, float c) {
+#if defined(__CUDA_ARCH__) || defined(__FMA__)
+  return fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+SNNKD_HD double fmadd(double a, double b, double c) {
+#if defined(__CUDA_ARCH__) || defined(__FMA__)
+  return fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 SNNKD_HD float fast_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
   const float clamped = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  // n = round(x / ln2) with the 1.5 * 2^23 trick (round to nearest, no call; needs -ffp-contract=off)
-  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+  // n = round(x / ln2) with the 1.5 * 2^23 trick (round to nearest, no call)
+  const float n = fmadd(clamped, 1.44269504088896341f, 12582912.0f) - 12582912.0f;
+  // r = x - n ln2 in two parts (n * 0.693359375 is exact: the constant has 9 significant bits)
+  const float r = fmadd(n, 2.12194440e-4f, fmadd(n, -0.693359375f, clamped));
   float poly = 1.9875691500e-4f;
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  const float e_r = (poly * r) * r + r + 1.0f;
+  poly = fmadd(poly, r, 1.3981999507e-3f);
+  poly = fmadd(poly, r, 8.3334519073e-3f);
+  poly = fmadd(poly, r, 4.1665795894e-2f);
+  poly = fmadd(poly, r, 1.6666665459e-1f);
+  poly = fmadd(poly, r, 5.0000001201e-1f);
+  const float e_r = fmadd(poly * r, r, r) + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));

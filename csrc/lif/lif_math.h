@@ -196,7 +196,7 @@ template <typename acc_t, typename P>
 SNNKD_HD acc_t reset_grad(acc_t h, acc_t sg, const P& p) {
   if (p.soft_reset) return p.detach_reset ? acc_t(1) : acc_t(1) - p.v_threshold * sg;
   const acc_t keep = fire(h, p.v_threshold) ? acc_t(0) : acc_t(1);
-  return p.detach_reset ? keep : keep + (p.v_reset - h) * sg;
+  return p.detach_reset ? keep : fmadd(p.v_reset - h, sg, keep);
 }
 
 template <typename acc_t, typename P>
@@ -204,9 +204,9 @@ SNNKD_HD StepGrad<acc_t> backward_step(acc_t h, acc_t grad_s, acc_t grad_v, cons
   const acc_t sg = surrogate_grad<acc_t>(h - p.v_threshold, p.surrogate, p.alpha);
   const acc_t dv_dh = reset_grad<acc_t>(h, sg, p);
   StepGrad<acc_t> g;
-  g.grad_h = grad_s * sg + grad_v * dv_dh;
+  g.grad_h = fmadd(grad_s, sg, grad_v * dv_dh);
   g.grad_x = g.grad_h * p.input_gain;
-  g.grad_v_prev = g.grad_h - g.grad_h * p.leak_rate;
+  g.grad_v_prev = fmadd(-g.grad_h, p.leak_rate, g.grad_h);
   return g;
 }
 
