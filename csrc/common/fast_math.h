@@ -84,17 +84,17 @@ SNNKD_HD float fast_log(float x) {
   m = small ? (m + m) - 1.0f : m - 1.0f;
   const float z = m * m;
   float poly = 7.0376836292e-2f;
-  poly = poly * m - 1.1514610310e-1f;
-  poly = poly * m + 1.1676998740e-1f;
-  poly = poly * m - 1.2420140846e-1f;
-  poly = poly * m + 1.4249322787e-1f;
-  poly = poly * m - 1.6668057665e-1f;
-  poly = poly * m + 2.0000714765e-1f;
-  poly = poly * m - 2.4999993993e-1f;
-  poly = poly * m + 3.3333331174e-1f;
+  poly = fmadd(poly, m, -1.1514610310e-1f);
+  poly = fmadd(poly, m, 1.1676998740e-1f);
+  poly = fmadd(poly, m, -1.2420140846e-1f);
+  poly = fmadd(poly, m, 1.4249322787e-1f);
+  poly = fmadd(poly, m, -1.6668057665e-1f);
+  poly = fmadd(poly, m, 2.0000714765e-1f);
+  poly = fmadd(poly, m, -2.4999993993e-1f);
+  poly = fmadd(poly, m, 3.3333331174e-1f);
   const float fe = static_cast<float>(e);
-  float y = poly * m * z + fe * -2.12194440e-4f - 0.5f * z;
-  y = (m + y) + fe * 0.693359375f;
+  float y = fmadd(-0.5f, z, fmadd(fe, -2.12194440e-4f, poly * m * z));
+  y = fmadd(fe, 0.693359375f, m + y);
   // subnormal inputs are not reduced exactly (none reach here: the kernels log sums >= 1e-38)
   y = x == 0.0f ? -INFINITY : y;
   y = x < 0.0f ? NAN : y;
@@ -123,9 +123,10 @@ SNNKD_HD QuarterTurns quarter_turns(float u) {
   const float q = (u * 4.0f + 12582912.0f) - 12582912.0f;  // round to nearest (needs -ffp-contract=off)
   const float a = (u * 4.0f - q) * 1.57079632679489662f;
   const float a2 = a * a;
-  const float cos_a = ((2.443315711809948e-5f * a2 - 1.388731625493765e-3f) * a2 + 4.166664568298827e-2f) * a2 * a2 -
-                      0.5f * a2 + 1.0f;
-  const float sin_a = ((-1.9515295891e-4f * a2 + 8.3321608736e-3f) * a2 - 1.6666654611e-1f) * a2 * a + a;
+  const float cos_poly = fmadd(fmadd(2.443315711809948e-5f, a2, -1.388731625493765e-3f), a2, 4.166664568298827e-2f);
+  const float cos_a = fmadd(cos_poly * a2, a2, fmadd(-0.5f, a2, 1.0f));
+  const float sin_poly = fmadd(fmadd(-1.9515295891e-4f, a2, 8.3321608736e-3f), a2, -1.6666654611e-1f);
+  const float sin_a = fmadd(sin_poly * a2, a, a);
   return {cos_a, sin_a, static_cast<int32_t>(q) & 3};
 }
 
