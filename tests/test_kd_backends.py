@@ -225,6 +225,31 @@ def test_hta_head_selection_matches_cpp(kd_target, head_threshold):
         assert torch.equal(got, expected), (tuple(teacher.shape), head_threshold, got, expected)
 
 
+@pytest.mark.parametrize("head_threshold", [0.1, 0.5, 0.9])
+def test_cpp_hta_crossing_class_on_long_rows(head_threshold):
+    """The cpp teacher selection (bisection on the key down to <= 64 candidates, then a sort) against
+    the reference's order (logit descending, ties to the lower index, inclusive cumulative
+    probability) on rows long enough to take the bisection passes: spread, near-flat, confident,
+    tied in groups larger than 64, and all tied."""
+    if not snnkd_fast.backends("kd")["cpp"]:
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(11)
+    teachers = [torch.randn(3, 1000, generator=g) * 4, torch.randn(3, 1000, generator=g) * 0.01,
+                torch.randn(2, 3000, generator=g) * 40, torch.randint(-3, 4, (4, 1000), generator=g).float(),
+                torch.full((2, 301), 0.25), torch.randn(2, 70, generator=g)]  # 301: no cumulative sum lands on a threshold
+    for teacher in teachers:
+        keys = _hta_teacher_keys("cpp", teacher, head_threshold)[0]  # [B, 3] of the one timestep
+        p = torch.softmax(teacher.double() / 4.0, dim=-1)
+        order = torch.sort(teacher, dim=-1, descending=True, stable=True).indices
+        cumulative = p.gather(-1, order).cumsum(-1)
+        for row in range(teacher.shape[0]):
+            crossing = int((cumulative[row] >= head_threshold).nonzero()[0])
+            expected_top, expected_cross = int(order[row, 0]), int(order[row, crossing])
+            # keys: (key_cross, idx_cross, idx_top)
+            assert int(keys[row, 2]) == expected_top, (tuple(teacher.shape), row, keys[row])
+            assert int(keys[row, 1]) == expected_cross, (tuple(teacher.shape), row, keys[row], expected_cross)
+
+
 def test_hta_tie_rule_matches_reference(kd_target):
     """Equal teacher logits: the head takes the lower class index first, as the reference does."""
     backend, device = kd_target

@@ -226,12 +226,79 @@ struct TeacherRow {
     }
   }
 
+  // (mass, count) of the classes with key >= k, the mass in double: one branch-free pass.
+  std::pair<double, double> mass_at_or_above(int64_t C, int64_t k) const {
+    const int64_t* key = keys.data();
+    const acc_t* pp = p.data();
+    double mass[kRowLanes] = {}, count[kRowLanes] = {};
+    int64_t c = 0;
+    for (; c + kRowLanes <= C; c += kRowLanes) {
+#pragma omp simd
+      for (int j = 0; j < kRowLanes; ++j) {
+        const double above = key[c + j] >= k ? 1.0 : 0.0;  // as a factor: with a select GCC left the loop scalar
+        mass[j] += above * static_cast<double>(pp[c + j]);
+        count[j] += above;
+      }
+    }
+    for (; c < C; ++c) {
+      mass[0] += key[c] >= k ? static_cast<double>(pp[c]) : 0.0;
+      count[0] += key[c] >= k ? 1.0 : 0.0;
+    }
+    return {lane_sum(mass), lane_sum(count)};
+  }
+
+  // The crossing class for float inputs (32-bit keys), without nth_element (whose halving
+  // mispredicted a branch per comparison: ~2/3 of the HTA forward at C = 1000): bisection on the key
+  // keeps [lo, hi) holding the crossing key (mass(key >= lo) >= threshold > mass(key >= hi)) until
+  // at most 64 classes lie in it; those are sorted in class order (key descending, index ascending)
+  // and scanned from mass(key >= hi).
+  int64_t crossing_by_bisection(int64_t C, double threshold) {
+    const int64_t* key = keys.data();
+    const acc_t* pp = p.data();
+    int64_t lo = key[0], hi = key[0];
+    for (int64_t c = 1; c < C; ++c) {
+      lo = key[c] < lo ? key[c] : lo;
+      hi = key[c] > hi ? key[c] : hi;
+    }
+    hi += 1;  // the caller checked mass(>= lo), the total, against the threshold
+    double mass_above = 0.0, count_lo = static_cast<double>(C), count_hi = 0.0;
+    while (hi - lo > 1 && count_lo - count_hi > 64) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      const auto [mass, count] = mass_at_or_above(C, mid);
+      if (mass >= threshold) {
+        lo = mid;
+        count_lo = count;
+      } else {
+        hi = mid;
+        mass_above = mass;
+        count_hi = count;
+      }
+    }
+    // (key, index) packed into one int64 whose descending order is the class order
+    order.clear();
+    for (int64_t c = 0; c < C; ++c) {
+      if (key[c] >= lo && key[c] < hi) order.push_back(static_cast<int32_t>(c));
+    }
+    packed.resize(order.size());
+    for (size_t i = 0; i < order.size(); ++i) {
+      packed[i] = key[order[i]] * (int64_t(1) << 32) + (int64_t(0xFFFFFFFF) - order[i]);
+    }
+    std::sort(packed.begin(), packed.end(), std::greater<int64_t>());
+    int64_t cross = C;
+    for (const int64_t v : packed) {
+      cross = int64_t(0xFFFFFFFF) - (v & int64_t(0xFFFFFFFF));
+      mass_above += static_cast<double>(pp[cross]);
+      if (mass_above >= threshold) break;  // else: only through rounding between summation orders
+    }
+    return cross;
+  }
+
   // HTA head: classes ordered by (logit descending, index ascending); the head is the prefix whose
   // inclusive cumulative probability stays below the threshold, plus the top-1 class. The crossing
-  // class (the first whose inclusive cumulative reaches the threshold) is found by selection, not
-  // by sorting: halve a range of the order known to hold it with nth_element, keeping the mass
-  // before it, then sort the last <= 64 (O(C) expected; a confident teacher's top-1 alone can
-  // cross). Writes the mask and (key_cross, idx_cross, idx_top); idx_cross = C and key_cross =
+  // class (the first whose inclusive cumulative reaches the threshold) is found without sorting: by
+  // bisection on the key for float (crossing_by_bisection), by selection for double (halve a range of
+  // the order known to hold it with nth_element, keeping the mass before it, then sort the last <= 64;
+  // O(C) expected). A confident teacher's top-1 alone can cross. Writes the mask and (key_cross, idx_cross, idx_top); idx_cross = C and key_cross =
   // INT32_MIN when the whole mass stays below the threshold (every class is head).
   void select_head(int64_t C, double threshold, int32_t* out) {
     const int64_t* key = keys.data();
@@ -245,14 +312,7 @@ struct TeacherRow {
       cross = top;
     } else if (total >= threshold) {
       if (std::is_same<acc_t, float>::value) {
-        // float keys fit 32 bits: (key, index) packed into one int64 whose descending order is the
-        // class order, so selection compares plain integers (no indirection through key[])
-        packed.resize(C);
-        for (int64_t c = 0; c < C; ++c) packed[c] = key[c] * (int64_t(1) << 32) + (int64_t(0xFFFFFFFF) - c);
-        auto class_of = [](int64_t v) { return int64_t(0xFFFFFFFF) - (v & int64_t(0xFFFFFFFF)); };
-        const int64_t item = crossing_item(packed.data(), C, threshold, std::greater<int64_t>(),
-                                           [&](int64_t v) { return static_cast<double>(pp[class_of(v)]); });
-        cross = class_of(item);
+        cross = crossing_by_bisection(C, threshold);
       } else {
         order.resize(C);
         std::iota(order.begin(), order.end(), 0);
