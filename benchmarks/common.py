@@ -794,11 +794,13 @@ def write_results(out_dir: Path, stem: str, meta: dict[str, Any], rows: list[dic
 
 
 def load_results(results_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """Every ``*.json`` result file directly in ``results_dir``, sorted by name, as (path, data)."""
+    """Every benchmark-grid ``*.json`` file directly in ``results_dir`` (rows per case and backend),
+    sorted by name, as (path, data); ab_kernels.py's build-against-build tables are not grids."""
     loaded = []
     for path in sorted(results_dir.glob("*.json")):
         data = json.loads(path.read_text())
-        if isinstance(data, dict) and "meta" in data and "results" in data:
+        if isinstance(data, dict) and "meta" in data and "results" in data and all(
+                "case" in row and "backend" in row for row in data["results"]):
             loaded.append((path, data))
     return loaded
 

@@ -43,3 +43,8 @@ def test_ab_kernels_smoke(tmp_path):
                                                       "lif_sigmoid", "lif_atan", "plif_sigmoid"}
     assert all(row["base_fwd_us"] > 0 and row["new_bwd_us"] > 0 for row in data["results"])
     assert (tmp_path / "ab_smoke.csv").exists()
+    # plot.py, run over a results folder that holds such a file, skips it (it has no grid to plot)
+    plotted = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot.py"), str(tmp_path)],
+                             capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert plotted.returncode == 0, plotted.stderr[-4000:]
+    assert not list(tmp_path.glob("*.png"))

@@ -208,7 +208,7 @@ def _hta_teacher_keys(backend, teacher, head_threshold, temperature=4.0):
 @pytest.mark.parametrize("head_threshold", [0.05, 0.5, 0.9, 0.999])
 def test_hta_head_selection_matches_cpp(kd_target, head_threshold):
     """The head (crossing key and index, top-1) each GPU/Triton teacher kernel selects equals the cpp
-    kernel's (a sort-free search vs nth_element on the same keys) on teachers of every kind: spread,
+    kernel's (each a sort-free search over the same keys) on teachers of every kind: spread,
     confident, flat, with tied values, and long rows that take every search pass."""
     backend, device = kd_target
     if backend == "cpp":
