@@ -20,16 +20,10 @@ namespace snnkd {
 // a * b + c, rounded once where the CPU has FMA: the build's -ffp-contract=off keeps a plain a * b + c
 // at two roundings (the neuron charge must round like torch's eager ops); these polynomials need
 // no such thing, and one FMA is one instruction where a multiply and an add are two.
-SNNKD_HD float fmadd(float a, float b, float c) {
+template <typename T>
+SNNKD_HD T fmadd(T a, T b, T c) {
 #if defined(__CUDA_ARCH__) || defined(__FMA__)
-  return fmaf(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
-
-SNNKD_HD double fmadd(double a, double b, double c) {
-#if defined(__CUDA_ARCH__) || defined(__FMA__)
+  using std::fma;  // float stays float
   return fma(a, b, c);
 #else
   return a * b + c;
