@@ -235,7 +235,8 @@ struct TeacherRow {
     for (; c + kRowLanes <= C; c += kRowLanes) {
 #pragma omp simd
       for (int j = 0; j < kRowLanes; ++j) {
-        const double above = key[c + j] >= k ? 1.0 : 0.0;  // as a factor: with a select GCC left the loop scalar
+        // a 0/1 factor: written as a select (key >= k ? p : 0) GCC left the loop scalar
+        const double above = key[c + j] >= k ? 1.0 : 0.0;
         mass[j] += above * static_cast<double>(pp[c + j]);
         count[j] += above;
       }
@@ -296,10 +297,11 @@ struct TeacherRow {
   // HTA head: classes ordered by (logit descending, index ascending); the head is the prefix whose
   // inclusive cumulative probability stays below the threshold, plus the top-1 class. The crossing
   // class (the first whose inclusive cumulative reaches the threshold) is found without sorting: by
-  // bisection on the key for float (crossing_by_bisection), by selection for double (halve a range of
-  // the order known to hold it with nth_element, keeping the mass before it, then sort the last <= 64;
-  // O(C) expected). A confident teacher's top-1 alone can cross. Writes the mask and (key_cross, idx_cross, idx_top); idx_cross = C and key_cross =
-  // INT32_MIN when the whole mass stays below the threshold (every class is head).
+  // bisection on the key for float (crossing_by_bisection), by selection for double (halve a range
+  // of the order known to hold it with nth_element, keeping the mass before it, then sort the last
+  // <= 64; O(C) expected). A confident teacher's top-1 alone can cross. Writes the mask and
+  // (key_cross, idx_cross, idx_top); idx_cross = C and key_cross = INT32_MIN when the whole mass
+  // stays below the threshold (every class is head).
   void select_head(int64_t C, double threshold, int32_t* out) {
     const int64_t* key = keys.data();
     const acc_t* pp = p.data();
