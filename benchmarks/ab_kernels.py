@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -80,21 +79,14 @@ def measure_neurons(ops, reps: int, shapes) -> dict[str, list[float]]:
     return out
 
 
-def measure_in_this_process(so_path: str, reps: int, shapes, families=("losses",)) -> dict[str, list[float]]:
-    """{case: [forward us, backward us]} for the extension at ``so_path`` (the child's work)."""
+def measure_losses(ops, reps: int, shapes) -> dict[str, list[float]]:
+    """{case: [forward us, backward us]} of the KD-loss row ops, float32."""
     import torch
-
-    torch.ops.load_library(so_path)
-    ops = torch.ops.snnkd_fast
-    out = {}
-    if "neurons" in families:
-        out.update(measure_neurons(ops, reps, NEURON_SHAPES[:1] if len(shapes) == 1 else NEURON_SHAPES))
-    if "losses" not in families:
-        return out
 
     def median_us(fn) -> float:
         return _median_us(fn, reps)
 
+    out = {}
     seed = torch.tensor([1234], dtype=torch.int64)
     for T, B, C in shapes:
         gen = torch.Generator().manual_seed(0)
@@ -118,6 +110,21 @@ def measure_in_this_process(so_path: str, reps: int, shapes, families=("losses",
         grad = torch.ones_like(rows)
         out[f"nld_loss {T}x{B}x{C}"] = [median_us(nld_forward), median_us(
             lambda: ops.nld_rows_backward(grad, student, teacher, seed, stats, *nld_args, False))]
+    return out
+
+
+def measure_in_this_process(so_path: str, reps: int, families, smoke: bool) -> dict[str, list[float]]:
+    """{case: [forward us, backward us]} for the extension at ``so_path`` (the child's work); with
+    ``smoke`` the first shape of each family only."""
+    import torch
+
+    torch.ops.load_library(so_path)
+    ops = torch.ops.snnkd_fast
+    out = {}
+    if "neurons" in families:
+        out.update(measure_neurons(ops, reps, NEURON_SHAPES[:1] if smoke else NEURON_SHAPES))
+    if "losses" in families:
+        out.update(measure_losses(ops, reps, SHAPES[:1] if smoke else SHAPES))
     return out
 
 
@@ -159,15 +166,14 @@ def main() -> int:
     args = parser.parse_args()
     if args.smoke:
         args.rounds, args.reps = 1, 3
-    shapes = SHAPES[:1] if args.smoke else SHAPES
     families = tuple(args.ops.split(","))
     unknown = set(families) - set(OP_FAMILIES)
     if unknown:
         parser.error(f"--ops: unknown op families {sorted(unknown)}; choose from {OP_FAMILIES}")
     threads = common.configure_threads()
     if args.child:
-        Path(args.child[1]).write_text(json.dumps(measure_in_this_process(args.child[0], args.reps, shapes,
-                                                                          families)))
+        Path(args.child[1]).write_text(json.dumps(measure_in_this_process(args.child[0], args.reps, families,
+                                                                          args.smoke)))
         return 0
     common.reexec_with_timing_malloc()  # the benchmarks' malloc settings, inherited by the children
 

@@ -276,13 +276,9 @@ struct TeacherRow {
       }
     }
     // (key, index) packed into one int64 whose descending order is the class order
-    order.clear();
+    packed.clear();
     for (int64_t c = 0; c < C; ++c) {
-      if (key[c] >= lo && key[c] < hi) order.push_back(static_cast<int32_t>(c));
-    }
-    packed.resize(order.size());
-    for (size_t i = 0; i < order.size(); ++i) {
-      packed[i] = key[order[i]] * (int64_t(1) << 32) + (int64_t(0xFFFFFFFF) - order[i]);
+      if (key[c] >= lo && key[c] < hi) packed.push_back(key[c] * (int64_t(1) << 32) + (int64_t(0xFFFFFFFF) - c));
     }
     std::sort(packed.begin(), packed.end(), std::greater<int64_t>());
     int64_t cross = C;

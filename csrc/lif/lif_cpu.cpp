@@ -252,21 +252,20 @@ void launch_backward_cpu(const std::optional<at::Tensor>& grad_spikes, const std
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "snnkd_lif_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_backward_mode(make_params<acc_t>(a, read_decay<acc_t>(decay, a.neuron)), [&](auto p) {
-      const scalar_t* grad_spikes_ptr = grad_spikes ? grad_spikes->data_ptr<scalar_t>() : nullptr;
-      const acc_t* grad_v_ptr = grad_v ? grad_v->data_ptr<acc_t>() : nullptr;
+      auto run = [&](auto with_decay_grad, const auto& params) {
+        backward_kernel<decltype(with_decay_grad)::value, scalar_t, acc_t>(
+            grad_spikes ? grad_spikes->data_ptr<scalar_t>() : nullptr, grad_v ? grad_v->data_ptr<acc_t>() : nullptr,
+            h_seq.data_ptr<acc_t>(), v_init.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(),
+            grad_v_init.data_ptr<acc_t>(), partials.data(), T, N, params);
+      };
       if (!decay_grad) {
-        backward_kernel<false, scalar_t, acc_t>(grad_spikes_ptr, grad_v_ptr, h_seq.data_ptr<acc_t>(),
-                                                v_init.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(),
-                                                grad_v_init.data_ptr<acc_t>(), partials.data(), T, N, p);
+        run(std::false_type{}, p);
         return;
       }
       // PLIF's decay gradient: decay_input fixed too (dH/d(decay) depends on it; a runtime select on
       // it left the whole loop scalar).
       with_bool(p.decay_input, [&](auto decay_input) {
-        backward_kernel<true, scalar_t, acc_t>(grad_spikes_ptr, grad_v_ptr, h_seq.data_ptr<acc_t>(),
-                                               v_init.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(),
-                                               grad_v_init.data_ptr<acc_t>(), partials.data(), T, N,
-                                               WithDecayInput<decltype(p), decltype(decay_input)::value>(p));
+        run(std::true_type{}, WithDecayInput<decltype(p), decltype(decay_input)::value>(p));
       });
     });
   });
