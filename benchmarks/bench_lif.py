@@ -262,11 +262,15 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
                                peer_implementations=PEER_IMPLEMENTATIONS)
     common.print_run_header(meta)
 
-    rows: list[dict[str, Any]] = []
+    out_dir = args.out or default_out_dir(device)
+    rows: list[dict[str, Any]] = common.resumed_rows(out_dir, FILE_STEM, meta) if args.resume else []
+    done = {row["case"] for row in rows}
     table_peers = {peer: PEER_LABELS[peer] for peer in peers if peer in TABLE_PEERS}
     with common.CpuMemoryMeter(__file__, threads) if device.type == "cpu" else contextlib.nullcontext() as meter:
         try:
             for case in build_grid(device, args.quick):
+                if case.label in done:
+                    continue
                 print(f"\n{case.label}  [{'x'.join(map(str, case.shape))}]")
                 x = make_input(case, device)
                 case_rows = []
@@ -290,7 +294,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
         except KeyboardInterrupt:  # a deadline (run_gpu.sh): keep what was measured
             meta["interrupted"] = common.interrupted_note(len(rows))
 
-    return common.write_results(args.out or default_out_dir(device), FILE_STEM, meta, rows, CSV_COLUMNS, start)
+    return common.write_results(out_dir, FILE_STEM, meta, rows, CSV_COLUMNS, start)
 
 
 if __name__ == "__main__":

@@ -173,7 +173,8 @@ def build_grid(device: torch.device, quick: bool, losses: tuple[str, ...]) -> li
         # per-row ordering of the classes), so the large-C cases use a smaller batch.
         shapes = ([(4, 64, 100), (4, 64, 1000), (4, 16, 32000)] if quick else
                   [(t, b, c) for t in (4, 16) for b, c in ((128, 10), (128, 100), (128, 1000), (16, 32000))])
-    return [Case(loss, t, b, c, dtype) for loss in losses for dtype in dtypes for t, b, c in shapes]
+    # dtype-major: a run cut short by a deadline has the float32 grid of every loss first
+    return [Case(loss, t, b, c, dtype) for dtype in dtypes for loss in losses for t, b, c in shapes]
 
 
 def make_inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -542,7 +543,9 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     elif device.type == "cpu":
         timer = Timer(device, budget_s=0.2, warmup_s=0.05, min_reps=5, min_warmup=2)
     else:
-        timer = Timer(device, budget_s=0.25, warmup_s=0.05, min_reps=10)
+        # A GPU case takes microseconds to a few milliseconds: 0.1 s of samples is tens to thousands of
+        # repetitions, and 100 cases with every peer fit a device session more nearly.
+        timer = Timer(device, budget_s=0.1, warmup_s=0.03, min_reps=10)
     bandwidth, bandwidth_source = common.peak_bandwidth(device, timer)
     # `skipped` and `mismatches` are stored by reference: per-case skips are added to them below.
     mismatches: dict[str, str] = {}
@@ -563,14 +566,17 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     if device.type == "cpu":
         print(f"note: {CPU_MEMORY_RESOLUTION}")
 
-    rows: list[dict[str, Any]] = []
+    out_dir = args.out or default_out_dir(device)
+    rows: list[dict[str, Any]] = common.resumed_rows(out_dir, FILE_STEM, meta) if args.resume else []
+    done = {row["case"] for row in rows}
     cpu_memory = common.CpuMemoryMeter(__file__, threads) if device.type == "cpu" else None
     run = CaseRunner(device, names, peers, timer, bandwidth, compile_cases, compile_policy, skipped, mismatches,
                      cpu_memory, compile_budget_s)
     run.failures = meta["failures"]  # the same dict: stored by reference, like `skipped`
     try:
         for case in grid:
-            rows += run(case)
+            if case.label not in done:
+                rows += run(case)
     except KeyboardInterrupt:  # a deadline (run_gpu.sh): keep what was measured
         meta["interrupted"] = common.interrupted_note(len(rows))
     finally:
@@ -580,7 +586,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     print(f"\nsummary: fwd+bwd of our kernels ({meta['grid']} grid; speed-up = baseline time / ours; extra = peak "
           "memory beyond the student gradient, in [T,B,C] float32 tensors)")
     print(summary_table(rows, peers))
-    return common.write_results(args.out or default_out_dir(device), FILE_STEM, meta, rows, CSV_COLUMNS, start)
+    return common.write_results(out_dir, FILE_STEM, meta, rows, CSV_COLUMNS, start)
 
 
 if __name__ == "__main__":

@@ -696,6 +696,10 @@ def bench_parser(description: str, quick_help: str, peers: tuple[str, ...]) -> a
     parser.add_argument("--peers", type=lambda text: parse_names(text, peers, "peer"), default=peers,
                         help=f"comma-separated peers to measure, or 'none' (default: {','.join(peers)})")
     add_default_malloc_option(parser)
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with a run cut short (a deadline): keep the rows of the grid's JSON already in "
+                             "the output folder, measured at this commit on this device, and measure only the cases "
+                             "it lacks")
     # Internal: CPU memory measurements in fresh processes (memory_worker_main).
     parser.add_argument("--memory-case", help=argparse.SUPPRESS)
     parser.add_argument("--memory-server", action="store_true", help=argparse.SUPPRESS)
@@ -767,6 +771,33 @@ def interrupted_note(rows_kept: int) -> str:
     note = f"stopped by SIGINT (deadline or Ctrl-C) after {rows_kept} rows; the grid is incomplete"
     print(f"\n!!! {note}")
     return note
+
+
+def resumed_rows(out_dir: Path, stem: str, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """``--resume``: the rows of ``<stem>_<grid>.json`` in ``out_dir`` from an earlier run of the same
+    grid at the same commit on the same device (a run stopped by a deadline: every case in it is
+    complete, since a case interrupted half-way is dropped), for the caller to keep and skip. No file:
+    none. A file from another commit, device or grid is refused (mixing builds in one table would
+    compare them). ``meta["resumed"]`` records the earlier run; its failures and skips carry over."""
+    path = out_dir / f"{stem}_{meta['grid']}.json"
+    if not path.exists():
+        print(f"--resume: no {path}, measuring the whole grid")
+        return []
+    earlier = json.loads(path.read_text())
+    earlier_meta = earlier.get("meta", {})
+    for key in ("op", "grid", "device_name", "git_commit"):
+        if earlier_meta.get(key) != meta.get(key):
+            raise SystemExit(f"--resume: {path} has {key}={earlier_meta.get(key)!r}, this run {meta.get(key)!r}: "
+                             "not resuming across runs of different builds or devices (move the file away)")
+    for key in ("failures", "skipped"):
+        if isinstance(earlier_meta.get(key), dict) and isinstance(meta.get(key), dict):
+            for name, value in earlier_meta[key].items():
+                meta[key].setdefault(name, value)
+    meta["resumed"] = {key: earlier_meta.get(key) for key in ("timestamp", "wall_s", "interrupted")}
+    meta["resumed"]["rows"] = len(earlier["results"])
+    print(f"--resume: kept {len(earlier['results'])} rows of {path.name} "
+          f"({len({row['case'] for row in earlier['results']})} cases)")
+    return list(earlier["results"])
 
 
 def exit_status(result_files: Iterable[Path]) -> int:

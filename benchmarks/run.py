@@ -31,6 +31,7 @@ import common
 # ``--device cpu|cuda``, ``--quick``, ``--out DIR`` (and ``--peers`` where it measures peers, named
 # in its ``PEERS``) and returns the JSON file it wrote.
 BENCHES = ("bench_lif", "bench_losses")
+BENCH_NAMES = {"lif": "bench_lif", "losses": "bench_losses"}  # --only's names
 
 
 def peers_for(module, peers: str) -> str:
@@ -55,6 +56,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<device-slug>/)")
     parser.add_argument("--peers", help="comma-separated peers to measure, of any benchmark, or 'none' (default: all)")
+    parser.add_argument("--only", type=lambda text: common.parse_names(text, tuple(BENCH_NAMES), "benchmark"),
+                        default=tuple(BENCH_NAMES),
+                        help=f"comma-separated benchmarks to run, in the given order (default: {','.join(BENCH_NAMES)})")
+    parser.add_argument("--resume", action="store_true",
+                        help="each benchmark keeps the rows of its JSON already in the output folder from the same "
+                             "commit and device and measures only the cases it lacks (a run cut short goes on)")
     common.add_default_malloc_option(parser)
     args = parser.parse_args(argv)
     # Before the first benchmark: a later one's load average still holds the earlier ones' load.
@@ -63,10 +70,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     bench_argv = ["--device", args.device]
     bench_argv += [] if args.full else ["--quick"]
     bench_argv += ["--out", str(args.out)] if args.out else []
+    bench_argv += ["--resume"] if args.resume else []
 
     start = time.perf_counter()
     written = []
-    for name in BENCHES:
+    for name in (BENCH_NAMES[only] for only in args.only):
         module = importlib.import_module(name)
         argv_for = bench_argv + (["--peers", peers_for(module, args.peers)] if args.peers else [])
         print(f"=== {name} {' '.join(argv_for)}")

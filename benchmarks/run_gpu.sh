@@ -4,7 +4,8 @@
 # the machine's own CUDA build of torch, run the GPU tests, run the GPU benchmarks.
 #
 #   bash benchmarks/run_gpu.sh [--quick | --full] [--out DIR] [--skip-wheels] [--skip-build]
-#                              [--skip-tests] [--skip-bench] [--deadline-s N] [--tune] [-- RUN_PY_ARGS...]
+#                              [--skip-tests] [--skip-bench] [--deadline-s N] [--tune] [--resume]
+#                              [-- RUN_PY_ARGS...]
 #
 # Peers: the GPU machine has torch, triton, pytest, matplotlib, hypothesis, ... but none of
 # SpikingJelly, snntorch, Liger-Kernel and loguru. Bring their wheels (cp312, manylinux x86_64) in
@@ -40,6 +41,12 @@
 #               Triton kernels' launch shapes (warps, blocks) against the CUDA kernels,
 #               tune_triton.json in the results folder (~2-3 min).
 #
+#   5b. resume  (--resume) the results of this machine's previous run (kept in build/run_gpu/, since
+#               the device tool empties $OUT before each call) are put back in the results folder and
+#               run.py gets --resume: each benchmark keeps its rows from the same commit and measures
+#               only the cases its earlier, deadline-stopped run lacked. E.g. a warm second call:
+#               bash benchmarks/run_gpu.sh --full --skip-build --skip-tests --resume -- --only losses
+#
 # With pytest-xdist installed (the GPU image has it) the tests run in TEST_WORKERS processes (default
 # 8): most of their time is Triton's JIT compiling ~300 kernel specializations, on the CPU cores.
 #
@@ -63,7 +70,7 @@ PEERS=(spikingjelly snntorch liger_kernel loguru)  # import names of the peers .
 GRID=--quick
 DEADLINE_S=${DEADLINE_S:-}
 RESULTS=""
-SKIP_WHEELS=0 SKIP_BUILD=0 SKIP_TESTS=0 SKIP_BENCH=0 TUNE=0
+SKIP_WHEELS=0 SKIP_BUILD=0 SKIP_TESTS=0 SKIP_BENCH=0 TUNE=0 RESUME=0
 RUN_PY_ARGS=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -75,6 +82,7 @@ while [ $# -gt 0 ]; do
     --skip-bench) SKIP_BENCH=1 ;;
     --deadline-s) DEADLINE_S=${2:?--deadline-s needs seconds}; shift ;;
     --tune) TUNE=1 ;;
+    --resume) RESUME=1 ;;
     --) shift; RUN_PY_ARGS=("$@"); break ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) RUN_PY_ARGS+=("$1") ;;  # anything else goes to run.py (e.g. --peers none)
@@ -213,8 +221,22 @@ print(common.device_slug(torch.device("cuda")))' 2>/dev/null | tail -n 1)
   echo "${slug:-no-gpu}"
 }
 
+KEEP_DIR=$REPO/build/run_gpu  # survives between calls on a warm machine (git-ignored), unlike $OUT
+
+restore_results() {  # --resume: the previous run's packed results back into the results folder
+  local kept="$KEEP_DIR/$(basename "$RESULTS").tar"
+  [ -n "${OUT:-}" ] || return 0  # without $OUT the results folder itself persists
+  if [ -f "$kept" ]; then
+    mkdir -p "$(dirname "$RESULTS")" && tar -xf "$kept" -C "$(dirname "$RESULTS")" \
+      && echo "resuming from $kept: $(ls "$RESULTS" | tr '\n' ' ')"
+  else
+    echo "--resume: no $kept on this machine (a fresh machine): the benchmarks start from the beginning"
+  fi
+}
+
 run_bench() {
   local rc limit=() command=("$PY" benchmarks/run.py --device cuda "$GRID" --out "$RESULTS" "${RUN_PY_ARGS[@]}")
+  if [ $RESUME -eq 1 ]; then restore_results; command+=(--resume); fi
   if [ -n "$DEADLINE_S" ]; then
     limit=(timeout -s INT -k 30 $((DEADLINE_S - SECONDS - 20 > 30 ? DEADLINE_S - SECONDS - 20 : 30)))
     echo "deadline: at most ${limit[5]} s for the benchmark"
@@ -235,7 +257,8 @@ pack_results() {  # under $OUT: the results folder as one tar (the device tool b
   local parent name
   [ -n "${OUT:-}" ] && [ -d "$RESULTS" ] || return 0
   parent=$(dirname "$RESULTS") name=$(basename "$RESULTS")
-  tar -cf "$parent/$name.tar" -C "$parent" "$name" && rm -rf "$RESULTS" \
+  tar -cf "$parent/$name.tar" -C "$parent" "$name" && mkdir -p "$KEEP_DIR" && cp "$parent/$name.tar" "$KEEP_DIR/" \
+    && rm -rf "$RESULTS" \
     && echo "packed the results into $parent/$name.tar (tar -xf it in benchmarks/results/)"
 }
 

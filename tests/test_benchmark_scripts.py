@@ -48,3 +48,37 @@ def test_ab_kernels_smoke(tmp_path):
                              capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert plotted.returncode == 0, plotted.stderr[-4000:]
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_bench_resume_keeps_measured_cases(tmp_path):
+    """--resume (run_gpu.sh's second call after a deadline): the rows of the same commit's JSON are
+    kept and their cases not measured again, only the missing ones are; a file from another commit is
+    refused with a clear message rather than mixed into one table."""
+    import snnkd_fast
+
+    if not snnkd_fast.backends("kd")["cpp"]:
+        pytest.skip("the C++ extension is not built")
+
+    def bench(*args):
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_losses.py"), "--quick", "--peers",
+                               "none", "--out", str(tmp_path), *args], capture_output=True, text=True, timeout=600,
+                              cwd=ROOT)
+
+    path = tmp_path / "losses_quick.json"
+    first = bench("--losses", "kd_kl")
+    assert first.returncode == 0, first.stderr[-4000:]
+    kept = json.loads(path.read_text())["results"]
+    # per_timestep_kl's cases are new; kd_kl's are kept as they were (same median to the last digit)
+    second = bench("--losses", "kd_kl,per_timestep_kl", "--resume")
+    assert second.returncode == 0, second.stderr[-4000:]
+    data = json.loads(path.read_text())
+    assert data["meta"]["resumed"]["rows"] == len(kept)
+    assert data["results"][:len(kept)] == kept
+    assert {row["op"] for row in data["results"][len(kept):]} == {"per_timestep_kl"}
+    assert second.stdout.count("kd_kl 64x100 T=4 float32  [") == 0  # not measured again
+
+    data["meta"]["git_commit"] = "0" * 40
+    path.write_text(json.dumps(data))
+    refused = bench("--losses", "kd_kl", "--resume")
+    assert refused.returncode != 0
+    assert "not resuming across runs of different builds" in refused.stderr + refused.stdout
