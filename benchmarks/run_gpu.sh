@@ -196,7 +196,7 @@ run_tests() {
   if "$PY" -c "import xdist" 2>/dev/null; then workers=(-n "${TEST_WORKERS:-8}"); fi
   echo "$PY -m pytest tests -q ${workers[*]} --maxfail=25 -k \"$k\" -p no:cacheprovider, at most $budget s (output in $log)"
   # SIGINT after the budget: pytest stops and still prints its summary of what ran
-  timeout -s INT -k 20 "$budget" "$PY" -m pytest tests -q "${workers[@]}" --maxfail=25 -k "$k" -p no:cacheprovider -rf \
+  timeout -s INT -k 20 "$budget" "$PY" -m pytest tests -q "${workers[@]}" --maxfail=25 -k "$k" -p no:cacheprovider -rfs \
     >"$log" 2>&1
   rc=$?
   tail -n 40 "$log"

@@ -305,8 +305,11 @@ def test_default_backend_is_a_kernel():
 def test_triton_launch_shapes_change_no_result(kd_target, case, monkeypatch):
     """The Triton grid variants benchmarks/tune_triton.py sweeps compute the same numbers: forward
     programs over timestep tiles (KD_BLOCK_T 1, 2: up to T programs per sample) and the backward with
-    and without one program per class chunk, bit for bit -- except the broadcast teacher's gradient,
-    a sum over t whose order follows the tile height."""
+    and without one program per class chunk. Interpreted, bit for bit (numpy reduces a tile row in the
+    same order whatever the tile height) except the broadcast teacher's gradient, a sum over t whose
+    order follows the tile height. Compiled, a row's sum over classes is reduced across the lanes and
+    warps of the tile's layout, which changes with its height: equal within float32 rounding (the
+    first H100 run of this test saw TSER's loss differ in its last bit)."""
     backend, device = kd_target
     if backend != "triton":
         pytest.skip("Triton launch shapes")
@@ -314,13 +317,21 @@ def test_triton_launch_shapes_change_no_result(kd_target, case, monkeypatch):
 
     student, teacher = logits((5, 3, 300), device=device), logits((3, 300), seed=1, device=device)
     baseline = run_loss(case, student, teacher, backend)
+    bitwise = torch.device(device).type == "cpu"  # the interpreter
+
+    def same(a, b, what):
+        if bitwise:
+            assert torch.equal(a, b), what
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda text: f"{what}: {text}")
+
     for block_t, split_c in ((1, True), (2, False), (16, False)):
         monkeypatch.setattr(kernels, "KD_BLOCK_T", block_t)
         monkeypatch.setattr(kernels, "KD_BWD_SPLIT_C", split_c)
         variant = run_loss(case, student, teacher, backend)
-        assert torch.equal(variant.loss, baseline.loss), (block_t, split_c)
-        assert torch.equal(variant.grad_student, baseline.grad_student), (block_t, split_c)
+        same(variant.loss, baseline.loss, (block_t, split_c, "loss"))
+        same(variant.grad_student, baseline.grad_student, (block_t, split_c, "grad_student"))
         if block_t >= student.shape[0]:
-            assert torch.equal(variant.grad_teacher, baseline.grad_teacher), (block_t, split_c)
+            same(variant.grad_teacher, baseline.grad_teacher, (block_t, split_c, "grad_teacher"))
         else:
             torch.testing.assert_close(variant.grad_teacher, baseline.grad_teacher, rtol=1e-6, atol=1e-7)
