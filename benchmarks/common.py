@@ -273,14 +273,24 @@ class Timer:
     the device's execution, as in a training step. Each repetition synchronises, so a forward pass's
     outputs never pile up across repetitions.
 
+    ``queued=True`` (CUDA only) measures device time instead, as ``triton.testing.do_bench`` does:
+    every repetition (flush, start event, ``run``, end event) is enqueued without waiting, and the
+    events are read after one final synchronisation. The host runs ahead of the GPU, so its overhead
+    shows only where it exceeds the device's work; used to compare kernel variants of equal host cost
+    (benchmarks/tune_triton.py), where the host-inclusive timing's jitter (the autograd engine's
+    hand-off to its device thread, tenths of a millisecond on the H100 machine) swamped the
+    differences.
+
     The number of repetitions adapts to the cost of one: about ``budget_s`` of samples, clamped to
     ``[min_reps, max_reps]``, after ``warmup_s`` of warm-up (JIT compilation, Triton autotuning,
     allocator and cache warm-up; at least ``min_warmup`` calls).
     """
 
     def __init__(self, device: torch.device, *, budget_s: float, warmup_s: float, min_reps: int = 10,
-                 max_reps: int = 200, min_warmup: int = 3):
-        self.device = device
+                 max_reps: int = 200, min_warmup: int = 3, queued: bool = False):
+        if queued and device.type != "cuda":
+            raise ValueError("Timer(queued=True) measures CUDA device time; the device is " + str(device))
+        self.device, self.queued = device, queued
         self.budget_s, self.warmup_s = budget_s, warmup_s
         self.min_reps, self.max_reps, self.min_warmup = min_reps, max_reps, min_warmup
         if device.type == "cuda":
@@ -305,6 +315,21 @@ class Timer:
         del result, state  # freed here, after the clock stopped
         return elapsed_ms
 
+    def _queued_samples_ms(self, run: Callable[[Any], Any], setup: Callable[[], Any], reps: int) -> list[float]:
+        """``reps`` device-time samples, enqueued back to back (see the class docstring). ``setup``'s
+        device work is enqueued before the start event, so it is not counted."""
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        torch.cuda.synchronize(self.device)
+        for start, end in events:
+            state = setup()
+            self._l2_flush.zero_()
+            start.record()
+            result = run(state)
+            end.record()
+            del result, state  # the caching allocator reuses the memory in stream order: safe
+        torch.cuda.synchronize(self.device)
+        return [start.elapsed_time(end) for start, end in events]
+
     def __call__(self, run: Callable[[Any], Any], setup: Callable[[], Any] = lambda: None) -> Timing:
         warmup_start, rep_walls = time.perf_counter(), []
         while len(rep_walls) < self.min_warmup or time.perf_counter() - warmup_start < self.warmup_s:
@@ -316,12 +341,15 @@ class Timer:
         per_rep_s = float(np.median(rep_walls[1:]))
         reps = max(self.min_reps, min(self.max_reps, int(self.budget_s / per_rep_s)))
 
-        # A garbage-collector pause inside a sample would be charged to the kernel; collect now
-        # and keep the collector off while sampling (the runs create no reference cycles).
-        gc.collect()
+        # A garbage-collector pause inside a sample would be charged to the kernel: the collector is
+        # off while sampling (the runs create no reference cycles). Only the young generation is
+        # collected first: a full collection costs 0.1-0.5 s once torch._dynamo, inductor and the
+        # peers are imported, and with three passes per implementation it was most of a GPU case's time.
+        gc.collect(0)
         gc.disable()
         try:
-            samples = [self._sample_ms(run, setup) for _ in range(reps)]
+            samples = (self._queued_samples_ms(run, setup, reps) if self.queued
+                       else [self._sample_ms(run, setup) for _ in range(reps)])
         finally:
             gc.enable()
         p20, median, p80 = np.percentile(samples, [20, 50, 80])

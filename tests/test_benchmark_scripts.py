@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,3 +83,45 @@ def test_bench_resume_keeps_measured_cases(tmp_path):
     refused = bench("--losses", "kd_kl", "--resume")
     assert refused.returncode != 0
     assert "not resuming across runs of different builds" in refused.stderr + refused.stdout
+
+
+def test_queued_timer_enqueues_back_to_back(monkeypatch):
+    """Timer(queued=True), the device-time mode of benchmarks/tune_triton.py, checked without a GPU
+    (fake CUDA events): per repetition setup, flush, start event, run, end event, with no
+    synchronisation in between -- one before, one after -- and the samples read off the events."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    log, clock = [], [0.0]
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.time = None
+
+        def record(self):
+            clock[0] += 1.0
+            self.time = clock[0]
+            log.append("record")
+
+        def elapsed_time(self, end):
+            return end.time - self.time
+
+    class FakeFlush:
+        def zero_(self):
+            log.append("flush")
+
+    def run(state):
+        clock[0] += 2.5  # the "kernel" between the events
+        log.append("run")
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("sync"))
+    timer = object.__new__(common.Timer)
+    timer.device, timer.queued, timer._l2_flush = torch.device("cuda"), True, FakeFlush()
+    samples = timer._queued_samples_ms(run, lambda: log.append("setup"), reps=3)
+    assert samples == [3.5, 3.5, 3.5]
+    assert log == ["sync"] + ["setup", "flush", "record", "run", "record"] * 3 + ["sync"]
+    with pytest.raises(ValueError, match="CUDA device time"):
+        common.Timer(torch.device("cpu"), budget_s=0.1, warmup_s=0.0, queued=True)
