@@ -5,17 +5,22 @@
 The first H100 run (benchmarks/results/nvidia-h100-80gb-hbm3/) left these open, each a module
 attribute of the Triton backends that this script sets in turn:
 
-* ``snnkd_fast.kd.triton.KD_ROW_WARPS`` (4), ``KD_BLOCK_T`` (16) and ``KD_BWD_SPLIT_C`` (True): the
+* ``snnkd_fast.kd.triton.KD_ROW_WARPS`` (4), ``KD_BLOCK_T`` (16), ``KD_BWD_SPLIT_C`` (True) and
+  ``KD_MIN_PROGRAMS_PER_SM`` (4: the forward's tile height shrinks until there are that many programs
+  per SM; 0 turns it off): the
   loss row kernels ran one program per sample over a <= 4096-element tile; at [4, 256, 32000] their
   forward reached 15% of the HBM peak (CUDA: 30%). Since then the forward can run one program per
-  timestep tile and the backward one per class chunk (the latter on by default, not yet timed).
+  timestep tile and the backward one per class chunk (the latter on by default).
 * ``snnkd_fast.kd.triton.HTA_TEACHER_WARPS`` (8) and ``HTA_SEARCH_BLOCK`` (256): HTA's teacher-side
   head selection, one program per teacher row; its forward took 1.5 ms where KL's took 0.17 ms.
 * ``snnkd_fast.lif.triton.BLOCK`` (256) and ``NUM_WARPS`` (4): the neuron kernels, 0.80x
   SpikingJelly's Triton kernel at conv T=8.
 
-Each variant is timed forward and forward+backward (``common.Timer``: CUDA events, L2 flushed) after
-a check that its loss (or spikes) equal the default variant's. Writes ``tune_triton.json`` (rows
+Each variant is timed forward and forward+backward after a check that its loss (or spikes) equal the
+default variant's: device time (``common.Timer(queued=True)``: CUDA events around back-to-back
+launches, L2 flushed before each, as ``triton.testing.do_bench``). The first sweep (4b3fab5, H100)
+timed host-inclusive samples like the benchmark grids, and their jitter (the same variant 0.6 or
+1.2 ms) was larger than most differences between variants. Writes ``tune_triton.json`` (rows
 and metadata) to ``--out`` and prints a table per sweep, fastest first.
 """
 from __future__ import annotations
@@ -97,7 +102,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
 
     device = torch.device("cpu" if args.smoke else "cuda")
     timer = (Timer(device, budget_s=0.0, warmup_s=0.0, min_reps=1, max_reps=1, min_warmup=2) if args.smoke
-             else Timer(device, budget_s=0.2, warmup_s=0.05, min_reps=10))
+             else Timer(device, budget_s=0.2, warmup_s=0.05, min_reps=20, queued=True))
     # --smoke runs on CPU tensors, where the CUDA kernels (built on a GPU machine) cannot be the baseline
     cuda_available = bool(snnkd_fast.backends("kd")["cuda"]) and not args.smoke
     lif_cuda_available = bool(snnkd_fast.backends()["cuda"]) and not args.smoke
@@ -115,7 +120,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
         fn = getattr(losses, loss)
         for shape in LOSS_SHAPES:
             rows += sweep(f"{loss} {'x'.join(map(str, shape))} fp32: row kernels", timer, kd_triton,
-                          {"KD_ROW_WARPS": (4, 8), "KD_BLOCK_T": (1, 16), "KD_BWD_SPLIT_C": (False, True)},
+                          {"KD_ROW_WARPS": (4, 8), "KD_BLOCK_T": (1, 16), "KD_BWD_SPLIT_C": (False, True),
+                           "KD_MIN_PROGRAMS_PER_SM": (0, 4)},
                           loss_inputs(shape),
                           lambda s, t, fn=fn: fn(s, t, backend="triton"),
                           (lambda s, t, fn=fn: fn(s, t, backend="cuda")) if cuda_available else None)
@@ -132,7 +138,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
                       lambda x: snnkd_fast.lif_multistep(x, backend="triton"),
                       (lambda x: snnkd_fast.lif_multistep(x, backend="cuda")) if lif_cuda_available else None)
 
-    meta = common.run_metadata(device, sys.argv[1:], torch.get_num_threads(), op="tune_triton", grid="sweep")
+    meta = common.run_metadata(device, sys.argv[1:], torch.get_num_threads(), op="tune_triton", grid="sweep",
+                               timing="device time: back-to-back launches, CUDA events, L2 flushed (Timer queued)")
     out_dir = args.out or common.default_out_dir(device)
     path = out_dir / "tune_triton.json"
     common.write_json(path, meta, rows)

@@ -300,6 +300,21 @@ def test_default_backend_is_a_kernel():
     per_timestep_kl(x, x[0])  # runs
 
 
+def test_triton_forward_tile_height_keeps_the_sms_busy():
+    """The Triton forward's tile height halves until B * cdiv(T, height) reaches
+    KD_MIN_PROGRAMS_PER_SM programs per SM (132 SMs: an H100), never below one timestep; without an
+    SM count (the interpreter) it is min(next power of two of T, KD_BLOCK_T)."""
+    kernels = pytest.importorskip("snnkd_fast.kd.triton")
+    assert kernels.KD_MIN_PROGRAMS_PER_SM == 4 and kernels.KD_BLOCK_T == 16
+    assert kernels.forward_block_t(16, 64, 132) == 1  # 64 samples: even T programs per sample are too few
+    assert kernels.forward_block_t(16, 256, 132) == 4  # 1,024 programs; 8 would give 512 < 528
+    assert kernels.forward_block_t(4, 512, 132) == 2
+    assert kernels.forward_block_t(4, 4096, 132) == 4  # enough samples already
+    assert kernels.forward_block_t(1, 8, 132) == 1
+    assert kernels.forward_block_t(16, 64, 0) == 16
+    assert kernels.forward_block_t(5, 3, 0) == 8
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in ("per_timestep_kl", "tser", "hta")],
                          ids=lambda c: c.name)
 def test_triton_launch_shapes_change_no_result(kd_target, case, monkeypatch):

@@ -306,15 +306,43 @@ KD_ROW_WARPS = 4
 # multiplies its programs by C / chunk: 256 programs for [4, 256, 32000] become 8,000.
 KD_BLOCK_T = 16
 KD_BWD_SPLIT_C = True
+# Forward programs wanted per SM at least: the tile height is halved (down to one timestep) until
+# B * cdiv(T, BLOCK_T) reaches this many per SM. The H100 grid (4b3fab5) ran B = 64 samples at
+# C = 128,000 as 64 programs on 132 SMs: the forward streamed at 10% of the HBM peak where the CUDA
+# kernel (a block per row) reached 45%. 0 turns the rule off (tune_triton.py sweeps it).
+KD_MIN_PROGRAMS_PER_SM = 4
 HTA_TEACHER_WARPS = 8
 HTA_SEARCH_BLOCK = 256
 
 
-def _blocks(T: int, C: int) -> tuple[int, int]:
-    """Tile [BLOCK_T, BLOCK_C]: all timesteps of a sample at once when T is small, <= 4096 elements."""
-    block_t = min(triton.next_power_of_2(T), KD_BLOCK_T)
+def _blocks(T: int, C: int, block_t: int = 0) -> tuple[int, int]:
+    """Tile [BLOCK_T, BLOCK_C]: all timesteps of a sample at once when T is small (or ``block_t``),
+    <= 4096 elements."""
+    block_t = block_t or min(triton.next_power_of_2(T), KD_BLOCK_T)
     block_c = max(16, min(triton.next_power_of_2(C), 4096 // block_t))
     return block_t, block_c
+
+
+def forward_block_t(T: int, B: int, sm_count: int) -> int:
+    """The forward's tile height: at most KD_BLOCK_T timesteps, fewer while that leaves fewer than
+    KD_MIN_PROGRAMS_PER_SM programs per SM (``sm_count`` 0: the interpreter, no rule)."""
+    block_t = min(triton.next_power_of_2(T), KD_BLOCK_T)
+    wanted = KD_MIN_PROGRAMS_PER_SM * sm_count
+    while block_t > 1 and B * triton.cdiv(T, block_t) < wanted:
+        block_t //= 2
+    return block_t
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
 
 
 def _teacher_view(teacher: torch.Tensor, T: int) -> tuple[torch.Tensor, bool, int]:
@@ -337,7 +365,7 @@ def kd_rows_forward(student: torch.Tensor, teacher: torch.Tensor, loss: int, tem
                        device=device)
     if rows.numel() == 0:
         return rows, stats, keys
-    block_t, block_c = _blocks(T, C)
+    block_t, block_c = _blocks(T, C, forward_block_t(T, B, _sm_count(device)))
     if loss == LOSS_HTA:
         _hta_teacher_kernel[(teacher3.shape[0] * B,)](
             teacher3, keys, B, C, u_st, teacher3.stride(1), teacher3.stride(2), 1.0 / temperature,
