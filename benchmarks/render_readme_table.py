@@ -38,27 +38,40 @@ def _grid_rank(data: dict[str, Any]) -> int:
     return GRID_PREFERENCE.index(grid) if grid in GRID_PREFERENCE else len(GRID_PREFERENCE)
 
 
-def select_results(results_root: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """Per device folder and op, the result file of the most complete grid, devices in name order."""
+def select_results(results_root: Path) -> list[tuple[Path, dict[str, Any], Optional[set[str]]]]:
+    """Per device folder and op, the result file of the most complete grid, devices in name order,
+    as (path, data, rows' ops to show or None for all). Where that grid is partial (a deadline cut
+    it short), a coarser grid follows with the rows of the ops (losses) the partial one lacks."""
     selected = []
     for device_dir in sorted(path for path in results_root.iterdir() if path.is_dir()):
-        best: dict[str, tuple[Path, dict[str, Any]]] = {}
+        by_op: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
         for path, data in load_results(device_dir):
-            op = data["meta"].get("op", path.stem)
-            if op not in best or _grid_rank(data) < _grid_rank(best[op][1]):
-                best[op] = (path, data)
-        selected += [best[op] for op in sorted(best)]
+            by_op.setdefault(data["meta"].get("op", path.stem), []).append((path, data))
+        for op in sorted(by_op):
+            ranked = sorted(by_op[op], key=lambda item: _grid_rank(item[1]))
+            best_path, best = ranked[0]
+            selected.append((best_path, best, None))
+            if best["meta"].get("interrupted"):
+                covered = {row.get("op") for row in best["results"]}
+                for path, data in ranked[1:]:
+                    missing = {row.get("op") for row in data["results"]} - covered
+                    if missing:
+                        selected.append((path, data, missing))
+                        covered |= missing
     return selected
 
 
-def render_table(path: Path, data: dict[str, Any]) -> str:
+def render_table(path: Path, data: dict[str, Any], only_ops: Optional[set[str]] = None) -> str:
+    """``data``'s fwd+bwd rows as a markdown table; ``only_ops``: just those ops' rows (what a partial
+    finer grid lacks)."""
     meta = data["meta"]
     versions = meta.get("versions", {})
     heading = (f"**{meta['device_name']}** ({meta['device']}, {meta['threads']} threads): `{meta['op']}`, "
                f"{meta['grid']} grid, commit `{meta['git_commit'][:10]}`, torch {versions.get('torch')}, "
                f"`{path.parent.name}/{path.name}`"
                + (" — **partial grid** (the run hit its deadline; the cases below are complete)"
-                  if meta.get("interrupted") else ""))
+                  if meta.get("interrupted") else "")
+               + (f" — only {', '.join(sorted(only_ops))}, which the partial grid above lacks" if only_ops else ""))
     peers = list(meta.get("table_peers", DEFAULT_TABLE_PEERS))
     labels = {**PEER_LABELS, **meta.get("peer_labels", {})}
     extra = any(row.get("extra_seq_tensors") is not None for row in data["results"])
@@ -67,7 +80,7 @@ def render_table(path: Path, data: dict[str, Any]) -> str:
     lines = [heading, "", f"| {' | '.join(header)} |", "|---|---|" + "---:|" * (len(header) - 2)]
     previous_case = None
     for row in data["results"]:
-        if row["pass"] != "fwdbwd":
+        if row["pass"] != "fwdbwd" or (only_ops is not None and row.get("op") not in only_ops):
             continue
         case = row["case"] if row["case"] != previous_case else ""  # the case once per group
         previous_case = row["case"]
@@ -86,7 +99,7 @@ def render_table(path: Path, data: dict[str, Any]) -> str:
 
 
 def render(results_root: Path) -> str:
-    tables = [render_table(path, data) for path, data in select_results(results_root)]
+    tables = [render_table(path, data, only_ops) for path, data, only_ops in select_results(results_root)]
     if not tables:
         return f"_No benchmark results under `{results_root}`._"
     return "\n\n".join(tables)
