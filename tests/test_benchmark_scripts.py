@@ -125,3 +125,17 @@ def test_queued_timer_enqueues_back_to_back(monkeypatch):
     assert log == ["sync"] + ["setup", "flush", "record", "run", "record"] * 3 + ["sync"]
     with pytest.raises(ValueError, match="CUDA device time"):
         common.Timer(torch.device("cpu"), budget_s=0.1, warmup_s=0.0, queued=True)
+
+
+def test_run_gpu_script_parses_and_documents_its_options():
+    """benchmarks/run_gpu.sh only runs on a GPU machine; here: bash accepts it, and --help prints the
+    header that documents every option its argument loop takes."""
+    script = ROOT / "benchmarks" / "run_gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, timeout=60).returncode == 0
+    shown = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    options = {line.strip().split(")")[0] for line in script.read_text().splitlines()
+               if line.strip().startswith("--") and ")" in line and ";;" in line}
+    assert {"--resume", "--tune", "--skip-build"} <= options, options
+    for option in options - {"--"}:
+        assert option.split("|")[0] in shown.stdout, option
