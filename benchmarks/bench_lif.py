@@ -8,13 +8,15 @@ snntorch ``Leaky`` over a grid of shapes, and writes ``lif_<quick|full>.json`` /
     python benchmarks/bench_lif.py --device cuda           # full GPU grid, fp32 and bf16
     python benchmarks/bench_lif.py --peers spikingjelly    # or --peers none
 
-What is timed (see ``common.Timer``): "fwd" is the training forward (the input requires grad, so
-the state for the backward is saved); "bwd" is ``torch.autograd.backward(out, grad)`` on a graph
-built untimed just before; "fwdbwd" is both. Peak memory is measured for fwd+bwd only: on CUDA with
-the caching allocator's peak counter, on CPU as the peak-RSS growth of one fwd+bwd in a fresh
-process per case and implementation (``common.CpuMemoryMeter``: forked from a server, this script in
-its hidden ``--memory-server`` mode), since a process's peak RSS cannot be attributed to one of many
-runs. Run as a script, it first re-executes itself with the timing malloc settings
+What is timed (see ``common.Timer``): "fwd" is the training forward (the input requires grad, so the
+state for the backward is saved); "bwd" is ``torch.autograd.backward(out, grad)`` on a graph built
+untimed just before; "fwdbwd" is both; on a GPU also "fwdbwd_device", fwd+bwd as device work
+(back-to-back launches: the host's overhead shows only where it exceeds the device's). Peak memory
+is measured for fwd+bwd only: on CUDA with the caching allocator's peak counter, on CPU as the
+peak-RSS growth of one fwd+bwd in a fresh process per case and implementation
+(``common.CpuMemoryMeter``: forked from a server, this script in its hidden ``--memory-server``
+mode), since a process's peak RSS cannot be attributed to one of many runs. Run as a script, it
+first re-executes itself with the timing malloc settings
 (``common.TIMING_MALLOC_ENV``; ``--default-malloc`` opts out).
 
 Roofline: the least traffic a fused kernel needs per neuron-step is, forward, read x + write the
@@ -253,6 +255,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     # device session (the first H100 run's 1 s per pass ran out of time at 14 of 24 cases).
     short = args.quick or device.type == "cuda"
     timer = Timer(device, budget_s=0.25 if short else 1.0, warmup_s=0.05 if short else 0.2)
+    on_device = common.device_timer(device, timer.budget_s)  # the DEVICE_PASS on a GPU
     bandwidth, bandwidth_source = common.peak_bandwidth(device, timer)
     # `skipped` is stored by reference: peers that fail on a case are added to it below.
     meta = common.run_metadata(device, argv, threads, op=OP, grid="quick" if args.quick else "full", tau=TAU,
@@ -276,7 +279,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
                 case_rows = []
                 for name, forward in forwards.items():
                     try:
-                        timings = common.time_passes_of(timer, forward, x)
+                        timings = common.time_passes_of(timer, forward, x, on_device)
                     except Exception as error:
                         if kind_of(name) != "peer":  # our own kernels failing is a bug: recorded, exit status 1
                             common.record_failure(meta["failures"], name, case.label, error)

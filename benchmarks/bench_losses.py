@@ -16,14 +16,16 @@ case's dtype. Each loss runs with its default hyper-parameters and ``reduction="
 
 What is timed (see ``common.Timer``): "fwd" is the training forward (the student requires grad, so
 whatever the backward needs is saved); "bwd" is ``loss.backward()`` on a graph built untimed just
-before; "fwdbwd" is both. Peak memory is measured for fwd+bwd only: on CUDA with the caching
-allocator's peak counter, on CPU as the peak-RSS growth (VmHWM after ``/proc/self/clear_refs``, with
-``MALLOC_MMAP_THRESHOLD_=65536``) of one fwd+bwd in a fresh process per case and implementation
-(``common.CpuMemoryMeter``, as in bench_lif.py). Those processes are forked from a server (this
-script in its hidden ``--memory-server`` mode) that imported torch once, which saves the 1-2 s an
-interpreter start costs per measurement; without ``os.fork`` each is a new interpreter
-(``--memory-case``). The kernel updates RSS counters in batches of pages, so CPU figures are good to
-about +-0.25 MiB. Run as a script, it first re-executes itself with the timing malloc settings
+before; "fwdbwd" is both; on a GPU also "fwdbwd_device", fwd+bwd as device work (back-to-back
+launches: the host's overhead shows only where it exceeds the device's). Peak memory is measured for
+fwd+bwd only: on CUDA with the caching allocator's peak counter, on CPU as the peak-RSS growth
+(VmHWM after ``/proc/self/clear_refs``, with ``MALLOC_MMAP_THRESHOLD_=65536``) of one fwd+bwd in a
+fresh process per case and implementation (``common.CpuMemoryMeter``, as in bench_lif.py). Those
+processes are forked from a server (this script in its hidden ``--memory-server`` mode) that
+imported torch once, which saves the 1-2 s an interpreter start costs per measurement; without
+``os.fork`` each is a new interpreter (``--memory-case``). The kernel updates RSS counters in
+batches of pages, so CPU figures are good to about +-0.25 MiB. Run as a script, it first re-executes
+itself with the timing malloc settings
 (``common.TIMING_MALLOC_ENV``; ``--default-malloc`` opts out).
 ``extra_seq_tensors`` is the peak less the student's gradient (which every implementation must
 produce), in units of one ``[T, B, C]`` float32 tensor: about 0 for a fused kernel, several for the
@@ -272,8 +274,10 @@ def select_implementations(device: torch.device, peers: tuple[str, ...]) -> tupl
 # measurements
 # --------------------------------------------------------------------------------------------------
 
-def time_passes(impl: Callable, student: torch.Tensor, teacher: torch.Tensor, timer: Timer) -> dict[str, Timing]:
-    return common.time_passes(timer, lambda: impl(student, teacher), lambda loss: loss.backward(), student)
+def time_passes(impl: Callable, student: torch.Tensor, teacher: torch.Tensor, timer: Timer,
+                device_timer: Optional[Timer] = None) -> dict[str, Timing]:
+    return common.time_passes(timer, lambda: impl(student, teacher), lambda loss: loss.backward(), student,
+                              device_timer)
 
 
 def configure_compile(device: torch.device) -> None:
@@ -410,6 +414,7 @@ class CaseRunner:
         self.probe_factors: dict[tuple[str, torch.dtype], float] = {}
         self.compile_budget_s, self.compile_spent_s = compile_budget_s, 0.0
         self.failures: dict[str, str] = {}  # our kernels' failures by "name @ case"; main() stores it in meta
+        self.device_timer = common.device_timer(device, timer.budget_s)
 
     def skip(self, name: str, case: Case, reason: str, show: bool = True) -> None:
         if show:
@@ -436,7 +441,7 @@ class CaseRunner:
         if mismatch:
             print(f"  ! {name}: {mismatch}")
             self.mismatches[f"{name} @ {case.label}"] = mismatch
-        timings = time_passes(impl, student, teacher, self.timer)
+        timings = time_passes(impl, student, teacher, self.timer, self.device_timer)
         peak_mem = None
         if device.type == "cuda":
             peak_mem = measure_peak_memory(impl, name, case, student, teacher, device, warm=True)[0]

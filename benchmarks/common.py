@@ -237,7 +237,8 @@ def run_metadata(device: torch.device, bench_argv: list[str], threads: int, **fi
         "cuda_runtime": torch.version.cuda,
         "malloc": malloc_metadata(),
         # Results without this field (the first H100 run) let the L2 flush overlap the host's work.
-        "timing_method": ("CUDA events, L2 flushed and synchronized before each sample (host enqueue included)"
+        "timing_method": ("CUDA events, L2 flushed and synchronized before each sample (host enqueue included); "
+                          f"pass {DEVICE_PASS}: fwd+bwd as device work (back-to-back launches, L2 flushed before each)"
                           if device.type == "cuda" else "wall clock (time.perf_counter)"),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **fields,
@@ -357,9 +358,10 @@ class Timer:
 
 
 def time_passes(timer: Timer, forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], Any],
-                leaf: torch.Tensor) -> dict[str, Timing]:
+                leaf: torch.Tensor, device_timer: Optional[Timer] = None) -> dict[str, Timing]:
     """Timings of "fwd" (``forward()``, a training forward: ``leaf`` requires grad), "bwd"
-    (``backward(out)`` on a graph built untimed just before) and "fwdbwd" (both). ``leaf.grad`` is
+    (``backward(out)`` on a graph built untimed just before) and "fwdbwd" (both), and with a
+    ``device_timer`` (:func:`device_timer`) DEVICE_PASS: fwdbwd as device work. ``leaf.grad`` is
     cleared before each, so every backward allocates a fresh gradient instead of accumulating."""
     def clear_grad() -> None:
         leaf.grad = None
@@ -368,20 +370,24 @@ def time_passes(timer: Timer, forward: Callable[[], torch.Tensor], backward: Cal
         clear_grad()
         return forward()
 
-    return {
+    timings = {
         "fwd": timer(lambda _: forward(), setup=clear_grad),
         "bwd": timer(backward, setup=build_graph),
         "fwdbwd": timer(lambda _: backward(forward()), setup=clear_grad),
     }
+    if device_timer is not None:
+        timings[DEVICE_PASS] = device_timer(lambda _: backward(forward()), setup=clear_grad)
+    return timings
 
 
 def time_passes_of(timer: Timer, forward: Callable[[torch.Tensor], torch.Tensor],
-                   leaf: torch.Tensor) -> dict[str, Timing]:
+                   leaf: torch.Tensor, device_timer: Optional[Timer] = None) -> dict[str, Timing]:
     """:func:`time_passes` of ``forward(leaf)`` with a fixed random upstream gradient, in the dtype of
     the output (drawn once, untimed)."""
     with torch.no_grad():
         grad = torch.randn_like(forward(leaf))
-    return time_passes(timer, lambda: forward(leaf), lambda out: torch.autograd.backward(out, grad), leaf)
+    return time_passes(timer, lambda: forward(leaf), lambda out: torch.autograd.backward(out, grad), leaf,
+                       device_timer)
 
 
 def peak_bandwidth(device: torch.device, timer: Timer) -> tuple[float, str]:
@@ -610,6 +616,16 @@ class CpuMemoryMeter:
 # --------------------------------------------------------------------------------------------------
 
 PASSES = ("fwd", "bwd", "fwdbwd")
+# On a GPU each implementation's forward+backward is also timed as device work (Timer queued=True):
+# the pass a training step that keeps the GPU's queue full sees, and the one its roofline figures mean.
+DEVICE_PASS = "fwdbwd_device"
+
+
+def device_timer(device: torch.device, budget_s: float) -> Optional["Timer"]:
+    """The queued Timer of a GPU benchmark's DEVICE_PASS; None on a CPU (no such pass)."""
+    if device.type != "cuda":
+        return None
+    return Timer(device, budget_s=budget_s, warmup_s=0.02, min_reps=10, queued=True)
 
 
 def implementation_kind(name: str, reference: str, peers: Iterable[str]) -> str:
@@ -639,10 +655,10 @@ def pass_rows(fields: Callable[[str], dict[str, Any]], timings: dict[str, Timing
               min_bytes: Callable[[str], int], peak_bandwidth_bps: float) -> list[dict[str, Any]]:
     """One result row per pass: ``fields(pass_)`` (the columns naming the case, implementation and
     pass), the timing, the fwd+bwd peak memory (fwdbwd rows only) and the achieved bandwidth of the
-    least traffic ``min_bytes(pass_)`` a fused kernel needs."""
+    least traffic ``min_bytes(pass_)`` a fused kernel needs (DEVICE_PASS: fwdbwd's)."""
     rows = []
     for pass_, timing in timings.items():
-        bytes_min = min_bytes(pass_)
+        bytes_min = min_bytes("fwdbwd" if pass_ == DEVICE_PASS else pass_)
         achieved = bytes_min / (timing.median_ms * 1e-3)
         rows.append({
             **fields(pass_),
@@ -676,18 +692,24 @@ def case_table(case_rows: list[dict[str, Any]], peer_labels: dict[str, str],
     the reference and the peers in ``peer_labels`` ({peer: column label}), bandwidth and memory
     (``memory_columns``: (header, cell of the fwdbwd row) before the memory ratio)."""
     memory_columns = list(memory_columns)
+    device = any(row["pass"] == DEVICE_PASS for row in case_rows)
     header = ["backend", "fwd ms", "bwd ms", "fwd+bwd ms", "vs ref", *(f"vs {label}" for label in peer_labels.values()),
-              "GB/s", "% peak", "peak MB", *(title for title, _ in memory_columns), "mem vs ref"]
+              "GB/s", "% peak", *(["device ms", "dev vs ref", "dev % peak"] if device else []), "peak MB",
+              *(title for title, _ in memory_columns), "mem vs ref"]
     by_backend: dict[str, dict[str, dict]] = {}
     for row in case_rows:
         by_backend.setdefault(row["backend"], {})[row["pass"]] = row
     lines = []
     for name, passes in by_backend.items():
         total = passes["fwdbwd"]
+        on_device = passes.get(DEVICE_PASS)
+        device_cells = ([fmt_ms(on_device["median_ms"]), fmt_ratio(on_device["speedup_vs_reference"]),
+                         f"{on_device['pct_peak']:.0f}"] if on_device else ["-"] * 3) if device else []
         lines.append([name, *(fmt_ms(passes[p]["median_ms"]) for p in PASSES),
                       fmt_ratio(total["speedup_vs_reference"]),
                       *(fmt_ratio(total.get(f"speedup_vs_{p}")) for p in peer_labels),
-                      f"{total['achieved_GBps']:.1f}", f"{total['pct_peak']:.0f}", fmt_mb(total["peak_mem_bytes"]),
+                      f"{total['achieved_GBps']:.1f}", f"{total['pct_peak']:.0f}", *device_cells,
+                      fmt_mb(total["peak_mem_bytes"]),
                       *(cell(total) for _, cell in memory_columns), fmt_ratio(total["mem_ratio_vs_reference"])])
     return text_table(header, lines)
 

@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 from common import RESULTS_DIR, load_results
 
-PASS_TITLES = {"fwd": "forward", "bwd": "backward", "fwdbwd": "forward + backward"}
+PASS_TITLES = {"fwd": "forward", "bwd": "backward", "fwdbwd": "forward + backward",
+               "fwdbwd_device": "fwd + bwd, device time"}  # the last: GPU runs (common.DEVICE_PASS)
 
 
 def _ordered(values) -> list:

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import json
 
-from common import RESULTS_DIR, fmt_extra, fmt_ms, fmt_ratio, load_results
+from common import DEVICE_PASS, RESULTS_DIR, fmt_extra, fmt_ms, fmt_ratio, load_results
 
 START_MARKER = "<!-- perf-table:start -->"
 END_MARKER = "<!-- perf-table:end -->"
@@ -75,7 +75,9 @@ def render_table(path: Path, data: dict[str, Any], only_ops: Optional[set[str]] 
     peers = list(meta.get("table_peers", DEFAULT_TABLE_PEERS))
     labels = {**PEER_LABELS, **meta.get("peer_labels", {})}
     extra = any(row.get("extra_seq_tensors") is not None for row in data["results"])
+    on_device = {(row["case"], row["backend"]): row for row in data["results"] if row["pass"] == DEVICE_PASS}
     header = ["case", "backend", "fwd+bwd ms", "vs reference", *(f"vs {labels.get(p, p)}" for p in peers),
+              *(["device ms", "device vs reference", "device % peak"] if on_device else []),
               "memory vs reference", *(["extra [T,B,C]"] if extra else [])]
     lines = [heading, "", f"| {' | '.join(header)} |", "|---|---|" + "---:|" * (len(header) - 2)]
     previous_case = None
@@ -84,13 +86,20 @@ def render_table(path: Path, data: dict[str, Any], only_ops: Optional[set[str]] 
             continue
         case = row["case"] if row["case"] != previous_case else ""  # the case once per group
         previous_case = row["case"]
+        device_row = on_device.get((row["case"], row["backend"]))
+        device_cells = ([fmt_ms(device_row["median_ms"]), fmt_ratio(device_row.get("speedup_vs_reference")),
+                         f"{device_row['pct_peak']:.0f}"] if device_row else ["-"] * 3) if on_device else []
         cells = [case, row["backend"], fmt_ms(row["median_ms"]), fmt_ratio(row.get("speedup_vs_reference")),
-                 *(fmt_ratio(row.get(f"speedup_vs_{p}")) for p in peers), fmt_ratio(row.get("mem_ratio_vs_reference"))]
+                 *(fmt_ratio(row.get(f"speedup_vs_{p}")) for p in peers), *device_cells,
+                 fmt_ratio(row.get("mem_ratio_vs_reference"))]
         if extra:
             cells.append(fmt_extra(row.get("extra_seq_tensors")))
         lines.append(f"| {' | '.join(cells)} |")
     lines += ["", f"Speed-up: the baseline's median time over this one (above 1x is faster); reference: the "
                   f"`{meta.get('reference', 'torch')}` backend. Memory: fwd+bwd peak over the reference's."
+                  + (" Device: fwd+bwd timed as device work (back-to-back launches: the host's overhead hidden "
+                     "where it is smaller than the device's), its speed-up and its share of the bandwidth peak for "
+                     "the minimum traffic." if on_device else "")
                   + (" Extra: fwd+bwd peak memory beyond the student gradient, in [T,B,C] float32 tensors."
                      if extra else "")]
     notes = [note for note in meta.get("notes", []) if note.split(":")[0] in meta.get("peers", [])]

@@ -139,3 +139,52 @@ def test_run_gpu_script_parses_and_documents_its_options():
     assert {"--resume", "--tune", "--skip-build"} <= options, options
     for option in options - {"--"}:
         assert option.split("|")[0] in shown.stdout, option
+
+
+def test_device_pass_flows_into_rows_tables_and_plots(tmp_path):
+    """The GPU-only DEVICE_PASS (fwd+bwd as device work), checked without a GPU: time_passes adds it
+    when given a device timer, pass_rows takes fwd+bwd's minimum traffic for it (the benchmarks'
+    min_bytes know only fwd, bwd, fwdbwd), ratios, the case table, the README table and the plots
+    show it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import common
+        import plot
+        import render_readme_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def fake_timer(ms):
+        def timer(run, setup=lambda: None):
+            run(setup())
+            return common.Timing(ms, ms, ms, 10)
+        return timer
+
+    leaf = torch.ones(3, requires_grad=True)
+    timings = common.time_passes(fake_timer(2.0), lambda: (leaf * 2).sum(), lambda out: out.backward(), leaf,
+                                 device_timer=fake_timer(0.5))
+    assert set(timings) == {"fwd", "bwd", "fwdbwd", common.DEVICE_PASS}
+    assert set(common.time_passes(fake_timer(2.0), lambda: (leaf * 2).sum(), lambda out: out.backward(), leaf)) \
+        == {"fwd", "bwd", "fwdbwd"}
+
+    traffic = {"fwd": 100, "bwd": 200, "fwdbwd": 300}
+    rows = []
+    for backend, scale in (("torch", 2.0), ("cuda", 1.0)):
+        rows += common.pass_rows(lambda pass_, backend=backend: {"op": "kl", "case": "kl 1x2", "backend": backend,
+                                                                 "kind": "ours", "pass": pass_},
+                                 {name: common.Timing(t.median_ms * scale, 0, 0, 1) for name, t in timings.items()},
+                                 1000, traffic.__getitem__, 1e9)
+    common.add_ratios(rows, "torch", ())
+    device_rows = {row["backend"]: row for row in rows if row["pass"] == common.DEVICE_PASS}
+    assert device_rows["cuda"]["bytes_min"] == 300 and device_rows["cuda"]["speedup_vs_reference"] == 2.0
+    table = common.case_table(rows, {})
+    assert "device ms" in table and "0.500" in table
+
+    data = {"meta": {"device_name": "GPU", "device": "cuda", "threads": 1, "op": "kl", "grid": "quick",
+                     "git_commit": "0" * 40, "table_peers": [], "reference": "torch"}, "results": rows}
+    rendered = render_readme_table.render_table(tmp_path / "kl_quick.json", data)
+    assert "| device ms | device vs reference | device % peak |" in rendered
+    assert "| 0.500 | 2.00x |" in rendered
+    (tmp_path / "kl_quick.json").write_text(json.dumps(data))
+    plot.main([str(tmp_path)])
+    assert list(tmp_path.glob("*.png"))
