@@ -36,7 +36,7 @@ REPO_ROOT = HERE.parent
 SHAPES = [(4, 128, 10), (16, 128, 10), (16, 128, 100), (4, 128, 1000), (4, 16, 32000)]
 LOSSES = {"per_timestep_kl": 0, "tser_loss": 1, "hta_kl": 2}
 # (T, one step's shape): the quick grid's layers (bench_lif.py) and an ImageNet-sized conv map
-NEURON_SHAPES = [(4, (8, 64, 16, 16)), (8, (8, 64, 16, 16)), (16, (8, 64, 16, 16)), (8, (32, 4096)),
+NEURON_SHAPES = [(4, (8, 64, 16, 16)), (8, (8, 64, 16, 16)), (16, (8, 64, 16, 16)), (8, (32, 4096)), (16, (32, 64, 16, 16)),
                  (4, (64, 128, 16, 16))]
 # name: (neuron kind, surrogate id, decay gradient) -- ids of snnkd_fast/lif/params.py and surrogates.py
 NEURONS = {"lif_sigmoid": (1, 0, False), "lif_atan": (1, 1, False), "plif_sigmoid": (2, 0, True)}
