@@ -106,3 +106,67 @@ def test_eager_calls_skip_function_apply_outside_transforms(monkeypatch):
     assert [name for name in calls if name.startswith("Eager")], "torch.func.grad must use Function.apply"
     torch.testing.assert_close(grad, reference.grad)
     assert _library._transforms_active is not None and _library._unwrap_dead_wrappers is not None
+
+
+def test_calls_autograd_would_not_record_skip_the_function(monkeypatch):
+    """Guards the third overhead fix: under no_grad, or when no tensor input requires grad, the kernel
+    op runs below the autograd key without an autograd.Function (no graph node, same values); as soon
+    as any input requires grad -- a teacher in data-free distillation, a neuron's v_init -- the
+    Function records the call and the gradient reaches that input."""
+    from snnkd_fast import _library
+
+    ops = []  # "below": the op called below the autograd key; "function": through the Function
+    real_below = _library._dispatch_below_autograd
+
+    def counting_below():
+        ops.append("below")
+        return real_below()
+
+    monkeypatch.setattr(_library, "_dispatch_below_autograd", counting_below)
+    for name in ("snnkd_fast::kd_rows_forward", "snnkd_fast::lif_forward"):
+        function = _library._REGISTERED[name][1]
+
+        def counting_forward(*inputs, _forward=function.forward):
+            ops.append("function")
+            return _forward(*inputs)
+
+        monkeypatch.setattr(function, "forward", staticmethod(counting_forward))
+    student, teacher = _logits(2, 3, 7), _logits(3, 7, seed=1)
+    recorded = losses.per_timestep_kl(student.clone().requires_grad_(True), teacher, backend="cpp")
+    recorded_ops = list(ops)
+    ops.clear()
+    with torch.no_grad():
+        plain = losses.per_timestep_kl(student.clone().requires_grad_(True), teacher, backend="cpp")
+    assert ops == ["below"] and plain.grad_fn is None
+    torch.testing.assert_close(plain, recorded.detach(), rtol=0, atol=0)
+    ops.clear()
+    no_grad_inputs = losses.per_timestep_kl(student, teacher, backend="cpp")
+    assert ops == ["below"] and no_grad_inputs.grad_fn is None and not no_grad_inputs.requires_grad
+    torch.testing.assert_close(no_grad_inputs, recorded.detach(), rtol=0, atol=0)
+
+    assert "function" in [op for op in recorded_ops]
+
+    # only the teacher requires grad: the Function path, and the teacher gets its gradient
+    teacher_leaf = teacher.clone().requires_grad_(True)
+    ops.clear()
+    losses.per_timestep_kl(student, teacher_leaf, backend="cpp").backward()
+    assert ops[0] == "function", ops
+    reference_leaf = teacher.clone().requires_grad_(True)
+    losses.per_timestep_kl(student, reference_leaf, backend="torch").backward()
+    torch.testing.assert_close(teacher_leaf.grad, reference_leaf.grad)
+
+    # neurons: an input current without grad and a v_init that requires it
+    x = _logits(3, 2, 5)
+    v_init = torch.full((2, 5), 0.25, requires_grad=True)
+    ops.clear()
+    spikes = snnkd_fast.lif_multistep(x, v_init, backend="cpp", surrogate="atan")
+    assert spikes.grad_fn is not None and ops[0] == "function", ops
+    (spikes * torch.arange(5.0)).sum().backward()
+    v_reference = v_init.detach().clone().requires_grad_(True)
+    (snnkd_fast.lif_multistep(x, v_reference, backend="torch", surrogate="atan") * torch.arange(5.0)).sum().backward()
+    torch.testing.assert_close(v_init.grad, v_reference.grad)
+    with torch.no_grad():
+        ops.clear()
+        eval_spikes = snnkd_fast.lif_multistep(x, v_init, backend="cpp", surrogate="atan")
+    assert ops == ["below"] and eval_spikes.grad_fn is None
+    torch.testing.assert_close(eval_spikes, spikes.detach(), rtol=0, atol=0)
