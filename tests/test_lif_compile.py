@@ -16,9 +16,11 @@ OPS = {"cpp": "lif_forward", "cuda": "lif_forward", "triton": "lif_forward_trito
 TRITON_ON_CUDA_TENSORS = True
 
 
-def _sample_args(neuron: int, requires_grad: bool, device: str = "cpu"):
+def _sample_args(neuron: int, requires_grad: bool, device: str = "cpu", one_value: bool = False):
     x = (torch.randn(4, 3, 5) * 1.5 + 0.4).to(device).requires_grad_(requires_grad)
-    v_init = torch.zeros(3, 5, device=device).requires_grad_(requires_grad)
+    # one_value: a one-element v_init, one value for every neuron (no gradient of its own)
+    v_init = (torch.full((1,), 0.3, device=device) if one_value
+              else torch.zeros(3, 5, device=device).requires_grad_(requires_grad))
     decay = torch.tensor(0.4, device=device).requires_grad_(requires_grad) if neuron == 2 else None
     # (x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset, soft_reset, detach_reset, surrogate, alpha)
     return (x, v_init, decay, neuron, 2.0, True, 1.0, 0.0, False, False, 1, 2.0)
@@ -32,7 +34,40 @@ def test_opcheck(backend, neuron):
         pytest.skip(status.reason)
     op = getattr(torch.ops.snnkd_fast, OPS[backend])
     for requires_grad in (False, True):
-        torch.library.opcheck(op, _sample_args(neuron, requires_grad, device_for(backend)))
+        for one_value in (False, True):
+            torch.library.opcheck(op, _sample_args(neuron, requires_grad, device_for(backend), one_value))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
+@pytest.mark.parametrize("neuron", [1, 2], ids=["lif", "plif"])
+def test_one_value_v_init_is_the_expanded_step(backend, neuron):
+    """A one-element v_init (what lif_multistep passes for v_init None or a float) gives the outputs
+    and gradients of that value expanded to a whole step -- PLIF's decay gradient, which reads V[-1],
+    included -- with an empty grad_v_init; asking for its gradient is refused with a clear error."""
+    status = snnkd_fast.backends()[backend]
+    if not status:
+        pytest.skip(status.reason)
+    op = getattr(torch.ops.snnkd_fast, OPS[backend])
+    device = device_for(backend)
+    runs = []
+    for one_value in (True, False):
+        torch.manual_seed(0)  # the same x both times
+        x, v_init, decay, *scalars = _sample_args(neuron, True, device, one_value=True)
+        if not one_value:
+            v_init = v_init.expand(3, 5).contiguous()
+        spikes, v_final, _ = op(x, v_init, decay, *scalars)
+        ((spikes * torch.arange(5.0, device=device)).sum() + v_final.sum()).backward()
+        runs.append((spikes, v_final, x.grad, None if decay is None else decay.grad))
+    for one, expanded in zip(*runs):
+        if one is not None:
+            torch.testing.assert_close(one, expanded, rtol=0, atol=0)
+    backward = getattr(torch.ops.snnkd_fast, OPS[backend].replace("forward", "backward"))
+    h_seq = op(x.detach(), torch.full((1,), 0.3, device=device), decay, *scalars)[2]
+    grads = backward(torch.ones_like(x), None, h_seq, torch.full((1,), 0.3, device=device),
+                     None if decay is None else decay.detach(), x.dtype, *scalars, neuron == 2)
+    assert grads[1].shape == (0,)
+    with pytest.raises(ValueError, match="one-element v_init"):
+        op(x, torch.full((1,), 0.3, device=device, requires_grad=True), decay, *scalars)
 
 
 class TinyConvSNN(nn.Module):

@@ -116,8 +116,8 @@ void eligibility_update(const acc_t* h, acc_t* f, acc_t* e_sum, int64_t len, con
 // RATE = false: writes H for the BPTT backward into `out` ([T, N]). RATE = true: keeps H of the
 // current step in a block buffer and writes the eligibility e (1/T sum_t sg f) into `out` ([N]).
 template <bool RATE, typename scalar_t, typename acc_t, typename P>
-void forward_kernel(const scalar_t* x, const acc_t* v_init, scalar_t* spikes, acc_t* v_final, acc_t* out,
-                    int64_t T, int64_t N, const P p, EligibilityFn<acc_t> eligibility_fn,
+void forward_kernel(const scalar_t* x, const acc_t* v_init, int64_t v_init_step, scalar_t* spikes, acc_t* v_final,
+                    acc_t* out, int64_t T, int64_t N, const P p, EligibilityFn<acc_t> eligibility_fn,
                     const NeuronParams<acc_t>& q) {
   const int64_t num_blocks = (N + kBlock - 1) / kBlock;
   at::parallel_for(0, num_blocks, grain_blocks(T), [&](int64_t block_begin, int64_t block_end) {
@@ -128,7 +128,8 @@ void forward_kernel(const scalar_t* x, const acc_t* v_init, scalar_t* spikes, ac
     for (int64_t b = block_begin; b < block_end; ++b) {
       const int64_t n0 = b * kBlock;
       const int64_t len = std::min(kBlock, N - n0);
-      for (int64_t i = 0; i < len; ++i) v[i] = v_init[n0 + i];
+      // v_init_step 0: one value for every neuron (lif_ops.h, broadcast_v_init)
+      for (int64_t i = 0; i < len; ++i) v[i] = v_init[(n0 + i) * v_init_step];
       if (RATE) {
         for (int64_t i = 0; i < len; ++i) f[i] = q.input_gain;
         for (int64_t i = 0; i < len; ++i) e_sum[i] = acc_t(0);
@@ -155,8 +156,8 @@ void forward_kernel(const scalar_t* x, const acc_t* v_init, scalar_t* spikes, ac
 
 template <bool DECAY_GRAD, typename scalar_t, typename acc_t, typename P>
 void backward_kernel(const scalar_t* grad_spikes, const acc_t* grad_v, const acc_t* h_seq, const acc_t* v_init,
-                     scalar_t* grad_x, acc_t* grad_v_init, double* decay_partials, int64_t T, int64_t N,
-                     const P params) {
+                     int64_t v_init_step, scalar_t* grad_x, acc_t* grad_v_init, double* decay_partials, int64_t T,
+                     int64_t N, const P params) {
   const int64_t num_blocks = (N + kBlock - 1) / kBlock;
   at::parallel_for(0, num_blocks, grain_blocks(T), [&](int64_t block_begin, int64_t block_end) {
     // A local copy: read through the lambda's reference, the float parameters may alias the float
@@ -184,7 +185,7 @@ void backward_kernel(const scalar_t* grad_spikes, const acc_t* grad_v, const acc
               v_prev[i] = reset<acc_t>(h_prev, fire<acc_t>(h_prev, p.v_threshold), p);
             }
           } else {
-            for (int64_t i = 0; i < len; ++i) v_prev[i] = v_init[n0 + i];
+            for (int64_t i = 0; i < len; ++i) v_prev[i] = v_init[(n0 + i) * v_init_step];
           }
         }
         for (int64_t i = 0; i < len; ++i) {
@@ -195,7 +196,9 @@ void backward_kernel(const scalar_t* grad_spikes, const acc_t* grad_v, const acc
           if (DECAY_GRAD) decay_terms[i] += g.grad_h * dh_ddecay<acc_t>(h, v_prev[i], p);
         }
       }
-      for (int64_t i = 0; i < len; ++i) grad_v_init[n0 + i] = gv[i];
+      if (grad_v_init != nullptr) {  // none for a v_init broadcast to every neuron
+        for (int64_t i = 0; i < len; ++i) grad_v_init[n0 + i] = gv[i];
+      }
       if (DECAY_GRAD) {
         double decay_sum = 0.0;
         for (int64_t i = 0; i < len; ++i) decay_sum += static_cast<double>(decay_terms[i]);
@@ -226,8 +229,9 @@ void launch_forward_cpu_impl(const at::Tensor& x, const at::Tensor& v_init, cons
     }
     with_forward_mode(q, [&](auto p) {
       forward_kernel<RATE, scalar_t, acc_t>(x.data_ptr<scalar_t>(), v_init.data_ptr<acc_t>(),
-                                            spikes.data_ptr<scalar_t>(), v_final.data_ptr<acc_t>(),
-                                            out.data_ptr<acc_t>(), T, N, p, eligibility_fn, q);
+                                            broadcast_v_init(v_init, N) ? 0 : 1, spikes.data_ptr<scalar_t>(),
+                                            v_final.data_ptr<acc_t>(), out.data_ptr<acc_t>(), T, N, p,
+                                            eligibility_fn, q);
     });
   });
 }
@@ -248,6 +252,7 @@ void launch_backward_cpu(const std::optional<at::Tensor>& grad_spikes, const std
                          at::Tensor& grad_decay) {
   const int64_t T = h_seq.size(0);
   const int64_t N = h_seq.numel() / T;
+  const bool broadcast = broadcast_v_init(v_init, N);  // then grad_v_init is empty: nothing to write
   std::vector<double> partials(decay_grad ? (N + kBlock - 1) / kBlock : 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "snnkd_lif_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -255,8 +260,8 @@ void launch_backward_cpu(const std::optional<at::Tensor>& grad_spikes, const std
       auto run = [&](auto with_decay_grad, const auto& params) {
         backward_kernel<decltype(with_decay_grad)::value, scalar_t, acc_t>(
             grad_spikes ? grad_spikes->data_ptr<scalar_t>() : nullptr, grad_v ? grad_v->data_ptr<acc_t>() : nullptr,
-            h_seq.data_ptr<acc_t>(), v_init.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(),
-            grad_v_init.data_ptr<acc_t>(), partials.data(), T, N, params);
+            h_seq.data_ptr<acc_t>(), v_init.data_ptr<acc_t>(), broadcast ? 0 : 1, grad_x.data_ptr<scalar_t>(),
+            broadcast ? nullptr : grad_v_init.data_ptr<acc_t>(), partials.data(), T, N, params);
       };
       if (!decay_grad) {
         run(std::false_type{}, p);
@@ -280,7 +285,8 @@ void launch_backward_cpu(const std::optional<at::Tensor>& grad_spikes, const std
 }  // namespace snnkd
 
 TORCH_LIBRARY_IMPL(snnkd_fast, CPU, m) {
-  m.impl("lif_forward", &snnkd::lif::forward_op<snnkd::lif::launch_forward_cpu>);
-  m.impl("lif_backward", &snnkd::lif::backward_op<snnkd::lif::launch_backward_cpu>);
-  m.impl("lif_rate_forward", &snnkd::lif::forward_op<snnkd::lif::launch_rate_forward_cpu, true>);
+  // the CPU kernels read a one-element v_init themselves (BROADCAST)
+  m.impl("lif_forward", &snnkd::lif::forward_op<snnkd::lif::launch_forward_cpu, false, true>);
+  m.impl("lif_backward", &snnkd::lif::backward_op<snnkd::lif::launch_backward_cpu, true>);
+  m.impl("lif_rate_forward", &snnkd::lif::forward_op<snnkd::lif::launch_rate_forward_cpu, true, true>);
 }

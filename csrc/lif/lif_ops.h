@@ -50,6 +50,15 @@ inline at::ScalarType acc_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// v_init is one step of x ([N] values), or one value for every neuron: a one-element tensor when a
+// step has more than one neuron (the membrane starting at v_reset or a float: the kernel reads the
+// value instead of a materialised [N] tensor, 8 bytes per neuron less at T = 1). The CPU kernels read
+// it so; for the CUDA kernels the op adapters below materialise it. Such a v_init gets no gradient:
+// the backward's grad_v_init is then empty ([0]).
+inline bool broadcast_v_init(const at::Tensor& v_init, int64_t step_numel) {
+  return v_init.numel() == 1 && step_numel != 1;
+}
+
 inline void check_forward_args(const at::Tensor& x, const at::Tensor& v_init,
                                const std::optional<at::Tensor>& decay, const ScalarArgs& a) {
   TORCH_CHECK(x.dim() >= 1, "snnkd_fast::lif_forward: x must be [T, ...], got a 0-dim tensor");
@@ -58,8 +67,8 @@ inline void check_forward_args(const at::Tensor& x, const at::Tensor& v_init,
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "snnkd_fast::lif_forward: x must be floating point");
   TORCH_CHECK(v_init.scalar_type() == acc_dtype(x.scalar_type()),
               "snnkd_fast::lif_forward: v_init must be float32 (float64 for float64 x)");
-  TORCH_CHECK(v_init.numel() * x.size(0) == x.numel(),
-              "snnkd_fast::lif_forward: v_init must hold one step of x");
+  TORCH_CHECK(v_init.numel() * x.size(0) == x.numel() || (v_init.numel() == 1 && x.numel() > 0),
+              "snnkd_fast::lif_forward: v_init must hold one step of x, or one value for every neuron");
   TORCH_CHECK(a.neuron >= kIF && a.neuron <= kPLIF, "snnkd_fast::lif_forward: unknown neuron kind");
   TORCH_CHECK(a.neuron != kPLIF || (decay.has_value() && decay->numel() == 1 &&
                                     decay->scalar_type() == v_init.scalar_type()),
@@ -75,15 +84,15 @@ inline void check_backward_args(const std::optional<at::Tensor>& grad_spikes,
                                 const ScalarArgs& a) {
   TORCH_CHECK(h_seq.dim() >= 1 && h_seq.is_contiguous() && v_init.is_contiguous(),
               "snnkd_fast::lif_backward: h_seq and v_init must be contiguous");
-  TORCH_CHECK(v_init.numel() * h_seq.size(0) == h_seq.numel() &&
+  TORCH_CHECK((v_init.numel() * h_seq.size(0) == h_seq.numel() || (v_init.numel() == 1 && h_seq.numel() > 0)) &&
                   v_init.scalar_type() == h_seq.scalar_type(),
-              "snnkd_fast::lif_backward: v_init must be one step of h_seq, same dtype");
+              "snnkd_fast::lif_backward: v_init must be one step of h_seq (or one value), same dtype");
   if (grad_spikes.has_value()) {
     TORCH_CHECK(grad_spikes->is_contiguous() && grad_spikes->sizes() == h_seq.sizes(),
                 "snnkd_fast::lif_backward: grad_spikes must be contiguous and shaped like h_seq");
   }
   if (grad_v.has_value()) {
-    TORCH_CHECK(grad_v->is_contiguous() && grad_v->numel() == v_init.numel() &&
+    TORCH_CHECK(grad_v->is_contiguous() && grad_v->numel() * h_seq.size(0) == h_seq.numel() &&
                     grad_v->scalar_type() == v_init.scalar_type(),
                 "snnkd_fast::lif_backward: grad_v must be contiguous, one step, dtype of v_init");
   }
@@ -115,7 +124,8 @@ void launch_backward_cpu(const std::optional<at::Tensor>& grad_spikes, const std
 // snnkd_fast::lif_forward for one device:
 // (spikes [T, ...] in x's dtype, v_final [...] in the acc dtype, h_seq [T, ...] in the acc dtype);
 // with RATE, snnkd_fast::lif_rate_forward: the third output is the eligibility [...] (acc dtype).
-template <ForwardLauncher launch, bool RATE = false>
+// BROADCAST: the launcher reads a one-element v_init itself (else it gets one materialised).
+template <ForwardLauncher launch, bool RATE = false, bool BROADCAST = false>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, const at::Tensor& v_init,
                                                           const std::optional<at::Tensor>& decay, int64_t neuron,
                                                           double tau, bool decay_input, double v_threshold,
@@ -131,6 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, c
   if (x.numel() == 0) {
     v_final.copy_(v_init.view(v_final.sizes()));
     if (RATE) saved.zero_();
+  } else if (!BROADCAST && broadcast_v_init(v_init, v_final.numel())) {
+    launch(x, v_init.reshape({1}).expand({v_final.numel()}).contiguous(), decay, a, spikes, v_final, saved);
   } else {
     launch(x, v_init, decay, a, spikes, v_final, saved);
   }
@@ -138,8 +150,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, c
 }
 
 // snnkd_fast::lif_backward for one device:
-// (grad_x [T, ...] in grad_dtype, grad_v_init [...] acc, grad_decay [] acc, zero unless requested).
-template <BackwardLauncher launch>
+// (grad_x [T, ...] in grad_dtype, grad_v_init [...] acc ([0] for a one-element v_init broadcast to
+// every neuron), grad_decay [] acc, zero unless requested). BROADCAST as in forward_op; the launcher
+// then gets an empty grad_v_init and writes none.
+template <BackwardLauncher launch, bool BROADCAST = false>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(
     const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v, const at::Tensor& h_seq,
     const at::Tensor& v_init, const std::optional<at::Tensor>& decay, at::ScalarType grad_dtype, int64_t neuron,
@@ -150,14 +164,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(
   TORCH_CHECK(!grad_spikes.has_value() || grad_spikes->scalar_type() == grad_dtype,
               "snnkd_fast::lif_backward: grad_spikes must have the dtype of x");
   at::Tensor grad_x = at::empty(h_seq.sizes(), h_seq.options().dtype(grad_dtype));
-  at::Tensor grad_v_init = at::empty(h_seq.sizes().slice(1), h_seq.options());
   at::Tensor grad_decay = at::zeros({}, h_seq.options());
+  const bool plif_grad = decay_grad && a.neuron == kPLIF;
+  if (h_seq.numel() > 0 && broadcast_v_init(v_init, h_seq.numel() / h_seq.size(0))) {
+    at::Tensor no_grad_v_init = at::empty({0}, h_seq.options());
+    if (BROADCAST) {
+      launch(grad_spikes, grad_v, h_seq, v_init, decay, plif_grad, a, grad_x, no_grad_v_init, grad_decay);
+    } else {
+      const int64_t N = h_seq.numel() / h_seq.size(0);
+      at::Tensor scratch = at::empty({N}, h_seq.options());
+      launch(grad_spikes, grad_v, h_seq, v_init.reshape({1}).expand({N}).contiguous(), decay, plif_grad, a, grad_x,
+             scratch, grad_decay);
+    }
+    return {grad_x, no_grad_v_init, grad_decay};
+  }
+  at::Tensor grad_v_init = at::empty(h_seq.sizes().slice(1), h_seq.options());
   if (h_seq.numel() == 0) {
     if (grad_v.has_value()) grad_v_init.copy_(grad_v->view(grad_v_init.sizes()));
     else grad_v_init.zero_();
   } else {
-    launch(grad_spikes, grad_v, h_seq, v_init, decay, decay_grad && a.neuron == kPLIF, a, grad_x, grad_v_init,
-           grad_decay);
+    launch(grad_spikes, grad_v, h_seq, v_init, decay, plif_grad, a, grad_x, grad_v_init, grad_decay);
   }
   return {grad_x, grad_v_init, grad_decay};
 }

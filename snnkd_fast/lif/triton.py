@@ -214,13 +214,20 @@ def _launch_options() -> dict:
     return triton_launch_options(enable_fp_fusion=False, num_warps=NUM_WARPS)
 
 
+def _per_neuron(v_init: torch.Tensor, N: int) -> torch.Tensor:
+    """One step's v_init: a one-element v_init (one value for every neuron) expanded and copied."""
+    return v_init.reshape(1).expand(N).contiguous() if v_init.numel() == 1 and N > 1 else v_init
+
+
 def lif_forward(x: torch.Tensor, v_init: torch.Tensor, decay: Optional[torch.Tensor], cfg: NeuronConfig,
                 rate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward over contiguous ``x`` ``[T, ...]`` from a contiguous float32 ``v_init``.
+    """Forward over contiguous ``x`` ``[T, ...]`` from a contiguous float32 ``v_init`` (one step, or one
+    value for every neuron: materialised here, the kernels read one per neuron).
     Returns ``(spikes in x.dtype, v_final float32, h_seq float32)``, or with ``rate=True`` the
     eligibility (float32, one step's shape) in place of h_seq."""
     T = x.shape[0]
     N = x.numel() // T if T else 0
+    v_init = _per_neuron(v_init, N)
     spikes = torch.empty_like(x)
     out = torch.empty(x.shape[1:] if rate else x.shape, dtype=torch.float32, device=x.device)
     v_final = torch.empty(x.shape[1:], dtype=torch.float32, device=x.device)
@@ -242,9 +249,12 @@ def lif_backward(grad_spikes: Optional[torch.Tensor], grad_v: Optional[torch.Ten
                  v_init: torch.Tensor, decay: Optional[torch.Tensor], grad_dtype: torch.dtype, cfg: NeuronConfig,
                  decay_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward from (optional) contiguous gradients of spikes and v_final.
-    Returns ``(grad_x in grad_dtype, grad_v_init float32, grad_decay 0-dim float32)``."""
+    Returns ``(grad_x in grad_dtype, grad_v_init float32, grad_decay 0-dim float32)``; grad_v_init is
+    empty ([0]) for a one-element v_init broadcast to every neuron (it gets no gradient)."""
     T = h_seq.shape[0]
     N = h_seq.numel() // T if T else 0
+    broadcast = v_init.numel() == 1 and N != 1 and h_seq.numel() > 0
+    v_init = _per_neuron(v_init, N)
     grad_x = torch.empty(h_seq.shape, dtype=grad_dtype, device=h_seq.device)
     grad_v_init = torch.empty(h_seq.shape[1:], dtype=torch.float32, device=h_seq.device)
     grad_decay = torch.zeros((), dtype=torch.float32, device=h_seq.device)
@@ -263,4 +273,4 @@ def lif_backward(grad_spikes: Optional[torch.Tensor], grad_v: Optional[torch.Ten
         DECAY_GRAD=decay_grad, BLOCK=BLOCK, **_launch_options())
     if decay_grad:
         grad_decay = partials.sum()
-    return grad_x, grad_v_init, grad_decay
+    return grad_x, grad_v_init.new_empty((0,)) if broadcast else grad_v_init, grad_decay
