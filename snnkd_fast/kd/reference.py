@@ -83,8 +83,12 @@ def reduce_rows(rows: torch.Tensor, reduction: str, num_classes: int) -> torch.T
     if per_step is None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     # one division by the exact integer count (a sum and a division, forward and backward: the
-    # reduction runs on every call of every loss, so its op count is part of their overhead)
+    # reduction runs on every call of every loss, so its op count is part of their overhead); for
+    # "batchmean" the count is every row: one mean, which is that sum and division in one op (one
+    # autograd node less: 6-8 us of a small loss's ~150 us fwd+bwd on a CPU)
     divisor = num_steps * per_step
+    if divisor == rows.numel() and divisor != 1:
+        return rows.mean()
     return rows.sum() / divisor if divisor != 1 else rows.sum()
 
 
