@@ -35,9 +35,10 @@ REPO_ROOT = HERE.parent
 # (T, B, C): SNN class counts (CIFAR-10/100, ImageNet) and a vocabulary-sized row
 SHAPES = [(4, 128, 10), (16, 128, 10), (16, 128, 100), (4, 128, 1000), (4, 16, 32000)]
 LOSSES = {"per_timestep_kl": 0, "tser_loss": 1, "hta_kl": 2}
-# (T, one step's shape): the quick grid's layers (bench_lif.py) and an ImageNet-sized conv map
-NEURON_SHAPES = [(4, (8, 64, 16, 16)), (8, (8, 64, 16, 16)), (16, (8, 64, 16, 16)), (8, (32, 4096)), (16, (32, 64, 16, 16)),
-                 (4, (64, 128, 16, 16))]
+# (T, one step's shape): the quick grid's layers (bench_lif.py), the full CPU grid's conv layer at
+# T=16 (33 MB per tensor) and an ImageNet-sized conv map
+NEURON_SHAPES = [(4, (8, 64, 16, 16)), (8, (8, 64, 16, 16)), (16, (8, 64, 16, 16)), (8, (32, 4096)),
+                 (16, (32, 64, 16, 16)), (4, (64, 128, 16, 16))]
 # name: (neuron kind, surrogate id, decay gradient) -- ids of snnkd_fast/lif/params.py and surrogates.py
 NEURONS = {"lif_sigmoid": (1, 0, False), "lif_atan": (1, 1, False), "plif_sigmoid": (2, 0, True)}
 OP_FAMILIES = ("losses", "neurons")
@@ -83,9 +84,6 @@ def measure_losses(ops, reps: int, shapes) -> dict[str, list[float]]:
     """{case: [forward us, backward us]} of the KD-loss row ops, float32."""
     import torch
 
-    def median_us(fn) -> float:
-        return _median_us(fn, reps)
-
     out = {}
     seed = torch.tensor([1234], dtype=torch.int64)
     for T, B, C in shapes:
@@ -99,8 +97,8 @@ def measure_losses(ops, reps: int, shapes) -> dict[str, list[float]]:
 
             rows, stats, keys = forward()
             grad = torch.ones_like(rows)
-            out[f"{name} {T}x{B}x{C}"] = [median_us(forward), median_us(
-                lambda: ops.kd_rows_backward(grad, student, teacher, stats, keys, *args, False))]
+            out[f"{name} {T}x{B}x{C}"] = [_median_us(forward, reps), _median_us(
+                lambda: ops.kd_rows_backward(grad, student, teacher, stats, keys, *args, False), reps)]
         nld_args = (2.0, 0.1, 1.0, True, False)  # the default mixture with the adaptive scale
 
         def nld_forward():
@@ -108,8 +106,8 @@ def measure_losses(ops, reps: int, shapes) -> dict[str, list[float]]:
 
         rows, stats = nld_forward()
         grad = torch.ones_like(rows)
-        out[f"nld_loss {T}x{B}x{C}"] = [median_us(nld_forward), median_us(
-            lambda: ops.nld_rows_backward(grad, student, teacher, seed, stats, *nld_args, False))]
+        out[f"nld_loss {T}x{B}x{C}"] = [_median_us(nld_forward, reps), _median_us(
+            lambda: ops.nld_rows_backward(grad, student, teacher, seed, stats, *nld_args, False), reps)]
     return out
 
 

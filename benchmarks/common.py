@@ -686,6 +686,14 @@ def add_ratios(case_rows: list[dict[str, Any]], reference: str, peers: Iterable[
         row["mem_ratio_vs_reference"] = ratio(row["peak_mem_bytes"], base and base["peak_mem_bytes"])
 
 
+def device_cells(row: Optional[dict[str, Any]]) -> list[str]:
+    """The DEVICE_PASS columns of a table (device ms, speed-up over the reference, % of the bandwidth
+    peak) from that pass's row, dashes without one."""
+    if row is None:
+        return ["-"] * 3
+    return [fmt_ms(row["median_ms"]), fmt_ratio(row.get("speedup_vs_reference")), f"{row['pct_peak']:.0f}"]
+
+
 def case_table(case_rows: list[dict[str, Any]], peer_labels: dict[str, str],
                memory_columns: Iterable[tuple[str, Callable[[dict[str, Any]], str]]] = ()) -> str:
     """One line per implementation of a case: the three passes' times, the fwd+bwd speed-ups over
@@ -702,13 +710,11 @@ def case_table(case_rows: list[dict[str, Any]], peer_labels: dict[str, str],
     lines = []
     for name, passes in by_backend.items():
         total = passes["fwdbwd"]
-        on_device = passes.get(DEVICE_PASS)
-        device_cells = ([fmt_ms(on_device["median_ms"]), fmt_ratio(on_device["speedup_vs_reference"]),
-                         f"{on_device['pct_peak']:.0f}"] if on_device else ["-"] * 3) if device else []
         lines.append([name, *(fmt_ms(passes[p]["median_ms"]) for p in PASSES),
                       fmt_ratio(total["speedup_vs_reference"]),
                       *(fmt_ratio(total.get(f"speedup_vs_{p}")) for p in peer_labels),
-                      f"{total['achieved_GBps']:.1f}", f"{total['pct_peak']:.0f}", *device_cells,
+                      f"{total['achieved_GBps']:.1f}", f"{total['pct_peak']:.0f}",
+                      *(device_cells(passes.get(DEVICE_PASS)) if device else []),
                       fmt_mb(total["peak_mem_bytes"]),
                       *(cell(total) for _, cell in memory_columns), fmt_ratio(total["mem_ratio_vs_reference"])])
     return text_table(header, lines)

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from common import RESULTS_DIR, load_results
+from common import DEVICE_PASS, RESULTS_DIR, load_results
 
 PASS_TITLES = {"fwd": "forward", "bwd": "backward", "fwdbwd": "forward + backward",
-               "fwdbwd_device": "fwd + bwd, device time"}  # the last: GPU runs (common.DEVICE_PASS)
+               DEVICE_PASS: "fwd + bwd, device time"}  # the last: GPU runs only
 
 
 def _ordered(values) -> list:

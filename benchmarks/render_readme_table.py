@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import json
 
-from common import DEVICE_PASS, RESULTS_DIR, fmt_extra, fmt_ms, fmt_ratio, load_results
+from common import DEVICE_PASS, RESULTS_DIR, device_cells, fmt_extra, fmt_ms, fmt_ratio, load_results
 
 START_MARKER = "<!-- perf-table:start -->"
 END_MARKER = "<!-- perf-table:end -->"
@@ -86,11 +86,9 @@ def render_table(path: Path, data: dict[str, Any], only_ops: Optional[set[str]] 
             continue
         case = row["case"] if row["case"] != previous_case else ""  # the case once per group
         previous_case = row["case"]
-        device_row = on_device.get((row["case"], row["backend"]))
-        device_cells = ([fmt_ms(device_row["median_ms"]), fmt_ratio(device_row.get("speedup_vs_reference")),
-                         f"{device_row['pct_peak']:.0f}"] if device_row else ["-"] * 3) if on_device else []
         cells = [case, row["backend"], fmt_ms(row["median_ms"]), fmt_ratio(row.get("speedup_vs_reference")),
-                 *(fmt_ratio(row.get(f"speedup_vs_{p}")) for p in peers), *device_cells,
+                 *(fmt_ratio(row.get(f"speedup_vs_{p}")) for p in peers),
+                 *(device_cells(on_device.get((row["case"], row["backend"]))) if on_device else []),
                  fmt_ratio(row.get("mem_ratio_vs_reference"))]
         if extra:
             cells.append(fmt_extra(row.get("extra_seq_tensors")))

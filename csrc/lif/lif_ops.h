@@ -54,9 +54,20 @@ inline at::ScalarType acc_dtype(at::ScalarType input) {
 // step has more than one neuron (the membrane starting at v_reset or a float: the kernel reads the
 // value instead of a materialised [N] tensor, 8 bytes per neuron less at T = 1). The CPU kernels read
 // it so; for the CUDA kernels the op adapters below materialise it. Such a v_init gets no gradient:
-// the backward's grad_v_init is then empty ([0]).
+// the backward's grad_v_init is then empty ([0]). Python's twin: broadcasts_v_init in
+// snnkd_fast/lif/params.py (the fake kernels and the Triton glue).
 inline bool broadcast_v_init(const at::Tensor& v_init, int64_t step_numel) {
   return v_init.numel() == 1 && step_numel != 1;
+}
+
+// v_init's size fits a sequence of `numel` elements over `steps` steps: one step, or one value.
+inline bool v_init_fits(const at::Tensor& v_init, int64_t steps, int64_t numel) {
+  return v_init.numel() * steps == numel || (v_init.numel() == 1 && numel > 0);
+}
+
+// A one-element v_init as one step of N neurons, for the launchers that read one value per neuron.
+inline at::Tensor per_neuron_v_init(const at::Tensor& v_init, int64_t N) {
+  return v_init.reshape({1}).expand({N}).contiguous();
 }
 
 inline void check_forward_args(const at::Tensor& x, const at::Tensor& v_init,
@@ -67,7 +78,7 @@ inline void check_forward_args(const at::Tensor& x, const at::Tensor& v_init,
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "snnkd_fast::lif_forward: x must be floating point");
   TORCH_CHECK(v_init.scalar_type() == acc_dtype(x.scalar_type()),
               "snnkd_fast::lif_forward: v_init must be float32 (float64 for float64 x)");
-  TORCH_CHECK(v_init.numel() * x.size(0) == x.numel() || (v_init.numel() == 1 && x.numel() > 0),
+  TORCH_CHECK(v_init_fits(v_init, x.size(0), x.numel()),
               "snnkd_fast::lif_forward: v_init must hold one step of x, or one value for every neuron");
   TORCH_CHECK(a.neuron >= kIF && a.neuron <= kPLIF, "snnkd_fast::lif_forward: unknown neuron kind");
   TORCH_CHECK(a.neuron != kPLIF || (decay.has_value() && decay->numel() == 1 &&
@@ -84,8 +95,7 @@ inline void check_backward_args(const std::optional<at::Tensor>& grad_spikes,
                                 const ScalarArgs& a) {
   TORCH_CHECK(h_seq.dim() >= 1 && h_seq.is_contiguous() && v_init.is_contiguous(),
               "snnkd_fast::lif_backward: h_seq and v_init must be contiguous");
-  TORCH_CHECK((v_init.numel() * h_seq.size(0) == h_seq.numel() || (v_init.numel() == 1 && h_seq.numel() > 0)) &&
-                  v_init.scalar_type() == h_seq.scalar_type(),
+  TORCH_CHECK(v_init_fits(v_init, h_seq.size(0), h_seq.numel()) && v_init.scalar_type() == h_seq.scalar_type(),
               "snnkd_fast::lif_backward: v_init must be one step of h_seq (or one value), same dtype");
   if (grad_spikes.has_value()) {
     TORCH_CHECK(grad_spikes->is_contiguous() && grad_spikes->sizes() == h_seq.sizes(),
@@ -142,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, c
     v_final.copy_(v_init.view(v_final.sizes()));
     if (RATE) saved.zero_();
   } else if (!BROADCAST && broadcast_v_init(v_init, v_final.numel())) {
-    launch(x, v_init.reshape({1}).expand({v_final.numel()}).contiguous(), decay, a, spikes, v_final, saved);
+    launch(x, per_neuron_v_init(v_init, v_final.numel()), decay, a, spikes, v_final, saved);
   } else {
     launch(x, v_init, decay, a, spikes, v_final, saved);
   }
@@ -173,8 +183,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(
     } else {
       const int64_t N = h_seq.numel() / h_seq.size(0);
       at::Tensor scratch = at::empty({N}, h_seq.options());
-      launch(grad_spikes, grad_v, h_seq, v_init.reshape({1}).expand({N}).contiguous(), decay, plif_grad, a, grad_x,
-             scratch, grad_decay);
+      launch(grad_spikes, grad_v, h_seq, per_neuron_v_init(v_init, N), decay, plif_grad, a, grad_x, scratch,
+             grad_decay);
     }
     return {grad_x, no_grad_v_init, grad_decay};
   }

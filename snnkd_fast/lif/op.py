@@ -33,7 +33,8 @@ import torch
 
 from .._backends import resolve_backend, triton_launch_guard
 from .._library import call_with_autograd, register_autograd
-from .params import NEURON_IF, NEURON_LIF, NEURON_NAMES, NEURON_PLIF, NeuronConfig, config_from_op_args
+from .params import (NEURON_IF, NEURON_LIF, NEURON_NAMES, NEURON_PLIF, NeuronConfig, broadcasts_v_init,
+                     config_from_op_args)
 from .reference import compute_dtype, neuron_multistep_rate_reference, neuron_multistep_reference
 from .surrogates import resolve_surrogate
 
@@ -52,23 +53,17 @@ def _forward_fake(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_res
             x.new_empty(x.shape, dtype=acc))
 
 
-def _broadcasts(v_init: Tensor, step_numel) -> bool:
-    """A one-element v_init given for a step of several neurons: one value for every neuron (the
-    kernels read it instead of a materialised step; it gets no gradient: grad_v_init is empty)."""
-    return v_init.numel() == 1 and step_numel != 1
-
-
 def _backward_fake(grad_spikes, grad_v, h_seq, v_init, decay, grad_dtype, neuron, tau, decay_input, v_threshold,
                    v_reset, soft_reset, detach_reset, surrogate, alpha, decay_grad):
-    step_numel = math.prod(h_seq.shape[1:])
-    grad_v_init_shape = (0,) if h_seq.numel() != 0 and _broadcasts(v_init, step_numel) else h_seq.shape[1:]
+    one_value = h_seq.numel() != 0 and broadcasts_v_init(v_init.numel(), math.prod(h_seq.shape[1:]))
+    grad_v_init_shape = (0,) if one_value else h_seq.shape[1:]
     return (h_seq.new_empty(h_seq.shape, dtype=grad_dtype), h_seq.new_empty(grad_v_init_shape),
             h_seq.new_empty(()))
 
 
 def _setup_context(ctx, inputs, output):
     x, v_init, decay, *scalars = inputs
-    if ctx.needs_input_grad[1] and _broadcasts(v_init, math.prod(x.shape[1:])):
+    if ctx.needs_input_grad[1] and broadcasts_v_init(v_init.numel(), math.prod(x.shape[1:])):
         raise ValueError("snnkd_fast::lif_forward: a one-element v_init stands for one value for every neuron and "
                          "gets no gradient; expand it to one step of x to differentiate it")
     ctx.save_for_backward(output[2], v_init, decay)  # h_seq: the one [T, ...] tensor kept
@@ -214,14 +209,14 @@ def _initial_membrane(v_init, x_seq: Tensor, cfg: NeuronConfig, op_name: str, on
     """v_init as a tensor of one step's shape in the compute dtype (a differentiable view/copy of the
     user's tensor, so its gradient flows back, summed over broadcast dimensions). ``one_value``: the
     kernel ops take None or a float as a one-element tensor (one value for every neuron: no [N]
-    tensor written and read again, 8 of a T=1 forward's 20 bytes per neuron)."""
+    tensor written and read again, 8 of a T=1 forward's 24 bytes per neuron)."""
     acc = compute_dtype(x_seq.dtype)
-    step_shape = x_seq.shape[1:] if not one_value or x_seq.numel() == 0 else (1,)
-    if v_init is None:
-        return torch.full(step_shape, cfg.v_rest, dtype=acc, device=x_seq.device)
-    if isinstance(v_init, Real) and not isinstance(v_init, bool):
-        return torch.full(step_shape, _check_real(v_init, "v_init", op_name), dtype=acc, device=x_seq.device)
     step_shape = x_seq.shape[1:]
+    fill_shape = (1,) if one_value and x_seq.numel() > 0 else step_shape
+    if v_init is None:
+        return torch.full(fill_shape, cfg.v_rest, dtype=acc, device=x_seq.device)
+    if isinstance(v_init, Real) and not isinstance(v_init, bool):
+        return torch.full(fill_shape, _check_real(v_init, "v_init", op_name), dtype=acc, device=x_seq.device)
     if not isinstance(v_init, Tensor):
         raise TypeError(f"{op_name}: v_init must be None, a float or a tensor, got {type(v_init).__name__}")
     if v_init.dtype not in _FLOAT_DTYPES:

@@ -37,6 +37,14 @@ class NeuronConfig:
                 self.soft_reset, self.detach_reset, self.surrogate, float(self.alpha))
 
 
+def broadcasts_v_init(v_init_numel: int, step_numel: int) -> bool:
+    """Whether a v_init of ``v_init_numel`` elements, given for a step of ``step_numel`` neurons, is
+    one value for every neuron (a one-element tensor for several neurons: the CPU kernels read the
+    value, the GPU ones get it expanded; it gets no gradient, grad_v_init is empty). The C++ twin is
+    ``broadcast_v_init`` in csrc/lif/lif_ops.h."""
+    return v_init_numel == 1 and step_numel != 1
+
+
 def config_from_op_args(neuron: int, tau: float, decay_input: bool, v_threshold: float, v_reset: float,
                         soft_reset: bool, detach_reset: bool, surrogate: int, alpha: float) -> NeuronConfig:
     """Inverse of :meth:`NeuronConfig.op_args` (the op schema carries v_rest and soft_reset)."""

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .._backends import triton_launch_options
-from .params import NeuronConfig
+from .params import NeuronConfig, broadcasts_v_init
 
 BLOCK = 256
 
@@ -216,7 +216,7 @@ def _launch_options() -> dict:
 
 def _per_neuron(v_init: torch.Tensor, N: int) -> torch.Tensor:
     """One step's v_init: a one-element v_init (one value for every neuron) expanded and copied."""
-    return v_init.reshape(1).expand(N).contiguous() if v_init.numel() == 1 and N > 1 else v_init
+    return v_init.reshape(1).expand(N).contiguous() if N > 0 and broadcasts_v_init(v_init.numel(), N) else v_init
 
 
 def lif_forward(x: torch.Tensor, v_init: torch.Tensor, decay: Optional[torch.Tensor], cfg: NeuronConfig,
@@ -253,7 +253,7 @@ def lif_backward(grad_spikes: Optional[torch.Tensor], grad_v: Optional[torch.Ten
     empty ([0]) for a one-element v_init broadcast to every neuron (it gets no gradient)."""
     T = h_seq.shape[0]
     N = h_seq.numel() // T if T else 0
-    broadcast = v_init.numel() == 1 and N != 1 and h_seq.numel() > 0
+    broadcast = h_seq.numel() > 0 and broadcasts_v_init(v_init.numel(), N)
     v_init = _per_neuron(v_init, N)
     grad_x = torch.empty(h_seq.shape, dtype=grad_dtype, device=h_seq.device)
     grad_v_init = torch.empty(h_seq.shape[1:], dtype=torch.float32, device=h_seq.device)
