@@ -34,6 +34,12 @@ TORCH_LIBRARY(snnkd_fast, m) {
       "lif_rate_forward(Tensor x, Tensor v_init, Tensor? decay, int neuron, float tau, bool decay_input, "
       "float v_threshold, float v_reset, bool soft_reset, bool detach_reset, int surrogate, float alpha) "
       "-> (Tensor spikes, Tensor v_final, Tensor eligibility)");
+  // The eager path of lif_forward on the cpp and cuda backends (csrc/lif/lif_autograd.cpp): the same
+  // forward with a C++ autograd kernel whose backward is lif_backward.
+  m.def(
+      "neuron_multistep(Tensor x, Tensor v_init, Tensor? decay, int neuron, float tau, bool decay_input, "
+      "float v_threshold, float v_reset, bool soft_reset, bool detach_reset, int surrogate, float alpha) "
+      "-> (Tensor spikes, Tensor v_final)");
 
   // Per-row losses of the fused KD family (loss: 0 KL, 1 TSER, 2 HTA; snnkd_fast/kd/params.py): rows
   // [T, B] and stats [T, B, 5] in float32 (float64 for float64 inputs), HTA head keys [Tt, B, 3] int32.
@@ -57,5 +63,15 @@ TORCH_LIBRARY(snnkd_fast, m) {
       "-> (Tensor grad_student, Tensor grad_teacher)");
   // The eps the NLD kernels draw for `seed`, element i of the flattened shape (a test helper).
   m.def("nld_noise(Tensor seed, int[] shape) -> Tensor");
+
+  // The eager path of the two row families on the cpp and cuda backends (csrc/kd/kd_autograd.cpp):
+  // the row op and its reduction with a C++ autograd kernel. divisor 0 returns the rows [T, B];
+  // else their sum / divisor (a mean when the divisor counts every row) as a 0-dim tensor.
+  m.def(
+      "kd_loss(Tensor student, Tensor teacher, int loss, float temperature, float entropy_temperature, "
+      "float entropy_weight, float head_threshold, int divisor) -> Tensor");
+  m.def(
+      "nld_loss(Tensor student, Tensor teacher, Tensor seed, float temperature, float noise_weight, "
+      "float noise_std, bool adaptive, bool additive, int divisor) -> Tensor");
 }
 

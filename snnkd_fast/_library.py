@@ -11,10 +11,17 @@ torch.library and builds from the very same ``setup_context`` and backward an ``
 kernel); :func:`call_with_autograd` picks the registered op while compiling and that Function
 otherwise. Both paths are tested against each other by the
 compile tests (same outputs and gradients) and every eager test.
+
+The cpp and cuda backends go one step further in eager mode: their ops have C++ twins with a C++
+autograd kernel (csrc/common/eager_autograd.h; snnkd_fast::kd_loss, nld_loss, neuron_multistep), which
+:func:`cxx_autograd_applies` lets the losses and neurons call outside torch.compile and torch.func
+transforms; this module's Function then serves Triton, torch.func, and the C++ twins' tests
+(``CXX_AUTOGRAD = False``).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Callable
 
 import torch
@@ -97,3 +104,21 @@ def call_with_autograd(qualified_name: str, *inputs: Any):
                 return super(torch.autograd.Function, eager).apply(*_unwrap_dead_wrappers(inputs))
     with _dispatch_below_autograd():
         return op(*inputs)
+
+
+# The eager cpp/cuda calls' C++ autograd kernels (csrc/common/eager_autograd.h) on or off: off, they
+# take the Python formulas' autograd.Function as torch.func does (the tests compare the two paths;
+# SNNKD_FAST_CXX_AUTOGRAD=0 turns them off for a whole run).
+CXX_AUTOGRAD = os.environ.get("SNNKD_FAST_CXX_AUTOGRAD", "1") != "0"
+
+
+def cxx_autograd_applies() -> bool:
+    """Whether an eager call may take an op's C++ autograd kernel (the cpp/cuda eager ops of
+    csrc/common/eager_autograd.h, registered for the Autograd key: one C++ graph node per call, ~45 us
+    less host time per loss forward+backward on a CPU than the Python Function and a separate
+    reduction): outside torch.compile, whose tracing goes through the torch.library formulas, and
+    outside torch.func transforms, whose wrappers need the Python autograd.Function (when torch
+    cannot tell, never)."""
+    if not CXX_AUTOGRAD or torch.compiler.is_compiling() or _transforms_active is None:
+        return False
+    return not _transforms_active()

@@ -27,7 +27,7 @@ from torch import nn
 
 from ._backends import resolve_backend
 from .kd import reference as ref
-from .kd.op import kd_rows, nld_rows
+from .kd.op import kd_loss, nld_loss as _nld_loss
 from .kd.params import LOSS_HTA, LOSS_KL, LOSS_TSER
 
 Tensor = torch.Tensor
@@ -118,8 +118,8 @@ def per_timestep_kl(student_seq: Tensor, teacher: Tensor, *, temperature: float 
     backend = _kernel_backend(student_seq, teacher, backend, op)
     if backend == "torch":
         return ref.per_timestep_kl_reference(student_seq, teacher, temperature=temperature, reduction=reduction)
-    rows = kd_rows(student_seq, teacher, LOSS_KL, backend, temperature, temperature, 0.0, 0.5)
-    return ref.reduce_rows(rows, reduction, student_seq.shape[-1])
+    return kd_loss(student_seq, teacher, LOSS_KL, backend, temperature, temperature, 0.0, 0.5, reduction,
+                   student_seq.shape[-1])
 
 
 def kd_kl(student: Tensor, teacher: Tensor, *, temperature: float = 4.0, reduction: str = "batchmean",
@@ -135,8 +135,8 @@ def kd_kl(student: Tensor, teacher: Tensor, *, temperature: float = 4.0, reducti
         return ref.kd_kl_reference(student, teacher, temperature=temperature, reduction=reduction)
     s = _time_mean(student) if student.dim() == 3 else student
     u = _time_mean(teacher) if teacher.dim() == 3 else teacher
-    rows = kd_rows(s.unsqueeze(0), u, LOSS_KL, backend, temperature, temperature, 0.0, 0.5)
-    return ref.reduce_rows(rows[0], reduction, student.shape[-1])
+    return kd_loss(s.unsqueeze(0), u, LOSS_KL, backend, temperature, temperature, 0.0, 0.5, reduction,
+                   student.shape[-1], time_averaged=True)
 
 
 def tser_loss(student_seq: Tensor, teacher: Tensor, *, temperature: float = 4.0, entropy_weight: float = 0.1,
@@ -161,8 +161,8 @@ def tser_loss(student_seq: Tensor, teacher: Tensor, *, temperature: float = 4.0,
     if backend == "torch":
         return ref.tser_loss_reference(student_seq, teacher, temperature=temperature, entropy_weight=entropy_weight,
                                        entropy_temperature=entropy_temperature, reduction=reduction)
-    rows = kd_rows(student_seq, teacher, LOSS_TSER, backend, temperature, entropy_temperature, entropy_weight, 0.5)
-    return ref.reduce_rows(rows, reduction, student_seq.shape[-1])
+    return kd_loss(student_seq, teacher, LOSS_TSER, backend, temperature, entropy_temperature, entropy_weight, 0.5,
+                   reduction, student_seq.shape[-1])
 
 
 def hta_kl(student_seq: Tensor, teacher: Tensor, *, temperature: float = 4.0, head_threshold: float = 0.5,
@@ -193,10 +193,10 @@ def hta_kl(student_seq: Tensor, teacher: Tensor, *, temperature: float = 4.0, he
     if time_reduction == "mean_logits":
         s = _time_mean(student_seq).unsqueeze(0)
         u = _time_mean(teacher) if teacher.dim() == 3 else teacher
-        rows = kd_rows(s, u, LOSS_HTA, backend, temperature, temperature, 0.0, float(head_threshold))
-        return ref.reduce_rows(rows[0], reduction, student_seq.shape[-1])
-    rows = kd_rows(student_seq, teacher, LOSS_HTA, backend, temperature, temperature, 0.0, float(head_threshold))
-    return ref.reduce_rows(rows, reduction, student_seq.shape[-1])
+        return kd_loss(s, u, LOSS_HTA, backend, temperature, temperature, 0.0, float(head_threshold), reduction,
+                       student_seq.shape[-1], time_averaged=True)
+    return kd_loss(student_seq, teacher, LOSS_HTA, backend, temperature, temperature, 0.0, float(head_threshold),
+                   reduction, student_seq.shape[-1])
 
 
 def _draw_seed(generator: Optional[torch.Generator], seed: Optional[int], device: torch.device, op: str) -> Tensor:
@@ -259,11 +259,10 @@ def nld_loss(student_seq: Tensor, teacher: Tensor, *, temperature: float = 2.0, 
         rows = ref.nld_loss_reference(student3, teacher, temperature=temperature, noise_weight=noise_weight,
                                       noise_std=noise_std, noise=noise, per_timestep=True, mode=mode,
                                       reduction="none")
-    else:
-        seed_tensor = _draw_seed(generator, seed, student3.device, op)
-        rows = nld_rows(student3, teacher, seed_tensor, backend, temperature, noise_weight, noise_std,
-                        mode == "additive")
-    return ref.reduce_rows(rows if per_timestep else rows[0], reduction, student3.shape[-1])
+        return ref.reduce_rows(rows if per_timestep else rows[0], reduction, student3.shape[-1])
+    seed_tensor = _draw_seed(generator, seed, student3.device, op)
+    return _nld_loss(student3, teacher, seed_tensor, backend, temperature, noise_weight, noise_std, mode == "additive",
+                     reduction, student3.shape[-1], time_averaged=not per_timestep)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -68,9 +68,13 @@ def _graph_node_names(tensor):
     return names
 
 
-def test_eager_calls_take_the_autograd_function_path():
+def test_eager_calls_take_the_autograd_function_path(monkeypatch):
     """Guards the overhead fix: in eager mode the kernel ops' backward is the plain Function's
-    (EagerOpBackward), not torch.library's generated one."""
+    (EagerOpBackward), not torch.library's generated one -- the path of Triton and, with the C++
+    autograd kernels off, of cpp/cuda."""
+    from snnkd_fast import _library
+
+    monkeypatch.setattr(_library, "CXX_AUTOGRAD", False)
     student = _logits(2, 3, 7).requires_grad_(True)
     names = _graph_node_names(losses.per_timestep_kl(student, _logits(3, 7, seed=1), backend="cpp"))
     assert any(name.startswith("EagerOp") for name in names), names
@@ -79,12 +83,15 @@ def test_eager_calls_take_the_autograd_function_path():
     assert any(name.startswith("EagerOp") for name in names), names
 
 
-def test_eager_calls_skip_function_apply_outside_transforms(monkeypatch):
+@pytest.mark.parametrize("cxx", [True, False], ids=["cxx_autograd", "python_function"])
+def test_eager_calls_skip_function_apply_outside_transforms(monkeypatch, cxx):
     """Guards the second overhead fix: outside torch.func transforms the Function's C apply is called
     directly (Function.apply's per-call inspect.signature binding skipped), with the same results;
-    under a transform the call still goes through Function.apply (what functorch needs)."""
+    under a transform the call still goes through Function.apply (what functorch needs). The C++
+    autograd kernels bypass the Function altogether, and a transform still takes it."""
     from snnkd_fast import _library
 
+    monkeypatch.setattr(_library, "CXX_AUTOGRAD", cxx)
     calls = []
     original = torch.autograd.Function.apply.__func__
 
@@ -115,6 +122,7 @@ def test_calls_autograd_would_not_record_skip_the_function(monkeypatch):
     Function records the call and the gradient reaches that input."""
     from snnkd_fast import _library
 
+    monkeypatch.setattr(_library, "CXX_AUTOGRAD", False)  # the Python path (Triton's, torch.func's)
     ops = []  # "below": the op called below the autograd key; "function": through the Function
     real_below = _library._dispatch_below_autograd
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 from .._backends import triton_interpret, triton_launch_guard
-from .._library import call_with_autograd, register_autograd
+from .._library import call_with_autograd, cxx_autograd_applies, register_autograd
 from .params import HTA_NUM, NUM_STATS
+from .reference import reduce_rows, reduction_divisor
 
 Tensor = torch.Tensor
 
@@ -101,6 +102,44 @@ def kd_rows(student_seq: Tensor, teacher: Tensor, loss: int, backend: str, tempe
     return rows
 
 
+def _reduced_fake(student, teacher, divisor):
+    acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    return student.new_empty(student.shape[:2] if divisor == 0 else (), dtype=acc)
+
+
+if hasattr(torch.ops.snnkd_fast, "kd_loss"):  # the C++ eager ops: fake kernels, so that opcheck and tracing work
+    @torch.library.register_fake("snnkd_fast::kd_loss")
+    def _kd_loss_fake(student, teacher, loss, temperature, entropy_temperature, entropy_weight, head_threshold,
+                      divisor):
+        return _reduced_fake(student, teacher, divisor)
+
+    @torch.library.register_fake("snnkd_fast::nld_loss")
+    def _nld_loss_fake(student, teacher, seed, temperature, noise_weight, noise_std, adaptive, additive, divisor):
+        return _reduced_fake(student, teacher, divisor)
+
+
+def _cxx_eager(backend: str) -> bool:
+    # the cpp and cuda kernels have C++ autograd ops (csrc/kd/kd_autograd.cpp); Triton's are Python
+    return backend != "triton" and cxx_autograd_applies()
+
+
+def kd_loss(student_seq: Tensor, teacher: Tensor, loss: int, backend: str, temperature: float,
+            entropy_temperature: float, entropy_weight: float, head_threshold: float, reduction: str,
+            num_classes: int, time_averaged: bool = False) -> Tensor:
+    """The reduced loss of a validated call on a kernel backend: the rows [T, B] through
+    :func:`reduce_rows` (``time_averaged``: a [1, B, C] student standing for the time-averaged
+    logits, whose "none" is [B]). Eager cpp/cuda calls take snnkd_fast::kd_loss (rows and reduction
+    in one C++ autograd node); torch.compile, torch.func and Triton the row op and reduce_rows."""
+    if _cxx_eager(backend):
+        divisor = reduction_divisor(reduction, student_seq.shape[0], student_seq.shape[1], num_classes)
+        out = torch.ops.snnkd_fast.kd_loss(student_seq, teacher, loss, float(temperature), float(entropy_temperature),
+                                           float(entropy_weight), float(head_threshold), divisor)
+        return out[0] if time_averaged and divisor == 0 else out
+    rows = kd_rows(student_seq, teacher, loss, backend, temperature, entropy_temperature, entropy_weight,
+                   head_threshold)
+    return reduce_rows(rows[0] if time_averaged else rows, reduction, num_classes)
+
+
 # ------------------------------------------------------------------------------------------------
 # NLD (noise-smoothed logits): its own row kernels, the noise regenerated from a seed tensor
 # ------------------------------------------------------------------------------------------------
@@ -184,6 +223,21 @@ def nld_rows(student_seq: Tensor, teacher: Tensor, seed: Tensor, backend: str, t
     rows, _ = call_with_autograd(name, student_seq, teacher, seed, float(temperature), float(noise_weight),
                                  0.0 if noise_std is None else float(noise_std), noise_std is None, additive)
     return rows
+
+
+def nld_loss(student_seq: Tensor, teacher: Tensor, seed: Tensor, backend: str, temperature: float,
+             noise_weight: float, noise_std, additive: bool, reduction: str, num_classes: int,
+             time_averaged: bool = False) -> Tensor:
+    """:func:`kd_loss` for NLD: snnkd_fast::nld_loss on the eager cpp/cuda path, else the row op and
+    reduce_rows."""
+    if _cxx_eager(backend):
+        divisor = reduction_divisor(reduction, student_seq.shape[0], student_seq.shape[1], num_classes)
+        out = torch.ops.snnkd_fast.nld_loss(student_seq, teacher, seed, float(temperature), float(noise_weight),
+                                            0.0 if noise_std is None else float(noise_std), noise_std is None,
+                                            additive, divisor)
+        return out[0] if time_averaged and divisor == 0 else out
+    rows = nld_rows(student_seq, teacher, seed, backend, temperature, noise_weight, noise_std, additive)
+    return reduce_rows(rows[0] if time_averaged else rows, reduction, num_classes)
 
 
 def nld_noise(seed: Tensor, shape, backend: str) -> Tensor:

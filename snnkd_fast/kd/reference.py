@@ -69,24 +69,31 @@ def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return (a * diff).sum(-1)
 
 
+def reduction_divisor(reduction: str, num_steps: int, batch: int, num_classes: int) -> int:
+    """What :func:`reduce_rows` divides the sum of ``num_steps x batch`` per-row losses by: T for
+    "sum", T*B for "batchmean", T*B*C for "mean"; 0 for "none" (no reduction). The C++ eager ops
+    (snnkd_fast::kd_loss, nld_loss) take it as their ``divisor`` and reduce the same way."""
+    if reduction == "none":
+        return 0
+    per_step = {"sum": 1, "batchmean": batch, "mean": batch * num_classes}.get(reduction)
+    if per_step is None:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return num_steps * per_step
+
+
 def reduce_rows(rows: torch.Tensor, reduction: str, num_classes: int) -> torch.Tensor:
     """Reduce per-row losses ``[T, B]`` (or ``[B]``, T = 1) as ``(1/T) sum_t L_t``.
 
     "sum": ``L_t = sum_b l_tb``; "batchmean": ``/ B``; "mean": ``/ (B * C)`` (KLDivLoss's elementwise
     mean, C = ``num_classes``); "none": ``rows`` unchanged (no 1/T).
     """
-    if reduction == "none":
+    divisor = reduction_divisor(reduction, rows.shape[0] if rows.dim() == 2 else 1, rows.shape[-1], num_classes)
+    if divisor == 0:
         return rows
-    num_steps = rows.shape[0] if rows.dim() == 2 else 1
-    batch = rows.shape[-1]
-    per_step = {"sum": 1, "batchmean": batch, "mean": batch * num_classes}.get(reduction)
-    if per_step is None:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     # one division by the exact integer count (a sum and a division, forward and backward: the
     # reduction runs on every call of every loss, so its op count is part of their overhead); for
     # "batchmean" the count is every row: one mean, which is that sum and division in one op (one
     # autograd node less: 6-8 us of a small loss's ~150 us fwd+bwd on a CPU)
-    divisor = num_steps * per_step
     if divisor == rows.numel() and divisor != 1:
         return rows.mean()
     return rows.sum() / divisor if divisor != 1 else rows.sum()

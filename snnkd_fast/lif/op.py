@@ -32,7 +32,7 @@ from typing import Optional, Union
 import torch
 
 from .._backends import resolve_backend, triton_launch_guard
-from .._library import call_with_autograd, register_autograd
+from .._library import call_with_autograd, cxx_autograd_applies, register_autograd
 from .params import (NEURON_IF, NEURON_LIF, NEURON_NAMES, NEURON_PLIF, NeuronConfig, broadcasts_v_init,
                      config_from_op_args)
 from .reference import compute_dtype, neuron_multistep_rate_reference, neuron_multistep_reference
@@ -97,6 +97,13 @@ _COMPILED_OPS_REGISTERED = False
 if hasattr(torch.ops.snnkd_fast, "lif_forward"):  # the extension is built (see snnkd_fast._backends)
     _register("snnkd_fast::lif_forward", "snnkd_fast::lif_backward", torch.ops.snnkd_fast.lif_backward)
     _COMPILED_OPS_REGISTERED = True
+
+    # The eager path of lif_forward on cpp/cuda (csrc/lif/lif_autograd.cpp: a C++ autograd kernel of
+    # the formula above); its fake kernel, so that opcheck and tracing work.
+    @torch.library.register_fake("snnkd_fast::neuron_multistep")
+    def _neuron_multistep_fake(x, v_init, decay, *scalars):
+        return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
+            x.shape[1:], dtype=compute_dtype(x.dtype))
 
 
 @torch.library.custom_op("snnkd_fast::lif_forward_triton", mutates_args=())
@@ -297,8 +304,13 @@ def neuron_multistep(x_seq: Tensor, v_init, w: Optional[Tensor], cfg: NeuronConf
                             "use backend='cpp', 'cuda' or 'torch' for float64")
         acc = compute_dtype(x_seq.dtype)
         decay = torch.sigmoid(w.to(acc)).reshape(()) if cfg.neuron == NEURON_PLIF else None
-        spikes, v_final, _ = call_with_autograd("snnkd_fast::" + _KERNEL_OPS[backend, backward], x_seq.contiguous(),
-                                                v0.contiguous(), decay, *cfg.op_args())
+        if backend != "triton" and backward == "bptt" and cxx_autograd_applies():
+            # one C++ autograd node (csrc/lif/lif_autograd.cpp) instead of a Python autograd.Function
+            spikes, v_final = torch.ops.snnkd_fast.neuron_multistep(x_seq.contiguous(), v0.contiguous(), decay,
+                                                                    *cfg.op_args())
+        else:
+            spikes, v_final, _ = call_with_autograd("snnkd_fast::" + _KERNEL_OPS[backend, backward],
+                                                    x_seq.contiguous(), v0.contiguous(), decay, *cfg.op_args())
     return (spikes, v_final) if return_v else spikes
 
 

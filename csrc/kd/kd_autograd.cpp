@@ -1,0 +1,173 @@
+// The eager autograd kernels of the fused KD losses on the cpp and cuda backends (see
+// csrc/common/eager_autograd.h): snnkd_fast::kd_loss and snnkd_fast::nld_loss run the row op of
+// their device (kd_rows_forward / nld_rows_forward) and reduce the rows [T, B] to the loss in the
+// same node, so a training call records one C++ node -- no Python autograd.Function, no separate
+// reduction node. The reduction is reduce_rows of snnkd_fast/kd/reference.py, op for op (the loss
+// and its gradient are bitwise those of the Python path).
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common/eager_autograd.h"
+
+namespace snnkd {
+namespace kd {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using RowsForward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
+                                                                   double, double, double, double);
+using RowsBackward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                        const at::Tensor&, const at::Tensor&, int64_t, double, double,
+                                                        double, bool);
+using NldForward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                                      double, double, bool, bool);
+using NldBackward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                       const at::Tensor&, const at::Tensor&, double, double, double,
+                                                       bool, bool, bool);
+
+// divisor 0: the rows themselves ("none"); else (1/divisor) * their sum, as reduce_rows computes it
+// (one mean when the divisor counts every row, else a sum and a division by the integer).
+at::Tensor reduce_rows(const at::Tensor& rows, int64_t divisor) {
+  if (divisor == 0) return rows;
+  if (divisor != 1 && rows.sym_numel() == divisor) return rows.mean();  // sym_*: traceable with symbolic shapes
+  at::Tensor total = rows.sum();
+  return divisor == 1 ? total : total.div(at::Scalar(divisor));
+}
+
+// The rows' gradient from the loss's: the backward of reduce_rows (the division by the divisor, then
+// the broadcast), contiguous for the row kernels.
+at::Tensor grad_of_rows(const at::Tensor& grad, int64_t divisor, c10::SymIntArrayRef rows_shape) {
+  if (divisor == 0) return grad.contiguous();
+  return (divisor == 1 ? grad : grad.div(at::Scalar(divisor))).expand_symint(rows_shape).contiguous();
+}
+
+void check_divisor(int64_t divisor, const char* op) {
+  TORCH_CHECK(divisor >= 0, op, ": divisor must be >= 0 (0: no reduction)");
+}
+
+struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher, int64_t loss,
+                            double temperature, double entropy_temperature, double entropy_weight,
+                            double head_threshold, int64_t divisor) {
+    static const auto rows_forward = find_op<RowsForward>("snnkd_fast::kd_rows_forward");
+    check_divisor(divisor, "snnkd_fast::kd_loss");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // the device kernel, not the op's Python formula
+    auto [rows, stats, keys] =
+        rows_forward.call(student, teacher, loss, temperature, entropy_temperature, entropy_weight, head_threshold);
+    ctx->save_for_backward({student, teacher, stats, keys});
+    ctx->saved_data["loss"] = loss;
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["entropy_temperature"] = entropy_temperature;
+    ctx->saved_data["entropy_weight"] = entropy_weight;
+    ctx->saved_data["divisor"] = divisor;
+    return reduce_rows(rows, divisor);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static const auto rows_backward = find_op<RowsBackward>("snnkd_fast::kd_rows_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& stats = saved[2];
+    const at::Tensor grad_rows =
+        grad_of_rows(grad_outputs[0], ctx->saved_data["divisor"].toInt(), stats.sym_sizes().slice(0, 2));
+    const bool student_grad = ctx->needs_input_grad(0), teacher_grad = ctx->needs_input_grad(1);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [grad_student, grad_teacher] = rows_backward.call(
+        grad_rows, saved[0], saved[1], stats, saved[3], ctx->saved_data["loss"].toInt(),
+        ctx->saved_data["temperature"].toDouble(), ctx->saved_data["entropy_temperature"].toDouble(),
+        ctx->saved_data["entropy_weight"].toDouble(), teacher_grad);
+    variable_list grads(8);
+    if (student_grad) grads[0] = grad_student;
+    if (teacher_grad) grads[1] = grad_teacher;
+    return once_differentiable(grad_outputs, std::move(grads), "snnkd_fast::kd_loss");
+  }
+};
+
+struct NldLossFunction : public torch::autograd::Function<NldLossFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
+                            const at::Tensor& seed, double temperature, double noise_weight, double noise_std,
+                            bool adaptive, bool additive, int64_t divisor) {
+    static const auto rows_forward = find_op<NldForward>("snnkd_fast::nld_rows_forward");
+    check_divisor(divisor, "snnkd_fast::nld_loss");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [rows, stats] = rows_forward.call(student, teacher, seed, temperature, noise_weight, noise_std, adaptive,
+                                           additive);
+    ctx->save_for_backward({student, teacher, seed, stats});
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["noise_weight"] = noise_weight;
+    ctx->saved_data["noise_std"] = noise_std;
+    ctx->saved_data["adaptive"] = adaptive;
+    ctx->saved_data["additive"] = additive;
+    ctx->saved_data["divisor"] = divisor;
+    return reduce_rows(rows, divisor);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static const auto rows_backward = find_op<NldBackward>("snnkd_fast::nld_rows_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& stats = saved[3];
+    const at::Tensor grad_rows =
+        grad_of_rows(grad_outputs[0], ctx->saved_data["divisor"].toInt(), stats.sym_sizes().slice(0, 2));
+    const bool student_grad = ctx->needs_input_grad(0), teacher_grad = ctx->needs_input_grad(1);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [grad_student, grad_teacher] = rows_backward.call(
+        grad_rows, saved[0], saved[1], saved[2], stats, ctx->saved_data["temperature"].toDouble(),
+        ctx->saved_data["noise_weight"].toDouble(), ctx->saved_data["noise_std"].toDouble(),
+        ctx->saved_data["adaptive"].toBool(), ctx->saved_data["additive"].toBool(), teacher_grad);
+    variable_list grads(9);
+    if (student_grad) grads[0] = grad_student;
+    if (teacher_grad) grads[1] = grad_teacher;
+    return once_differentiable(grad_outputs, std::move(grads), "snnkd_fast::nld_loss");
+  }
+};
+
+at::Tensor kd_loss_autograd(const at::Tensor& student, const at::Tensor& teacher, int64_t loss, double temperature,
+                            double entropy_temperature, double entropy_weight, double head_threshold,
+                            int64_t divisor) {
+  return KdLossFunction::apply(student, teacher, loss, temperature, entropy_temperature, entropy_weight,
+                               head_threshold, divisor);
+}
+
+// Below the autograd key (an op call autograd would not record reaches the Function too, which
+// then records nothing; this is the kernel for callers already below it).
+at::Tensor kd_loss_plain(const at::Tensor& student, const at::Tensor& teacher, int64_t loss, double temperature,
+                         double entropy_temperature, double entropy_weight, double head_threshold, int64_t divisor) {
+  static const auto rows_forward = find_op<RowsForward>("snnkd_fast::kd_rows_forward");
+  check_divisor(divisor, "snnkd_fast::kd_loss");
+  return reduce_rows(std::get<0>(rows_forward.call(student, teacher, loss, temperature, entropy_temperature,
+                                                   entropy_weight, head_threshold)),
+                     divisor);
+}
+
+at::Tensor nld_loss_autograd(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& seed,
+                             double temperature, double noise_weight, double noise_std, bool adaptive, bool additive,
+                             int64_t divisor) {
+  return NldLossFunction::apply(student, teacher, seed, temperature, noise_weight, noise_std, adaptive, additive,
+                                divisor);
+}
+
+at::Tensor nld_loss_plain(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& seed,
+                          double temperature, double noise_weight, double noise_std, bool adaptive, bool additive,
+                          int64_t divisor) {
+  static const auto rows_forward = find_op<NldForward>("snnkd_fast::nld_rows_forward");
+  check_divisor(divisor, "snnkd_fast::nld_loss");
+  return reduce_rows(
+      std::get<0>(rows_forward.call(student, teacher, seed, temperature, noise_weight, noise_std, adaptive, additive)),
+      divisor);
+}
+
+}  // namespace
+}  // namespace kd
+}  // namespace snnkd
+
+TORCH_LIBRARY_IMPL(snnkd_fast, Autograd, m) {
+  m.impl("kd_loss", &snnkd::kd::kd_loss_autograd);
+  m.impl("nld_loss", &snnkd::kd::nld_loss_autograd);
+}
+
+TORCH_LIBRARY_IMPL(snnkd_fast, CompositeExplicitAutograd, m) {
+  m.impl("kd_loss", &snnkd::kd::kd_loss_plain);
+  m.impl("nld_loss", &snnkd::kd::nld_loss_plain);
+}

@@ -1,0 +1,107 @@
+// The eager autograd kernel of the multi-step neurons on the cpp and cuda backends (see
+// csrc/common/eager_autograd.h): snnkd_fast::neuron_multistep runs lif_forward on the tensors'
+// device and records one C++ node whose backward is lif_backward -- the formula of
+// snnkd_fast/lif/op.py (_setup_context, _make_backward), which torch.compile and torch.func use.
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "common/eager_autograd.h"
+#include "lif_ops.h"
+
+namespace snnkd {
+namespace lif {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                               const std::optional<at::Tensor>&, int64_t, double, bool,
+                                                               double, double, bool, bool, int64_t, double);
+using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, at::ScalarType, int64_t, double, bool, double, double, bool, bool, int64_t,
+    double, bool);
+
+std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t.contiguous()) : std::nullopt;
+}
+
+struct NeuronFunction : public torch::autograd::Function<NeuronFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& v_init,
+                               const std::optional<at::Tensor>& decay, int64_t neuron, double tau, bool decay_input,
+                               double v_threshold, double v_reset, bool soft_reset, bool detach_reset,
+                               int64_t surrogate, double alpha) {
+    static const auto lif_forward = find_op<Forward>("snnkd_fast::lif_forward");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // the device kernel, not the op's Python formula
+    auto [spikes, v_final, h_seq] = lif_forward.call(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset,
+                                                     soft_reset, detach_reset, surrogate, alpha);
+    ctx->save_for_backward({h_seq, v_init, decay.has_value() ? *decay : at::Tensor()});  // h_seq: the one [T, ...]
+    ctx->saved_data["x_dtype"] = x.scalar_type();
+    ctx->saved_data["ints"] = std::vector<int64_t>{neuron, decay_input, soft_reset, detach_reset, surrogate};
+    ctx->saved_data["floats"] = std::vector<double>{tau, v_threshold, v_reset, alpha};
+    ctx->set_materialize_grads(false);  // an unused spike or membrane output costs no zero tensor
+    return {spikes, v_final};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static const auto lif_backward = find_op<Backward>("snnkd_fast::lif_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const auto i = ctx->saved_data["ints"].toIntVector();  // neuron, decay_input, soft_reset, detach_reset,
+    const auto f = ctx->saved_data["floats"].toDoubleVector();  // surrogate; tau, v_threshold, v_reset, alpha
+    // needs_input_grad counts the tensor inputs given: decay (PLIF's) is the third only when present
+    const bool v_init_grad = ctx->needs_input_grad(1), decay_grad = saved[2].defined() && ctx->needs_input_grad(2);
+    const std::optional<at::Tensor> decay = defined_or_none(saved[2]);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [grad_x, grad_v_init, grad_decay] = lif_backward.call(
+        defined_or_none(grad_outputs[0]), defined_or_none(grad_outputs[1]), saved[0], saved[1], decay,
+        ctx->saved_data["x_dtype"].toScalarType(), i[0], f[0], i[1] != 0, f[1], f[2], i[2] != 0, i[3] != 0, i[4],
+        f[3], decay_grad);
+    variable_list grads(12);
+    grads[0] = grad_x;
+    if (v_init_grad) grads[1] = grad_v_init;
+    if (decay_grad) grads[2] = grad_decay;
+    return once_differentiable(grad_outputs, std::move(grads), "snnkd_fast::neuron_multistep");
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> neuron_multistep_autograd(const at::Tensor& x, const at::Tensor& v_init,
+                                                             const std::optional<at::Tensor>& decay, int64_t neuron,
+                                                             double tau, bool decay_input, double v_threshold,
+                                                             double v_reset, bool soft_reset, bool detach_reset,
+                                                             int64_t surrogate, double alpha) {
+  // as the Python formula's setup_context: one value standing for every neuron gets no gradient
+  // (broadcast_v_init on sym_* sizes: traceable with symbolic shapes)
+  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && v_init.requires_grad() && x.dim() >= 1 && v_init.sym_numel() == 1 &&
+                      x.sym_numel() != x.sym_size(0)),
+                    "snnkd_fast::neuron_multistep: a one-element v_init stands for one value for every neuron and "
+                    "gets no gradient; expand it to one step of x to differentiate it");
+  variable_list out = NeuronFunction::apply(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset,
+                                            soft_reset, detach_reset, surrogate, alpha);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> neuron_multistep_plain(const at::Tensor& x, const at::Tensor& v_init,
+                                                          const std::optional<at::Tensor>& decay, int64_t neuron,
+                                                          double tau, bool decay_input, double v_threshold,
+                                                          double v_reset, bool soft_reset, bool detach_reset,
+                                                          int64_t surrogate, double alpha) {
+  static const auto lif_forward = find_op<Forward>("snnkd_fast::lif_forward");
+  auto [spikes, v_final, h_seq] = lif_forward.call(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset,
+                                                   soft_reset, detach_reset, surrogate, alpha);
+  return {spikes, v_final};
+}
+
+}  // namespace
+}  // namespace lif
+}  // namespace snnkd
+
+TORCH_LIBRARY_IMPL(snnkd_fast, Autograd, m) {
+  m.impl("neuron_multistep", &snnkd::lif::neuron_multistep_autograd);
+}
+
+TORCH_LIBRARY_IMPL(snnkd_fast, CompositeExplicitAutograd, m) {
+  m.impl("neuron_multistep", &snnkd::lif::neuron_multistep_plain);
+}
