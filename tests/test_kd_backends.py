@@ -83,6 +83,30 @@ def test_cpu_rows_around_the_vector_width(case, C, layout):
     compare(case, student, teacher, "cpp", dtype)
 
 
+LANE_CASES = [c for c in CASES if c.name in ("per_timestep_kl", "tser", "tser_shared_softmax", "hta")]
+
+
+@pytest.mark.parametrize("case", LANE_CASES, ids=[c.name for c in LANE_CASES])
+@pytest.mark.parametrize("C", [1, 10, 16, 31, 32, 47, 48])
+@pytest.mark.parametrize("B", [1, 15, 17, 33])
+@pytest.mark.parametrize("teacher_layout", ["ann", "snn_strided"])
+@pytest.mark.parametrize("teacher_grad", [False, True], ids=["student_grad", "teacher_grad"])
+def test_cpu_lane_rows_block_edges(case, C, B, teacher_layout, teacher_grad):
+    """At few classes the cpp kernels take 16 samples' rows side by side, one per vector lane
+    (kd_cpu.cpp: the KL/TSER forward where lane_rows_pay, C <= 16 or C < 48 and not a multiple of 16;
+    every loss's backward where lane_rows_pay_backward, C < 32, unless the teacher needs a gradient),
+    and the row kernels otherwise: batches that leave a partial block of lanes, a per-timestep teacher
+    read through strides, on both sides of each switch; float64, so the match with the reference is
+    tight."""
+    skip_unless_runnable("cpp", "cpu", family="kd")
+    student = logits((3, B, C), dtype=torch.float64)
+    if teacher_layout == "ann":
+        teacher = logits((B, C), seed=1, dtype=torch.float64)
+    else:
+        teacher = logits((B, 3, 2 * C), seed=1, dtype=torch.float64).transpose(0, 1)[..., ::2]
+    compare(case, student, teacher, "cpp", torch.float64, teacher_grad=teacher_grad)
+
+
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_backward_saves_only_the_inputs_at_sequence_size(kd_target, case):
     """What autograd keeps for the backward: the student and teacher themselves (no copies) and

@@ -150,6 +150,246 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
   });
 }
 
+// Few classes (lane_rows_pay): the rows of kLaneRows samples side by side, one per vector lane.
+// A row of 10 or 100 logits leaves the row kernel above with per-row work the row cannot amortise --
+// the lane reductions (max, sums), a log and a division, the padding of the last vector -- a
+// dependent chain of ~200 cycles per row at C = 10. Here a block of samples is transposed into
+// [C][kLaneRows] buffers (the conversion to acc_t and any strides absorbed by that copy), so every
+// per-row step runs for kLaneRows rows at once in a plain vector loop over the lanes, and the loops
+// over the classes are sequences of whole-vector operations. KL and TSER (HTA selects a head per
+// teacher row: the row kernel). Same formulas as forward_kernel; the sums run over classes in order
+// (the row kernel sums in lanes), so the two agree to rounding, not bit for bit.
+constexpr int64_t kLaneRows = kRowLanes;
+// Where lane rows pay, measured (forward op, [4, 128, C], 2 threads, row kernel -> lane rows): C = 10
+// 25 -> 11 us, 16: 15 -> 14, 20-28: 25-27 -> 16-20, 32: 17 -> 21, 40: 32 -> 25, 64: 22 -> 34, 100:
+// 38 -> 50 (the scalar transposition into the block grows with C; the row kernel is at its best
+// when C is a whole number of vectors: no padded copy of the row).
+inline bool lane_rows_pay(int64_t C) { return C <= kLaneRows || (C < 3 * kLaneRows && C % kRowLanes != 0); }
+
+// The backward's (op, [4, 128, C], 2 threads): C = 10 15 -> 10 us (T = 16: 27 -> 21), 16: 12 -> 12,
+// 20: 17 -> 13, 32: 13 -> 16, 40: 15 -> 20, 100: 28 -> 37 (its row kernel reads unpadded rows).
+inline bool lane_rows_pay_backward(int64_t C) { return C < 2 * kLaneRows; }
+
+// dst[c * kLaneRows + r] = src row (b0 + r)'s logit c, as acc_t; rows from `rows` on are zero.
+template <typename T_in, typename acc_t>
+inline void load_lane_block(const T_in* src, int64_t stride_b, int64_t stride_c, int64_t rows, int64_t C,
+                            acc_t* dst) {
+  for (int64_t r = 0; r < kLaneRows; ++r) {
+    if (r < rows) {
+      const T_in* row = src + r * stride_b;
+      for (int64_t c = 0; c < C; ++c) dst[c * kLaneRows + r] = static_cast<acc_t>(row[c * stride_c]);
+    } else {
+      for (int64_t c = 0; c < C; ++c) dst[c * kLaneRows + r] = acc_t(0);
+    }
+  }
+}
+
+template <int LOSS, typename s_t, typename u_t, typename acc_t>
+void forward_kernel_lane_rows(const s_t* S, Strides ss, const u_t* U, Strides us, bool teacher_per_t, int64_t T,
+                              int64_t B, int64_t C, const LossParams& lp, acc_t* rows, acc_t* stats) {
+  static_assert(LOSS != kHTA, "HTA takes the row kernel");
+  constexpr int64_t L = kLaneRows;
+  const acc_t inv_tau = acc_t(1.0 / lp.temperature), inv_tau_h = acc_t(1.0 / lp.entropy_temperature);
+  const acc_t tau_sq = acc_t(lp.temperature * lp.temperature), entropy_weight = acc_t(lp.entropy_weight);
+  const bool entropy_shares_softmax = lp.entropy_temperature == lp.temperature;
+  const int64_t num_blocks = (B + L - 1) / L;
+  at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    // [C][L] each: the teacher's u = z/tau and p, the student block's logits
+    std::vector<acc_t> u_buf(C * L), p_buf(C * L), z_buf(C * L);
+    acc_t* u = u_buf.data();
+    acc_t* p = p_buf.data();
+    acc_t* z = z_buf.data();
+    acc_t max_u[L], sum_u[L], lse_u[L];
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t b0 = block * L;
+      const int64_t nb = std::min(L, B - b0);
+      for (int64_t t = 0; t < T; ++t) {
+        if (t == 0 || teacher_per_t) {
+          load_lane_block(U + (teacher_per_t ? t : 0) * us.t + b0 * us.b, us.b, us.c, nb, C, u);
+          acc_t m[L], l[L];
+#pragma omp simd
+          for (int64_t r = 0; r < L; ++r) m[r] = u[r];
+          for (int64_t c = 1; c < C; ++c) {
+#pragma omp simd
+            for (int64_t r = 0; r < L; ++r) m[r] = max_of(m[r], u[c * L + r]);
+          }
+#pragma omp simd
+          for (int64_t r = 0; r < L; ++r) {
+            m[r] *= inv_tau;  // rounding is monotone: max(z) / tau = max(z / tau)
+            l[r] = acc_t(0);
+          }
+          for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+            for (int64_t r = 0; r < L; ++r) {
+              u[c * L + r] *= inv_tau;
+              l[r] += fast_exp(u[c * L + r] - m[r]);
+            }
+          }
+#pragma omp simd
+          for (int64_t r = 0; r < L; ++r) {
+            max_u[r] = m[r];
+            sum_u[r] = l[r];
+            lse_u[r] = m[r] + fast_log(l[r]);
+          }
+          for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+            for (int64_t r = 0; r < L; ++r) p[c * L + r] = fast_exp(u[c * L + r] - lse_u[r]);
+          }
+        }
+        load_lane_block(S + t * ss.t + b0 * ss.b, ss.b, ss.c, nb, C, z);
+        acc_t z_max[L], m_s[L], l_s[L], kl_sum[L], qh_s[L];
+#pragma omp simd
+        for (int64_t r = 0; r < L; ++r) z_max[r] = z[r];
+        for (int64_t c = 1; c < C; ++c) {
+#pragma omp simd
+          for (int64_t r = 0; r < L; ++r) z_max[r] = max_of(z_max[r], z[c * L + r]);
+        }
+#pragma omp simd
+        for (int64_t r = 0; r < L; ++r) {
+          m_s[r] = z_max[r] * inv_tau;
+          l_s[r] = kl_sum[r] = qh_s[r] = acc_t(0);
+        }
+        // l_s = sum e^{s - m}; kl_sum = sum p (u - s) (see forward_kernel); TSER: qh_s = sum e^{s - m} s
+        for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+          for (int64_t r = 0; r < L; ++r) {
+            const acc_t s = z[c * L + r] * inv_tau;
+            const acc_t e_s = fast_exp(s - m_s[r]);
+            l_s[r] += e_s;
+            kl_sum[r] += xmul(p[c * L + r], u[c * L + r] - s);
+            if (LOSS == kTSER) qh_s[r] += xmul(e_s, s);
+          }
+        }
+        acc_t loss[L], lse_s[L], kl_f[L], aux0[L], aux1[L];
+#pragma omp simd
+        for (int64_t r = 0; r < L; ++r) {
+          // lse_s - lse_u as (m_s - max_u) + log(l_s / sum_u): see forward_kernel
+          const acc_t lse_gap = (m_s[r] - max_u[r]) + fast_log(l_s[r] / sum_u[r]);
+          lse_s[r] = lse_u[r] + lse_gap;
+          kl_f[r] = kl_sum[r] + lse_gap;
+          loss[r] = tau_sq * kl_f[r];
+          aux0[r] = aux1[r] = acc_t(0);
+        }
+        if (LOSS == kTSER) {
+          acc_t l_h[L], qhh[L], m_h[L];
+          if (entropy_shares_softmax) {
+#pragma omp simd
+            for (int64_t r = 0; r < L; ++r) {
+              l_h[r] = l_s[r];
+              qhh[r] = qh_s[r];
+              aux0[r] = lse_s[r];  // lse_h
+            }
+          } else {
+#pragma omp simd
+            for (int64_t r = 0; r < L; ++r) {
+              m_h[r] = z_max[r] * inv_tau_h;
+              l_h[r] = qhh[r] = acc_t(0);
+            }
+            for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+              for (int64_t r = 0; r < L; ++r) {
+                const acc_t s_h = z[c * L + r] * inv_tau_h;
+                const acc_t e_h = fast_exp(s_h - m_h[r]);
+                l_h[r] += e_h;
+                qhh[r] += xmul(e_h, s_h);
+              }
+            }
+#pragma omp simd
+            for (int64_t r = 0; r < L; ++r) aux0[r] = m_h[r] + fast_log(l_h[r]);
+          }
+#pragma omp simd
+          for (int64_t r = 0; r < L; ++r) {
+            const acc_t entropy = aux0[r] - qhh[r] / l_h[r];
+            loss[r] -= entropy_weight * entropy;
+            aux1[r] = entropy;
+          }
+        }
+        for (int64_t r = 0; r < nb; ++r) {
+          const int64_t row = t * B + b0 + r;
+          rows[row] = loss[r];
+          acc_t* stat = stats + row * kNumStats;
+          stat[kLseS] = lse_s[r];
+          stat[kLseU] = lse_u[r];
+          stat[kKlF] = kl_f[r];
+          stat[kAux0] = aux0[r];
+          stat[kAux1] = aux1[r];
+        }
+      }
+    }
+  });
+}
+
+// The backward in lane rows (see forward_kernel_lane_rows), when the teacher needs no gradient: one
+// exp per element as in backward_kernel, the teacher's log-probabilities from its saved log-sum-exp
+// (one exp per teacher element and block), the gradient transposed back into the student's rows.
+template <int LOSS, typename s_t, typename u_t, typename acc_t>
+void backward_kernel_lane_rows(const acc_t* grad_rows, const s_t* S, Strides ss, const u_t* U, Strides us,
+                               bool teacher_per_t, int64_t T, int64_t B, int64_t C, const LossParams& lp,
+                               const acc_t* stats, s_t* grad_s) {
+  constexpr int64_t L = kLaneRows;
+  const acc_t inv_tau = acc_t(1.0 / lp.temperature), tau = acc_t(lp.temperature);
+  const acc_t inv_tau_h = acc_t(1.0 / lp.entropy_temperature), entropy_weight = acc_t(lp.entropy_weight);
+  const bool entropy_shares_softmax = lp.entropy_temperature == lp.temperature;
+  const int64_t num_blocks = (B + L - 1) / L;
+  at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    std::vector<acc_t> log_p_buf(C * L), p_buf(C * L), z_buf(C * L);
+    acc_t* log_p = log_p_buf.data();
+    acc_t* p = p_buf.data();
+    acc_t* z = z_buf.data();  // the student block's logits, then its gradient
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t b0 = block * L;
+      const int64_t nb = std::min(L, B - b0);
+      for (int64_t t = 0; t < T; ++t) {
+        acc_t lse_s[L], lse_u[L], kl_f[L], aux0[L], aux1[L], g_row[L];
+        for (int64_t r = 0; r < L; ++r) {
+          const int64_t row = t * B + b0 + std::min(r, nb - 1);  // padding lanes repeat the last row
+          const acc_t* stat = stats + row * kNumStats;
+          lse_s[r] = stat[kLseS];
+          lse_u[r] = stat[kLseU];
+          kl_f[r] = stat[kKlF];
+          aux0[r] = stat[kAux0];
+          aux1[r] = stat[kAux1];
+          g_row[r] = r < nb ? grad_rows[row] : acc_t(0);
+        }
+        if (t == 0 || teacher_per_t) {
+          load_lane_block(U + (teacher_per_t ? t : 0) * us.t + b0 * us.b, us.b, us.c, nb, C, log_p);
+          for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+            for (int64_t r = 0; r < L; ++r) {
+              log_p[c * L + r] = log_p[c * L + r] * inv_tau - lse_u[r];
+              p[c * L + r] = fast_exp(log_p[c * L + r]);
+            }
+          }
+        }
+        load_lane_block(S + t * ss.t + b0 * ss.b, ss.b, ss.c, nb, C, z);
+        for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+          for (int64_t r = 0; r < L; ++r) {
+            const RowStats<acc_t> rs{lse_s[r], lse_u[r], kl_f[r], aux0[r], aux1[r]};
+            const acc_t zc = z[c * L + r];
+            const acc_t log_q = zc * inv_tau - rs.lse_s;
+            const acc_t q = fast_exp(log_q);
+            acc_t g = grad_student_kl<acc_t>(LOSS, log_q, q, log_p[c * L + r], p[c * L + r], rs, tau);
+            if (LOSS == kTSER) {
+              if (entropy_shares_softmax) {
+                g += grad_student_entropy<acc_t>(log_q, q, rs, inv_tau_h, entropy_weight);
+              } else {
+                const acc_t log_qh = zc * inv_tau_h - rs.aux0;
+                g += grad_student_entropy<acc_t>(log_qh, fast_exp(log_qh), rs, inv_tau_h, entropy_weight);
+              }
+            }
+            z[c * L + r] = g_row[r] * g;
+          }
+        }
+        for (int64_t r = 0; r < nb; ++r) {
+          s_t* gs = grad_s + (t * B + b0 + r) * C;
+          for (int64_t c = 0; c < C; ++c) gs[c] = static_cast<s_t>(z[c * L + r]);
+        }
+      }
+    }
+  });
+}
+
 template <int LOSS, typename s_t, typename u_t, typename acc_t>
 void backward_kernel(const acc_t* grad_rows, const s_t* S, Strides ss, const u_t* U, Strides us, bool teacher_per_t,
                      int64_t T, int64_t B, int64_t C, const LossParams& lp, const acc_t* stats, s_t* grad_s,
@@ -228,6 +468,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cpu(const at::Ten
   const LossParams lp{temperature, entropy_temperature, entropy_weight, head_threshold};
   SNNKD_KD_DISPATCH_PAIR(student, teacher, "snnkd_kd_forward_cpu", [&] {
     with_loss(loss, [&](auto loss_kind) {
+      constexpr int kind = decltype(loss_kind)::value;
+      if constexpr (kind != kHTA) {
+        if (lane_rows_pay(C)) {
+          forward_kernel_lane_rows<kind, s_t, u_t, acc_t>(student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(), us,
+                                                          per_t, T, B, C, lp, rows.data_ptr<acc_t>(),
+                                                          stats.data_ptr<acc_t>());
+          return;
+        }
+      }
       forward_kernel<decltype(loss_kind)::value, s_t, u_t, acc_t>(
           student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(), us, per_t, T, B, C, lp, rows.data_ptr<acc_t>(),
           stats.data_ptr<acc_t>(), keys.data_ptr<int32_t>());
@@ -261,6 +510,12 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_backward_cpu(const at::Tensor& grad_r
               "snnkd_fast::kd_rows_backward: stats must be in the inputs' accumulation dtype");
   SNNKD_KD_DISPATCH_PAIR(student, teacher, "snnkd_kd_backward_cpu", [&] {
     with_loss(loss, [&](auto loss_kind) {
+      if (!teacher_grad && lane_rows_pay_backward(C)) {
+        backward_kernel_lane_rows<decltype(loss_kind)::value, s_t, u_t, acc_t>(
+            grad_rows.data_ptr<acc_t>(), student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(), us, per_t, T, B, C, lp,
+            stats.data_ptr<acc_t>(), grad_student.data_ptr<s_t>());
+        return;
+      }
       backward_kernel<decltype(loss_kind)::value, s_t, u_t, acc_t>(
           grad_rows.data_ptr<acc_t>(), student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(), us, per_t, T, B, C, lp,
           stats.data_ptr<acc_t>(), grad_student.data_ptr<s_t>(),
