@@ -34,10 +34,14 @@ TORCH_LIBRARY(snnkd_fast, m) {
       "lif_rate_forward(Tensor x, Tensor v_init, Tensor? decay, int neuron, float tau, bool decay_input, "
       "float v_threshold, float v_reset, bool soft_reset, bool detach_reset, int surrogate, float alpha) "
       "-> (Tensor spikes, Tensor v_final, Tensor eligibility)");
-  // The eager path of lif_forward on the cpp and cuda backends (csrc/lif/lif_autograd.cpp): the same
-  // forward with a C++ autograd kernel whose backward is lif_backward.
+  // The eager paths of lif_forward and lif_rate_forward on the cpp and cuda backends
+  // (csrc/lif/lif_autograd.cpp): the same forwards with C++ autograd kernels.
   m.def(
       "neuron_multistep(Tensor x, Tensor v_init, Tensor? decay, int neuron, float tau, bool decay_input, "
+      "float v_threshold, float v_reset, bool soft_reset, bool detach_reset, int surrogate, float alpha) "
+      "-> (Tensor spikes, Tensor v_final)");
+  m.def(
+      "neuron_multistep_rate(Tensor x, Tensor v_init, Tensor? decay, int neuron, float tau, bool decay_input, "
       "float v_threshold, float v_reset, bool soft_reset, bool detach_reset, int surrogate, float alpha) "
       "-> (Tensor spikes, Tensor v_final)");
 

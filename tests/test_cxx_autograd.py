@@ -55,8 +55,10 @@ def test_eager_calls_record_one_cxx_node(backend):
         assert "CppFunction" in _node_names(loss)
         assert any(name.startswith("torch::autograd::CppNode<snnkd::") for name in _node_names(loss))
         assert loss.grad_fn.next_functions[0][0] is not None  # straight to the student (kd_kl: its time mean)
-    spikes = snnkd_fast.lif_multistep(torch.randn(2, 3, 5, device=device, requires_grad=True), backend=backend)
-    assert "CppFunction" in _node_names(spikes)
+    for backward in ("bptt", "rate"):
+        spikes = snnkd_fast.lif_multistep(torch.randn(2, 3, 5, device=device, requires_grad=True), backend=backend,
+                                          backward=backward)
+        assert "CppFunction" in _node_names(spikes)
     with torch.no_grad():
         assert L.per_timestep_kl(student, teacher, backend=backend).grad_fn is None
 
@@ -87,12 +89,15 @@ def test_losses_match_the_python_path_bitwise(monkeypatch, backend, dtype, teach
                                   {"decay_input": False, "v_threshold": 0.7}],
                          ids=["default", "soft_reset", "detach_atan", "no_decay_input"])
 @pytest.mark.parametrize("v_init_kind", ["tensor", "none"])
-def test_neurons_match_the_python_path_bitwise(monkeypatch, backend, dtype, kind, mode, v_init_kind):
+@pytest.mark.parametrize("backward", ["bptt", "rate"])
+def test_neurons_match_the_python_path_bitwise(monkeypatch, backend, dtype, kind, mode, v_init_kind, backward):
     _skip_unless(backend)
+    if backward == "rate" and kind == "plif":
+        pytest.skip("backward='rate' gives PLIF's w no gradient (refused while w requires grad)")
     x, v_init, grad_spikes, grad_v, w = make_inputs((4, 3, 17), dtype=dtype, device=device_for(backend))
     v_init = v_init if v_init_kind == "tensor" else None
     cxx, python = _both_paths(monkeypatch, lambda: run_neuron(kind, x, v_init, w, grad_spikes, grad_v, backend,
-                                                             **mode))
+                                                             backward=backward, **mode))
     for field in ("spikes", "v_final", "grad_x", "grad_v_init", "grad_w"):
         _assert_same(getattr(cxx, field), getattr(python, field))
 
@@ -192,3 +197,5 @@ def test_opcheck_cxx_ops(backend, divisor):
                               (x, v_init, decay, 2, 2.0, True, 1.0, 0.0, False, False, 1, 2.0))
         torch.library.opcheck(torch.ops.snnkd_fast.neuron_multistep,
                               (x, torch.zeros(1, device=device), None, 1, 2.0, True, 1.0, 0.0, False, False, 0, 4.0))
+        torch.library.opcheck(torch.ops.snnkd_fast.neuron_multistep_rate,
+                              (x, v_init.detach(), None, 1, 2.0, True, 1.0, 0.0, False, False, 0, 4.0))

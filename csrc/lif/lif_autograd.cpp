@@ -1,7 +1,8 @@
-// The eager autograd kernel of the multi-step neurons on the cpp and cuda backends (see
+// The eager autograd kernels of the multi-step neurons on the cpp and cuda backends (see
 // csrc/common/eager_autograd.h): snnkd_fast::neuron_multistep runs lif_forward on the tensors'
 // device and records one C++ node whose backward is lif_backward -- the formula of
-// snnkd_fast/lif/op.py (_setup_context, _make_backward), which torch.compile and torch.func use.
+// snnkd_fast/lif/op.py (_setup_context, _make_backward), which torch.compile and torch.func use;
+// neuron_multistep_rate does the same for lif_rate_forward (backward="rate").
 #include <torch/library.h>
 
 #include <optional>
@@ -67,6 +68,60 @@ struct NeuronFunction : public torch::autograd::Function<NeuronFunction> {
   }
 };
 
+// Rate-based backpropagation's node: lif_rate_forward keeps the eligibility e (one step); the backward
+// gives every step dL/dx[t] = (1/T) e sum_t' dL/dS[t'], as _rate_backward in snnkd_fast/lif/op.py
+// (op for op: the same bits). v_init, decay and v_final carry no gradient in this mode.
+struct RateNeuronFunction : public torch::autograd::Function<RateNeuronFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& v_init,
+                               const std::optional<at::Tensor>& decay, int64_t neuron, double tau, bool decay_input,
+                               double v_threshold, double v_reset, bool soft_reset, bool detach_reset,
+                               int64_t surrogate, double alpha) {
+    static const auto rate_forward = find_op<Forward>("snnkd_fast::lif_rate_forward");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [spikes, v_final, eligibility] = rate_forward.call(x, v_init, decay, neuron, tau, decay_input, v_threshold,
+                                                            v_reset, soft_reset, detach_reset, surrogate, alpha);
+    ctx->save_for_backward({eligibility});  // O(N): nothing T-long
+    ctx->saved_data["x_dtype"] = x.scalar_type();
+    ctx->saved_data["num_steps"] = x.size(0);
+    ctx->mark_non_differentiable({v_final});
+    ctx->set_materialize_grads(false);
+    return {spikes, v_final};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const at::Tensor eligibility = ctx->get_saved_variables()[0];
+    variable_list grads(12);
+    if (grad_outputs[0].defined()) {
+      const int64_t num_steps = ctx->saved_data["num_steps"].toInt();
+      const at::Tensor grad_mean =
+          grad_outputs[0].sum(0, false, eligibility.scalar_type()) * eligibility.div(at::Scalar(num_steps));
+      std::vector<int64_t> shape{num_steps};
+      shape.insert(shape.end(), grad_mean.sizes().begin(), grad_mean.sizes().end());
+      grads[0] = grad_mean.to(ctx->saved_data["x_dtype"].toScalarType()).unsqueeze(0).expand(shape);
+    }
+    return once_differentiable(grad_outputs, std::move(grads), "snnkd_fast::neuron_multistep_rate");
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> neuron_multistep_rate_autograd(
+    const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay, int64_t neuron, double tau,
+    bool decay_input, double v_threshold, double v_reset, bool soft_reset, bool detach_reset, int64_t surrogate,
+    double alpha) {
+  variable_list out = RateNeuronFunction::apply(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset,
+                                                soft_reset, detach_reset, surrogate, alpha);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> neuron_multistep_rate_plain(
+    const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay, int64_t neuron, double tau,
+    bool decay_input, double v_threshold, double v_reset, bool soft_reset, bool detach_reset, int64_t surrogate,
+    double alpha) {
+  static const auto rate_forward = find_op<Forward>("snnkd_fast::lif_rate_forward");
+  auto [spikes, v_final, eligibility] = rate_forward.call(x, v_init, decay, neuron, tau, decay_input, v_threshold,
+                                                          v_reset, soft_reset, detach_reset, surrogate, alpha);
+  return {spikes, v_final};
+}
+
 std::tuple<at::Tensor, at::Tensor> neuron_multistep_autograd(const at::Tensor& x, const at::Tensor& v_init,
                                                              const std::optional<at::Tensor>& decay, int64_t neuron,
                                                              double tau, bool decay_input, double v_threshold,
@@ -100,8 +155,10 @@ std::tuple<at::Tensor, at::Tensor> neuron_multistep_plain(const at::Tensor& x, c
 
 TORCH_LIBRARY_IMPL(snnkd_fast, Autograd, m) {
   m.impl("neuron_multistep", &snnkd::lif::neuron_multistep_autograd);
+  m.impl("neuron_multistep_rate", &snnkd::lif::neuron_multistep_rate_autograd);
 }
 
 TORCH_LIBRARY_IMPL(snnkd_fast, CompositeExplicitAutograd, m) {
   m.impl("neuron_multistep", &snnkd::lif::neuron_multistep_plain);
+  m.impl("neuron_multistep_rate", &snnkd::lif::neuron_multistep_rate_plain);
 }

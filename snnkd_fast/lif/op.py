@@ -100,10 +100,12 @@ if hasattr(torch.ops.snnkd_fast, "lif_forward"):  # the extension is built (see 
 
     # The eager path of lif_forward on cpp/cuda (csrc/lif/lif_autograd.cpp: a C++ autograd kernel of
     # the formula above); its fake kernel, so that opcheck and tracing work.
-    @torch.library.register_fake("snnkd_fast::neuron_multistep")
     def _neuron_multistep_fake(x, v_init, decay, *scalars):
         return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
             x.shape[1:], dtype=compute_dtype(x.dtype))
+
+    torch.library.register_fake("snnkd_fast::neuron_multistep")(_neuron_multistep_fake)
+    torch.library.register_fake("snnkd_fast::neuron_multistep_rate")(_neuron_multistep_fake)
 
 
 @torch.library.custom_op("snnkd_fast::lif_forward_triton", mutates_args=())
@@ -304,10 +306,11 @@ def neuron_multistep(x_seq: Tensor, v_init, w: Optional[Tensor], cfg: NeuronConf
                             "use backend='cpp', 'cuda' or 'torch' for float64")
         acc = compute_dtype(x_seq.dtype)
         decay = torch.sigmoid(w.to(acc)).reshape(()) if cfg.neuron == NEURON_PLIF else None
-        if backend != "triton" and backward == "bptt" and cxx_autograd_applies():
+        if backend != "triton" and cxx_autograd_applies():
             # one C++ autograd node (csrc/lif/lif_autograd.cpp) instead of a Python autograd.Function
-            spikes, v_final = torch.ops.snnkd_fast.neuron_multistep(x_seq.contiguous(), v0.contiguous(), decay,
-                                                                    *cfg.op_args())
+            op = torch.ops.snnkd_fast.neuron_multistep if backward == "bptt" else \
+                torch.ops.snnkd_fast.neuron_multistep_rate
+            spikes, v_final = op(x_seq.contiguous(), v0.contiguous(), decay, *cfg.op_args())
         else:
             spikes, v_final, _ = call_with_autograd("snnkd_fast::" + _KERNEL_OPS[backend, backward],
                                                     x_seq.contiguous(), v0.contiguous(), decay, *cfg.op_args())
