@@ -13,10 +13,10 @@ otherwise. Both paths are tested against each other by the
 compile tests (same outputs and gradients) and every eager test.
 
 The cpp and cuda backends go one step further in eager mode: their ops have C++ twins with a C++
-autograd kernel (csrc/common/eager_autograd.h; snnkd_fast::kd_loss, nld_loss, neuron_multistep), which
-:func:`cxx_autograd_applies` lets the losses and neurons call outside torch.compile and torch.func
-transforms; this module's Function then serves Triton, torch.func, and the C++ twins' tests
-(``CXX_AUTOGRAD = False``).
+autograd kernel (csrc/common/eager_autograd.h; snnkd_fast::kd_loss, nld_loss, neuron_multistep,
+neuron_multistep_rate), which :func:`cxx_autograd_applies` lets the losses and neurons call outside
+torch.compile and torch.func transforms; this module's Function then serves Triton, torch.func, and
+the C++ twins' tests (``CXX_AUTOGRAD = False``).
 """
 from __future__ import annotations
 

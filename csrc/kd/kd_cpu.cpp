@@ -184,6 +184,17 @@ inline void load_lane_block(const T_in* src, int64_t stride_b, int64_t stride_c,
   }
 }
 
+// out[r] = max over the classes of a block's lane r (see max_of for NaN).
+template <typename acc_t>
+inline void lane_rows_max(const acc_t* x, int64_t C, acc_t* out) {
+#pragma omp simd
+  for (int64_t r = 0; r < kLaneRows; ++r) out[r] = x[r];
+  for (int64_t c = 1; c < C; ++c) {
+#pragma omp simd
+    for (int64_t r = 0; r < kLaneRows; ++r) out[r] = max_of(out[r], x[c * kLaneRows + r]);
+  }
+}
+
 template <int LOSS, typename s_t, typename u_t, typename acc_t>
 void forward_kernel_lane_rows(const s_t* S, Strides ss, const u_t* U, Strides us, bool teacher_per_t, int64_t T,
                               int64_t B, int64_t C, const LossParams& lp, acc_t* rows, acc_t* stats) {
@@ -207,12 +218,7 @@ void forward_kernel_lane_rows(const s_t* S, Strides ss, const u_t* U, Strides us
         if (t == 0 || teacher_per_t) {
           load_lane_block(U + (teacher_per_t ? t : 0) * us.t + b0 * us.b, us.b, us.c, nb, C, u);
           acc_t m[L], l[L];
-#pragma omp simd
-          for (int64_t r = 0; r < L; ++r) m[r] = u[r];
-          for (int64_t c = 1; c < C; ++c) {
-#pragma omp simd
-            for (int64_t r = 0; r < L; ++r) m[r] = max_of(m[r], u[c * L + r]);
-          }
+          lane_rows_max(u, C, m);
 #pragma omp simd
           for (int64_t r = 0; r < L; ++r) {
             m[r] *= inv_tau;  // rounding is monotone: max(z) / tau = max(z / tau)
@@ -238,12 +244,7 @@ void forward_kernel_lane_rows(const s_t* S, Strides ss, const u_t* U, Strides us
         }
         load_lane_block(S + t * ss.t + b0 * ss.b, ss.b, ss.c, nb, C, z);
         acc_t z_max[L], m_s[L], l_s[L], kl_sum[L], qh_s[L];
-#pragma omp simd
-        for (int64_t r = 0; r < L; ++r) z_max[r] = z[r];
-        for (int64_t c = 1; c < C; ++c) {
-#pragma omp simd
-          for (int64_t r = 0; r < L; ++r) z_max[r] = max_of(z_max[r], z[c * L + r]);
-        }
+        lane_rows_max(z, C, z_max);
 #pragma omp simd
         for (int64_t r = 0; r < L; ++r) {
           m_s[r] = z_max[r] * inv_tau;

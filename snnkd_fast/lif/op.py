@@ -98,8 +98,8 @@ if hasattr(torch.ops.snnkd_fast, "lif_forward"):  # the extension is built (see 
     _register("snnkd_fast::lif_forward", "snnkd_fast::lif_backward", torch.ops.snnkd_fast.lif_backward)
     _COMPILED_OPS_REGISTERED = True
 
-    # The eager path of lif_forward on cpp/cuda (csrc/lif/lif_autograd.cpp: a C++ autograd kernel of
-    # the formula above); its fake kernel, so that opcheck and tracing work.
+    # The eager paths of lif_forward and lif_rate_forward on cpp/cuda (csrc/lif/lif_autograd.cpp: C++
+    # autograd kernels of the formulas here); their fake kernel, so that opcheck and tracing work.
     def _neuron_multistep_fake(x, v_init, decay, *scalars):
         return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
             x.shape[1:], dtype=compute_dtype(x.dtype))
