@@ -2,7 +2,10 @@
 
 Each fused loss is computed as per-row losses ``rows [T, B]`` (one row = one timestep of one sample)
 by a kernel that never materialises a ``[T, B, C]`` temporary; the batch/time reduction is then an
-ordinary PyTorch op on ``rows`` (O(T*B)), so autograd hands the kernel's backward ``grad_rows``.
+ordinary PyTorch op on ``rows`` (O(T*B)), so autograd hands the kernel's backward ``grad_rows``. In
+eager mode the cpp and cuda backends fold that reduction into one C++ autograd node instead
+(snnkd_fast::kd_loss / nld_loss, csrc/kd/kd_autograd.cpp: :func:`kd_loss`, :func:`nld_loss` here),
+with the same reduction op for op.
 
 Backends: "torch" (the readable references of snnkd_fast.kd.reference), "triton"
 (snnkd_fast/kd/triton.py), "cpp" (csrc/kd). The op saves the inputs (by reference, no copy), the
