@@ -128,9 +128,8 @@ std::tuple<at::Tensor, at::Tensor> neuron_multistep_autograd(const at::Tensor& x
                                                              double v_reset, bool soft_reset, bool detach_reset,
                                                              int64_t surrogate, double alpha) {
   // as the Python formula's setup_context: one value standing for every neuron gets no gradient
-  // (broadcast_v_init on sym_* sizes: traceable with symbolic shapes)
-  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && v_init.requires_grad() && x.dim() >= 1 && v_init.sym_numel() == 1 &&
-                      x.sym_numel() != x.sym_size(0)),
+  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && v_init.requires_grad() && x.dim() >= 1 && x.sym_size(0) != 0 &&
+                      broadcast_v_init(v_init, x.sym_numel() / x.sym_size(0))),
                     "snnkd_fast::neuron_multistep: a one-element v_init stands for one value for every neuron and "
                     "gets no gradient; expand it to one step of x to differentiate it");
   variable_list out = NeuronFunction::apply(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset,

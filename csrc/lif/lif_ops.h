@@ -56,8 +56,9 @@ inline at::ScalarType acc_dtype(at::ScalarType input) {
 // it so; for the CUDA kernels the op adapters below materialise it. Such a v_init gets no gradient:
 // the backward's grad_v_init is then empty ([0]). Python's twin: broadcasts_v_init in
 // snnkd_fast/lif/params.py (the fake kernels and the Triton glue).
-inline bool broadcast_v_init(const at::Tensor& v_init, int64_t step_numel) {
-  return v_init.numel() == 1 && step_numel != 1;
+// (Symbolic sizes too: the C++ autograd kernel checks it while torch.compile or opcheck trace it.)
+inline bool broadcast_v_init(const at::Tensor& v_init, const c10::SymInt& step_numel) {
+  return v_init.sym_numel() == 1 && step_numel != 1;
 }
 
 // v_init's size fits a sequence of `numel` elements over `steps` steps: one step, or one value.
