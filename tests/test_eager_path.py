@@ -131,7 +131,7 @@ def test_calls_autograd_would_not_record_skip_the_function(monkeypatch):
         return real_below()
 
     monkeypatch.setattr(_library, "_dispatch_below_autograd", counting_below)
-    for name in ("snnkd_fast::kd_rows_forward", "snnkd_fast::lif_forward"):
+    for name in ("snnkd_fast::kd_rows_forward", "snnkd_fast::lif_forward_lean"):  # the cpp ops
         function = _library._REGISTERED[name][1]
 
         def counting_forward(*inputs, _forward=function.forward):

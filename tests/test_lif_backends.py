@@ -163,6 +163,99 @@ def test_backward_saves_one_sequence_tensor(kernel_target):
     sequence_sized = [t for t in saved if t.numel() >= T * N]
     assert len(sequence_sized) == 1, [tuple(t.shape) for t in saved]
     assert sequence_sized[0].dtype == torch.float32
+    if backend == "cpp":  # the CPU keeps the input itself (H is recomputed): nothing T-long is added
+        assert sequence_sized[0].data_ptr() == x.data_ptr()
+
+
+def test_cpu_backward_keeps_the_input_in_its_dtype():
+    """On the CPU a bf16 input is what the backward keeps (2 bytes per neuron-step; H would take 4),
+    through the eager C++ node and through the torch.library formula alike."""
+    if not snnkd_fast.backends()["cpp"]:
+        pytest.skip(snnkd_fast.backends()["cpp"].reason)
+    from snnkd_fast import _library
+
+    for cxx_autograd in (True, False):
+        saved = []
+        x = torch.randn(5, 40, dtype=torch.bfloat16, requires_grad=True)
+        previous, _library.CXX_AUTOGRAD = _library.CXX_AUTOGRAD, cxx_autograd
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                spikes = snnkd_fast.lif_multistep(x, backend="cpp")
+        finally:
+            _library.CXX_AUTOGRAD = previous
+        sequence_sized = [t for t in saved if t.numel() >= x.numel()]
+        assert [(t.dtype, t.data_ptr()) for t in sequence_sized] == [(torch.bfloat16, x.data_ptr())]
+        spikes.float().sum().backward()
+        assert x.grad is not None and x.grad.dtype == torch.bfloat16
+
+
+def _lean_cases():
+    for neuron, decay_inputs in ((0, (True,)), (1, (True, False)), (2, (True, False))):
+        for decay_input in decay_inputs:
+            for v_reset, soft in ((0.0, False), (-0.3, False), (0.0, True)):
+                for detach in (False, True):
+                    yield neuron, decay_input, v_reset, soft, detach
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(5, 785), (1, 3, 7), (3, 20000)], ids=["blocks-tail", "T1", "tasks"])
+def test_cpu_lean_pair_is_the_saved_h_pair(dtype, shape):
+    """lif_forward_lean + lif_backward_from_x (what the cpp backend runs: no H written, H recomputed
+    from x block by block, one block ahead of the backward) give lif_forward + lif_backward's bits:
+    spikes, v_final, grad_x, grad_v_init and PLIF's decay gradient, for every mode and surrogate,
+    tau a power of two (the charge multiplies by 1/tau) or not, per-neuron or one-value v_init, with
+    and without a membrane gradient; shapes with a partial block, T = 1, several threads' tasks."""
+    if not snnkd_fast.backends()["cpp"]:
+        pytest.skip(snnkd_fast.backends()["cpp"].reason)
+    ops = torch.ops.snnkd_fast
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 1.5 + 0.4).to(dtype)
+    grad_spikes = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    grad_v = torch.randn(shape[1:], generator=g, dtype=torch.float64).to(acc)
+    v_inits = {"step": torch.randn(shape[1:], generator=g, dtype=torch.float64).to(acc) * 0.5,
+               "one": torch.full((1,), 0.2, dtype=acc)}
+    for neuron, decay_input, v_reset, soft, detach in _lean_cases():
+        decay = torch.tensor(0.35, dtype=acc) if neuron == 2 else None
+        for tau in ((2.0, 3.0, 0.5) if neuron == 1 else (2.0,)):
+            for surrogate in range(len(SURROGATES)):
+                scalars = (neuron, tau, decay_input, 1.0, v_reset, soft, detach, surrogate, 2.5)
+                for v_name, v_init in v_inits.items():
+                    spikes, v_final, h_seq = ops.lif_forward(x, v_init, decay, *scalars)
+                    lean_spikes, lean_v_final = ops.lif_forward_lean(x, v_init, decay, *scalars)
+                    case = f"{scalars} v_init={v_name}"
+                    assert torch.equal(lean_spikes, spikes) and torch.equal(lean_v_final, v_final), case
+                    for gv in (grad_v, None):
+                        expected = ops.lif_backward(grad_spikes, gv, h_seq, v_init, decay, dtype, *scalars,
+                                                    neuron == 2)
+                        got = ops.lif_backward_from_x(grad_spikes, gv, x, v_init, decay, dtype, *scalars,
+                                                      neuron == 2)
+                        for name, a, b in zip(("grad_x", "grad_v_init", "grad_decay"), got, expected):
+                            assert a.dtype == b.dtype and torch.equal(a, b), f"{name} {case} grad_v={gv is not None}"
+
+
+def test_cpu_lean_pair_edges():
+    """Empty sequences (T = 0, no neurons) and the argument checks of the lean pair."""
+    if not snnkd_fast.backends()["cpp"]:
+        pytest.skip(snnkd_fast.backends()["cpp"].reason)
+    ops = torch.ops.snnkd_fast
+    scalars = (1, 2.0, True, 1.0, 0.0, False, False, 0, 4.0)
+    for shape in ((0, 4), (3, 0)):
+        x = torch.zeros(shape)
+        v_init = torch.full(shape[1:], 0.25)
+        spikes, v_final = ops.lif_forward_lean(x, v_init, None, *scalars)
+        assert spikes.shape == shape and torch.equal(v_final, v_init)
+        grad_x, grad_v_init, _ = ops.lif_backward_from_x(None, v_init, x, v_init, None, torch.float32, *scalars,
+                                                         False)
+        assert grad_x.shape == shape and torch.equal(grad_v_init, v_init)
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="grad_dtype must be the dtype of x"):
+        ops.lif_backward_from_x(None, None, x, torch.zeros(4), None, torch.bfloat16, *scalars, False)
+    with pytest.raises(RuntimeError, match="v_init must be"):
+        ops.lif_backward_from_x(None, None, x, torch.zeros(4, dtype=torch.float64), None, torch.float32, *scalars,
+                                False)
+    with pytest.raises(RuntimeError, match="h_seq must be float32"):
+        ops.lif_backward(None, None, x.bfloat16(), torch.zeros(4), None, torch.bfloat16, *scalars, False)
 
 
 def test_plif_weight_gradient_is_deterministic_across_thread_counts():

@@ -10,8 +10,11 @@ from snnkd_fast import nn as snn
 from conftest import device_for
 from tolerances import assert_grad_close
 
-# The "cuda" backend is the same op as "cpp" (lif_forward), on CUDA tensors.
-OPS = {"cpp": "lif_forward", "cuda": "lif_forward", "triton": "lif_forward_triton"}
+# (forward, backward) op pairs: the "cuda" backend is lif_forward on CUDA tensors; the cpp backend
+# runs the lean pair (H recomputed from x), lif_forward is its CPU kernel too.
+OPS = {"cpp": ("lif_forward", "lif_backward"), "cpp_lean": ("lif_forward_lean", "lif_backward_from_x"),
+       "cuda": ("lif_forward", "lif_backward"), "triton": ("lif_forward_triton", "lif_backward_triton")}
+VARIANTS = list(OPS)
 # Every test builds its tensors on device_for(backend): on a GPU machine cuda and compiled triton run.
 TRITON_ON_CUDA_TENSORS = True
 
@@ -26,28 +29,34 @@ def _sample_args(neuron: int, requires_grad: bool, device: str = "cpu", one_valu
     return (x, v_init, decay, neuron, 2.0, True, 1.0, 0.0, False, False, 1, 2.0)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
+def _backend_of(variant: str) -> str:
+    return variant.split("_")[0]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("neuron", [0, 1, 2], ids=["if", "lif", "plif"])
-def test_opcheck(backend, neuron):
+def test_opcheck(variant, neuron):
+    backend = _backend_of(variant)
     status = snnkd_fast.backends()[backend]
     if not status:
         pytest.skip(status.reason)
-    op = getattr(torch.ops.snnkd_fast, OPS[backend])
+    op = getattr(torch.ops.snnkd_fast, OPS[variant][0])
     for requires_grad in (False, True):
         for one_value in (False, True):
             torch.library.opcheck(op, _sample_args(neuron, requires_grad, device_for(backend), one_value))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("neuron", [1, 2], ids=["lif", "plif"])
-def test_one_value_v_init_is_the_expanded_step(backend, neuron):
+def test_one_value_v_init_is_the_expanded_step(variant, neuron):
     """A one-element v_init (what lif_multistep passes for v_init None or a float) gives the outputs
     and gradients of that value expanded to a whole step -- PLIF's decay gradient, which reads V[-1],
     included -- with an empty grad_v_init; asking for its gradient is refused with a clear error."""
+    backend = _backend_of(variant)
     status = snnkd_fast.backends()[backend]
     if not status:
         pytest.skip(status.reason)
-    op = getattr(torch.ops.snnkd_fast, OPS[backend])
+    op = getattr(torch.ops.snnkd_fast, OPS[variant][0])
     device = device_for(backend)
     runs = []
     for one_value in (True, False):
@@ -55,15 +64,16 @@ def test_one_value_v_init_is_the_expanded_step(backend, neuron):
         x, v_init, decay, *scalars = _sample_args(neuron, True, device, one_value=True)
         if not one_value:
             v_init = v_init.expand(3, 5).contiguous()
-        spikes, v_final, _ = op(x, v_init, decay, *scalars)
+        spikes, v_final = op(x, v_init, decay, *scalars)[:2]
         ((spikes * torch.arange(5.0, device=device)).sum() + v_final.sum()).backward()
         runs.append((spikes, v_final, x.grad, None if decay is None else decay.grad))
     for one, expanded in zip(*runs):
         if one is not None:
             torch.testing.assert_close(one, expanded, rtol=0, atol=0)
-    backward = getattr(torch.ops.snnkd_fast, OPS[backend].replace("forward", "backward"))
-    h_seq = op(x.detach(), torch.full((1,), 0.3, device=device), decay, *scalars)[2]
-    grads = backward(torch.ones_like(x), None, h_seq, torch.full((1,), 0.3, device=device),
+    backward = getattr(torch.ops.snnkd_fast, OPS[variant][1])
+    kept = x.detach() if variant == "cpp_lean" else op(x.detach(), torch.full((1,), 0.3, device=device), decay,
+                                                        *scalars)[2]
+    grads = backward(torch.ones_like(x), None, kept, torch.full((1,), 0.3, device=device),
                      None if decay is None else decay.detach(), x.dtype, *scalars, neuron == 2)
     assert grads[1].shape == (0,)
     with pytest.raises(ValueError, match="one-element v_init"):

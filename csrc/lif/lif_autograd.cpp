@@ -1,7 +1,8 @@
 // The eager autograd kernels of the multi-step neurons on the cpp and cuda backends (see
 // csrc/common/eager_autograd.h): snnkd_fast::neuron_multistep runs lif_forward on the tensors'
-// device and records one C++ node whose backward is lif_backward -- the formula of
-// snnkd_fast/lif/op.py (_setup_context, _make_backward), which torch.compile and torch.func use;
+// device (lif_forward_lean on the CPU) and records one C++ node whose backward is lif_backward
+// (lif_backward_from_x) -- the formula of snnkd_fast/lif/op.py (_setup_context /
+// _setup_lean_context, _make_backward), which torch.compile and torch.func use;
 // neuron_multistep_rate does the same for lif_rate_forward (backward="rate").
 #include <torch/library.h>
 
@@ -21,6 +22,9 @@ using torch::autograd::variable_list;
 using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                const std::optional<at::Tensor>&, int64_t, double, bool,
                                                                double, double, bool, bool, int64_t, double);
+using LeanForward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                       const std::optional<at::Tensor>&, int64_t, double, bool, double,
+                                                       double, bool, bool, int64_t, double);
 using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
     const std::optional<at::Tensor>&, at::ScalarType, int64_t, double, bool, double, double, bool, bool, int64_t,
@@ -36,10 +40,22 @@ struct NeuronFunction : public torch::autograd::Function<NeuronFunction> {
                                double v_threshold, double v_reset, bool soft_reset, bool detach_reset,
                                int64_t surrogate, double alpha) {
     static const auto lif_forward = find_op<Forward>("snnkd_fast::lif_forward");
+    static const auto lif_forward_lean = find_op<LeanForward>("snnkd_fast::lif_forward_lean");
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // the device kernel, not the op's Python formula
-    auto [spikes, v_final, h_seq] = lif_forward.call(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset,
-                                                     soft_reset, detach_reset, surrogate, alpha);
-    ctx->save_for_backward({h_seq, v_init, decay.has_value() ? *decay : at::Tensor()});  // h_seq: the one [T, ...]
+    // On the CPU the backward recomputes H from x (lif_backward_from_x): the one [T, ...] tensor kept
+    // is x itself, and the forward writes no H (as _KERNEL_OPS / _setup_lean_context in lif/op.py).
+    const bool from_x = x.is_cpu();
+    at::Tensor spikes, v_final, kept;
+    if (from_x) {
+      std::tie(spikes, v_final) = lif_forward_lean.call(x, v_init, decay, neuron, tau, decay_input, v_threshold,
+                                                        v_reset, soft_reset, detach_reset, surrogate, alpha);
+      kept = x;
+    } else {
+      std::tie(spikes, v_final, kept) = lif_forward.call(x, v_init, decay, neuron, tau, decay_input, v_threshold,
+                                                         v_reset, soft_reset, detach_reset, surrogate, alpha);
+    }
+    ctx->save_for_backward({kept, v_init, decay.has_value() ? *decay : at::Tensor()});
+    ctx->saved_data["from_x"] = from_x;
     ctx->saved_data["x_dtype"] = x.scalar_type();
     ctx->saved_data["ints"] = std::vector<int64_t>{neuron, decay_input, soft_reset, detach_reset, surrogate};
     ctx->saved_data["floats"] = std::vector<double>{tau, v_threshold, v_reset, alpha};
@@ -49,6 +65,8 @@ struct NeuronFunction : public torch::autograd::Function<NeuronFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     static const auto lif_backward = find_op<Backward>("snnkd_fast::lif_backward");
+    static const auto lif_backward_from_x = find_op<Backward>("snnkd_fast::lif_backward_from_x");
+    const auto& backward_op = ctx->saved_data["from_x"].toBool() ? lif_backward_from_x : lif_backward;
     const variable_list saved = ctx->get_saved_variables();
     const auto i = ctx->saved_data["ints"].toIntVector();  // neuron, decay_input, soft_reset, detach_reset,
     const auto f = ctx->saved_data["floats"].toDoubleVector();  // surrogate; tau, v_threshold, v_reset, alpha
@@ -56,7 +74,7 @@ struct NeuronFunction : public torch::autograd::Function<NeuronFunction> {
     const bool v_init_grad = ctx->needs_input_grad(1), decay_grad = saved[2].defined() && ctx->needs_input_grad(2);
     const std::optional<at::Tensor> decay = defined_or_none(saved[2]);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [grad_x, grad_v_init, grad_decay] = lif_backward.call(
+    auto [grad_x, grad_v_init, grad_decay] = backward_op.call(
         defined_or_none(grad_outputs[0]), defined_or_none(grad_outputs[1]), saved[0], saved[1], decay,
         ctx->saved_data["x_dtype"].toScalarType(), i[0], f[0], i[1] != 0, f[1], f[2], i[2] != 0, i[3] != 0, i[4],
         f[3], decay_grad);
@@ -143,6 +161,11 @@ std::tuple<at::Tensor, at::Tensor> neuron_multistep_plain(const at::Tensor& x, c
                                                           double v_reset, bool soft_reset, bool detach_reset,
                                                           int64_t surrogate, double alpha) {
   static const auto lif_forward = find_op<Forward>("snnkd_fast::lif_forward");
+  static const auto lif_forward_lean = find_op<LeanForward>("snnkd_fast::lif_forward_lean");
+  if (x.is_cpu()) {
+    return lif_forward_lean.call(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset, soft_reset,
+                                 detach_reset, surrogate, alpha);
+  }
   auto [spikes, v_final, h_seq] = lif_forward.call(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset,
                                                    soft_reset, detach_reset, surrogate, alpha);
   return {spikes, v_final};

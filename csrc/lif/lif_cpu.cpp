@@ -32,7 +32,7 @@ inline int64_t grain_blocks(int64_t T) {
 
 // Run f(StaticNeuronParams<...>) with the call's mode as compile-time constants, so that each
 // instantiation's per-neuron loop has no branch on the mode and vectorizes. The forward fixes the
-// neuron kind, decay_input and the reset kind (12 variants); the backward fixes the surrogate and
+// neuron kind (LIF with and without an exact 1/tau), decay_input and the reset kind (16 variants); the backward fixes the surrogate and
 // the reset kind and detach_reset (28 variants) and leaves the rest to loop unswitching.
 template <typename F>
 void with_bool(bool value, F&& f) {
@@ -40,12 +40,18 @@ void with_bool(bool value, F&& f) {
   else f(std::false_type{});
 }
 
+// f(neuron kind, exact reciprocal of tau) as compile-time constants; the second only for LIF.
 template <typename F>
-void with_neuron(int neuron, F&& f) {
+void with_neuron(int neuron, bool exact_reciprocal_tau, F&& f) {
+  using Exact = std::true_type;
+  using Divide = std::false_type;
   switch (neuron) {
-    case kIF: f(std::integral_constant<int, kIF>{}); break;
-    case kLIF: f(std::integral_constant<int, kLIF>{}); break;
-    default: f(std::integral_constant<int, kPLIF>{}); break;
+    case kIF: f(std::integral_constant<int, kIF>{}, Divide{}); break;
+    case kLIF:
+      if (exact_reciprocal_tau) f(std::integral_constant<int, kLIF>{}, Exact{});
+      else f(std::integral_constant<int, kLIF>{}, Divide{});
+      break;
+    default: f(std::integral_constant<int, kPLIF>{}, Divide{}); break;
   }
 }
 
@@ -65,10 +71,11 @@ void with_surrogate(int surrogate, F&& f) {
 // Forward-mode constants: neuron kind, decay_input, soft reset.
 template <typename acc_t, typename F>
 void with_forward_mode(const NeuronParams<acc_t>& p, F&& f) {
-  with_neuron(p.neuron, [&](auto neuron) {
+  with_neuron(p.neuron, reciprocal_is_exact(p.tau), [&](auto neuron, auto exact) {
     with_bool(p.decay_input, [&](auto decay_input) {
       with_bool(p.soft_reset, [&](auto soft) {
-        f(StaticNeuronParams<acc_t, decltype(neuron)::value, decltype(decay_input)::value, decltype(soft)::value>(p));
+        f(StaticNeuronParams<acc_t, decltype(neuron)::value, decltype(decay_input)::value, decltype(soft)::value,
+                             false, kSigmoid, decltype(exact)::value>(p));
       });
     });
   });
@@ -113,12 +120,28 @@ void eligibility_update(const acc_t* h, acc_t* f, acc_t* e_sum, int64_t len, con
   for (int64_t i = 0; i < len; ++i) eligibility_step<acc_t>(h[i], f[i], e_sum[i], p);
 }
 
-// RATE = false: writes H for the BPTT backward into `out` ([T, N]). RATE = true: keeps H of the
-// current step in a block buffer and writes the eligibility e (1/T sum_t sg f) into `out` ([N]).
-template <bool RATE, typename scalar_t, typename acc_t, typename P>
+// One step of the charge for `len` neurons: H from the membrane v (left at the reset V) and x's row.
+// lif_backward_from_x's recomputation: instantiated with the forward's compile-time modes (FP) and
+// called through a pointer from the backward kernel, which is specialised on the backward's modes
+// only. The same charge/fire/reset instantiations as the forward kernel's: the same H, bit for bit.
+template <typename scalar_t, typename acc_t>
+using RechargeFn = void (*)(const scalar_t* x_row, int64_t len, acc_t* v, acc_t* h_row, const NeuronParams<acc_t>& q);
+
+template <typename scalar_t, typename acc_t, typename FP>
+void recharge_step(const scalar_t* x_row, int64_t len, acc_t* v, acc_t* h_row, const NeuronParams<acc_t>& q) {
+  const FP p(q);
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t h = charge<acc_t>(v[i], static_cast<acc_t>(x_row[i]), p);
+    v[i] = reset<acc_t>(h, fire<acc_t>(h, p.v_threshold), p);
+    h_row[i] = h;
+  }
+}
+
+template <Keep KEEP, typename scalar_t, typename acc_t, typename P>
 void forward_kernel(const scalar_t* x, const acc_t* v_init, int64_t v_init_step, scalar_t* spikes, acc_t* v_final,
                     acc_t* out, int64_t T, int64_t N, const P p, EligibilityFn<acc_t> eligibility_fn,
                     const NeuronParams<acc_t>& q) {
+  constexpr bool RATE = KEEP == Keep::kEligibility;
   const int64_t num_blocks = (N + kBlock - 1) / kBlock;
   at::parallel_for(0, num_blocks, grain_blocks(T), [&](int64_t block_begin, int64_t block_end) {
     acc_t v[kBlock];
@@ -136,12 +159,12 @@ void forward_kernel(const scalar_t* x, const acc_t* v_init, int64_t v_init_step,
       }
       for (int64_t t = 0; t < T; ++t) {
         const int64_t row = t * N + n0;
-        acc_t* h_out = RATE ? h_step : out + row;
+        acc_t* h_out = KEEP == Keep::kH ? out + row : h_step;
         for (int64_t i = 0; i < len; ++i) {
           const acc_t h = charge<acc_t>(v[i], static_cast<acc_t>(x[row + i]), p);
           const bool s = fire<acc_t>(h, p.v_threshold);
           v[i] = reset<acc_t>(h, s, p);
-          h_out[i] = h;
+          if (KEEP != Keep::kNothing) h_out[i] = h;
           spikes[row + i] = static_cast<scalar_t>(s ? 1 : 0);
         }
         if (RATE) eligibility_fn(h_step, f, e_sum, len, q);
@@ -154,8 +177,12 @@ void forward_kernel(const scalar_t* x, const acc_t* v_init, int64_t v_init_step,
   });
 }
 
+// The BPTT backward. H comes from h_seq ([T, N], saved by lif_forward) or, when recharge_fn is given,
+// is recomputed per block from x and v_init into a [T, kBlock] buffer that stays in cache
+// (lif_backward_from_x: 4 of the 24 bytes per neuron-step less DRAM traffic over forward+backward).
 template <bool DECAY_GRAD, typename scalar_t, typename acc_t, typename P>
-void backward_kernel(const scalar_t* grad_spikes, const acc_t* grad_v, const acc_t* h_seq, const acc_t* v_init,
+void backward_kernel(const scalar_t* grad_spikes, const acc_t* grad_v, const acc_t* h_seq, const scalar_t* x,
+                     RechargeFn<scalar_t, acc_t> recharge_fn, const NeuronParams<acc_t>& q, const acc_t* v_init,
                      int64_t v_init_step, scalar_t* grad_x, acc_t* grad_v_init, double* decay_partials, int64_t T,
                      int64_t N, const P params) {
   const int64_t num_blocks = (N + kBlock - 1) / kBlock;
@@ -168,20 +195,51 @@ void backward_kernel(const scalar_t* grad_spikes, const acc_t* grad_v, const acc
     acc_t gs[kBlock];
     acc_t v_prev[kBlock];
     acc_t decay_terms[kBlock];
+    // Recomputed H, two [T, kBlock] buffers: the backward of block b reads one while the same loop
+    // over t recomputes block b + 1's H into the other. The backward is compute-bound and the
+    // recomputation bound by the core's load bandwidth; one block apart they overlap (recomputing a
+    // whole block first left the backward ~30% slower than lif_backward reading the saved H).
+    std::vector<acc_t> recharged(recharge_fn != nullptr ? 2 * T * kBlock : 0);
+    acc_t membrane[kBlock];
+    auto recharge_begin = [&](int64_t block) {  // block's membrane at v_init, before its first step
+      const int64_t m0 = block * kBlock;
+      for (int64_t i = 0; i < std::min(kBlock, N - m0); ++i) membrane[i] = v_init[(m0 + i) * v_init_step];
+    };
+    if (recharge_fn != nullptr) {
+      recharge_begin(block_begin);
+      const int64_t len = std::min(kBlock, N - block_begin * kBlock);
+      for (int64_t t = 0; t < T; ++t) {
+        recharge_fn(x + t * N + block_begin * kBlock, len, membrane, recharged.data() + t * kBlock, q);
+      }
+    }
     for (int64_t b = block_begin; b < block_end; ++b) {
       const int64_t n0 = b * kBlock;
       const int64_t len = std::min(kBlock, N - n0);
+      const acc_t* h_block = h_seq + n0;  // H[t] of the block at h_block + t * h_step
+      int64_t h_step = N;
+      acc_t* next_h = nullptr;  // block b + 1's recomputed H, filled during this block's loop
+      int64_t next_len = 0;
+      if (recharge_fn != nullptr) {
+        h_block = recharged.data() + ((b - block_begin) % 2) * T * kBlock;
+        h_step = kBlock;
+        if (b + 1 < block_end) {
+          next_h = recharged.data() + ((b + 1 - block_begin) % 2) * T * kBlock;
+          next_len = std::min(kBlock, N - n0 - kBlock);
+          recharge_begin(b + 1);
+        }
+      }
       for (int64_t i = 0; i < len; ++i) gv[i] = grad_v ? grad_v[n0 + i] : acc_t(0);
       for (int64_t i = 0; i < len; ++i) decay_terms[i] = acc_t(0);
       for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t row = t * N + n0;
+        const acc_t* h_row = h_block + t * h_step;
         for (int64_t i = 0; i < len; ++i) gs[i] = grad_spikes ? static_cast<acc_t>(grad_spikes[row + i]) : acc_t(0);
         if (DECAY_GRAD) {
           // V[t-1] is the reset of H[t-1] (v_init at t = 0): recomputed, not saved. Written into
           // v_prev first so that the loop below has no branch on t.
           if (t > 0) {
             for (int64_t i = 0; i < len; ++i) {
-              const acc_t h_prev = h_seq[row - N + i];
+              const acc_t h_prev = h_row[i - h_step];
               v_prev[i] = reset<acc_t>(h_prev, fire<acc_t>(h_prev, p.v_threshold), p);
             }
           } else {
@@ -189,11 +247,15 @@ void backward_kernel(const scalar_t* grad_spikes, const acc_t* grad_v, const acc
           }
         }
         for (int64_t i = 0; i < len; ++i) {
-          const acc_t h = h_seq[row + i];
+          const acc_t h = h_row[i];
           const StepGrad<acc_t> g = backward_step<acc_t>(h, gs[i], gv[i], p);
           grad_x[row + i] = static_cast<scalar_t>(g.grad_x);
           gv[i] = g.grad_v_prev;
           if (DECAY_GRAD) decay_terms[i] += g.grad_h * dh_ddecay<acc_t>(h, v_prev[i], p);
+        }
+        if (next_h != nullptr) {
+          const int64_t step = T - 1 - t;  // forward order
+          recharge_fn(x + step * N + n0 + kBlock, next_len, membrane, next_h + step * kBlock, q);
         }
       }
       if (grad_v_init != nullptr) {  // none for a v_init broadcast to every neuron
@@ -215,7 +277,7 @@ acc_t read_decay(const std::optional<at::Tensor>& decay, int64_t neuron) {
 
 }  // namespace
 
-template <bool RATE>
+template <Keep KEEP>
 void launch_forward_cpu_impl(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
                              const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& out) {
   const int64_t T = x.size(0);
@@ -224,13 +286,14 @@ void launch_forward_cpu_impl(const at::Tensor& x, const at::Tensor& v_init, cons
     using acc_t = at::opmath_type<scalar_t>;
     const NeuronParams<acc_t> q = make_params<acc_t>(a, read_decay<acc_t>(decay, a.neuron));
     EligibilityFn<acc_t> eligibility_fn = nullptr;
-    if (RATE) {
+    if (KEEP == Keep::kEligibility) {
       with_backward_mode(q, [&](auto bp) { eligibility_fn = &eligibility_update<acc_t, decltype(bp)>; });
     }
     with_forward_mode(q, [&](auto p) {
-      forward_kernel<RATE, scalar_t, acc_t>(x.data_ptr<scalar_t>(), v_init.data_ptr<acc_t>(),
+      forward_kernel<KEEP, scalar_t, acc_t>(x.data_ptr<scalar_t>(), v_init.data_ptr<acc_t>(),
                                             broadcast_v_init(v_init, N) ? 0 : 1, spikes.data_ptr<scalar_t>(),
-                                            v_final.data_ptr<acc_t>(), out.data_ptr<acc_t>(), T, N, p,
+                                            v_final.data_ptr<acc_t>(),
+                                            KEEP == Keep::kNothing ? nullptr : out.data_ptr<acc_t>(), T, N, p,
                                             eligibility_fn, q);
     });
   });
@@ -238,29 +301,42 @@ void launch_forward_cpu_impl(const at::Tensor& x, const at::Tensor& v_init, cons
 
 void launch_forward_cpu(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
                         const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& h_seq) {
-  launch_forward_cpu_impl<false>(x, v_init, decay, a, spikes, v_final, h_seq);
+  launch_forward_cpu_impl<Keep::kH>(x, v_init, decay, a, spikes, v_final, h_seq);
 }
 
 void launch_rate_forward_cpu(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
                              const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& eligibility) {
-  launch_forward_cpu_impl<true>(x, v_init, decay, a, spikes, v_final, eligibility);
+  launch_forward_cpu_impl<Keep::kEligibility>(x, v_init, decay, a, spikes, v_final, eligibility);
 }
 
-void launch_backward_cpu(const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v,
-                         const at::Tensor& h_seq, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
-                         bool decay_grad, const ScalarArgs& a, at::Tensor& grad_x, at::Tensor& grad_v_init,
-                         at::Tensor& grad_decay) {
-  const int64_t T = h_seq.size(0);
-  const int64_t N = h_seq.numel() / T;
+void launch_lean_forward_cpu(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                             const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& unused) {
+  launch_forward_cpu_impl<Keep::kNothing>(x, v_init, decay, a, spikes, v_final, unused);
+}
+
+// FROM_X: `seq` is x (lif_backward_from_x, H recomputed), else the saved H (lif_backward).
+template <bool FROM_X>
+void launch_backward_cpu_impl(const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v,
+                              const at::Tensor& seq, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                              bool decay_grad, const ScalarArgs& a, at::Tensor& grad_x, at::Tensor& grad_v_init,
+                              at::Tensor& grad_decay) {
+  const int64_t T = seq.size(0);
+  const int64_t N = seq.numel() / T;
   const bool broadcast = broadcast_v_init(v_init, N);  // then grad_v_init is empty: nothing to write
   std::vector<double> partials(decay_grad ? (N + kBlock - 1) / kBlock : 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "snnkd_lif_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    with_backward_mode(make_params<acc_t>(a, read_decay<acc_t>(decay, a.neuron)), [&](auto p) {
+    const NeuronParams<acc_t> q = make_params<acc_t>(a, read_decay<acc_t>(decay, a.neuron));
+    RechargeFn<scalar_t, acc_t> recharge_fn = nullptr;
+    if (FROM_X) {
+      with_forward_mode(q, [&](auto fp) { recharge_fn = &recharge_step<scalar_t, acc_t, decltype(fp)>; });
+    }
+    with_backward_mode(q, [&](auto p) {
       auto run = [&](auto with_decay_grad, const auto& params) {
         backward_kernel<decltype(with_decay_grad)::value, scalar_t, acc_t>(
             grad_spikes ? grad_spikes->data_ptr<scalar_t>() : nullptr, grad_v ? grad_v->data_ptr<acc_t>() : nullptr,
-            h_seq.data_ptr<acc_t>(), v_init.data_ptr<acc_t>(), broadcast ? 0 : 1, grad_x.data_ptr<scalar_t>(),
+            FROM_X ? nullptr : seq.data_ptr<acc_t>(), FROM_X ? seq.data_ptr<scalar_t>() : nullptr, recharge_fn, q,
+            v_init.data_ptr<acc_t>(), broadcast ? 0 : 1, grad_x.data_ptr<scalar_t>(),
             broadcast ? nullptr : grad_v_init.data_ptr<acc_t>(), partials.data(), T, N, params);
       };
       if (!decay_grad) {
@@ -281,12 +357,31 @@ void launch_backward_cpu(const std::optional<at::Tensor>& grad_spikes, const std
   }
 }
 
+void launch_backward_cpu(const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v,
+                         const at::Tensor& h_seq, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                         bool decay_grad, const ScalarArgs& a, at::Tensor& grad_x, at::Tensor& grad_v_init,
+                         at::Tensor& grad_decay) {
+  launch_backward_cpu_impl<false>(grad_spikes, grad_v, h_seq, v_init, decay, decay_grad, a, grad_x, grad_v_init,
+                                  grad_decay);
+}
+
+void launch_backward_from_x_cpu(const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v,
+                                const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                                bool decay_grad, const ScalarArgs& a, at::Tensor& grad_x, at::Tensor& grad_v_init,
+                                at::Tensor& grad_decay) {
+  launch_backward_cpu_impl<true>(grad_spikes, grad_v, x, v_init, decay, decay_grad, a, grad_x, grad_v_init,
+                                 grad_decay);
+}
+
 }  // namespace lif
 }  // namespace snnkd
 
 TORCH_LIBRARY_IMPL(snnkd_fast, CPU, m) {
+  using snnkd::lif::Keep;
   // the CPU kernels read a one-element v_init themselves (BROADCAST)
-  m.impl("lif_forward", &snnkd::lif::forward_op<snnkd::lif::launch_forward_cpu, false, true>);
+  m.impl("lif_forward", &snnkd::lif::forward_op<snnkd::lif::launch_forward_cpu, Keep::kH, true>);
   m.impl("lif_backward", &snnkd::lif::backward_op<snnkd::lif::launch_backward_cpu, true>);
-  m.impl("lif_rate_forward", &snnkd::lif::forward_op<snnkd::lif::launch_rate_forward_cpu, true, true>);
+  m.impl("lif_rate_forward", &snnkd::lif::forward_op<snnkd::lif::launch_rate_forward_cpu, Keep::kEligibility, true>);
+  m.impl("lif_forward_lean", &snnkd::lif::lean_forward_op<snnkd::lif::launch_lean_forward_cpu>);
+  m.impl("lif_backward_from_x", &snnkd::lif::backward_op<snnkd::lif::launch_backward_from_x_cpu, true, true>);
 }

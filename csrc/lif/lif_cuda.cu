@@ -100,5 +100,6 @@ void launch_backward_cuda(const std::optional<at::Tensor>& grad_spikes, const st
 TORCH_LIBRARY_IMPL(snnkd_fast, CUDA, m) {
   m.impl("lif_forward", &snnkd::lif::forward_op<snnkd::lif::launch_forward_cuda>);
   m.impl("lif_backward", &snnkd::lif::backward_op<snnkd::lif::launch_backward_cuda>);
-  m.impl("lif_rate_forward", &snnkd::lif::forward_op<snnkd::lif::launch_rate_forward_cuda, true>);
+  m.impl("lif_rate_forward",
+         &snnkd::lif::forward_op<snnkd::lif::launch_rate_forward_cuda, snnkd::lif::Keep::kEligibility>);
 }

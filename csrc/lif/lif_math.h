@@ -71,16 +71,29 @@ SNNKD_HD void set_gains(NeuronParams<acc_t>& p) {
 // NeuronParams whose mode fields are compile-time constants (they hide the base's runtime fields):
 // the same math functions below, instantiated with it, have no branches on the mode, so the CPU
 // compiler vectorizes the per-neuron loops. The runtime scalars (tau, v_threshold, ...) are inherited.
+// EXACT_RECIPROCAL_TAU: LIF's tau is a power of two (see reciprocal_is_exact); the charge then
+// multiplies by 1/tau instead of dividing.
 template <typename acc_t, int NEURON, bool DECAY_INPUT, bool SOFT_RESET, bool DETACH_RESET = false,
-          int SURROGATE = kSigmoid>
+          int SURROGATE = kSigmoid, bool EXACT_RECIPROCAL_TAU = false>
 struct StaticNeuronParams : NeuronParams<acc_t> {
   static constexpr int neuron = NEURON;
   static constexpr bool decay_input = DECAY_INPUT;
   static constexpr bool soft_reset = SOFT_RESET;
   static constexpr bool detach_reset = DETACH_RESET;
   static constexpr int surrogate = SURROGATE;
+  static constexpr bool exact_reciprocal_tau = EXACT_RECIPROCAL_TAU;
   explicit StaticNeuronParams(const NeuronParams<acc_t>& p) : NeuronParams<acc_t>(p) {}
 };
+
+// Whether 1/tau is exact (tau a power of two: 2, SpikingJelly's default, 4, 0.5, ...): then v / tau
+// and v * (1/tau) are the same number for every v -- both are the exact quotient rounded once --
+// and the charge may multiply by leak_rate (1/tau). The division is what the CPU's recomputing
+// backward (lif_backward_from_x) spends most on: ~25% of its time at tau = 2 (measured).
+template <typename acc_t>
+inline bool reciprocal_is_exact(acc_t tau) {
+  int exponent = 0;
+  return tau > acc_t(0) && std::frexp(tau, &exponent) == acc_t(0.5) && std::isnormal(acc_t(1) / tau);
+}
 
 // ---- exact-rounding helpers -------------------------------------------------------------------
 // On the host the build passes -ffp-contract=off; on the device the intrinsics pin the rounding.
@@ -114,13 +127,35 @@ SNNKD_HD double div_rn(double a, double b) {
 }
 
 // ---- forward -------------------------------------------------------------------------------
+// P::exact_reciprocal_tau where P declares it (StaticNeuronParams), else false.
+template <typename P, typename = void>
+struct HasExactReciprocalTau {
+  static constexpr bool value = false;
+};
+template <typename P>
+struct HasExactReciprocalTau<P, decltype(void(P::exact_reciprocal_tau))> {
+  static constexpr bool value = P::exact_reciprocal_tau;
+};
+template <typename P>
+SNNKD_HD constexpr bool exact_reciprocal_tau_of() {
+  return HasExactReciprocalTau<P>::value;
+}
+
+// value / tau, LIF's decay: a multiply by 1/tau where that is exact (StaticNeuronParams'
+// exact_reciprocal_tau; the runtime NeuronParams of the CUDA kernels always divide).
+template <typename acc_t, typename P>
+SNNKD_HD acc_t over_tau(acc_t value, const P& p) {
+  if (exact_reciprocal_tau_of<P>()) return mul_rn(value, p.leak_rate);
+  return div_rn(value, p.tau);
+}
+
 // H[t] from V[t-1] and X[t]; SpikingJelly's operation order (see the header comment).
 template <typename acc_t, typename P>
 SNNKD_HD acc_t charge(acc_t v, acc_t x, const P& p) {
   const acc_t v_rest = p.soft_reset ? acc_t(0) : p.v_reset;
   if (p.neuron == kIF) return v + x;
   if (p.neuron == kLIF) {
-    return p.decay_input ? v + div_rn(x - (v - v_rest), p.tau) : (v - div_rn(v - v_rest, p.tau)) + x;
+    return p.decay_input ? v + over_tau(x - (v - v_rest), p) : (v - over_tau(v - v_rest, p)) + x;
   }
   // kPLIF
   return p.decay_input ? v + mul_rn(x - (v - v_rest), p.decay) : (v - mul_rn(v - v_rest, p.decay)) + x;

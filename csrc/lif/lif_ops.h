@@ -96,8 +96,9 @@ inline void check_backward_args(const std::optional<at::Tensor>& grad_spikes,
                                 const ScalarArgs& a) {
   TORCH_CHECK(h_seq.dim() >= 1 && h_seq.is_contiguous() && v_init.is_contiguous(),
               "snnkd_fast::lif_backward: h_seq and v_init must be contiguous");
-  TORCH_CHECK(v_init_fits(v_init, h_seq.size(0), h_seq.numel()) && v_init.scalar_type() == h_seq.scalar_type(),
-              "snnkd_fast::lif_backward: v_init must be one step of h_seq (or one value), same dtype");
+  TORCH_CHECK(v_init_fits(v_init, h_seq.size(0), h_seq.numel()) &&
+                  v_init.scalar_type() == acc_dtype(h_seq.scalar_type()),
+              "snnkd_fast::lif_backward: v_init must be one step of h_seq (or one value), in its acc dtype");
   if (grad_spikes.has_value()) {
     TORCH_CHECK(grad_spikes->is_contiguous() && grad_spikes->sizes() == h_seq.sizes(),
                 "snnkd_fast::lif_backward: grad_spikes must be contiguous and shaped like h_seq");
@@ -131,12 +132,26 @@ void launch_backward_cpu(const std::optional<at::Tensor>& grad_spikes, const std
                          const at::Tensor& h_seq, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
                          bool decay_grad, const ScalarArgs& a, at::Tensor& grad_x, at::Tensor& grad_v_init,
                          at::Tensor& grad_decay);
+// CPU only: the lean pair (lif_forward_lean writes no H; lif_backward_from_x recomputes it from x).
+void launch_lean_forward_cpu(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                             const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& unused);
+void launch_backward_from_x_cpu(const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v,
+                                const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                                bool decay_grad, const ScalarArgs& a, at::Tensor& grad_x, at::Tensor& grad_v_init,
+                                at::Tensor& grad_decay);
+
+// What a forward keeps for its backward (its third output).
+enum class Keep {
+  kH,            // H [T, ...] in the acc dtype, for the BPTT backward (lif_forward)
+  kEligibility,  // the eligibility e [...] (acc dtype), for the rate-based backward (lif_rate_forward)
+  kNothing,      // nothing: the backward recomputes H from x (lif_forward_lean / lif_backward_from_x)
+};
 
 // snnkd_fast::lif_forward for one device:
-// (spikes [T, ...] in x's dtype, v_final [...] in the acc dtype, h_seq [T, ...] in the acc dtype);
-// with RATE, snnkd_fast::lif_rate_forward: the third output is the eligibility [...] (acc dtype).
+// (spikes [T, ...] in x's dtype, v_final [...] in the acc dtype, and what KEEP says: h_seq [T, ...]
+// in the acc dtype; for lif_rate_forward the eligibility [...]; an undefined tensor for kNothing).
 // BROADCAST: the launcher reads a one-element v_init itself (else it gets one materialised).
-template <ForwardLauncher launch, bool RATE = false, bool BROADCAST = false>
+template <ForwardLauncher launch, Keep KEEP = Keep::kH, bool BROADCAST = false>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, const at::Tensor& v_init,
                                                           const std::optional<at::Tensor>& decay, int64_t neuron,
                                                           double tau, bool decay_input, double v_threshold,
@@ -146,12 +161,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, c
   check_forward_args(x, v_init, decay, a);
   auto acc_options = x.options().dtype(acc_dtype(x.scalar_type()));
   at::Tensor spikes = at::empty_like(x, at::MemoryFormat::Contiguous);
-  // What the backward keeps: H [T, ...] for BPTT, the eligibility [...] for the rate-based backward.
-  at::Tensor saved = at::empty(RATE ? x.sizes().slice(1) : x.sizes(), acc_options);
+  at::Tensor saved;
+  if (KEEP != Keep::kNothing) saved = at::empty(KEEP == Keep::kH ? x.sizes() : x.sizes().slice(1), acc_options);
   at::Tensor v_final = at::empty(x.sizes().slice(1), acc_options);
   if (x.numel() == 0) {
     v_final.copy_(v_init.view(v_final.sizes()));
-    if (RATE) saved.zero_();
+    if (KEEP == Keep::kEligibility) saved.zero_();
   } else if (!BROADCAST && broadcast_v_init(v_init, v_final.numel())) {
     launch(x, per_neuron_v_init(v_init, v_final.numel()), decay, a, spikes, v_final, saved);
   } else {
@@ -160,41 +175,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, c
   return {spikes, v_final, saved};
 }
 
+// snnkd_fast::lif_forward_lean for one device: (spikes, v_final), no H written (8 bytes per
+// neuron-step in fp32 where lif_forward moves 12); its backward is lif_backward_from_x.
+template <ForwardLauncher launch>
+std::tuple<at::Tensor, at::Tensor> lean_forward_op(const at::Tensor& x, const at::Tensor& v_init,
+                                                   const std::optional<at::Tensor>& decay, int64_t neuron, double tau,
+                                                   bool decay_input, double v_threshold, double v_reset,
+                                                   bool soft_reset, bool detach_reset, int64_t surrogate,
+                                                   double alpha) {
+  auto [spikes, v_final, none] = forward_op<launch, Keep::kNothing, true>(
+      x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset, soft_reset, detach_reset, surrogate, alpha);
+  return {spikes, v_final};
+}
+
 // snnkd_fast::lif_backward for one device:
 // (grad_x [T, ...] in grad_dtype, grad_v_init [...] acc ([0] for a one-element v_init broadcast to
 // every neuron), grad_decay [] acc, zero unless requested). BROADCAST as in forward_op; the launcher
-// then gets an empty grad_v_init and writes none.
-template <BackwardLauncher launch, bool BROADCAST = false>
+// then gets an empty grad_v_init and writes none. FROM_X: snnkd_fast::lif_backward_from_x, whose
+// `seq` is the forward's input x (dtype grad_dtype; the launcher recomputes H), else the saved H.
+template <BackwardLauncher launch, bool BROADCAST = false, bool FROM_X = false>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(
-    const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v, const at::Tensor& h_seq,
+    const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v, const at::Tensor& seq,
     const at::Tensor& v_init, const std::optional<at::Tensor>& decay, at::ScalarType grad_dtype, int64_t neuron,
     double tau, bool decay_input, double v_threshold, double v_reset, bool soft_reset, bool detach_reset,
     int64_t surrogate, double alpha, bool decay_grad) {
   const ScalarArgs a{neuron, tau, decay_input, v_threshold, v_reset, soft_reset, detach_reset, surrogate, alpha};
-  check_backward_args(grad_spikes, grad_v, h_seq, v_init, decay, a);
+  check_backward_args(grad_spikes, grad_v, seq, v_init, decay, a);
   TORCH_CHECK(!grad_spikes.has_value() || grad_spikes->scalar_type() == grad_dtype,
               "snnkd_fast::lif_backward: grad_spikes must have the dtype of x");
-  at::Tensor grad_x = at::empty(h_seq.sizes(), h_seq.options().dtype(grad_dtype));
-  at::Tensor grad_decay = at::zeros({}, h_seq.options());
+  TORCH_CHECK(FROM_X ? seq.scalar_type() == grad_dtype : seq.scalar_type() == acc_dtype(seq.scalar_type()),
+              FROM_X ? "snnkd_fast::lif_backward_from_x: grad_dtype must be the dtype of x"
+                     : "snnkd_fast::lif_backward: h_seq must be float32 (float64 for float64 x)");
+  const auto acc_options = seq.options().dtype(acc_dtype(seq.scalar_type()));
+  at::Tensor grad_x = at::empty(seq.sizes(), seq.options().dtype(grad_dtype));
+  at::Tensor grad_decay = at::zeros({}, acc_options);
   const bool plif_grad = decay_grad && a.neuron == kPLIF;
-  if (h_seq.numel() > 0 && broadcast_v_init(v_init, h_seq.numel() / h_seq.size(0))) {
-    at::Tensor no_grad_v_init = at::empty({0}, h_seq.options());
+  if (seq.numel() > 0 && broadcast_v_init(v_init, seq.numel() / seq.size(0))) {
+    at::Tensor no_grad_v_init = at::empty({0}, acc_options);
     if (BROADCAST) {
-      launch(grad_spikes, grad_v, h_seq, v_init, decay, plif_grad, a, grad_x, no_grad_v_init, grad_decay);
+      launch(grad_spikes, grad_v, seq, v_init, decay, plif_grad, a, grad_x, no_grad_v_init, grad_decay);
     } else {
-      const int64_t N = h_seq.numel() / h_seq.size(0);
-      at::Tensor scratch = at::empty({N}, h_seq.options());
-      launch(grad_spikes, grad_v, h_seq, per_neuron_v_init(v_init, N), decay, plif_grad, a, grad_x, scratch,
+      const int64_t N = seq.numel() / seq.size(0);
+      at::Tensor scratch = at::empty({N}, acc_options);
+      launch(grad_spikes, grad_v, seq, per_neuron_v_init(v_init, N), decay, plif_grad, a, grad_x, scratch,
              grad_decay);
     }
     return {grad_x, no_grad_v_init, grad_decay};
   }
-  at::Tensor grad_v_init = at::empty(h_seq.sizes().slice(1), h_seq.options());
-  if (h_seq.numel() == 0) {
+  at::Tensor grad_v_init = at::empty(seq.sizes().slice(1), acc_options);
+  if (seq.numel() == 0) {
     if (grad_v.has_value()) grad_v_init.copy_(grad_v->view(grad_v_init.sizes()));
     else grad_v_init.zero_();
   } else {
-    launch(grad_spikes, grad_v, h_seq, v_init, decay, plif_grad, a, grad_x, grad_v_init, grad_decay);
+    launch(grad_spikes, grad_v, seq, v_init, decay, plif_grad, a, grad_x, grad_v_init, grad_decay);
   }
   return {grad_x, grad_v_init, grad_decay};
 }

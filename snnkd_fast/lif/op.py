@@ -10,9 +10,14 @@ backend (``snnkd_fast._backends.resolve_backend``) and run one of
 The compiled and Triton ops share one schema, one fake (meta) implementation and one autograd
 formula, so ``torch.compile(fullgraph=True)`` traces through them and ``torch.library.opcheck`` passes.
 
-Memory: the backward saves exactly one ``[T, ...]`` tensor, the charged membrane ``h_seq`` in the
-compute dtype (float32, or float64 for float64 inputs), plus ``v_init`` (one step) and, for PLIF,
-the decay scalar. Spikes and the membrane after reset are recomputed from ``h_seq`` in the backward.
+Memory: the backward saves exactly one ``[T, ...]`` tensor, plus ``v_init`` (one step) and, for
+PLIF, the decay scalar. On the GPU (cuda, triton) that tensor is the charged membrane ``h_seq`` in the
+compute dtype (float32, or float64 for float64 inputs); spikes and the membrane after reset are
+recomputed from it in the backward. On the CPU (cpp) it is the input ``x`` itself
+(``lif_forward_lean`` / ``lif_backward_from_x``): the forward writes no H, the backward recomputes
+it from ``x`` block by block in cache, bit for bit the forward's. 20 bytes per fp32 neuron-step move
+over forward and backward instead of 24, and a bf16/fp16 ``x`` is kept in 2 bytes where H takes 4;
+when ``x`` stays alive anyway (a leaf, or an input another op saves) nothing T-long is added at all.
 A ``v_init`` of None or a float reaches the kernel ops as a one-element tensor, one value for every
 neuron: the CPU kernels read the value, so no step-sized tensor is written and read again (8 of the
 24 bytes per neuron a T=1 forward moved) and no gradient is written for it (4 of the backward's 16):
@@ -53,59 +58,75 @@ def _forward_fake(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_res
             x.new_empty(x.shape, dtype=acc))
 
 
-def _backward_fake(grad_spikes, grad_v, h_seq, v_init, decay, grad_dtype, neuron, tau, decay_input, v_threshold,
+def _backward_fake(grad_spikes, grad_v, seq, v_init, decay, grad_dtype, neuron, tau, decay_input, v_threshold,
                    v_reset, soft_reset, detach_reset, surrogate, alpha, decay_grad):
-    one_value = h_seq.numel() != 0 and broadcasts_v_init(v_init.numel(), math.prod(h_seq.shape[1:]))
-    grad_v_init_shape = (0,) if one_value else h_seq.shape[1:]
-    return (h_seq.new_empty(h_seq.shape, dtype=grad_dtype), h_seq.new_empty(grad_v_init_shape),
-            h_seq.new_empty(()))
+    # seq: the saved H (lif_backward) or the forward's input x (lif_backward_from_x)
+    one_value = seq.numel() != 0 and broadcasts_v_init(v_init.numel(), math.prod(seq.shape[1:]))
+    grad_v_init_shape = (0,) if one_value else seq.shape[1:]
+    acc = compute_dtype(seq.dtype)
+    return (seq.new_empty(seq.shape, dtype=grad_dtype), seq.new_empty(grad_v_init_shape, dtype=acc),
+            seq.new_empty((), dtype=acc))
+
+
+def _lean_forward_fake(x, v_init, decay, *scalars):
+    # (spikes, v_final): lif_forward_lean, and the eager C++ ops neuron_multistep(_rate)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
+        x.shape[1:], dtype=compute_dtype(x.dtype))
 
 
 def _setup_context(ctx, inputs, output):
+    _save_context(ctx, inputs, output[2])  # h_seq: the one [T, ...] tensor kept
+    ctx.mark_non_differentiable(output[2])
+
+
+def _setup_lean_context(ctx, inputs, output):
+    _save_context(ctx, inputs, inputs[0])  # x: the one [T, ...] tensor kept; the backward recomputes H
+
+
+def _save_context(ctx, inputs, kept: Tensor):
     x, v_init, decay, *scalars = inputs
     if ctx.needs_input_grad[1] and broadcasts_v_init(v_init.numel(), math.prod(x.shape[1:])):
         raise ValueError("snnkd_fast::lif_forward: a one-element v_init stands for one value for every neuron and "
                          "gets no gradient; expand it to one step of x to differentiate it")
-    ctx.save_for_backward(output[2], v_init, decay)  # h_seq: the one [T, ...] tensor kept
+    ctx.save_for_backward(kept, v_init, decay)
     ctx.x_dtype = x.dtype
     ctx.scalars = tuple(scalars)
-    ctx.mark_non_differentiable(output[2])
     ctx.set_materialize_grads(False)  # an unused spike or membrane output costs no zero tensor
 
 
 def _make_backward(backward_op):
-    def backward(ctx, grad_spikes, grad_v, _grad_h_seq):
-        h_seq, v_init, decay = ctx.saved_tensors
+    # the first saved tensor is H (lif_backward) or x (lif_backward_from_x): the op knows which
+    def backward(ctx, grad_spikes, grad_v, *_grad_h_seq):
+        kept, v_init, decay = ctx.saved_tensors
         decay_grad = ctx.needs_input_grad[2]
         grad_x, grad_v_init, grad_decay = backward_op(
             None if grad_spikes is None else grad_spikes.contiguous(),
             None if grad_v is None else grad_v.contiguous(),
-            h_seq, v_init, decay, ctx.x_dtype, *ctx.scalars, decay_grad)
+            kept, v_init, decay, ctx.x_dtype, *ctx.scalars, decay_grad)
         return ((grad_x, grad_v_init if ctx.needs_input_grad[1] else None, grad_decay if decay_grad else None)
                 + (None,) * len(ctx.scalars))
 
     return backward
 
 
-def _register(forward_name: str, backward_name: str, backward_op):
-    torch.library.register_fake(forward_name)(_forward_fake)
+def _register(forward_name: str, backward_name: str, backward_op, lean: bool = False):
+    torch.library.register_fake(forward_name)(_lean_forward_fake if lean else _forward_fake)
     torch.library.register_fake(backward_name)(_backward_fake)
-    register_autograd(forward_name, _make_backward(backward_op), _setup_context)
+    register_autograd(forward_name, _make_backward(backward_op), _setup_lean_context if lean else _setup_context)
 
 
 _COMPILED_OPS_REGISTERED = False
 if hasattr(torch.ops.snnkd_fast, "lif_forward"):  # the extension is built (see snnkd_fast._backends)
     _register("snnkd_fast::lif_forward", "snnkd_fast::lif_backward", torch.ops.snnkd_fast.lif_backward)
+    # The CPU's pair (the cpp backend): no H written, recomputed from x in the backward (module docstring)
+    _register("snnkd_fast::lif_forward_lean", "snnkd_fast::lif_backward_from_x",
+              torch.ops.snnkd_fast.lif_backward_from_x, lean=True)
     _COMPILED_OPS_REGISTERED = True
 
     # The eager paths of lif_forward and lif_rate_forward on cpp/cuda (csrc/lif/lif_autograd.cpp: C++
     # autograd kernels of the formulas here); their fake kernel, so that opcheck and tracing work.
-    def _neuron_multistep_fake(x, v_init, decay, *scalars):
-        return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
-            x.shape[1:], dtype=compute_dtype(x.dtype))
-
-    torch.library.register_fake("snnkd_fast::neuron_multistep")(_neuron_multistep_fake)
-    torch.library.register_fake("snnkd_fast::neuron_multistep_rate")(_neuron_multistep_fake)
+    torch.library.register_fake("snnkd_fast::neuron_multistep")(_lean_forward_fake)
+    torch.library.register_fake("snnkd_fast::neuron_multistep_rate")(_lean_forward_fake)
 
 
 @torch.library.custom_op("snnkd_fast::lif_forward_triton", mutates_args=())
@@ -277,7 +298,7 @@ def _make_config(op_name: str, neuron: int, tau, decay_input, v_threshold, v_res
 BACKWARD_MODES = ("bptt", "rate")
 
 _KERNEL_OPS = {  # (backend, backward) -> op name in torch.ops.snnkd_fast
-    ("cpp", "bptt"): "lif_forward", ("cuda", "bptt"): "lif_forward", ("triton", "bptt"): "lif_forward_triton",
+    ("cpp", "bptt"): "lif_forward_lean", ("cuda", "bptt"): "lif_forward", ("triton", "bptt"): "lif_forward_triton",
     ("cpp", "rate"): "lif_rate_forward", ("cuda", "rate"): "lif_rate_forward",
     ("triton", "rate"): "lif_rate_forward_triton",
 }
@@ -312,8 +333,8 @@ def neuron_multistep(x_seq: Tensor, v_init, w: Optional[Tensor], cfg: NeuronConf
                 torch.ops.snnkd_fast.neuron_multistep_rate
             spikes, v_final = op(x_seq.contiguous(), v0.contiguous(), decay, *cfg.op_args())
         else:
-            spikes, v_final, _ = call_with_autograd("snnkd_fast::" + _KERNEL_OPS[backend, backward],
-                                                    x_seq.contiguous(), v0.contiguous(), decay, *cfg.op_args())
+            spikes, v_final = call_with_autograd("snnkd_fast::" + _KERNEL_OPS[backend, backward],
+                                                 x_seq.contiguous(), v0.contiguous(), decay, *cfg.op_args())[:2]
     return (spikes, v_final) if return_v else spikes
 
 
