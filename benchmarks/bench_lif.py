@@ -20,8 +20,9 @@ first re-executes itself with the timing malloc settings
 (``common.TIMING_MALLOC_ENV``; ``--default-malloc`` opts out).
 
 Roofline: the least traffic a fused kernel needs per neuron-step is, forward, read x + write the
-spike + write the saved membrane (float32), and backward, read the spike gradient + read the saved
-membrane + write the input gradient: 12 B each way in fp32, 8 B in bf16. ``achieved_GBps`` divides
+spike, and backward, read the spike gradient + read x (H recomputed from it, as our CPU kernels do)
++ write the input gradient: 8 + 12 B in fp32, 4 + 6 B in bf16. Kernels that save the membrane H
+instead (float32: our GPU kernels, SpikingJelly) move 4 B more each way. ``achieved_GBps`` divides
 that minimum by the measured time for every implementation alike (an effective bandwidth; a peer
 that moves more bytes simply scores lower), and ``pct_peak`` relates it to the device's peak.
 """
@@ -54,7 +55,6 @@ TABLE_PEERS = ("spikingjelly",)  # the peer with the same semantics has a column
 # What a peer runs on this device where it chooses itself (recorded in meta["peer_implementations"]).
 PEER_IMPLEMENTATIONS: dict[str, Any] = {}
 MEMORY_PRELOAD = ("snnkd_fast", "spikingjelly.activation_based.neuron", "snntorch")
-STATE_BYTES = 4  # the membrane saved for the backward is float32 for fp32/bf16/fp16 inputs
 NOTES = (
     "spikingjelly: LIFNode(tau=2.0, step_mode='m'), the same LIF as ours (decay_input, hard reset to 0, "
     "'>=' threshold, sigmoid surrogate).",
@@ -90,8 +90,8 @@ class Case:
 
     def min_bytes(self, pass_: str) -> int:
         """Least bytes a fused kernel moves for ``pass_`` (see the module docstring)."""
-        per_direction = 2 * self.dtype.itemsize + STATE_BYTES
-        return math.prod(self.shape) * per_direction * (2 if pass_ == "fwdbwd" else 1)
+        streams = {"fwd": 2, "bwd": 3, "fwdbwd": 5}[pass_]
+        return math.prod(self.shape) * streams * self.dtype.itemsize
 
 
 def build_grid(device: torch.device, quick: bool) -> list[Case]:
