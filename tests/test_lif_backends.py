@@ -204,7 +204,8 @@ def test_cpu_lean_pair_is_the_saved_h_pair(dtype, shape):
     from x block by block, one block ahead of the backward) give lif_forward + lif_backward's bits:
     spikes, v_final, grad_x, grad_v_init and PLIF's decay gradient, for every mode and surrogate,
     tau a power of two (the charge multiplies by 1/tau) or not, per-neuron or one-value v_init, with
-    and without a membrane gradient; shapes with a partial block, T = 1, several threads' tasks."""
+    and without a spike or membrane gradient; shapes with a partial block, T = 1, several threads'
+    tasks."""
     if not snnkd_fast.backends()["cpp"]:
         pytest.skip(snnkd_fast.backends()["cpp"].reason)
     ops = torch.ops.snnkd_fast
@@ -225,13 +226,12 @@ def test_cpu_lean_pair_is_the_saved_h_pair(dtype, shape):
                     lean_spikes, lean_v_final = ops.lif_forward_lean(x, v_init, decay, *scalars)
                     case = f"{scalars} v_init={v_name}"
                     assert torch.equal(lean_spikes, spikes) and torch.equal(lean_v_final, v_final), case
-                    for gv in (grad_v, None):
-                        expected = ops.lif_backward(grad_spikes, gv, h_seq, v_init, decay, dtype, *scalars,
-                                                    neuron == 2)
-                        got = ops.lif_backward_from_x(grad_spikes, gv, x, v_init, decay, dtype, *scalars,
-                                                      neuron == 2)
+                    for gs, gv in ((grad_spikes, grad_v), (grad_spikes, None), (None, grad_v)):
+                        expected = ops.lif_backward(gs, gv, h_seq, v_init, decay, dtype, *scalars, neuron == 2)
+                        got = ops.lif_backward_from_x(gs, gv, x, v_init, decay, dtype, *scalars, neuron == 2)
                         for name, a, b in zip(("grad_x", "grad_v_init", "grad_decay"), got, expected):
-                            assert a.dtype == b.dtype and torch.equal(a, b), f"{name} {case} grad_v={gv is not None}"
+                            assert a.dtype == b.dtype and torch.equal(a, b), (
+                                f"{name} {case} grad_spikes={gs is not None} grad_v={gv is not None}")
 
 
 def test_cpu_lean_pair_edges():

@@ -137,6 +137,18 @@ void recharge_step(const scalar_t* x_row, int64_t len, acc_t* v, acc_t* h_row, c
   }
 }
 
+// A block's initial membrane: v_init_step 0 is one value for every neuron (lif_ops.h,
+// broadcast_v_init). Two plain loops: indexed by (n0 + i) * step, GCC gathered it element by element
+// (~7% of a backward).
+template <typename acc_t>
+void load_v_init(acc_t* dst, const acc_t* v_init, int64_t v_init_step, int64_t n0, int64_t len) {
+  if (v_init_step == 0) {
+    for (int64_t i = 0; i < len; ++i) dst[i] = v_init[0];
+  } else {
+    for (int64_t i = 0; i < len; ++i) dst[i] = v_init[n0 + i];
+  }
+}
+
 template <Keep KEEP, typename scalar_t, typename acc_t, typename P>
 void forward_kernel(const scalar_t* x, const acc_t* v_init, int64_t v_init_step, scalar_t* spikes, acc_t* v_final,
                     acc_t* out, int64_t T, int64_t N, const P p, EligibilityFn<acc_t> eligibility_fn,
@@ -151,8 +163,7 @@ void forward_kernel(const scalar_t* x, const acc_t* v_init, int64_t v_init_step,
     for (int64_t b = block_begin; b < block_end; ++b) {
       const int64_t n0 = b * kBlock;
       const int64_t len = std::min(kBlock, N - n0);
-      // v_init_step 0: one value for every neuron (lif_ops.h, broadcast_v_init)
-      for (int64_t i = 0; i < len; ++i) v[i] = v_init[(n0 + i) * v_init_step];
+      load_v_init(v, v_init, v_init_step, n0, len);
       if (RATE) {
         for (int64_t i = 0; i < len; ++i) f[i] = q.input_gain;
         for (int64_t i = 0; i < len; ++i) e_sum[i] = acc_t(0);
@@ -192,7 +203,9 @@ void backward_kernel(const scalar_t* grad_spikes, const acc_t* grad_v, const acc
     // backward ~3x slower without the copy).
     const P p = params;
     acc_t gv[kBlock];
-    acc_t gs[kBlock];
+    // no spike gradient: a row of zeros (copying each row into a block array instead, which GCC made
+    // a memcpy call per row, took ~10% of the backward)
+    const std::vector<scalar_t> zero_row(grad_spikes != nullptr ? 0 : kBlock, static_cast<scalar_t>(0));
     acc_t v_prev[kBlock];
     acc_t decay_terms[kBlock];
     // Recomputed H, two [T, kBlock] buffers: the backward of block b reads one while the same loop
@@ -203,7 +216,7 @@ void backward_kernel(const scalar_t* grad_spikes, const acc_t* grad_v, const acc
     acc_t membrane[kBlock];
     auto recharge_begin = [&](int64_t block) {  // block's membrane at v_init, before its first step
       const int64_t m0 = block * kBlock;
-      for (int64_t i = 0; i < std::min(kBlock, N - m0); ++i) membrane[i] = v_init[(m0 + i) * v_init_step];
+      load_v_init(membrane, v_init, v_init_step, m0, std::min(kBlock, N - m0));
     };
     if (recharge_fn != nullptr) {
       recharge_begin(block_begin);
@@ -233,7 +246,7 @@ void backward_kernel(const scalar_t* grad_spikes, const acc_t* grad_v, const acc
       for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t row = t * N + n0;
         const acc_t* h_row = h_block + t * h_step;
-        for (int64_t i = 0; i < len; ++i) gs[i] = grad_spikes ? static_cast<acc_t>(grad_spikes[row + i]) : acc_t(0);
+        const scalar_t* gs = grad_spikes != nullptr ? grad_spikes + row : zero_row.data();
         if (DECAY_GRAD) {
           // V[t-1] is the reset of H[t-1] (v_init at t = 0): recomputed, not saved. Written into
           // v_prev first so that the loop below has no branch on t.
@@ -243,12 +256,12 @@ void backward_kernel(const scalar_t* grad_spikes, const acc_t* grad_v, const acc
               v_prev[i] = reset<acc_t>(h_prev, fire<acc_t>(h_prev, p.v_threshold), p);
             }
           } else {
-            for (int64_t i = 0; i < len; ++i) v_prev[i] = v_init[(n0 + i) * v_init_step];
+            load_v_init(v_prev, v_init, v_init_step, n0, len);
           }
         }
         for (int64_t i = 0; i < len; ++i) {
           const acc_t h = h_row[i];
-          const StepGrad<acc_t> g = backward_step<acc_t>(h, gs[i], gv[i], p);
+          const StepGrad<acc_t> g = backward_step<acc_t>(h, static_cast<acc_t>(gs[i]), gv[i], p);
           grad_x[row + i] = static_cast<scalar_t>(g.grad_x);
           gv[i] = g.grad_v_prev;
           if (DECAY_GRAD) decay_terms[i] += g.grad_h * dh_ddecay<acc_t>(h, v_prev[i], p);
