@@ -107,6 +107,25 @@ def test_cpu_lane_rows_block_edges(case, C, B, teacher_layout, teacher_grad):
     compare(case, student, teacher, "cpp", torch.float64, teacher_grad=teacher_grad)
 
 
+@pytest.mark.parametrize("loss, entropy_temperature", [(0, 4.0), (1, 4.0), (1, 2.5)], ids=["kl", "tser", "tser_h"])
+@pytest.mark.parametrize("C", [48, 100, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_cpu_row_groups_are_the_single_rows(loss, entropy_temperature, C, dtype):
+    """With a [B, C] teacher the cpp KL/TSER forward takes a sample's student rows four at a time,
+    interleaved (kd_cpu.cpp, row_group_sums), and the last T mod 4 one by one; a per-timestep teacher
+    takes every row alone. The same teacher given both ways gives the same bits: rows and statistics,
+    for T with and without a remainder."""
+    skip_unless_runnable("cpp", "cpu", family="kd")
+    for T in (1, 3, 4, 5, 9):
+        student = logits((T, 6, C), dtype=dtype)
+        teacher = logits((6, C), seed=1, dtype=dtype)
+        args = (loss, 4.0, entropy_temperature, 0.1, 0.5)
+        grouped = torch.ops.snnkd_fast.kd_rows_forward(student, teacher, *args)
+        single = torch.ops.snnkd_fast.kd_rows_forward(student, teacher.expand(T, 6, C).contiguous(), *args)
+        for name, a, b in zip(("rows", "stats"), grouped[:2], single[:2]):
+            assert torch.equal(a, b), f"{name} T={T}"
+
+
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_backward_saves_only_the_inputs_at_sequence_size(kd_target, case):
     """What autograd keeps for the backward: the student and teacher themselves (no copies) and

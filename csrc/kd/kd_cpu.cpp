@@ -1,8 +1,9 @@
 // CPU kernels of the fused KD losses (per-timestep KL, TSER, HTA-KL). Parallel over samples b: a
 // sample's teacher row is turned once into per-thread buffers of its log-probabilities and
 // probabilities (and, for HTA, its head mask), which all T of its student rows then reuse; each student
-// row takes two vectorized passes (max; sums, one exp per element; HTA two more for its weights) and
-// writes only per-row results: the loss [T, B] and the statistics [T, B, 5] the backward needs. The
+// row takes two vectorized passes (max; sums, one exp per element; HTA two more for its weights; KL
+// and TSER rows of a [B, C] teacher four at a time, interleaved: row_group_sums) and writes only
+// per-row results: the loss [T, B] and the statistics [T, B, 5] the backward needs. The
 // backward takes one pass per student row (one exp per element) and sums a [B, C] teacher's gradient
 // over t in a per-thread row. Arithmetic is in the accumulation type (float, or double for double
 // inputs) with fast_exp; the forward's rows are padded to whole vectors and summed in explicit lanes
@@ -38,6 +39,60 @@ void with_loss(int64_t loss, F&& f) {
   }
 }
 
+// The sums of a student row's forward pass against its sample's teacher (p, u = z_t / tau):
+// l_s = sum e^{s - m_s}, kl_sum = sum p (u - s), and for TSER qh_s = sum e^{s - m_s} s.
+template <typename acc_t>
+struct RowSums {
+  acc_t z_max, l_s, kl_sum, qh_s;
+};
+
+// Student rows interleaved per KL/TSER forward pass (kRowGroup rows of one sample sharing its
+// teacher): one row's pass at C = 100 is a chain of dependent steps (max, exps, lane sums, log) that
+// leaves the core mostly idle; four independent chains side by side fill it. Each row's sums keep
+// the single-row order (the same lanes, the same steps): the same bits.
+constexpr int kRowGroup = 4;
+
+template <int LOSS, typename acc_t>
+void row_group_sums(const acc_t* const (&z)[kRowGroup], int64_t n, acc_t inv_tau, const acc_t* p, const acc_t* u,
+                    RowSums<acc_t> (&out)[kRowGroup]) {
+  acc_t max_lanes[kRowGroup][kRowLanes];
+  for (int r = 0; r < kRowGroup; ++r) {
+    for (int j = 0; j < kRowLanes; ++j) max_lanes[r][j] = -std::numeric_limits<acc_t>::infinity();
+  }
+  for (int64_t i = 0; i < n; i += kRowLanes) {
+#pragma GCC unroll 4
+    for (int r = 0; r < kRowGroup; ++r) {
+#pragma omp simd
+      for (int j = 0; j < kRowLanes; ++j) max_lanes[r][j] = max_of(max_lanes[r][j], z[r][i + j]);
+    }
+  }
+  acc_t m_s[kRowGroup];
+  for (int r = 0; r < kRowGroup; ++r) {
+    out[r].z_max = lane_max(max_lanes[r]);
+    m_s[r] = out[r].z_max * inv_tau;
+  }
+  acc_t l_lanes[kRowGroup][kRowLanes] = {}, kl_lanes[kRowGroup][kRowLanes] = {}, qh_lanes[kRowGroup][kRowLanes] = {};
+  for (int64_t i = 0; i < n; i += kRowLanes) {
+#pragma GCC unroll 4
+    for (int r = 0; r < kRowGroup; ++r) {
+#pragma omp simd
+      for (int j = 0; j < kRowLanes; ++j) {
+        const int64_t c = i + j;
+        const acc_t s = z[r][c] * inv_tau;
+        const acc_t e_s = fast_exp(s - m_s[r]);
+        l_lanes[r][j] += e_s;
+        kl_lanes[r][j] += xmul(p[c], u[c] - s);
+        if (LOSS == kTSER) qh_lanes[r][j] += xmul(e_s, s);
+      }
+    }
+  }
+  for (int r = 0; r < kRowGroup; ++r) {
+    out[r].l_s = lane_sum(l_lanes[r]);
+    out[r].kl_sum = lane_sum(kl_lanes[r]);
+    out[r].qh_s = LOSS == kTSER ? lane_sum(qh_lanes[r]) : acc_t(0);
+  }
+}
+
 template <int LOSS, typename s_t, typename u_t, typename acc_t>
 void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool teacher_per_t, int64_t T, int64_t B,
                     int64_t C, const LossParams& lp, acc_t* rows, acc_t* stats, int32_t* hta_keys) {
@@ -45,25 +100,108 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
   const acc_t tau_sq = acc_t(lp.temperature * lp.temperature), entropy_weight = acc_t(lp.entropy_weight);
   // TSER at its default entropy temperature tau_H = tau: the entropy reuses the KL's softmax
   const bool entropy_shares_softmax = lp.entropy_temperature == lp.temperature;
+  // KL and TSER rows of a [B, C] teacher go kRowGroup at a time (HTA's rows carry more per-row work)
+  const bool grouped = LOSS != kHTA && !teacher_per_t;
   at::parallel_for(0, B, 1, [&](int64_t b_begin, int64_t b_end) {
     TeacherRow<acc_t> teacher(C, LOSS == kHTA);
     const int64_t n = teacher.n;  // the loops' width: C, or C padded to whole vectors (kd_cpu_rows.h)
     std::vector<acc_t> s_buf = padded_row_buffer<acc_t>(C), e_buf(LOSS == kHTA ? n : 0);
+    std::vector<std::vector<acc_t>> group_bufs(grouped ? kRowGroup : 0, padded_row_buffer<acc_t>(C));
     const acc_t* u = teacher.u.data();
     const acc_t* p = teacher.p.data();
     acc_t* e_s_row = e_buf.data();
+
+    // The rest of row (t, b) from its sums (and, for TSER at tau_H != tau and HTA, its logits z):
+    // the loss and the statistics the backward needs.
+    auto finish_row = [&](int64_t t, int64_t b, const acc_t* z, const RowSums<acc_t>& sums, acc_t rev_sum) {
+      const acc_t m_s = sums.z_max * inv_tau, l_s = sums.l_s;
+      acc_t qh_s = sums.qh_s, l_h = 0;
+      // lse_s - lse_u as (m_s - max_u) + log(l_s / sum_u): when q ~ p (a small KL) the two
+      // log-sum-exps nearly cancel, and the log of their ratio keeps the digits they would lose.
+      // lse_s itself is then lse_u + lse_gap: one log per row, not two, for one more rounding.
+      const acc_t lse_gap = (m_s - teacher.max_u) + std::log(l_s / teacher.sum_u);
+      const acc_t lse_s = teacher.lse_u + lse_gap;
+      const acc_t kl_f = sums.kl_sum + lse_gap;
+      acc_t loss = tau_sq * kl_f, aux0 = 0, aux1 = 0;
+      if (LOSS == kTSER) {
+        acc_t lse_h = lse_s;
+        if (entropy_shares_softmax) {
+          l_h = l_s;
+        } else {
+          const acc_t m_h = sums.z_max * inv_tau_h;
+          acc_t lh_lanes[kRowLanes] = {}, qhh_lanes[kRowLanes] = {};
+          for (int64_t i = 0; i < n; i += kRowLanes) {
+#pragma omp simd
+            for (int j = 0; j < kRowLanes; ++j) {
+              const acc_t s_h = z[i + j] * inv_tau_h;
+              const acc_t e_h = fast_exp(s_h - m_h);
+              lh_lanes[j] += e_h;
+              qhh_lanes[j] += xmul(e_h, s_h);
+            }
+          }
+          l_h = lane_sum(lh_lanes);
+          qh_s = lane_sum(qhh_lanes);
+          lse_h = m_h + std::log(l_h);
+        }
+        const acc_t entropy = lse_h - qh_s / l_h;
+        loss -= entropy_weight * entropy;
+        aux0 = lse_h;
+        aux1 = entropy;
+      } else if (LOSS == kHTA) {
+        const acc_t kl_r = rev_sum / l_s - lse_gap;
+        const acc_t inv_l_s = acc_t(1) / l_s;
+        const acc_t* head = teacher.head.data();
+        acc_t head_lanes[kRowLanes] = {}, all_lanes[kRowLanes] = {};
+        for (int64_t i = 0; i < n; i += kRowLanes) {
+#pragma omp simd
+          for (int j = 0; j < kRowLanes; ++j) {
+            const int64_t c = i + j;
+            const acc_t gap = std::fabs(p[c] - e_s_row[c] * inv_l_s);
+            all_lanes[j] += gap;
+            head_lanes[j] += head[c] != acc_t(0) ? gap : acc_t(0);
+          }
+        }
+        const acc_t gap_head = lane_sum(head_lanes), gap_all = lane_sum(all_lanes);
+        const acc_t w_head = gap_all > 0 ? gap_head / gap_all : acc_t(0.5);
+        loss = tau_sq * (w_head * kl_f + (1 - w_head) * kl_r);
+        aux0 = w_head;
+        aux1 = kl_r;
+      }
+      const int64_t row = t * B + b;
+      rows[row] = loss;
+      acc_t* stat = stats + row * kNumStats;
+      stat[kLseS] = lse_s;
+      stat[kLseU] = teacher.lse_u;
+      stat[kKlF] = kl_f;
+      stat[kAux0] = aux0;
+      stat[kAux1] = aux1;
+    };
+
     for (int64_t b = b_begin; b < b_end; ++b) {
-      for (int64_t t = 0; t < T; ++t) {
+      int64_t t = 0;
+      if (grouped) {
+        teacher.load(U + b * us.b, us.c, C, inv_tau, false);
+        for (; t + kRowGroup <= T; t += kRowGroup) {
+          const acc_t* z[kRowGroup];
+          for (int r = 0; r < kRowGroup; ++r) {
+            z[r] = row_as_acc(S + (t + r) * ss.t + b * ss.b, ss.c, C, n, group_bufs[r].data());
+          }
+          RowSums<acc_t> sums[kRowGroup];
+          row_group_sums<LOSS>(z, n, inv_tau, p, u, sums);
+          for (int r = 0; r < kRowGroup; ++r) finish_row(t + r, b, z[r], sums[r], acc_t(0));
+        }
+      }
+      for (; t < T; ++t) {
         const int64_t tt = teacher_per_t ? t : 0;
-        if (t == 0 || teacher_per_t) {
+        if ((t == 0 && !grouped) || teacher_per_t) {  // grouped: loaded above
           teacher.load(U + tt * us.t + b * us.b, us.c, C, inv_tau, LOSS == kHTA);
           if (LOSS == kHTA) {
             teacher.select_head(C, lp.head_threshold, hta_keys + (tt * B + b) * kHtaNum);
           }
         }
         const acc_t* z = row_as_acc(S + t * ss.t + b * ss.b, ss.c, C, n, s_buf.data());
-        const acc_t z_max = row_max(z, n);
-        const acc_t m_s = z_max * inv_tau;
+        RowSums<acc_t> sums{row_max(z, n), 0, 0, 0};
+        const acc_t m_s = sums.z_max * inv_tau;
         // l_s = sum e^{s - m}; kl_sum = sum p (u - s), KL(p||q) = kl_sum + lse_s - lse_u (the
         // multiplicands stay small: sum p (log p - s) would scale p's rounding by |log p|); a zero
         // probability adds nothing (xlogy)
@@ -83,68 +221,10 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
             if (LOSS == kTSER) qh_lanes[j] += xmul(e_s, s);
           }
         }
-        const acc_t l_s = lane_sum(l_lanes), kl_sum = lane_sum(kl_lanes);
-        const acc_t rev_sum = LOSS == kHTA ? lane_sum(rev_lanes) : acc_t(0);
-        acc_t qh_s = LOSS == kTSER ? lane_sum(qh_lanes) : acc_t(0), l_h = 0;
-        // lse_s - lse_u as (m_s - max_u) + log(l_s / sum_u): when q ~ p (a small KL) the two
-        // log-sum-exps nearly cancel, and the log of their ratio keeps the digits they would lose.
-        // lse_s itself is then lse_u + lse_gap: one log per row, not two, for one more rounding.
-        const acc_t lse_gap = (m_s - teacher.max_u) + std::log(l_s / teacher.sum_u);
-        const acc_t lse_s = teacher.lse_u + lse_gap;
-        const acc_t kl_f = kl_sum + lse_gap;
-        acc_t loss = tau_sq * kl_f, aux0 = 0, aux1 = 0;
-        if (LOSS == kTSER) {
-          acc_t lse_h = lse_s;
-          if (entropy_shares_softmax) {
-            l_h = l_s;
-          } else {
-            const acc_t m_h = z_max * inv_tau_h;
-            acc_t lh_lanes[kRowLanes] = {}, qhh_lanes[kRowLanes] = {};
-            for (int64_t i = 0; i < n; i += kRowLanes) {
-#pragma omp simd
-              for (int j = 0; j < kRowLanes; ++j) {
-                const acc_t s_h = z[i + j] * inv_tau_h;
-                const acc_t e_h = fast_exp(s_h - m_h);
-                lh_lanes[j] += e_h;
-                qhh_lanes[j] += xmul(e_h, s_h);
-              }
-            }
-            l_h = lane_sum(lh_lanes);
-            qh_s = lane_sum(qhh_lanes);
-            lse_h = m_h + std::log(l_h);
-          }
-          const acc_t entropy = lse_h - qh_s / l_h;
-          loss -= entropy_weight * entropy;
-          aux0 = lse_h;
-          aux1 = entropy;
-        } else if (LOSS == kHTA) {
-          const acc_t kl_r = rev_sum / l_s - lse_gap;
-          const acc_t inv_l_s = acc_t(1) / l_s;
-          const acc_t* head = teacher.head.data();
-          acc_t head_lanes[kRowLanes] = {}, all_lanes[kRowLanes] = {};
-          for (int64_t i = 0; i < n; i += kRowLanes) {
-#pragma omp simd
-            for (int j = 0; j < kRowLanes; ++j) {
-              const int64_t c = i + j;
-              const acc_t gap = std::fabs(p[c] - e_s_row[c] * inv_l_s);
-              all_lanes[j] += gap;
-              head_lanes[j] += head[c] != acc_t(0) ? gap : acc_t(0);
-            }
-          }
-          const acc_t gap_head = lane_sum(head_lanes), gap_all = lane_sum(all_lanes);
-          const acc_t w_head = gap_all > 0 ? gap_head / gap_all : acc_t(0.5);
-          loss = tau_sq * (w_head * kl_f + (1 - w_head) * kl_r);
-          aux0 = w_head;
-          aux1 = kl_r;
-        }
-        const int64_t row = t * B + b;
-        rows[row] = loss;
-        acc_t* stat = stats + row * kNumStats;
-        stat[kLseS] = lse_s;
-        stat[kLseU] = teacher.lse_u;
-        stat[kKlF] = kl_f;
-        stat[kAux0] = aux0;
-        stat[kAux1] = aux1;
+        sums.l_s = lane_sum(l_lanes);
+        sums.kl_sum = lane_sum(kl_lanes);
+        sums.qh_s = LOSS == kTSER ? lane_sum(qh_lanes) : acc_t(0);
+        finish_row(t, b, z, sums, LOSS == kHTA ? lane_sum(rev_lanes) : acc_t(0));
       }
     }
   });
