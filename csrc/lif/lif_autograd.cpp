@@ -34,28 +34,35 @@ std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t.contiguous()) : std::nullopt;
 }
 
+// The BPTT forward on x's device: (spikes, v_final, the [T, ...] tensor its backward needs). On the
+// CPU that is x itself -- lif_forward_lean writes no H and lif_backward_from_x recomputes it (as
+// _KERNEL_OPS / _setup_lean_context in lif/op.py) -- elsewhere the H lif_forward saves.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bptt_forward(const at::Tensor& x, const at::Tensor& v_init,
+                                                            const std::optional<at::Tensor>& decay, int64_t neuron,
+                                                            double tau, bool decay_input, double v_threshold,
+                                                            double v_reset, bool soft_reset, bool detach_reset,
+                                                            int64_t surrogate, double alpha) {
+  static const auto lif_forward = find_op<Forward>("snnkd_fast::lif_forward");
+  static const auto lif_forward_lean = find_op<LeanForward>("snnkd_fast::lif_forward_lean");
+  if (x.is_cpu()) {
+    auto [spikes, v_final] = lif_forward_lean.call(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset,
+                                                   soft_reset, detach_reset, surrogate, alpha);
+    return {spikes, v_final, x};
+  }
+  return lif_forward.call(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset, soft_reset, detach_reset,
+                          surrogate, alpha);
+}
+
 struct NeuronFunction : public torch::autograd::Function<NeuronFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& v_init,
                                const std::optional<at::Tensor>& decay, int64_t neuron, double tau, bool decay_input,
                                double v_threshold, double v_reset, bool soft_reset, bool detach_reset,
                                int64_t surrogate, double alpha) {
-    static const auto lif_forward = find_op<Forward>("snnkd_fast::lif_forward");
-    static const auto lif_forward_lean = find_op<LeanForward>("snnkd_fast::lif_forward_lean");
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // the device kernel, not the op's Python formula
-    // On the CPU the backward recomputes H from x (lif_backward_from_x): the one [T, ...] tensor kept
-    // is x itself, and the forward writes no H (as _KERNEL_OPS / _setup_lean_context in lif/op.py).
-    const bool from_x = x.is_cpu();
-    at::Tensor spikes, v_final, kept;
-    if (from_x) {
-      std::tie(spikes, v_final) = lif_forward_lean.call(x, v_init, decay, neuron, tau, decay_input, v_threshold,
-                                                        v_reset, soft_reset, detach_reset, surrogate, alpha);
-      kept = x;
-    } else {
-      std::tie(spikes, v_final, kept) = lif_forward.call(x, v_init, decay, neuron, tau, decay_input, v_threshold,
-                                                         v_reset, soft_reset, detach_reset, surrogate, alpha);
-    }
+    auto [spikes, v_final, kept] = bptt_forward(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset,
+                                                soft_reset, detach_reset, surrogate, alpha);
     ctx->save_for_backward({kept, v_init, decay.has_value() ? *decay : at::Tensor()});
-    ctx->saved_data["from_x"] = from_x;
+    ctx->saved_data["from_x"] = x.is_cpu();  // kept is x: the backward is lif_backward_from_x
     ctx->saved_data["x_dtype"] = x.scalar_type();
     ctx->saved_data["ints"] = std::vector<int64_t>{neuron, decay_input, soft_reset, detach_reset, surrogate};
     ctx->saved_data["floats"] = std::vector<double>{tau, v_threshold, v_reset, alpha};
@@ -160,14 +167,8 @@ std::tuple<at::Tensor, at::Tensor> neuron_multistep_plain(const at::Tensor& x, c
                                                           double tau, bool decay_input, double v_threshold,
                                                           double v_reset, bool soft_reset, bool detach_reset,
                                                           int64_t surrogate, double alpha) {
-  static const auto lif_forward = find_op<Forward>("snnkd_fast::lif_forward");
-  static const auto lif_forward_lean = find_op<LeanForward>("snnkd_fast::lif_forward_lean");
-  if (x.is_cpu()) {
-    return lif_forward_lean.call(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset, soft_reset,
-                                 detach_reset, surrogate, alpha);
-  }
-  auto [spikes, v_final, h_seq] = lif_forward.call(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset,
-                                                   soft_reset, detach_reset, surrogate, alpha);
+  auto [spikes, v_final, kept] = bptt_forward(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset,
+                                              soft_reset, detach_reset, surrogate, alpha);
   return {spikes, v_final};
 }
 

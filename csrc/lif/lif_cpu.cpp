@@ -32,8 +32,9 @@ inline int64_t grain_blocks(int64_t T) {
 
 // Run f(StaticNeuronParams<...>) with the call's mode as compile-time constants, so that each
 // instantiation's per-neuron loop has no branch on the mode and vectorizes. The forward fixes the
-// neuron kind (LIF with and without an exact 1/tau), decay_input and the reset kind (16 variants); the backward fixes the surrogate and
-// the reset kind and detach_reset (28 variants) and leaves the rest to loop unswitching.
+// neuron kind (LIF with and without an exact 1/tau), decay_input and the reset kind (16 variants);
+// the backward fixes the surrogate and the reset kind and detach_reset (28 variants) and leaves the
+// rest to loop unswitching.
 template <typename F>
 void with_bool(bool value, F&& f) {
   if (value) f(std::true_type{});

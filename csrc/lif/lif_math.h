@@ -60,6 +60,9 @@ struct NeuronParams {
   // mode-dependent select in the loop would stop the CPU loops from vectorizing.
   acc_t leak_rate;
   acc_t input_gain;
+  // LIF's charge divides by tau; StaticNeuronParams hides this with true where tau is a power of two
+  // (reciprocal_is_exact), and the charge then multiplies by leak_rate (1/tau) instead.
+  static constexpr bool exact_reciprocal_tau = false;
 };
 
 template <typename acc_t>
@@ -127,25 +130,11 @@ SNNKD_HD double div_rn(double a, double b) {
 }
 
 // ---- forward -------------------------------------------------------------------------------
-// P::exact_reciprocal_tau where P declares it (StaticNeuronParams), else false.
-template <typename P, typename = void>
-struct HasExactReciprocalTau {
-  static constexpr bool value = false;
-};
-template <typename P>
-struct HasExactReciprocalTau<P, decltype(void(P::exact_reciprocal_tau))> {
-  static constexpr bool value = P::exact_reciprocal_tau;
-};
-template <typename P>
-SNNKD_HD constexpr bool exact_reciprocal_tau_of() {
-  return HasExactReciprocalTau<P>::value;
-}
-
 // value / tau, LIF's decay: a multiply by 1/tau where that is exact (StaticNeuronParams'
 // exact_reciprocal_tau; the runtime NeuronParams of the CUDA kernels always divide).
 template <typename acc_t, typename P>
 SNNKD_HD acc_t over_tau(acc_t value, const P& p) {
-  if (exact_reciprocal_tau_of<P>()) return mul_rn(value, p.leak_rate);
+  if (P::exact_reciprocal_tau) return mul_rn(value, p.leak_rate);
   return div_rn(value, p.tau);
 }
 
