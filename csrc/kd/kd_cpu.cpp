@@ -46,35 +46,36 @@ struct RowSums {
   acc_t z_max, l_s, kl_sum, qh_s;
 };
 
-// Student rows interleaved per KL/TSER forward pass (kRowGroup rows of one sample sharing its
-// teacher): one row's pass at C = 100 is a chain of dependent steps (max, exps, lane sums, log) that
-// leaves the core mostly idle; four independent chains side by side fill it. Each row's sums keep
-// the single-row order (the same lanes, the same steps): the same bits.
+// The KL/TSER forward's two passes (max; sums) over R student rows of one sample against its
+// teacher, interleaved: one row's pass at C = 100 is a chain of dependent steps (max, exps, lane
+// sums, log) that leaves the core mostly idle; kRowGroup independent chains side by side fill it.
+// Each row's sums keep the single-row order (the same lanes, the same steps): the same bits for
+// every R. R = 1 serves the rows left over and per-timestep teachers.
 constexpr int kRowGroup = 4;
 
-template <int LOSS, typename acc_t>
-void row_group_sums(const acc_t* const (&z)[kRowGroup], int64_t n, acc_t inv_tau, const acc_t* p, const acc_t* u,
-                    RowSums<acc_t> (&out)[kRowGroup]) {
-  acc_t max_lanes[kRowGroup][kRowLanes];
-  for (int r = 0; r < kRowGroup; ++r) {
+template <int LOSS, int R, typename acc_t>
+void row_group_sums(const acc_t* const (&z)[R], int64_t n, acc_t inv_tau, const acc_t* p, const acc_t* u,
+                    RowSums<acc_t> (&out)[R]) {
+  acc_t max_lanes[R][kRowLanes];
+  for (int r = 0; r < R; ++r) {
     for (int j = 0; j < kRowLanes; ++j) max_lanes[r][j] = -std::numeric_limits<acc_t>::infinity();
   }
   for (int64_t i = 0; i < n; i += kRowLanes) {
 #pragma GCC unroll 4
-    for (int r = 0; r < kRowGroup; ++r) {
+    for (int r = 0; r < R; ++r) {
 #pragma omp simd
       for (int j = 0; j < kRowLanes; ++j) max_lanes[r][j] = max_of(max_lanes[r][j], z[r][i + j]);
     }
   }
-  acc_t m_s[kRowGroup];
-  for (int r = 0; r < kRowGroup; ++r) {
+  acc_t m_s[R];
+  for (int r = 0; r < R; ++r) {
     out[r].z_max = lane_max(max_lanes[r]);
     m_s[r] = out[r].z_max * inv_tau;
   }
-  acc_t l_lanes[kRowGroup][kRowLanes] = {}, kl_lanes[kRowGroup][kRowLanes] = {}, qh_lanes[kRowGroup][kRowLanes] = {};
+  acc_t l_lanes[R][kRowLanes] = {}, kl_lanes[R][kRowLanes] = {}, qh_lanes[R][kRowLanes] = {};
   for (int64_t i = 0; i < n; i += kRowLanes) {
 #pragma GCC unroll 4
-    for (int r = 0; r < kRowGroup; ++r) {
+    for (int r = 0; r < R; ++r) {
 #pragma omp simd
       for (int j = 0; j < kRowLanes; ++j) {
         const int64_t c = i + j;
@@ -86,7 +87,7 @@ void row_group_sums(const acc_t* const (&z)[kRowGroup], int64_t n, acc_t inv_tau
       }
     }
   }
-  for (int r = 0; r < kRowGroup; ++r) {
+  for (int r = 0; r < R; ++r) {
     out[r].l_s = lane_sum(l_lanes[r]);
     out[r].kl_sum = lane_sum(kl_lanes[r]);
     out[r].qh_s = LOSS == kTSER ? lane_sum(qh_lanes[r]) : acc_t(0);
@@ -100,13 +101,12 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
   const acc_t tau_sq = acc_t(lp.temperature * lp.temperature), entropy_weight = acc_t(lp.entropy_weight);
   // TSER at its default entropy temperature tau_H = tau: the entropy reuses the KL's softmax
   const bool entropy_shares_softmax = lp.entropy_temperature == lp.temperature;
-  // KL and TSER rows of a [B, C] teacher go kRowGroup at a time (HTA's rows carry more per-row work)
-  const bool grouped = LOSS != kHTA && !teacher_per_t;
   at::parallel_for(0, B, 1, [&](int64_t b_begin, int64_t b_end) {
     TeacherRow<acc_t> teacher(C, LOSS == kHTA);
     const int64_t n = teacher.n;  // the loops' width: C, or C padded to whole vectors (kd_cpu_rows.h)
-    std::vector<acc_t> s_buf = padded_row_buffer<acc_t>(C), e_buf(LOSS == kHTA ? n : 0);
-    std::vector<std::vector<acc_t>> group_bufs(grouped ? kRowGroup : 0, padded_row_buffer<acc_t>(C));
+    // student rows as acc_t (kd_cpu_rows.h, row_as_acc): kRowGroup of them at a time for KL/TSER
+    std::vector<std::vector<acc_t>> row_bufs(LOSS == kHTA ? 1 : kRowGroup, padded_row_buffer<acc_t>(C));
+    std::vector<acc_t> e_buf(LOSS == kHTA ? n : 0);
     const acc_t* u = teacher.u.data();
     const acc_t* p = teacher.p.data();
     acc_t* e_s_row = e_buf.data();
@@ -177,54 +177,62 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
       stat[kAux1] = aux1;
     };
 
+    // KL/TSER rows t0 .. t0 + R - 1 of sample b against the loaded teacher
+    auto kl_rows = [&](int64_t b, int64_t t0, auto rows) {
+      constexpr int R = decltype(rows)::value;
+      const acc_t* z[R];
+      for (int r = 0; r < R; ++r) z[r] = row_as_acc(S + (t0 + r) * ss.t + b * ss.b, ss.c, C, n, row_bufs[r].data());
+      RowSums<acc_t> sums[R];
+      row_group_sums<LOSS, R>(z, n, inv_tau, p, u, sums);
+      for (int r = 0; r < R; ++r) finish_row(t0 + r, b, z[r], sums[r], acc_t(0));
+    };
+
     for (int64_t b = b_begin; b < b_end; ++b) {
-      int64_t t = 0;
-      if (grouped) {
-        teacher.load(U + b * us.b, us.c, C, inv_tau, false);
-        for (; t + kRowGroup <= T; t += kRowGroup) {
-          const acc_t* z[kRowGroup];
-          for (int r = 0; r < kRowGroup; ++r) {
-            z[r] = row_as_acc(S + (t + r) * ss.t + b * ss.b, ss.c, C, n, group_bufs[r].data());
+      if (LOSS != kHTA) {
+        // a [B, C] teacher's rows kRowGroup at a time, the rest (and per-timestep teachers') one by one
+        if (!teacher_per_t) teacher.load(U + b * us.b, us.c, C, inv_tau, false);
+        for (int64_t t = 0; t < T;) {
+          if (teacher_per_t) {
+            teacher.load(U + t * us.t + b * us.b, us.c, C, inv_tau, false);
+          } else if (t + kRowGroup <= T) {
+            kl_rows(b, t, std::integral_constant<int, kRowGroup>{});
+            t += kRowGroup;
+            continue;
           }
-          RowSums<acc_t> sums[kRowGroup];
-          row_group_sums<LOSS>(z, n, inv_tau, p, u, sums);
-          for (int r = 0; r < kRowGroup; ++r) finish_row(t + r, b, z[r], sums[r], acc_t(0));
+          kl_rows(b, t, std::integral_constant<int, 1>{});
+          ++t;
         }
+        continue;
       }
-      for (; t < T; ++t) {
+      for (int64_t t = 0; t < T; ++t) {
         const int64_t tt = teacher_per_t ? t : 0;
-        if ((t == 0 && !grouped) || teacher_per_t) {  // grouped: loaded above
-          teacher.load(U + tt * us.t + b * us.b, us.c, C, inv_tau, LOSS == kHTA);
-          if (LOSS == kHTA) {
-            teacher.select_head(C, lp.head_threshold, hta_keys + (tt * B + b) * kHtaNum);
-          }
+        if (t == 0 || teacher_per_t) {
+          teacher.load(U + tt * us.t + b * us.b, us.c, C, inv_tau, true);
+          teacher.select_head(C, lp.head_threshold, hta_keys + (tt * B + b) * kHtaNum);
         }
-        const acc_t* z = row_as_acc(S + t * ss.t + b * ss.b, ss.c, C, n, s_buf.data());
+        const acc_t* z = row_as_acc(S + t * ss.t + b * ss.b, ss.c, C, n, row_bufs[0].data());
         RowSums<acc_t> sums{row_max(z, n), 0, 0, 0};
-        const acc_t m_s = sums.z_max * inv_tau;
+        // HTA keeps e^{s - m} for its weights: stored by a function of its own, since inside this
+        // function GCC vectorized neither the reduction loop with that store nor a loop of its own.
         // l_s = sum e^{s - m}; kl_sum = sum p (u - s), KL(p||q) = kl_sum + lse_s - lse_u (the
         // multiplicands stay small: sum p (log p - s) would scale p's rounding by |log p|); a zero
         // probability adds nothing (xlogy)
-        // (HTA keeps e^{s - m} for its weights: stored by a function of its own, since inside this
-        // function GCC vectorized neither the reduction loop with that store nor a loop of its own)
-        if (LOSS == kHTA) scaled_exp_row(z, n, inv_tau, m_s, e_s_row);
-        acc_t l_lanes[kRowLanes] = {}, kl_lanes[kRowLanes] = {}, rev_lanes[kRowLanes] = {}, qh_lanes[kRowLanes] = {};
+        scaled_exp_row(z, n, inv_tau, sums.z_max * inv_tau, e_s_row);
+        acc_t l_lanes[kRowLanes] = {}, kl_lanes[kRowLanes] = {}, rev_lanes[kRowLanes] = {};
         for (int64_t i = 0; i < n; i += kRowLanes) {
 #pragma omp simd
           for (int j = 0; j < kRowLanes; ++j) {
             const int64_t c = i + j;
             const acc_t s = z[c] * inv_tau;
-            const acc_t e_s = LOSS == kHTA ? e_s_row[c] : fast_exp(s - m_s);
+            const acc_t e_s = e_s_row[c];
             l_lanes[j] += e_s;
             kl_lanes[j] += xmul(p[c], u[c] - s);
-            if (LOSS == kHTA) rev_lanes[j] += xmul(e_s, s - u[c]);
-            if (LOSS == kTSER) qh_lanes[j] += xmul(e_s, s);
+            rev_lanes[j] += xmul(e_s, s - u[c]);
           }
         }
         sums.l_s = lane_sum(l_lanes);
         sums.kl_sum = lane_sum(kl_lanes);
-        sums.qh_s = LOSS == kTSER ? lane_sum(qh_lanes) : acc_t(0);
-        finish_row(t, b, z, sums, LOSS == kHTA ? lane_sum(rev_lanes) : acc_t(0));
+        finish_row(t, b, z, sums, lane_sum(rev_lanes));
       }
     }
   });
