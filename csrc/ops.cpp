@@ -28,7 +28,8 @@ TORCH_LIBRARY(snnkd_fast, m) {
       "ScalarType grad_dtype, int neuron, float tau, bool decay_input, float v_threshold, float v_reset, "
       "bool soft_reset, bool detach_reset, int surrogate, float alpha, bool decay_grad) "
       "-> (Tensor grad_x, Tensor grad_v_init, Tensor grad_decay)");
-  // The lean pair (CPU kernels only; the neuron ops pick it for CPU tensors): the forward writes no H
+  // The lean pair (CPU and CUDA kernels; the neuron ops pick it for CPU tensors only, until it is
+  // measured on a GPU -- benchmarks/ab_neuron_pairs.py): the forward writes no H
   // and its backward recomputes H from the forward's input x (dtype grad_dtype): 20 bytes per
   // neuron-step over forward+backward in fp32 instead of 24, the same saved memory (x instead of H).
   m.def(

@@ -11,9 +11,11 @@ from conftest import device_for
 from tolerances import assert_grad_close
 
 # (forward, backward) op pairs: the "cuda" backend is lif_forward on CUDA tensors; the cpp backend
-# runs the lean pair (H recomputed from x), lif_forward is its CPU kernel too.
+# runs the lean pair (H recomputed from x), lif_forward is its CPU kernel too; the lean pair's CUDA
+# kernels are registered as well (not yet what the cuda backend runs).
 OPS = {"cpp": ("lif_forward", "lif_backward"), "cpp_lean": ("lif_forward_lean", "lif_backward_from_x"),
-       "cuda": ("lif_forward", "lif_backward"), "triton": ("lif_forward_triton", "lif_backward_triton")}
+       "cuda": ("lif_forward", "lif_backward"), "cuda_lean": ("lif_forward_lean", "lif_backward_from_x"),
+       "triton": ("lif_forward_triton", "lif_backward_triton")}
 VARIANTS = list(OPS)
 # Every test builds its tensors on device_for(backend): on a GPU machine cuda and compiled triton run.
 TRITON_ON_CUDA_TENSORS = True
@@ -71,7 +73,7 @@ def test_one_value_v_init_is_the_expanded_step(variant, neuron):
         if one is not None:
             torch.testing.assert_close(one, expanded, rtol=0, atol=0)
     backward = getattr(torch.ops.snnkd_fast, OPS[variant][1])
-    kept = x.detach() if variant == "cpp_lean" else op(x.detach(), torch.full((1,), 0.3, device=device), decay,
+    kept = x.detach() if variant.endswith("_lean") else op(x.detach(), torch.full((1,), 0.3, device=device), decay,
                                                         *scalars)[2]
     grads = backward(torch.ones_like(x), None, kept, torch.full((1,), 0.3, device=device),
                      None if decay is None else decay.detach(), x.dtype, *scalars, neuron == 2)

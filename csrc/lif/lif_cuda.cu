@@ -33,37 +33,47 @@ const void* optional_ptr(const std::optional<at::Tensor>& t) { return t.has_valu
 
 }  // namespace
 
-template <bool RATE>
-void launch_forward_cuda_impl(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+// A one-element v_init for every neuron is read as one value by the kernel (the lean op's adapter
+// passes it so); the saved-H and rate adapters materialise it first (forward_op's BROADCAST = false).
+template <ForwardMode MODE>
+void launch_forward_mode_cuda(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
                               const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = x.size(0);
   const int64_t N = x.numel() / T;
+  const bool one_v_init = broadcast_v_init(v_init, N);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "snnkd_lif_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto p = make_params<acc_t>(a, acc_t(0));
     const acc_t* decay_ptr = a.neuron == kPLIF ? decay->data_ptr<acc_t>() : nullptr;
-    const bool vec = can_vectorize<scalar_t, acc_t>(N, {x.data_ptr(), spikes.data_ptr()},
-                                                    {v_init.data_ptr(), out.data_ptr(), v_final.data_ptr()});
+    scalar_t* spikes_ptr = spikes.defined() ? spikes.data_ptr<scalar_t>() : nullptr;
+    acc_t* v_final_ptr = v_final.defined() ? v_final.data_ptr<acc_t>() : nullptr;
+    acc_t* out_ptr = out.defined() ? out.data_ptr<acc_t>() : nullptr;
+    const bool vec = can_vectorize<scalar_t, acc_t>(N, {x.data_ptr(), spikes_ptr},
+                                                    {one_v_init ? nullptr : v_init.data_ptr(), out_ptr, v_final_ptr});
     const int64_t blocks = (N / (vec ? kVec : 1) + kThreads - 1) / kThreads;
-    auto kernel = vec ? forward_kernel<scalar_t, acc_t, kVec, RATE> : forward_kernel<scalar_t, acc_t, 1, RATE>;
-    kernel<<<blocks, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), v_init.data_ptr<acc_t>(), decay_ptr,
-                                            spikes.data_ptr<scalar_t>(), v_final.data_ptr<acc_t>(),
-                                            out.data_ptr<acc_t>(), T, N, p);
+    auto kernel = vec ? forward_kernel<scalar_t, acc_t, kVec, MODE> : forward_kernel<scalar_t, acc_t, 1, MODE>;
+    kernel<<<blocks, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), v_init.data_ptr<acc_t>(), one_v_init, decay_ptr,
+                                            spikes_ptr, v_final_ptr, out_ptr, T, N, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 void launch_forward_cuda(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
                          const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& h_seq) {
-  launch_forward_cuda_impl<false>(x, v_init, decay, a, spikes, v_final, h_seq);
+  launch_forward_mode_cuda<ForwardMode::kSaveH>(x, v_init, decay, a, spikes, v_final, h_seq);
 }
 
 void launch_rate_forward_cuda(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
                               const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final,
                               at::Tensor& eligibility) {
-  launch_forward_cuda_impl<true>(x, v_init, decay, a, spikes, v_final, eligibility);
+  launch_forward_mode_cuda<ForwardMode::kRate>(x, v_init, decay, a, spikes, v_final, eligibility);
+}
+
+void launch_lean_forward_cuda(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                              const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& unused) {
+  launch_forward_mode_cuda<ForwardMode::kLean>(x, v_init, decay, a, spikes, v_final, unused);
 }
 
 void launch_backward_cuda(const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v,
@@ -94,6 +104,46 @@ void launch_backward_cuda(const std::optional<at::Tensor>& grad_spikes, const st
   });
 }
 
+// lif_backward_from_x: H recharged from x inside the backward kernel (T <= kMaxRegisterSteps), else
+// into a temporary H [T, N] by the forward kernel's kRecharge mode, then the saved-H backward (the
+// temporary lives for this call only: the forward still saved nothing T-long). grad_v_init is
+// empty for a one-value v_init (backward_op's BROADCAST).
+void launch_backward_from_x_cuda(const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v,
+                                 const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
+                                 bool decay_grad, const ScalarArgs& a, at::Tensor& grad_x, at::Tensor& grad_v_init,
+                                 at::Tensor& grad_decay) {
+  const int64_t T = x.size(0);
+  const int64_t N = x.numel() / T;
+  const bool one_v_init = broadcast_v_init(v_init, N);
+  if (T > kMaxRegisterSteps) {
+    const at::Tensor v_step = one_v_init ? per_neuron_v_init(v_init, N) : v_init;
+    at::Tensor h_seq = at::empty(x.sizes(), v_init.options());
+    at::Tensor none;
+    launch_forward_mode_cuda<ForwardMode::kRecharge>(x, v_step, decay, a, none, none, h_seq);
+    at::Tensor grad_v_step = one_v_init ? at::empty({N}, v_init.options()) : grad_v_init;
+    launch_backward_cuda(grad_spikes, grad_v, h_seq, v_step, decay, decay_grad, a, grad_x, grad_v_step, grad_decay);
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "snnkd_lif_backward_from_x_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto p = make_params<acc_t>(a, acc_t(0));
+    const acc_t* decay_ptr = a.neuron == kPLIF ? decay->data_ptr<acc_t>() : nullptr;
+    const int64_t blocks = (N + kThreads - 1) / kThreads;
+    at::Tensor partials = decay_grad ? at::empty({blocks}, v_init.options()) : at::Tensor();
+    auto kernel = decay_grad ? backward_from_x_kernel_for<scalar_t, acc_t, true>(T)
+                             : backward_from_x_kernel_for<scalar_t, acc_t, false>(T);
+    kernel<<<blocks, kThreads, 0, stream>>>(
+        grad_spikes ? grad_spikes->data_ptr<scalar_t>() : nullptr, grad_v ? grad_v->data_ptr<acc_t>() : nullptr,
+        x.data_ptr<scalar_t>(), v_init.data_ptr<acc_t>(), one_v_init, decay_ptr, grad_x.data_ptr<scalar_t>(),
+        one_v_init ? nullptr : grad_v_init.data_ptr<acc_t>(), decay_grad ? partials.data_ptr<acc_t>() : nullptr,
+        static_cast<int>(T), N, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (decay_grad) grad_decay.copy_(partials.sum());
+  });
+}
+
 }  // namespace lif
 }  // namespace snnkd
 
@@ -102,4 +152,9 @@ TORCH_LIBRARY_IMPL(snnkd_fast, CUDA, m) {
   m.impl("lif_backward", &snnkd::lif::backward_op<snnkd::lif::launch_backward_cuda>);
   m.impl("lif_rate_forward",
          &snnkd::lif::forward_op<snnkd::lif::launch_rate_forward_cuda, snnkd::lif::Keep::kEligibility>);
+  // The lean pair on CUDA: registered and tested, not yet what the cuda backend runs (see lif/op.py's
+  // _KERNEL_OPS): its speed on a GPU has not been measured.
+  m.impl("lif_forward_lean", &snnkd::lif::lean_forward_op<snnkd::lif::launch_lean_forward_cuda>);
+  m.impl("lif_backward_from_x",
+         &snnkd::lif::backward_op<snnkd::lif::launch_backward_from_x_cuda, true, true>);
 }

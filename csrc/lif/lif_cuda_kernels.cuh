@@ -2,8 +2,10 @@
 // CMake check and the tests, included by lif_cuda.cu for the extension). One thread owns VEC
 // adjacent neurons for all T steps, the membrane stays in registers, and each timestep's row is
 // read and written with one VEC-wide (up to 16-byte) access per thread, so a warp touches
-// contiguous memory at every t. Traffic per neuron-step (fp32): forward reads x and writes spikes
-// and H (12 bytes); backward reads grad_spikes and H and writes grad_x (12 bytes).
+// contiguous memory at every t. Traffic per neuron-step (fp32): the saved-H pair's forward reads x
+// and writes spikes and H (12 bytes), its backward reads grad_spikes and H and writes grad_x (12
+// bytes); the lean pair's forward writes no H (8 bytes) and its backward recharges H from x (12
+// bytes: x in place of H) -- 20 bytes where the saved-H pair moves 24.
 #pragma once
 
 #include <cstdint>
@@ -16,6 +18,8 @@ namespace snnkd {
 namespace lif {
 
 constexpr int kThreads = 256;
+// The longest sequence backward_from_x_kernel keeps in registers (MAX_T of 8, 16 or 32).
+constexpr int kMaxRegisterSteps = 32;
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
@@ -31,21 +35,36 @@ __device__ __forceinline__ void store_pack(T* ptr, const Pack<T, VEC>& pack) {
   *reinterpret_cast<Pack<T, VEC>*>(ptr) = pack;
 }
 
-// RATE = false: writes H [T, N] for the BPTT backward into `out`. RATE = true (rate-based backward):
-// writes no H; accumulates the eligibility e = (1/T) sum_t sg[t] f[t] in registers and writes it
-// into `out` [N].
-template <typename scalar_t, typename acc_t, int VEC, bool RATE = false>
+// What a forward kernel writes besides (or instead of) the spikes and v_final.
+enum class ForwardMode {
+  kSaveH,     // spikes, v_final and H [T, N] for the BPTT backward (lif_forward)
+  kRate,      // spikes, v_final and the eligibility e = (1/T) sum_t sg[t] f[t] [N] (lif_rate_forward)
+  kLean,      // spikes and v_final only: the backward recharges H from x (lif_forward_lean)
+  kRecharge,  // H only (no spikes, no v_final): lif_backward_from_x's recharge for T > kMaxRegisterSteps
+};
+
+// one_v_init: v_init is one value for every neuron (read once instead of a materialised [N] tensor).
+template <typename scalar_t, typename acc_t, int VEC, ForwardMode MODE>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ v_init,
+    forward_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ v_init, bool one_v_init,
                    const acc_t* __restrict__ decay, scalar_t* __restrict__ spikes, acc_t* __restrict__ v_final,
                    acc_t* __restrict__ out, int64_t T, int64_t N, NeuronParams<acc_t> p) {
+  constexpr bool RATE = MODE == ForwardMode::kRate;
+  constexpr bool STORE_H = MODE == ForwardMode::kSaveH || MODE == ForwardMode::kRecharge;
+  constexpr bool STORE_SPIKES = MODE != ForwardMode::kRecharge;
   const int64_t n = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * VEC;
   if (n >= N) return;
   if (p.neuron == kPLIF) {
     p.decay = *decay;  // read on the device: no host synchronisation
     set_gains(p);
   }
-  Pack<acc_t, VEC> v = load_pack<acc_t, VEC>(v_init + n);
+  Pack<acc_t, VEC> v;
+  if (one_v_init) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v.v[i] = v_init[0];
+  } else {
+    v = load_pack<acc_t, VEC>(v_init + n);
+  }
   Pack<acc_t, VEC> f, e_sum;
   if (RATE) {
 #pragma unroll
@@ -69,15 +88,25 @@ __global__ void __launch_bounds__(kThreads)
       ss.v[i] = static_cast<scalar_t>(s ? 1.0f : 0.0f);
       if (RATE) eligibility_step<acc_t>(h, f.v[i], e_sum.v[i], p);
     }
-    if (!RATE) store_pack<acc_t, VEC>(out + at, hs);
-    store_pack<scalar_t, VEC>(spikes + at, ss);
+    if (STORE_H) store_pack<acc_t, VEC>(out + at, hs);
+    if (STORE_SPIKES) store_pack<scalar_t, VEC>(spikes + at, ss);
   }
-  store_pack<acc_t, VEC>(v_final + n, v);
+  if (MODE != ForwardMode::kRecharge) store_pack<acc_t, VEC>(v_final + n, v);
   if (RATE) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) e_sum.v[i] /= static_cast<acc_t>(T);
     store_pack<acc_t, VEC>(out + n, e_sum);
   }
+}
+
+// PLIF's decay gradient: one partial per block, summed by the caller in a fixed order --
+// deterministic, no atomics. Every thread of the block calls it.
+template <typename acc_t>
+__device__ __forceinline__ void write_block_sum(acc_t value, acc_t* __restrict__ partials) {
+  using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
+  __shared__ typename BlockReduce::TempStorage temp;
+  const acc_t block_sum = BlockReduce(temp).Sum(value);
+  if (threadIdx.x == 0) partials[blockIdx.x] = block_sum;
 }
 
 // DECAY_GRAD (PLIF with a learnable w) also accumulates dL/d(decay); it needs V[t-1], recomputed
@@ -139,13 +168,76 @@ __global__ void __launch_bounds__(kThreads)
     }
     store_pack<acc_t, VEC>(grad_v_init + n, gv);
   }
-  if (DECAY_GRAD) {
-    // One partial per block, summed by the caller in a fixed order: deterministic, no atomics.
-    using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
-    __shared__ typename BlockReduce::TempStorage temp;
-    const acc_t block_sum = BlockReduce(temp).Sum(decay_sum);
-    if (threadIdx.x == 0) decay_partials[blockIdx.x] = block_sum;
+  if (DECAY_GRAD) write_block_sum(decay_sum, decay_partials);
+}
+
+// The lean pair's backward (lif_backward_from_x) for T <= MAX_T (<= kMaxRegisterSteps): the thread
+// recharges its neuron's H[0..T-1] from x into registers, then runs the backward over them --
+// x read in place of the saved H, so 12 bytes per fp32 neuron-step as backward_kernel, while the
+// lean forward moved 8 instead of 12. One neuron per thread (a warp's row access is still one
+// contiguous 128-byte line in fp32): the loops are unrolled to MAX_T with uniform `t < T` guards, so
+// H and the spike gradient live in registers (2 * MAX_T of them) and every load of x, then every
+// load of the spike gradient, is issued before the recurrence waits on the first. Longer sequences
+// take the recharge kernel (ForwardMode::kRecharge) into a temporary H and backward_kernel.
+// grad_v_init null: one value for every neuron (one_v_init), which gets no gradient.
+template <typename scalar_t, typename acc_t, int MAX_T, bool DECAY_GRAD>
+__global__ void __launch_bounds__(kThreads)
+    backward_from_x_kernel(const scalar_t* __restrict__ grad_spikes, const acc_t* __restrict__ grad_v,
+                           const scalar_t* __restrict__ x, const acc_t* __restrict__ v_init, bool one_v_init,
+                           const acc_t* __restrict__ decay, scalar_t* __restrict__ grad_x,
+                           acc_t* __restrict__ grad_v_init, acc_t* __restrict__ decay_partials, int T, int64_t N,
+                           NeuronParams<acc_t> p) {
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (p.neuron == kPLIF) {
+    p.decay = *decay;
+    set_gains(p);
   }
+  acc_t decay_sum = acc_t(0);
+  if (n < N) {
+    acc_t h[MAX_T];
+#pragma unroll
+    for (int t = 0; t < MAX_T; ++t)
+      if (t < T) h[t] = static_cast<acc_t>(x[t * N + n]);
+    const acc_t v0 = v_init[one_v_init ? 0 : n];
+    acc_t v = v0;
+#pragma unroll
+    for (int t = 0; t < MAX_T; ++t) {
+      if (t < T) {
+        h[t] = charge<acc_t>(v, h[t], p);
+        v = reset<acc_t>(h[t], fire<acc_t>(h[t], p.v_threshold), p);
+      }
+    }
+    acc_t gs[MAX_T];
+#pragma unroll
+    for (int t = 0; t < MAX_T; ++t)
+      if (t < T) gs[t] = grad_spikes ? static_cast<acc_t>(grad_spikes[t * N + n]) : acc_t(0);
+    acc_t gv = grad_v ? grad_v[n] : acc_t(0);
+#pragma unroll
+    for (int t = MAX_T - 1; t >= 0; --t) {
+      if (t < T) {
+        const StepGrad<acc_t> g = backward_step<acc_t>(h[t], gs[t], gv, p);
+        grad_x[t * N + n] = static_cast<scalar_t>(g.grad_x);
+        gv = g.grad_v_prev;
+        if (DECAY_GRAD) {
+          // V[t-1]: the reset of H[t-1], or v_init before the first step (t is a constant here)
+          const acc_t h_prev = h[t > 0 ? t - 1 : 0];
+          const acc_t v_prev = t > 0 ? reset<acc_t>(h_prev, fire<acc_t>(h_prev, p.v_threshold), p) : v0;
+          decay_sum += g.grad_h * dh_ddecay<acc_t>(h[t], v_prev, p);
+        }
+      }
+    }
+    if (grad_v_init) grad_v_init[n] = gv;
+  }
+  if (DECAY_GRAD) write_block_sum(decay_sum, decay_partials);
+}
+
+// Host side: the backward_from_x_kernel instance for T <= kMaxRegisterSteps, H in the fewest
+// registers that hold it (MAX_T of 8, 16 or 32).
+template <typename scalar_t, typename acc_t, bool DECAY_GRAD>
+auto backward_from_x_kernel_for(int64_t T) {
+  return T <= 8 ? backward_from_x_kernel<scalar_t, acc_t, 8, DECAY_GRAD>
+                : (T <= 16 ? backward_from_x_kernel<scalar_t, acc_t, 16, DECAY_GRAD>
+                           : backward_from_x_kernel<scalar_t, acc_t, kMaxRegisterSteps, DECAY_GRAD>);
 }
 
 }  // namespace lif

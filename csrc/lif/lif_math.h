@@ -254,5 +254,37 @@ SNNKD_HD acc_t dh_ddecay(acc_t h, acc_t v_prev, const P& p) {
   return p.decay_input ? (h - v_prev) / p.decay : v_rest - v_prev;
 }
 
+// ---- one call's arguments ------------------------------------------------------------------------
+// Scalar arguments of every neuron op, in schema order (csrc/ops.cpp), and the NeuronParams the
+// kernels get from them (torch-free: the CUDA emulation test builds them too).
+struct ScalarArgs {
+  int64_t neuron;
+  double tau;
+  bool decay_input;
+  double v_threshold;
+  double v_reset;
+  bool soft_reset;
+  bool detach_reset;  // used by the backward (the forward op carries it for autograd)
+  int64_t surrogate;  // used by the backward
+  double alpha;       // used by the backward
+};
+
+template <typename acc_t>
+inline NeuronParams<acc_t> make_params(const ScalarArgs& a, acc_t decay) {
+  NeuronParams<acc_t> p;
+  p.neuron = static_cast<int>(a.neuron);
+  p.tau = static_cast<acc_t>(a.tau);
+  p.decay = decay;
+  p.decay_input = a.decay_input;
+  p.v_threshold = static_cast<acc_t>(a.v_threshold);
+  p.v_reset = static_cast<acc_t>(a.v_reset);
+  p.soft_reset = a.soft_reset;
+  p.detach_reset = a.detach_reset;
+  p.surrogate = static_cast<int>(a.surrogate);
+  p.alpha = static_cast<acc_t>(a.alpha);
+  set_gains(p);
+  return p;
+}
+
 }  // namespace lif
 }  // namespace snnkd

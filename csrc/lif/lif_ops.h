@@ -14,36 +14,6 @@
 namespace snnkd {
 namespace lif {
 
-// Scalar arguments of every neuron op, in schema order.
-struct ScalarArgs {
-  int64_t neuron;
-  double tau;
-  bool decay_input;
-  double v_threshold;
-  double v_reset;
-  bool soft_reset;
-  bool detach_reset;  // used by the backward (the forward op carries it for autograd)
-  int64_t surrogate;  // used by the backward
-  double alpha;       // used by the backward
-};
-
-template <typename acc_t>
-inline NeuronParams<acc_t> make_params(const ScalarArgs& a, acc_t decay) {
-  NeuronParams<acc_t> p;
-  p.neuron = static_cast<int>(a.neuron);
-  p.tau = static_cast<acc_t>(a.tau);
-  p.decay = decay;
-  p.decay_input = a.decay_input;
-  p.v_threshold = static_cast<acc_t>(a.v_threshold);
-  p.v_reset = static_cast<acc_t>(a.v_reset);
-  p.soft_reset = a.soft_reset;
-  p.detach_reset = a.detach_reset;
-  p.surrogate = static_cast<int>(a.surrogate);
-  p.alpha = static_cast<acc_t>(a.alpha);
-  set_gains(p);
-  return p;
-}
-
 // The dtype the kernels compute (and keep the membrane) in: float64 for float64 inputs, float32
 // for float32/float16/bfloat16.
 inline at::ScalarType acc_dtype(at::ScalarType input) {
@@ -132,7 +102,8 @@ void launch_backward_cpu(const std::optional<at::Tensor>& grad_spikes, const std
                          const at::Tensor& h_seq, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
                          bool decay_grad, const ScalarArgs& a, at::Tensor& grad_x, at::Tensor& grad_v_init,
                          at::Tensor& grad_decay);
-// CPU only: the lean pair (lif_forward_lean writes no H; lif_backward_from_x recomputes it from x).
+// The lean pair (lif_forward_lean writes no H; lif_backward_from_x recomputes it from x); its CUDA
+// launchers are in lif_cuda.cu.
 void launch_lean_forward_cpu(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
                              const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& unused);
 void launch_backward_from_x_cpu(const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v,

@@ -9,13 +9,22 @@
 namespace snnkd {
 namespace lif {
 
+#define SNNKD_INSTANTIATE_FORWARD(scalar_t, acc_t, VEC, MODE)                                                 \
+  template __global__ void forward_kernel<scalar_t, acc_t, VEC, ForwardMode::MODE>(                            \
+      const scalar_t*, const acc_t*, bool, const acc_t*, scalar_t*, acc_t*, acc_t*, int64_t, int64_t,            \
+      NeuronParams<acc_t>);
+#define SNNKD_INSTANTIATE_FROM_X(scalar_t, acc_t, MAX_T)                                                        \
+  template __global__ void backward_from_x_kernel<scalar_t, acc_t, MAX_T, false>(                              \
+      const scalar_t*, const acc_t*, const scalar_t*, const acc_t*, bool, const acc_t*, scalar_t*, acc_t*,       \
+      acc_t*, int, int64_t, NeuronParams<acc_t>);                                                               \
+  template __global__ void backward_from_x_kernel<scalar_t, acc_t, MAX_T, true>(                               \
+      const scalar_t*, const acc_t*, const scalar_t*, const acc_t*, bool, const acc_t*, scalar_t*, acc_t*,       \
+      acc_t*, int, int64_t, NeuronParams<acc_t>);
 #define SNNKD_INSTANTIATE(scalar_t, acc_t, VEC)                                                                \
-  template __global__ void forward_kernel<scalar_t, acc_t, VEC, false>(                                         \
-      const scalar_t*, const acc_t*, const acc_t*, scalar_t*, acc_t*, acc_t*, int64_t, int64_t,                 \
-      NeuronParams<acc_t>);                                                                                     \
-  template __global__ void forward_kernel<scalar_t, acc_t, VEC, true>(                                          \
-      const scalar_t*, const acc_t*, const acc_t*, scalar_t*, acc_t*, acc_t*, int64_t, int64_t,                 \
-      NeuronParams<acc_t>);                                                                                     \
+  SNNKD_INSTANTIATE_FORWARD(scalar_t, acc_t, VEC, kSaveH)                                                       \
+  SNNKD_INSTANTIATE_FORWARD(scalar_t, acc_t, VEC, kRate)                                                        \
+  SNNKD_INSTANTIATE_FORWARD(scalar_t, acc_t, VEC, kLean)                                                        \
+  SNNKD_INSTANTIATE_FORWARD(scalar_t, acc_t, VEC, kRecharge)                                                    \
   template __global__ void backward_kernel<scalar_t, acc_t, VEC, false>(                                        \
       const scalar_t*, const acc_t*, const acc_t*, const acc_t*, const acc_t*, scalar_t*, acc_t*, acc_t*,       \
       int64_t, int64_t, NeuronParams<acc_t>);                                                                   \
@@ -31,6 +40,17 @@ SNNKD_INSTANTIATE(__half, float, 1)
 SNNKD_INSTANTIATE(__half, float, 4)
 SNNKD_INSTANTIATE(__nv_bfloat16, float, 1)
 SNNKD_INSTANTIATE(__nv_bfloat16, float, 4)
+
+// The register-resident backward of the lean pair: MAX_T of 8, 16 and kMaxRegisterSteps.
+#define SNNKD_INSTANTIATE_FROM_X_ALL(scalar_t, acc_t)                                                           \
+  SNNKD_INSTANTIATE_FROM_X(scalar_t, acc_t, 8)                                                                  \
+  SNNKD_INSTANTIATE_FROM_X(scalar_t, acc_t, 16)                                                                 \
+  SNNKD_INSTANTIATE_FROM_X(scalar_t, acc_t, kMaxRegisterSteps)
+
+SNNKD_INSTANTIATE_FROM_X_ALL(float, float)
+SNNKD_INSTANTIATE_FROM_X_ALL(double, double)
+SNNKD_INSTANTIATE_FROM_X_ALL(__half, float)
+SNNKD_INSTANTIATE_FROM_X_ALL(__nv_bfloat16, float)
 
 }  // namespace lif
 }  // namespace snnkd

@@ -18,6 +18,9 @@ recomputed from it in the backward. On the CPU (cpp) it is the input ``x`` itsel
 it from ``x`` block by block in cache, bit for bit the forward's. 20 bytes per fp32 neuron-step move
 over forward and backward instead of 24, and a bf16/fp16 ``x`` is kept in 2 bytes where H takes 4;
 when ``x`` stays alive anyway (a leaf, or an input another op saves) nothing T-long is added at all.
+The lean pair has CUDA kernels too (the backward recharges H into registers for T <= 32), tested
+but not what the cuda backend runs until a GPU measurement shows its gain (_KERNEL_OPS below,
+bptt_forward in csrc/lif/lif_autograd.cpp; benchmarks/ab_neuron_pairs.py measures it).
 A ``v_init`` of None or a float reaches the kernel ops as a one-element tensor, one value for every
 neuron: the CPU kernels read the value, so no step-sized tensor is written and read again (8 of the
 24 bytes per neuron a T=1 forward moved) and no gradient is written for it (4 of the backward's 16):

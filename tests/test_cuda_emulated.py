@@ -1,0 +1,176 @@
+"""The CUDA neuron kernels (csrc/lif/lif_cuda_kernels.cuh) run on the CPU under a host emulation of
+their launch (csrc/tests/cuda_emulation/, csrc/tests/lif_cuda_emulated.cpp, compiled here with the
+host compiler and loaded with ctypes), against the CPU ops: every forward mode (saved H, rate,
+lean, recharge), both vector widths, one-value and per-neuron v_init, the saved-H backward, and the
+lean pair's register-resident backward in each of its buckets (T <= 8, 16, 32) and its T > 32 path
+(recharge into a temporary H, then the saved-H backward, as lif_cuda.cu's launcher does).
+
+What this covers on a machine without a GPU: the kernels' indexing, guards, modes and buckets, with
+the per-element math of lif_math.h (the CPU ops use the same functions). What it does not: the
+device's exp (the emulation takes the host's fast_exp, as the CPU ops do), cub's reduction order,
+the launchers' tensor glue -- tests/test_lif_backends.py and test_lif_compile.py run those on a GPU.
+"""
+import ctypes
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import snnkd_fast
+from snnkd_fast.lif.surrogates import SURROGATES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+FORWARD_MODES = {"save_h": 0, "rate": 1, "lean": 2, "recharge": 3}  # ForwardMode in the .cuh
+# (T, N): T = 1; a vector-width-1 N; each register bucket of the lean backward (8, 16, 32) at its
+# edges; T > 32; several 256-thread blocks with a partial last one.
+SHAPES = [(1, 7), (5, 785), (8, 1024), (9, 300), (16, 260), (17, 64), (32, 40), (33, 20)]
+DTYPES = {torch.float32: 0, torch.float64: 1}
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("no host C++ compiler")
+    if not snnkd_fast.backends()["cpp"]:
+        pytest.skip(snnkd_fast.backends()["cpp"].reason)
+    library = tmp_path_factory.mktemp("cuda_emulation") / "liblif_cuda_emulated.so"
+    # the extension's floating-point flags (setup.py), so that fmadd rounds as in the CPU ops
+    flags = ["-std=c++17", "-O2", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+    if os.environ.get("SNNKD_PORTABLE_BUILD", "0") != "1":
+        flags.append("-march=native")
+    result = subprocess.run(
+        [CXX, *flags, "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-Werror", "-shared",
+         "-fPIC", "-I", os.path.join(ROOT, "csrc", "tests", "cuda_emulation"), "-I", os.path.join(ROOT, "csrc"),
+         os.path.join(ROOT, "csrc", "tests", "lif_cuda_emulated.cpp"), "-o", str(library)],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lib = ctypes.CDLL(str(library))
+    for name in ("emu_lif_forward", "emu_lif_backward", "emu_lif_backward_from_x"):
+        getattr(lib, name).restype = ctypes.c_int
+    return lib
+
+
+def _ptr(tensor):
+    return None if tensor is None else ctypes.c_void_p(tensor.data_ptr())
+
+
+def _scalars(values):
+    return (ctypes.c_double * 9)(*[float(v) for v in values])
+
+
+def _forward(emu, mode, vec, x, v_init, one_v_init, decay, scalars):
+    T, N = x.shape[0], x[0].numel()
+    acc = dict(dtype=x.dtype)
+    spikes = None if mode == "recharge" else torch.full_like(x, -7.0)
+    v_final = None if mode == "recharge" else torch.full((N,), -7.0, **acc)
+    out = {"save_h": torch.full_like(x, -7.0), "recharge": torch.full_like(x, -7.0),
+           "rate": torch.full((N,), -7.0, **acc), "lean": None}[mode]
+    status = emu.emu_lif_forward(DTYPES[x.dtype], FORWARD_MODES[mode], vec, _ptr(x), _ptr(v_init), int(one_v_init),
+                                 _ptr(decay), _ptr(spikes), _ptr(v_final), _ptr(out), ctypes.c_int64(T),
+                                 ctypes.c_int64(N), _scalars(scalars))
+    assert status == 0
+    return spikes, v_final, out
+
+
+def _backward(emu, vec, decay_grad, grad_spikes, grad_v, h_seq, v_step, decay, scalars):
+    T, N = h_seq.shape[0], h_seq[0].numel()
+    grad_x, grad_v_init, grad_decay = torch.full_like(h_seq, -7.0), torch.full((N,), -7.0, dtype=h_seq.dtype), \
+        ctypes.c_double(0.0)
+    status = emu.emu_lif_backward(DTYPES[h_seq.dtype], vec, int(decay_grad), _ptr(grad_spikes), _ptr(grad_v),
+                                  _ptr(h_seq), _ptr(v_step), _ptr(decay), _ptr(grad_x), _ptr(grad_v_init),
+                                  ctypes.byref(grad_decay), ctypes.c_int64(T), ctypes.c_int64(N), _scalars(scalars))
+    assert status == 0
+    return grad_x, grad_v_init, grad_decay.value
+
+
+def _backward_from_x(emu, decay_grad, grad_spikes, grad_v, x, v_init, one_v_init, decay, scalars):
+    """What launch_backward_from_x_cuda runs: the register kernel up to 32 steps, else the recharge
+    into a temporary H and the saved-H backward (one neuron per access, as for any N there)."""
+    T, N = x.shape[0], x[0].numel()
+    if T > emu.emu_max_register_steps():
+        v_step = v_init.expand(N).contiguous() if one_v_init else v_init
+        _, _, h_seq = _forward(emu, "recharge", 1, x, v_step, False, decay, scalars)
+        grad_x, grad_v_init, grad_decay = _backward(emu, 1, decay_grad, grad_spikes, grad_v, h_seq, v_step, decay,
+                                                    scalars)
+        return grad_x, None if one_v_init else grad_v_init, grad_decay
+    grad_x = torch.full_like(x, -7.0)
+    grad_v_init = None if one_v_init else torch.full((N,), -7.0, dtype=x.dtype)
+    grad_decay = ctypes.c_double(0.0)
+    status = emu.emu_lif_backward_from_x(DTYPES[x.dtype], int(decay_grad), _ptr(grad_spikes), _ptr(grad_v), _ptr(x),
+                                         _ptr(v_init), int(one_v_init), _ptr(decay), _ptr(grad_x), _ptr(grad_v_init),
+                                         ctypes.byref(grad_decay), ctypes.c_int64(T), ctypes.c_int64(N),
+                                         _scalars(scalars))
+    assert status == 0
+    return grad_x, grad_v_init, grad_decay.value
+
+
+def _cases(all_surrogates: bool):
+    surrogates = range(len(SURROGATES)) if all_surrogates else (0, 1)
+    for neuron, decay_inputs in ((0, (True,)), (1, (True, False)), (2, (True, False))):
+        for decay_input in decay_inputs:
+            for v_reset, soft in ((0.0, False), (-0.3, False), (0.0, True)):
+                for detach in (False, True):
+                    for tau in ((2.0, 3.0) if neuron == 1 else (2.0,)):
+                        for surrogate in surrogates:
+                            yield (neuron, tau, decay_input, 1.0, v_reset, soft, detach, surrogate, 2.5)
+
+
+def _assert_decay_close(got, expected, dtype, where):
+    # the block sums add in another order: float32 sums of a few thousand terms of either sign
+    tol = 1e-10 if dtype == torch.float64 else 3e-4
+    assert abs(got - expected) <= tol * max(1.0, abs(expected)), f"grad_decay {got} != {expected}: {where}"
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"T{t}xN{n}" for t, n in SHAPES])
+def test_emulated_cuda_neuron_kernels_match_the_cpu_ops(emu, shape, dtype):
+    ops = torch.ops.snnkd_fast
+    g = torch.Generator().manual_seed(1)
+    T, N = shape
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 1.5 + 0.4).to(dtype)
+    grad_spikes = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    grad_v = torch.randn(N, generator=g, dtype=torch.float64).to(dtype)
+    v_inits = {"step": (torch.randn(N, generator=g, dtype=torch.float64) * 0.5).to(dtype),
+               "one": torch.full((1,), 0.2, dtype=dtype)}
+    vecs = (1, 4) if N % 4 == 0 else (1,)
+    for scalars in _cases(all_surrogates=shape == (9, 300)):
+        neuron = scalars[0]
+        decay = torch.tensor([0.35], dtype=dtype) if neuron == 2 else None
+        for v_name, v_init in v_inits.items():
+            one_v_init = v_name == "one"
+            v_step = v_init.expand(N).contiguous()
+            where = f"{scalars} v_init={v_name}"
+            spikes, v_final, h_seq = ops.lif_forward(x, v_init, decay, *scalars)
+            rate_spikes, rate_v_final, eligibility = ops.lif_rate_forward(x, v_init, decay, *scalars)
+            for vec in vecs:
+                # the saved-H and rate launchers pass a per-neuron v_init (forward_op materialises it);
+                # the lean one passes it as it is
+                e_spikes, e_v_final, e_h = _forward(emu, "save_h", vec, x, v_step, False, decay, scalars)
+                assert torch.equal(e_spikes, spikes) and torch.equal(e_v_final, v_final), where
+                assert torch.equal(e_h, h_seq), where
+                e_spikes, e_v_final, e_eligibility = _forward(emu, "rate", vec, x, v_step, False, decay, scalars)
+                assert torch.equal(e_spikes, rate_spikes) and torch.equal(e_v_final, rate_v_final), where
+                assert torch.equal(e_eligibility, eligibility), where
+                e_spikes, e_v_final, _ = _forward(emu, "lean", vec, x, v_init, one_v_init, decay, scalars)
+                assert torch.equal(e_spikes, spikes) and torch.equal(e_v_final, v_final), where
+                _, _, e_h = _forward(emu, "recharge", vec, x, v_step, False, decay, scalars)
+                assert torch.equal(e_h, h_seq), where
+            for gs, gv in ((grad_spikes, grad_v), (grad_spikes, None), (None, grad_v)):
+                grads = f"{where} grad_spikes={gs is not None} grad_v={gv is not None}"
+                grad_x, grad_v_init, grad_decay = ops.lif_backward(gs, gv, h_seq, v_step, decay, dtype, *scalars,
+                                                                   neuron == 2)
+                for vec in vecs:
+                    e_grad_x, e_grad_v_init, e_decay = _backward(emu, vec, neuron == 2, gs, gv, h_seq, v_step, decay,
+                                                                 scalars)
+                    assert torch.equal(e_grad_x, grad_x) and torch.equal(e_grad_v_init, grad_v_init), grads
+                    if neuron == 2:
+                        _assert_decay_close(e_decay, float(grad_decay), dtype, grads)
+                e_grad_x, e_grad_v_init, e_decay = _backward_from_x(emu, neuron == 2, gs, gv, x, v_init, one_v_init,
+                                                                    decay, scalars)
+                assert torch.equal(e_grad_x, grad_x), grads
+                assert e_grad_v_init is None if one_v_init else torch.equal(e_grad_v_init, grad_v_init), grads
+                if neuron == 2:
+                    _assert_decay_close(e_decay, float(grad_decay), dtype, grads)
