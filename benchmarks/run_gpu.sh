@@ -4,7 +4,7 @@
 # the machine's own CUDA build of torch, run the GPU tests, run the GPU benchmarks.
 #
 #   bash benchmarks/run_gpu.sh [--quick | --full] [--out DIR] [--skip-wheels] [--skip-build]
-#                              [--skip-tests] [--skip-bench] [--deadline-s N] [--tune] [--resume]
+#                              [--skip-tests] [--skip-bench] [--deadline-s N] [--tune] [--ab] [--resume]
 #                              [-- RUN_PY_ARGS...]
 #
 # Peers: the GPU machine has torch, triton, pytest, matplotlib, hypothesis, ... but none of
@@ -41,6 +41,11 @@
 #               Triton kernels' launch shapes (warps, blocks) against the CUDA kernels,
 #               tune_triton.json in the results folder (~2-3 min).
 #
+#   4c. ab      (--ab, before the benchmark) benchmarks/ab_neuron_pairs.py --device cuda: the neurons'
+#               saved-H kernel pair against the lean pair (H recharged from x in the backward), device
+#               time, fp32 and bf16; ab_neuron_pairs.json in the results folder (~20-40 s). The cuda
+#               backend runs the saved-H pair until this shows the lean pair's gain on a GPU.
+#
 #   5b. resume  (--resume) the results of this machine's previous run (kept in build/run_gpu/, since
 #               the device tool empties $OUT before each call) are put back in the results folder and
 #               run.py gets --resume: each benchmark keeps its rows from the same commit and measures
@@ -71,7 +76,7 @@ PEERS=(spikingjelly snntorch liger_kernel loguru)  # import names of the peers .
 GRID=--quick
 DEADLINE_S=${DEADLINE_S:-}
 RESULTS=""
-SKIP_WHEELS=0 SKIP_BUILD=0 SKIP_TESTS=0 SKIP_BENCH=0 TUNE=0 RESUME=0
+SKIP_WHEELS=0 SKIP_BUILD=0 SKIP_TESTS=0 SKIP_BENCH=0 TUNE=0 AB=0 RESUME=0
 RUN_PY_ARGS=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -83,6 +88,7 @@ while [ $# -gt 0 ]; do
     --skip-bench) SKIP_BENCH=1 ;;
     --deadline-s) DEADLINE_S=${2:?--deadline-s needs seconds}; shift ;;
     --tune) TUNE=1 ;;
+    --ab) AB=1 ;;
     --resume) RESUME=1 ;;
     --) shift; RUN_PY_ARGS=("$@"); break ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -241,7 +247,7 @@ restore_results() {  # --resume: the previous run's packed results back into the
 
 run_bench() {
   local rc limit=() command=("$PY" benchmarks/run.py --device cuda "$GRID" --out "$RESULTS" "${RUN_PY_ARGS[@]}")
-  if [ $RESUME -eq 1 ]; then restore_results; command+=(--resume); fi
+  [ $RESUME -eq 0 ] || command+=(--resume)  # main restored the previous run's results first
   if [ -n "$DEADLINE_S" ]; then
     limit=(timeout -s INT -k 30 $((DEADLINE_S - SECONDS - 20 > 30 ? DEADLINE_S - SECONDS - 20 : 30)))
     echo "deadline: at most ${limit[5]} s for the benchmark"
@@ -256,6 +262,10 @@ run_bench() {
     return 0
   fi
   return $rc
+}
+
+run_ab() {
+  "$PY" benchmarks/ab_neuron_pairs.py --device cuda --out "$RESULTS"
 }
 
 run_tune() {
@@ -279,13 +289,15 @@ main() {
   [ $SKIP_WHEELS -eq 1 ] || step wheels install_wheels
   [ $SKIP_BUILD -eq 1 ] || step build build_extension
   [ $SKIP_TESTS -eq 1 ] || step tests run_tests
-  if [ -z "$RESULTS" ] && { [ $SKIP_BENCH -eq 0 ] || [ $TUNE -eq 1 ]; }; then
+  if [ -z "$RESULTS" ] && { [ $SKIP_BENCH -eq 0 ] || [ $TUNE -eq 1 ] || [ $AB -eq 1 ]; }; then
     local slug
     slug=$(gpu_slug)
     RESULTS=${OUT:+$OUT/$slug}
     RESULTS=${RESULTS:-$REPO/benchmarks/results/$slug}
   fi
+  [ -z "$RESULTS" ] || [ $RESUME -eq 0 ] || restore_results  # before any step writes into the folder
   [ $TUNE -eq 0 ] || step tune run_tune  # before the benchmark, which --deadline-s can cut short
+  [ $AB -eq 0 ] || step ab run_ab
   [ $SKIP_BENCH -eq 1 ] || step bench run_bench
   pack_results
   echo

@@ -1,7 +1,8 @@
 """Benchmark scripts no other test runs still run: benchmarks/tune_triton.py --smoke takes its
 every path (each sweep, the result check, the JSON) on the CPU through Triton's interpreter, so the
 script a GPU session relies on cannot rot between GPU sessions; benchmarks/ab_kernels.py --smoke
-compares the built extension with itself."""
+compares the built extension with itself; benchmarks/ab_neuron_pairs.py --quick times the two
+neuron kernel pairs."""
 import importlib.util
 import json
 import os
@@ -49,6 +50,25 @@ def test_ab_kernels_smoke(tmp_path):
                              capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert plotted.returncode == 0, plotted.stderr[-4000:]
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_ab_neuron_pairs_smoke(tmp_path):
+    """benchmarks/ab_neuron_pairs.py --quick (what run_gpu.sh --ab runs with --device cuda): both
+    pairs timed on every pass, their bytes and kept bytes, the result files."""
+    import snnkd_fast
+
+    if not snnkd_fast.backends()["cpp"]:
+        pytest.skip("the C++ extension is not built")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab_neuron_pairs.py"), "--quick", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = json.loads((tmp_path / "ab_neuron_pairs.json").read_text())
+    assert [row["pass"] for row in data["results"]] == ["fwd", "bwd", "fwdbwd"]
+    for row in data["results"]:
+        assert row["saved_h_ms"] > 0 and row["lean_ms"] > 0 and row["speedup_lean_vs_saved_h"] > 0
+        assert row["lean_bytes_min"] < row["saved_h_bytes_min"] or row["pass"] == "bwd"
+        assert row["lean_kept_bytes"] == 0 < row["saved_h_kept_bytes"]
+    assert (tmp_path / "ab_neuron_pairs.csv").exists()
 
 
 def test_bench_resume_keeps_measured_cases(tmp_path):
@@ -136,7 +156,7 @@ def test_run_gpu_script_parses_and_documents_its_options():
     assert shown.returncode == 0, shown.stderr
     options = {line.strip().split(")")[0] for line in script.read_text().splitlines()
                if line.strip().startswith("--") and ")" in line and ";;" in line}
-    assert {"--resume", "--tune", "--skip-build"} <= options, options
+    assert {"--resume", "--tune", "--ab", "--skip-build"} <= options, options
     for option in options - {"--"}:
         assert option.split("|")[0] in shown.stdout, option
 
