@@ -48,11 +48,12 @@ TORCH_LIBRARY(snnkd_fast, m) {
       "float v_threshold, float v_reset, bool soft_reset, bool detach_reset, int surrogate, float alpha) "
       "-> (Tensor spikes, Tensor v_final, Tensor eligibility)");
   // The eager paths of lif_forward and lif_rate_forward on the cpp and cuda backends
-  // (csrc/lif/lif_autograd.cpp): the same forwards with C++ autograd kernels.
+  // (csrc/lif/lif_autograd.cpp): the same forwards with C++ autograd kernels. recompute_h: run the
+  // lean pair (lif_forward_lean / lif_backward_from_x) instead of the saved-H pair.
   m.def(
       "neuron_multistep(Tensor x, Tensor v_init, Tensor? decay, int neuron, float tau, bool decay_input, "
-      "float v_threshold, float v_reset, bool soft_reset, bool detach_reset, int surrogate, float alpha) "
-      "-> (Tensor spikes, Tensor v_final)");
+      "float v_threshold, float v_reset, bool soft_reset, bool detach_reset, int surrogate, float alpha, "
+      "bool recompute_h=False) -> (Tensor spikes, Tensor v_final)");
   m.def(
       "neuron_multistep_rate(Tensor x, Tensor v_init, Tensor? decay, int neuron, float tau, bool decay_input, "
       "float v_threshold, float v_reset, bool soft_reset, bool detach_reset, int surrogate, float alpha) "

@@ -253,6 +253,53 @@ def test_lean_pair_is_the_saved_h_pair(backend, dtype):
                                     assert torch.equal(a, b), where
 
 
+@pytest.mark.parametrize("backend", ["cpp", "cuda"])
+def test_recompute_h_switch_picks_the_pair_and_keeps_the_numbers(backend, monkeypatch):
+    """lif/op.py's _RECOMPUTE_H_DEVICES decides which pair a device's BPTT runs, for the eager C++
+    node (neuron_multistep's recompute_h) and the torch.library path alike: the lean pair keeps x
+    itself for the backward, the saved-H pair a float32 H. Spikes, v_final and the gradients of x,
+    v_init and PLIF's w are the same either way (w's to rounding on CUDA, whose two backward kernels
+    sum the decay gradient over different blocks)."""
+    status = snnkd_fast.backends()[backend]
+    if not status:
+        pytest.skip(status.reason)
+    device = device_for(backend)
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from snnkd_fast import _library
+    from snnkd_fast.lif import op as lif_op
+
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.randn(6, 3, 40, generator=g) * 1.5 + 0.4).to(device)
+    v0 = (torch.randn(3, 40, generator=g) * 0.3).to(device)
+    weights = torch.randn(6, 3, 40, generator=g).to(device)
+    results = {}
+    for cxx_autograd in (True, False):
+        for recompute in (True, False):
+            monkeypatch.setattr(lif_op, "_RECOMPUTE_H_DEVICES", frozenset({device} if recompute else ()))
+            monkeypatch.setattr(_library, "CXX_AUTOGRAD", cxx_autograd)
+            x, v_init = x0.clone().requires_grad_(), v0.clone().requires_grad_()
+            w = torch.tensor(0.3, device=device, requires_grad=True)
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                lif_spikes, lif_v = snnkd_fast.lif_multistep(x, v_init, backend=backend, return_v=True)
+                plif_spikes = snnkd_fast.plif_multistep(x, w, backend=backend, surrogate="atan")
+            kept = [t for t in saved if t.numel() >= x.numel()]
+            assert len(kept) == 2, [tuple(t.shape) for t in kept]
+            for t in kept:
+                assert (t.data_ptr() == x.data_ptr()) == recompute, (cxx_autograd, recompute)
+            ((lif_spikes * weights).sum() + lif_v.sum() + (plif_spikes * weights).sum()).backward()
+            results[cxx_autograd, recompute] = (lif_spikes, lif_v, plif_spikes, x.grad, v_init.grad, w.grad)
+    first = results[True, True]
+    for key, result in results.items():
+        for name, a, b in zip(("lif spikes", "v_final", "plif spikes", "grad x", "grad v_init", "grad w"),
+                              result, first):
+            if name == "grad w" and device == "cuda":
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+            else:
+                assert torch.equal(a, b), f"{name} {key}"
+
+
 def test_cpu_lean_pair_edges():
     """Empty sequences (T = 0, no neurons) and the argument checks of the lean pair."""
     if not snnkd_fast.backends()["cpp"]:

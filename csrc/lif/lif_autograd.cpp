@@ -1,6 +1,7 @@
 // The eager autograd kernels of the multi-step neurons on the cpp and cuda backends (see
 // csrc/common/eager_autograd.h): snnkd_fast::neuron_multistep runs lif_forward on the tensors'
-// device (lif_forward_lean on the CPU) and records one C++ node whose backward is lif_backward
+// device (lif_forward_lean with recompute_h, which snnkd_fast/lif/op.py passes for the devices whose
+// backends run the lean pair) and records one C++ node whose backward is lif_backward
 // (lif_backward_from_x) -- the formula of snnkd_fast/lif/op.py (_setup_context /
 // _setup_lean_context, _make_backward), which torch.compile and torch.func use;
 // neuron_multistep_rate does the same for lif_rate_forward (backward="rate").
@@ -34,17 +35,17 @@ std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t.contiguous()) : std::nullopt;
 }
 
-// The BPTT forward on x's device: (spikes, v_final, the [T, ...] tensor its backward needs). On the
-// CPU that is x itself -- lif_forward_lean writes no H and lif_backward_from_x recomputes it (as
-// _KERNEL_OPS / _setup_lean_context in lif/op.py) -- elsewhere the H lif_forward saves.
+// The BPTT forward on x's device: (spikes, v_final, the [T, ...] tensor its backward needs). With
+// recompute_h that is x itself -- lif_forward_lean writes no H and lif_backward_from_x recomputes it
+// (as _setup_lean_context in lif/op.py) -- else the H lif_forward saves.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bptt_forward(const at::Tensor& x, const at::Tensor& v_init,
                                                             const std::optional<at::Tensor>& decay, int64_t neuron,
                                                             double tau, bool decay_input, double v_threshold,
                                                             double v_reset, bool soft_reset, bool detach_reset,
-                                                            int64_t surrogate, double alpha) {
+                                                            int64_t surrogate, double alpha, bool recompute_h) {
   static const auto lif_forward = find_op<Forward>("snnkd_fast::lif_forward");
   static const auto lif_forward_lean = find_op<LeanForward>("snnkd_fast::lif_forward_lean");
-  if (x.is_cpu()) {
+  if (recompute_h) {
     auto [spikes, v_final] = lif_forward_lean.call(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset,
                                                    soft_reset, detach_reset, surrogate, alpha);
     return {spikes, v_final, x};
@@ -57,12 +58,12 @@ struct NeuronFunction : public torch::autograd::Function<NeuronFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& v_init,
                                const std::optional<at::Tensor>& decay, int64_t neuron, double tau, bool decay_input,
                                double v_threshold, double v_reset, bool soft_reset, bool detach_reset,
-                               int64_t surrogate, double alpha) {
+                               int64_t surrogate, double alpha, bool recompute_h) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // the device kernel, not the op's Python formula
     auto [spikes, v_final, kept] = bptt_forward(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset,
-                                                soft_reset, detach_reset, surrogate, alpha);
+                                                soft_reset, detach_reset, surrogate, alpha, recompute_h);
     ctx->save_for_backward({kept, v_init, decay.has_value() ? *decay : at::Tensor()});
-    ctx->saved_data["from_x"] = x.is_cpu();  // kept is x: the backward is lif_backward_from_x
+    ctx->saved_data["from_x"] = recompute_h;  // kept is x: the backward is lif_backward_from_x
     ctx->saved_data["x_dtype"] = x.scalar_type();
     ctx->saved_data["ints"] = std::vector<int64_t>{neuron, decay_input, soft_reset, detach_reset, surrogate};
     ctx->saved_data["floats"] = std::vector<double>{tau, v_threshold, v_reset, alpha};
@@ -85,7 +86,7 @@ struct NeuronFunction : public torch::autograd::Function<NeuronFunction> {
         defined_or_none(grad_outputs[0]), defined_or_none(grad_outputs[1]), saved[0], saved[1], decay,
         ctx->saved_data["x_dtype"].toScalarType(), i[0], f[0], i[1] != 0, f[1], f[2], i[2] != 0, i[3] != 0, i[4],
         f[3], decay_grad);
-    variable_list grads(12);
+    variable_list grads(13);
     grads[0] = grad_x;
     if (v_init_grad) grads[1] = grad_v_init;
     if (decay_grad) grads[2] = grad_decay;
@@ -151,14 +152,14 @@ std::tuple<at::Tensor, at::Tensor> neuron_multistep_autograd(const at::Tensor& x
                                                              const std::optional<at::Tensor>& decay, int64_t neuron,
                                                              double tau, bool decay_input, double v_threshold,
                                                              double v_reset, bool soft_reset, bool detach_reset,
-                                                             int64_t surrogate, double alpha) {
+                                                             int64_t surrogate, double alpha, bool recompute_h) {
   // as the Python formula's setup_context: one value standing for every neuron gets no gradient
   TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && v_init.requires_grad() && x.dim() >= 1 && x.sym_size(0) != 0 &&
                       broadcast_v_init(v_init, x.sym_numel() / x.sym_size(0))),
                     "snnkd_fast::neuron_multistep: a one-element v_init stands for one value for every neuron and "
                     "gets no gradient; expand it to one step of x to differentiate it");
   variable_list out = NeuronFunction::apply(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset,
-                                            soft_reset, detach_reset, surrogate, alpha);
+                                            soft_reset, detach_reset, surrogate, alpha, recompute_h);
   return {out[0], out[1]};
 }
 
@@ -166,9 +167,9 @@ std::tuple<at::Tensor, at::Tensor> neuron_multistep_plain(const at::Tensor& x, c
                                                           const std::optional<at::Tensor>& decay, int64_t neuron,
                                                           double tau, bool decay_input, double v_threshold,
                                                           double v_reset, bool soft_reset, bool detach_reset,
-                                                          int64_t surrogate, double alpha) {
+                                                          int64_t surrogate, double alpha, bool recompute_h) {
   auto [spikes, v_final, kept] = bptt_forward(x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset,
-                                              soft_reset, detach_reset, surrogate, alpha);
+                                              soft_reset, detach_reset, surrogate, alpha, recompute_h);
   return {spikes, v_final};
 }
 

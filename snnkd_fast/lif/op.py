@@ -19,8 +19,8 @@ it from ``x`` block by block in cache, bit for bit the forward's. 20 bytes per f
 over forward and backward instead of 24, and a bf16/fp16 ``x`` is kept in 2 bytes where H takes 4;
 when ``x`` stays alive anyway (a leaf, or an input another op saves) nothing T-long is added at all.
 The lean pair has CUDA kernels too (the backward recharges H into registers for T <= 32), tested
-but not what the cuda backend runs until a GPU measurement shows its gain (_KERNEL_OPS below,
-bptt_forward in csrc/lif/lif_autograd.cpp; benchmarks/ab_neuron_pairs.py measures it).
+but not what the cuda backend runs until a GPU measurement (benchmarks/ab_neuron_pairs.py) shows
+its gain: ``_RECOMPUTE_H_DEVICES`` below is the one switch.
 A ``v_init`` of None or a float reaches the kernel ops as a one-element tensor, one value for every
 neuron: the CPU kernels read the value, so no step-sized tensor is written and read again (8 of the
 24 bytes per neuron a T=1 forward moved) and no gradient is written for it (4 of the backward's 16):
@@ -300,11 +300,29 @@ def _make_config(op_name: str, neuron: int, tau, decay_input, v_threshold, v_res
 
 BACKWARD_MODES = ("bptt", "rate")
 
-_KERNEL_OPS = {  # (backend, backward) -> op name in torch.ops.snnkd_fast
-    ("cpp", "bptt"): "lif_forward_lean", ("cuda", "bptt"): "lif_forward", ("triton", "bptt"): "lif_forward_triton",
+_KERNEL_OPS = {  # (backend, backward) -> op name in torch.ops.snnkd_fast (cpp/cuda BPTT: _bptt_op)
+    ("triton", "bptt"): "lif_forward_triton",
     ("cpp", "rate"): "lif_rate_forward", ("cuda", "rate"): "lif_rate_forward",
     ("triton", "rate"): "lif_rate_forward_triton",
 }
+
+# The devices whose cpp/cuda BPTT runs the lean pair (lif_forward_lean / lif_backward_from_x: no H
+# saved, H recomputed from x in the backward) instead of the saved-H pair (lif_forward /
+# lif_backward). Both pairs give the same bits. The CPU: measured faster (README). CUDA: the lean
+# kernels are registered and tested, and join this set once a GPU measurement
+# (benchmarks/ab_neuron_pairs.py) shows their gain. One switch for the eager C++ node
+# (neuron_multistep's recompute_h) and the torch.library path alike.
+_RECOMPUTE_H_DEVICES = frozenset({"cpu"})
+
+
+def _recomputes_h(x_seq: Tensor) -> bool:
+    return x_seq.device.type in _RECOMPUTE_H_DEVICES
+
+
+def _bptt_op(backend: str, x_seq: Tensor) -> str:
+    if backend == "triton":
+        return _KERNEL_OPS[backend, "bptt"]
+    return "lif_forward_lean" if _recomputes_h(x_seq) else "lif_forward"
 
 
 def neuron_multistep(x_seq: Tensor, v_init, w: Optional[Tensor], cfg: NeuronConfig, backend: str,
@@ -332,12 +350,16 @@ def neuron_multistep(x_seq: Tensor, v_init, w: Optional[Tensor], cfg: NeuronConf
         decay = torch.sigmoid(w.to(acc)).reshape(()) if cfg.neuron == NEURON_PLIF else None
         if backend != "triton" and cxx_autograd_applies():
             # one C++ autograd node (csrc/lif/lif_autograd.cpp) instead of a Python autograd.Function
-            op = torch.ops.snnkd_fast.neuron_multistep if backward == "bptt" else \
-                torch.ops.snnkd_fast.neuron_multistep_rate
-            spikes, v_final = op(x_seq.contiguous(), v0.contiguous(), decay, *cfg.op_args())
+            if backward == "bptt":
+                spikes, v_final = torch.ops.snnkd_fast.neuron_multistep(
+                    x_seq.contiguous(), v0.contiguous(), decay, *cfg.op_args(), _recomputes_h(x_seq))
+            else:
+                spikes, v_final = torch.ops.snnkd_fast.neuron_multistep_rate(x_seq.contiguous(), v0.contiguous(),
+                                                                             decay, *cfg.op_args())
         else:
-            spikes, v_final = call_with_autograd("snnkd_fast::" + _KERNEL_OPS[backend, backward],
-                                                 x_seq.contiguous(), v0.contiguous(), decay, *cfg.op_args())[:2]
+            name = _bptt_op(backend, x_seq) if backward == "bptt" else _KERNEL_OPS[backend, backward]
+            spikes, v_final = call_with_autograd("snnkd_fast::" + name, x_seq.contiguous(), v0.contiguous(), decay,
+                                                 *cfg.op_args())[:2]
     return (spikes, v_final) if return_v else spikes
 
 
