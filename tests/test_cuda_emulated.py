@@ -1,14 +1,19 @@
-"""The CUDA neuron kernels (csrc/lif/lif_cuda_kernels.cuh) run on the CPU under a host emulation of
-their launch (csrc/tests/cuda_emulation/, csrc/tests/lif_cuda_emulated.cpp, compiled here with the
-host compiler and loaded with ctypes), against the CPU ops: every forward mode (saved H, rate,
-lean, recharge), both vector widths, one-value and per-neuron v_init, the saved-H backward, and the
-lean pair's register-resident backward in each of its buckets (T <= 8, 16, 32) and its T > 32 path
-(recharge into a temporary H, then the saved-H backward, as lif_cuda.cu's launcher does).
+"""CUDA kernels run on the CPU under a host emulation of their launch (csrc/tests/cuda_emulation/:
+threads in turn, or as fibers that meet at barriers; compiled here with the host compiler and
+loaded with ctypes), against the CPU ops.
 
-What this covers on a machine without a GPU: the kernels' indexing, guards, modes and buckets, with
-the per-element math of lif_math.h (the CPU ops use the same functions). What it does not: the
-device's exp (the emulation takes the host's fast_exp, as the CPU ops do), cub's reduction order,
-the launchers' tensor glue -- tests/test_lif_backends.py and test_lif_compile.py run those on a GPU.
+* The neuron kernels (csrc/lif/lif_cuda_kernels.cuh, via csrc/tests/lif_cuda_emulated.cpp): every
+  forward mode (saved H, rate, lean, recharge), both vector widths, one-value and per-neuron v_init,
+  the saved-H backward, and the lean pair's register-resident backward in each of its buckets
+  (T <= 8, 16, 32) and its T > 32 path (recharge into a temporary H, then the saved-H backward, as
+  lif_cuda.cu's launcher does) -- bit for bit (the same per-element math, lif_math.h).
+* The KD-loss row kernels (csrc/kd/kd_cuda_kernels.cuh, via csrc/tests/kd_cuda_emulated.cpp): HTA's
+  teacher head (block reductions and scans across barriers), the KL / TSER / HTA-KL forward and
+  backward -- HTA's head keys exactly, losses and gradients to rounding (other summation orders).
+
+What this covers on a machine without a GPU: the kernels' indexing, guards, modes, buckets and
+block-level cooperation. What it does not: the device's exp and cub's reduction order (results
+match a device run to rounding), the launchers' tensor glue -- the GPU tests run those.
 """
 import ctypes
 import os
@@ -30,13 +35,12 @@ SHAPES = [(1, 7), (5, 785), (8, 1024), (9, 300), (16, 260), (17, 64), (32, 40), 
 DTYPES = {torch.float32: 0, torch.float64: 1}
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def _build(tmp_path_factory, source: str, family: str):
     if CXX is None:
         pytest.skip("no host C++ compiler")
-    if not snnkd_fast.backends()["cpp"]:
-        pytest.skip(snnkd_fast.backends()["cpp"].reason)
-    library = tmp_path_factory.mktemp("cuda_emulation") / "liblif_cuda_emulated.so"
+    if not snnkd_fast.backends(family)["cpp"]:
+        pytest.skip(snnkd_fast.backends(family)["cpp"].reason)
+    library = tmp_path_factory.mktemp("cuda_emulation") / f"lib{source}.so"
     # the extension's floating-point flags (setup.py), so that fmadd rounds as in the CPU ops
     flags = ["-std=c++17", "-O2", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
     if os.environ.get("SNNKD_PORTABLE_BUILD", "0") != "1":
@@ -44,13 +48,20 @@ def emu(tmp_path_factory):
     result = subprocess.run(
         [CXX, *flags, "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-Werror", "-shared",
          "-fPIC", "-I", os.path.join(ROOT, "csrc", "tests", "cuda_emulation"), "-I", os.path.join(ROOT, "csrc"),
-         os.path.join(ROOT, "csrc", "tests", "lif_cuda_emulated.cpp"), "-o", str(library)],
+         os.path.join(ROOT, "csrc", "tests", f"{source}.cpp"), "-o", str(library)],
         capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    lib = ctypes.CDLL(str(library))
-    for name in ("emu_lif_forward", "emu_lif_backward", "emu_lif_backward_from_x"):
-        getattr(lib, name).restype = ctypes.c_int
-    return lib
+    return ctypes.CDLL(str(library))
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return _build(tmp_path_factory, "lif_cuda_emulated", "lif")
+
+
+@pytest.fixture(scope="module")
+def kd_emu(tmp_path_factory):
+    return _build(tmp_path_factory, "kd_cuda_emulated", "kd")
 
 
 def _ptr(tensor):
@@ -174,3 +185,66 @@ def test_emulated_cuda_neuron_kernels_match_the_cpu_ops(emu, shape, dtype):
                 assert e_grad_v_init is None if one_v_init else torch.equal(e_grad_v_init, grad_v_init), grads
                 if neuron == 2:
                     _assert_decay_close(e_decay, float(grad_decay), dtype, grads)
+
+
+# ------------------------------------------------------------------------------------------------
+# KD-loss row kernels
+# ------------------------------------------------------------------------------------------------
+
+KD_LOSSES = {"kl": 0, "tser": 1, "hta": 2}
+# (T, B, C): C below, at and above one block's 256 threads (a thread's stride over the classes)
+KD_SHAPES = [(3, 4, 10), (2, 3, 256), (2, 2, 1000)]
+
+
+def _kd_inputs(shape, dtype, per_t, ties, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T, B, C = shape
+    student = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).to(dtype)
+    teacher = torch.randn((T if per_t else 1, B, C), generator=g, dtype=torch.float64) * 3
+    if ties:  # many equal logits: HTA's walk over the classes tied at the crossing key
+        teacher = (teacher * 2).round() / 2
+    teacher = teacher.to(dtype)
+    return student, teacher if per_t else teacher[0]
+
+
+def _kd_close(got, expected, dtype, where):
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(got, expected, **tol, msg=where)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("shape", KD_SHAPES, ids=[f"T{t}xB{b}xC{c}" for t, b, c in KD_SHAPES])
+def test_emulated_cuda_kd_row_kernels_match_the_cpu_ops(kd_emu, shape, dtype):
+    ops = torch.ops.snnkd_fast
+    T, B, C = shape
+    for loss_name, loss in KD_LOSSES.items():
+        for per_t in (False, True):
+            for ties in ((False, True) if loss_name == "hta" else (False,)):
+                student, teacher = _kd_inputs(shape, dtype, per_t, ties)
+                for tau, tau_h, weight, threshold in ((4.0, 4.0, 0.1, 0.5), (1.0, 2.0, -0.3, 0.9)):
+                    where = f"{loss_name} per_t={per_t} ties={ties} tau={tau} threshold={threshold}"
+                    rows, stats, keys = ops.kd_rows_forward(student, teacher, loss, tau, tau_h, weight, threshold)
+                    e_rows, e_stats = torch.full_like(rows, -7.0), torch.full_like(stats, -7.0)
+                    e_keys = torch.full_like(keys, -7)
+                    status = kd_emu.emu_kd_rows_forward(
+                        DTYPES[dtype], loss, _ptr(student), _ptr(teacher), int(per_t), ctypes.c_int64(T),
+                        ctypes.c_int64(B), ctypes.c_int64(C), ctypes.c_double(tau), ctypes.c_double(tau_h),
+                        ctypes.c_double(weight), ctypes.c_double(threshold), _ptr(e_rows), _ptr(e_stats),
+                        _ptr(e_keys) if keys.numel() else None)
+                    assert status == 0
+                    if loss_name == "hta":
+                        assert torch.equal(e_keys, keys), f"HTA keys: {where}\n{e_keys}\n{keys}"
+                    _kd_close(e_rows, rows, dtype, f"rows: {where}")
+                    _kd_close(e_stats, stats, dtype, f"stats: {where}")
+                    grad_rows = torch.randn(T, B, generator=torch.Generator().manual_seed(1),
+                                            dtype=torch.float64).to(rows.dtype)
+                    grad_s, grad_u = ops.kd_rows_backward(grad_rows, student, teacher, stats, keys, loss, tau, tau_h,
+                                                          weight, True)
+                    e_grad_s, e_grad_u = torch.full_like(grad_s, -7.0), torch.full_like(grad_u, -7.0)
+                    status = kd_emu.emu_kd_rows_backward(
+                        DTYPES[dtype], loss, _ptr(grad_rows), _ptr(student), _ptr(teacher), int(per_t),
+                        ctypes.c_int64(T), ctypes.c_int64(B), ctypes.c_int64(C), _ptr(e_stats), ctypes.c_double(tau),
+                        ctypes.c_double(tau_h), ctypes.c_double(weight), _ptr(e_grad_s), _ptr(e_grad_u))
+                    assert status == 0
+                    _kd_close(e_grad_s, grad_s, dtype, f"grad student: {where}")
+                    _kd_close(e_grad_u, grad_u, dtype, f"grad teacher: {where}")
