@@ -196,12 +196,15 @@ __device__ __forceinline__ T block_all_reduce(T value, Op op, typename cub::Bloc
 
 // HTA head of each teacher row (grid Tt * B, one block per row): keys[row] = (key_cross, idx_cross,
 // idx_top), the CPU's rule (TeacherRow::select_head, kd_cpu_rows.h) without a sort. The crossing
-// class's key is the largest key k whose mass(key >= k) reaches head_threshold (bisection on the
-// order-preserving keys, ~33 reads of the row; the Triton kernel's 16-candidate search needs 9);
+// class's key is the largest key k whose mass(key >= k) reaches head_threshold (a search over the
+// order-preserving keys testing kHtaCandidates of them per read of the row, as the Triton kernel;
+// 8 reads for float logits);
 // among the classes tied at that key, the index-order walk then finds the first one where the
 // inclusive cumulative probability reaches the threshold. The masses are summed in double; each
 // probability is a float exp for float, half and bf16 logits (teacher_prob), as in the Triton kernel,
 // so the head differs from the CPU's only for a cumulative mass within ~1e-7 of the threshold.
+constexpr int kHtaCandidates = 16;  // keys tested per read of the row by the threshold search
+
 struct HtaPass1 {
   Online<double> lse;
   int64_t key_max, key_min, top;  // top: lowest index among the key_max classes (C when empty)
@@ -214,6 +217,18 @@ struct HtaPass1Merge {
     r.key_min = a.key_min < b.key_min ? a.key_min : b.key_min;
     r.top = a.key_max > b.key_max ? a.top : (b.key_max > a.key_max ? b.top : (a.top < b.top ? a.top : b.top));
     return r;
+  }
+};
+
+// The classes tied at the crossing key: how many, the lowest index (C when none) and its probability.
+struct TiedClasses {
+  int64_t count, first;
+  double first_prob;
+};
+struct TiedClassesMerge {
+  __device__ __forceinline__ TiedClasses operator()(const TiedClasses& a, const TiedClasses& b) const {
+    const TiedClasses& lower = a.first < b.first ? a : b;
+    return TiedClasses{a.count + b.count, lower.first, lower.first_prob};
   }
 };
 
@@ -238,8 +253,12 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ HtaPass1 pass1_slot;
   __shared__ typename cub::BlockReduce<double, kThreads>::TempStorage sum_temp;
   __shared__ double sum_slot;
+  __shared__ typename cub::BlockReduce<SumN<double, kHtaCandidates>, kThreads>::TempStorage candidates_temp;
+  __shared__ SumN<double, kHtaCandidates> candidates_slot;
   __shared__ typename cub::BlockReduce<int64_t, kThreads>::TempStorage min_temp;
   __shared__ int64_t min_slot;
+  __shared__ typename cub::BlockReduce<TiedClasses, kThreads>::TempStorage tied_temp;
+  __shared__ TiedClasses tied_slot;
   __shared__ typename cub::BlockScan<double, kThreads>::TempStorage scan_temp;
 
   const int64_t row = blockIdx.x;
@@ -261,53 +280,99 @@ __global__ void __launch_bounds__(kThreads)
   p = block_all_reduce(p, HtaPass1Merge(), pass1_temp, pass1_slot);
   const double lse = online_lse(p.lse);
 
-  // Bisection for the largest key k in [key_min, key_max] with mass(key >= k) >= head_threshold
+  // Threshold search for the largest key k in [key_min, key_max] with mass(key >= k) >= head_threshold
   // (mass(key >= key_min) is the whole mass; when even that stays below the threshold, the walk
-  // below finds no crossing and every class is head, as on the CPU). lo and hi are block-uniform.
+  // below finds no crossing and every class is head, as on the CPU). Each read of the row tests
+  // kHtaCandidates keys splitting [lo, hi] evenly -- one exp per element at most, then a compare and
+  // an add per candidate -- so the interval shrinks (kHtaCandidates + 1)-fold per read: 8 reads for
+  // the 2^32 keys of a float logit (a bisection took 33), 16 for a double's 2^64. A candidate's mass
+  // is summed as a bisection would sum it (per thread in class order, then one block reduction), so
+  // the crossing key is the bisection's. lo and hi are block-uniform.
   int64_t lo = p.key_min, hi = p.key_max;
   while (lo < hi) {
     const uint64_t span = static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo);
-    const int64_t mid = static_cast<int64_t>(static_cast<uint64_t>(lo) + span / 2 + (span & 1));  // in (lo, hi]
-    double mass = 0.0;
+    const uint64_t step = span / (kHtaCandidates + 1) + (span % (kHtaCandidates + 1) != 0);  // >= 1
+    int64_t candidate[kHtaCandidates];  // increasing, in (lo, hi]
+#pragma unroll
+    for (int j = 0; j < kHtaCandidates; ++j) {
+      const uint64_t offset = static_cast<uint64_t>(j + 1) * step;  // < 2^64: step <= 2^64 / 17 + 1
+      candidate[j] = static_cast<int64_t>(static_cast<uint64_t>(lo) + (offset < span ? offset : span));
+    }
+    SumN<double, kHtaCandidates> mass;
+#pragma unroll
+    for (int j = 0; j < kHtaCandidates; ++j) mass.v[j] = 0.0;
+#pragma unroll 4  // independent loads in flight: one block per row leaves few warps to hide latency
     for (int64_t c = tid; c < C; c += kThreads) {
       const u_t z = u[c * us.c];
-      if (sort_key(z) >= mid) mass += teacher_prob(z, inv_tau, lse);
+      const int64_t key = sort_key(z);
+      if (key >= candidate[0]) {
+        const double prob = teacher_prob(z, inv_tau, lse);
+#pragma unroll
+        for (int j = 0; j < kHtaCandidates; ++j) {
+          if (key >= candidate[j]) mass.v[j] += prob;
+        }
+      }
     }
-    mass = block_all_reduce(mass, SumOp(), sum_temp, sum_slot);
-    if (mass >= head_threshold) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
+    mass = block_all_reduce(mass, SumNOp(), candidates_temp, candidates_slot);
+    // the candidates that reach the threshold are a prefix (the mass falls as the key rises)
+    int64_t new_lo = lo, new_hi = hi;
+#pragma unroll
+    for (int j = kHtaCandidates - 1; j >= 0; --j) {
+      if (mass.v[j] >= head_threshold) {
+        new_lo = candidate[j];
+        break;
+      }
+      new_hi = candidate[j] - 1;
     }
+    lo = new_lo;
+    hi = new_hi;
   }
   const int64_t key_cross = lo;
 
   // Walk the classes tied at key_cross in index order: the cumulative mass starts at mass(key > key_cross).
+  // The same read counts the tied classes: a float logit rarely ties, and one tied class is the
+  // crossing itself when running + its probability reaches the threshold -- the walk's test, which
+  // otherwise takes a block scan and reduction per kThreads classes up to the crossing class.
   double running = 0.0;
+  TiedClasses tied_classes{0, C, 0.0};
   for (int64_t c = tid; c < C; c += kThreads) {
     const u_t z = u[c * us.c];
-    if (sort_key(z) > key_cross) running += teacher_prob(z, inv_tau, lse);
+    const int64_t key = sort_key(z);
+    if (key > key_cross) {
+      running += teacher_prob(z, inv_tau, lse);
+    } else if (key == key_cross) {
+      if (tied_classes.count++ == 0) {  // c increases: this thread's first tied class
+        tied_classes.first = c;
+        tied_classes.first_prob = teacher_prob(z, inv_tau, lse);
+      }
+    }
   }
   running = block_all_reduce(running, SumOp(), sum_temp, sum_slot);
+  tied_classes = block_all_reduce(tied_classes, TiedClassesMerge(), tied_temp, tied_slot);
   int64_t idx_cross = C;
-  for (int64_t c0 = 0; c0 < C; c0 += kThreads) {  // block-uniform trip count (exits on a block-uniform hit)
-    const int64_t c = c0 + tid;
-    bool tied = false;
-    double prob = 0.0;
-    if (c < C) {
-      const u_t z = u[c * us.c];
-      tied = sort_key(z) == key_cross;
-      if (tied) prob = teacher_prob(z, inv_tau, lse);
+  if (tied_classes.count == 1) {
+    // the walk's inclusive sum at that class is its probability (the other lanes add +0.0)
+    idx_cross = running + tied_classes.first_prob >= head_threshold ? tied_classes.first : C;
+  } else {
+    for (int64_t c0 = 0; c0 < C; c0 += kThreads) {  // block-uniform trip count (exits on a block-uniform hit)
+      const int64_t c = c0 + tid;
+      bool tied = false;
+      double prob = 0.0;
+      if (c < C) {
+        const u_t z = u[c * us.c];
+        tied = sort_key(z) == key_cross;
+        if (tied) prob = teacher_prob(z, inv_tau, lse);
+      }
+      double inclusive, chunk_total;
+      cub::BlockScan<double, kThreads>(scan_temp).InclusiveSum(prob, inclusive, chunk_total);
+      const int64_t hit = tied && running + inclusive >= head_threshold ? c : C;
+      const int64_t first = block_all_reduce(hit, MinOp(), min_temp, min_slot);  // also fences scan_temp
+      if (first < C) {
+        idx_cross = first;
+        break;
+      }
+      running += chunk_total;
     }
-    double inclusive, chunk_total;
-    cub::BlockScan<double, kThreads>(scan_temp).InclusiveSum(prob, inclusive, chunk_total);
-    const int64_t hit = tied && running + inclusive >= head_threshold ? c : C;
-    const int64_t first = block_all_reduce(hit, MinOp(), min_temp, min_slot);  // also fences scan_temp
-    if (first < C) {
-      idx_cross = first;
-      break;
-    }
-    running += chunk_total;
   }
   if (tid == 0) {
     int32_t* out = keys + row * kHtaNum;
