@@ -248,3 +248,44 @@ def test_emulated_cuda_kd_row_kernels_match_the_cpu_ops(kd_emu, shape, dtype):
                     assert status == 0
                     _kd_close(e_grad_s, grad_s, dtype, f"grad student: {where}")
                     _kd_close(e_grad_u, grad_u, dtype, f"grad teacher: {where}")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("shape", KD_SHAPES, ids=[f"T{t}xB{b}xC{c}" for t, b, c in KD_SHAPES])
+def test_emulated_cuda_nld_kernels_match_the_cpu_ops(kd_emu, shape, dtype):
+    """NLD's CUDA kernels (forward, the mixture's row sums, backward; the noise they regenerate from
+    the seed) against the CPU ops: the same Philox noise, rows and gradients to rounding."""
+    ops = torch.ops.snnkd_fast
+    T, B, C = shape
+    seed = torch.tensor(123456789, dtype=torch.int64)
+    for per_t in (False, True):
+        student, teacher = _kd_inputs(shape, dtype, per_t, ties=False)
+        for tau, weight, noise_std, additive in ((4.0, 0.1, None, False), (2.0, 0.3, 0.5, False),
+                                                 (1.0, 0.2, 0.4, True)):
+            where = f"per_t={per_t} tau={tau} weight={weight} noise_std={noise_std} additive={additive}"
+            std = 0.0 if noise_std is None else noise_std
+            rows, stats = ops.nld_rows_forward(student, teacher, seed, tau, weight, std, noise_std is None, additive)
+            e_rows, e_stats = torch.full_like(rows, -7.0), torch.full_like(stats, -7.0)
+            common_args = (ctypes.c_int64(T), ctypes.c_int64(B), ctypes.c_int64(C), _ptr(seed), ctypes.c_double(tau),
+                           ctypes.c_double(weight), ctypes.c_double(-1.0 if noise_std is None else noise_std),
+                           int(additive))
+            assert kd_emu.emu_nld_rows_forward(DTYPES[dtype], _ptr(student), _ptr(teacher), int(per_t), *common_args,
+                                               _ptr(e_rows), _ptr(e_stats)) == 0
+            _kd_close(e_rows, rows, dtype, f"rows: {where}")
+            _kd_close(e_stats, stats, dtype, f"stats: {where}")
+            grad_rows = torch.randn(T, B, generator=torch.Generator().manual_seed(1),
+                                    dtype=torch.float64).to(rows.dtype)
+            grad_s, grad_u = ops.nld_rows_backward(grad_rows, student, teacher, seed, stats, tau, weight, std,
+                                                   noise_std is None, additive, True)
+            e_grad_s, e_grad_u = torch.full_like(grad_s, -7.0), torch.full_like(grad_u, -7.0)
+            assert kd_emu.emu_nld_rows_backward(DTYPES[dtype], _ptr(grad_rows), _ptr(student), _ptr(teacher),
+                                                int(per_t), *common_args, _ptr(e_stats), _ptr(e_grad_s),
+                                                _ptr(e_grad_u)) == 0
+            _kd_close(e_grad_s, grad_s, dtype, f"grad student: {where}")
+            _kd_close(e_grad_u, grad_u, dtype, f"grad teacher: {where}")
+    noise = ops.nld_noise(seed, [T * B, C])
+    for blocks in (1, 3):  # the kernel's grid-stride loop, as for grids capped at 8192 blocks
+        e_noise = torch.full_like(noise, -7.0)
+        assert kd_emu.emu_nld_noise(_ptr(seed), _ptr(e_noise), ctypes.c_int64(noise.numel()), ctypes.c_int64(C),
+                                    ctypes.c_int64(blocks)) == 0
+        torch.testing.assert_close(e_noise, noise, rtol=1e-6, atol=1e-6)

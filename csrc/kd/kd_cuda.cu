@@ -140,24 +140,6 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_backward_cuda(const at::Tensor& grad_
   return {grad_student, grad_teacher};
 }
 
-// nld_cpu.cpp's make_params, in the accumulation type.
-template <typename acc_t>
-NldParams<acc_t> make_nld_params(double temperature, double noise_weight, double noise_std, bool adaptive,
-                                 bool additive) {
-  const double w = 1.0 - noise_weight;
-  const double neg_inf = -std::numeric_limits<double>::infinity();
-  NldParams<acc_t> p;
-  p.inv_tau = static_cast<acc_t>(1.0 / temperature);
-  p.tau = static_cast<acc_t>(temperature);
-  p.w = static_cast<acc_t>(w);
-  p.log_w = static_cast<acc_t>(w > 0 ? std::log(w) : neg_inf);
-  p.log_1mw = static_cast<acc_t>(noise_weight > 0 ? std::log(noise_weight) : neg_inf);
-  p.noise_std = static_cast<acc_t>(noise_std);
-  p.adaptive = adaptive;
-  p.additive = additive;
-  return p;
-}
-
 // nld_cpu.cpp's read_seed() check (one int64), without reading it on the host.
 const int64_t* checked_seed(const at::Tensor& seed) {
   TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "snnkd_fast::nld: seed must be one int64");

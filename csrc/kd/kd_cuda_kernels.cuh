@@ -506,12 +506,6 @@ __global__ void __launch_bounds__(kThreads)
 // ------------------------------------------------------------------------------------------------
 
 template <typename acc_t>
-struct NldParams {
-  acc_t inv_tau, tau, w, log_w, log_1mw, noise_std;
-  bool adaptive, additive;
-};
-
-template <typename acc_t>
 __device__ __forceinline__ acc_t logaddexp(acc_t a, acc_t b) {
   const acc_t m = a > b ? a : b;
   if (m == -INFINITY) return m;

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "common/fast_math.h"
@@ -119,6 +120,23 @@ SNNKD_HD acc_t grad_teacher(int loss, acc_t z_s, acc_t z_u, const RowStats<acc_t
   const acc_t log_q = z_s * inv_tau - r.lse_s;
   const acc_t log_p = z_u * inv_tau - r.lse_u;
   return grad_teacher_kl(loss, log_q, loss == kHTA ? fast_exp(log_q) : acc_t(0), log_p, fast_exp(log_p), r, tau);
+}
+
+// NLD's scalar configuration in the accumulation type (the formulas are in
+// snnkd_fast/kd/nld_triton.py's docstring): the CPU (nld_cpu.cpp) and CUDA kernels build it alike.
+template <typename acc_t>
+struct NldParams {
+  acc_t inv_tau, tau, w, log_w, log_1mw, noise_std;
+  bool adaptive, additive;
+};
+
+template <typename acc_t>
+inline NldParams<acc_t> make_nld_params(double temperature, double noise_weight, double noise_std, bool adaptive,
+                                        bool additive) {
+  const double w = 1.0 - noise_weight;
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  return {acc_t(1.0 / temperature), acc_t(temperature), acc_t(w), acc_t(w > 0 ? std::log(w) : neg_inf),
+          acc_t(noise_weight > 0 ? std::log(noise_weight) : neg_inf), acc_t(noise_std), adaptive, additive};
 }
 
 }  // namespace kd

@@ -27,20 +27,6 @@ namespace {
 constexpr int kNldStats = 6;  // mean, scale, lse_q, lse_r, lse_p, kl
 
 template <typename acc_t>
-struct NldParams {
-  acc_t inv_tau, tau, w, log_w, log_1mw, noise_std;
-  bool adaptive, additive;
-};
-
-template <typename acc_t>
-NldParams<acc_t> make_params(double temperature, double noise_weight, double noise_std, bool adaptive, bool additive) {
-  const double w = 1.0 - noise_weight;
-  const double neg_inf = -std::numeric_limits<double>::infinity();
-  return {acc_t(1.0 / temperature), acc_t(temperature), acc_t(w), acc_t(w > 0 ? std::log(w) : neg_inf),
-          acc_t(noise_weight > 0 ? std::log(noise_weight) : neg_inf), acc_t(noise_std), adaptive, additive};
-}
-
-template <typename acc_t>
 inline acc_t logaddexp(acc_t a, acc_t b) {
   const acc_t m = std::max(a, b);
   const acc_t r = m + fast_log(fast_exp(a - m) + fast_exp(b - m));
@@ -368,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor> nld_rows_forward_cpu(const at::Tensor& studen
   if (rows.numel() == 0) return {rows, stats};
   const uint64_t s = read_seed(seed);
   SNNKD_KD_DISPATCH_PAIR(student, teacher, "snnkd_nld_forward_cpu", [&] {
-    const auto P = make_params<acc_t>(temperature, noise_weight, noise_std, adaptive, additive);
+    const auto P = make_nld_params<acc_t>(temperature, noise_weight, noise_std, adaptive, additive);
     forward_kernel<s_t, u_t, acc_t>(student.data_ptr<s_t>(), teacher.data_ptr<u_t>(), s, L, P,
                                     rows.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
   });
@@ -394,7 +380,7 @@ std::tuple<at::Tensor, at::Tensor> nld_rows_backward_cpu(const at::Tensor& grad_
   TORCH_CHECK(stats.scalar_type() == acc_dtype(student, teacher),
               "snnkd_fast::nld_rows_backward: stats must be in the inputs' accumulation dtype");
   SNNKD_KD_DISPATCH_PAIR(student, teacher, "snnkd_nld_backward_cpu", [&] {
-    const auto P = make_params<acc_t>(temperature, noise_weight, noise_std, adaptive, additive);
+    const auto P = make_nld_params<acc_t>(temperature, noise_weight, noise_std, adaptive, additive);
     backward_kernel<s_t, u_t, acc_t>(grad_rows.data_ptr<acc_t>(), student.data_ptr<s_t>(), teacher.data_ptr<u_t>(),
                                      s, stats.data_ptr<acc_t>(), L, P, grad_student.data_ptr<s_t>(),
                                      teacher_grad ? grad_teacher.data_ptr<u_t>() : nullptr);
