@@ -7,7 +7,7 @@ import torch
 import snnkd_fast
 from snnkd_fast.lif.surrogates import SURROGATES
 
-from conftest import device_for
+from conftest import device_for, skip_unless_runnable
 from lif_helpers import NEURON_KINDS, make_inputs, run_neuron
 from tolerances import assert_grad_close, assert_value_close
 
@@ -215,12 +215,8 @@ def test_lean_pair_is_the_saved_h_pair(backend, dtype):
     or not, per-neuron or one-value v_init, with and without a spike or membrane gradient. On CUDA
     the decay gradient is a block reduction whose partition differs (one neuron per thread where the
     saved-H kernel takes four): equal to rounding there, bitwise elsewhere."""
-    status = snnkd_fast.backends()[backend]
-    if not status:
-        pytest.skip(status.reason)
     device = device_for(backend)
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+    skip_unless_runnable(backend, device)
     ops = torch.ops.snnkd_fast
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     for shape in LEAN_SHAPES[backend]:
@@ -260,12 +256,8 @@ def test_recompute_h_switch_picks_the_pair_and_keeps_the_numbers(backend, monkey
     itself for the backward, the saved-H pair a float32 H. Spikes, v_final and the gradients of x,
     v_init and PLIF's w are the same either way (w's to rounding on CUDA, whose two backward kernels
     sum the decay gradient over different blocks)."""
-    status = snnkd_fast.backends()[backend]
-    if not status:
-        pytest.skip(status.reason)
     device = device_for(backend)
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+    skip_unless_runnable(backend, device)
     from snnkd_fast import _library
     from snnkd_fast.lif import op as lif_op
 

@@ -5,6 +5,7 @@
 // acc_t); the launch geometry is the launchers' (csrc/lif/lif_cuda.cu).
 //   g++ -std=c++17 -O2 -ffp-contract=off -shared -fPIC -I csrc/tests/cuda_emulation -I csrc
 //       csrc/tests/lif_cuda_emulated.cpp -o liblif_cuda_emulated.so
+#include <type_traits>
 #include <vector>
 
 #include "cuda_emulation.h"  // first: the CUDA keywords as plain C++
@@ -28,19 +29,15 @@ template <typename T, int VEC>
 void forward(int mode, const T* x, const T* v_init, bool one_v_init, const T* decay, T* spikes, T* v_final, T* out,
              int64_t T_, int64_t N, const NeuronParams<T>& p) {
   const int64_t blocks = blocks_for(N, VEC);
+  auto run = [&](auto mode) {
+    cuda_emulation::launch<kThreads>(blocks, forward_kernel<T, T, VEC, decltype(mode)::value>, x, v_init, one_v_init,
+                                     decay, spikes, v_final, out, T_, N, p);
+  };
   switch (static_cast<ForwardMode>(mode)) {
-    case ForwardMode::kSaveH:
-      return cuda_emulation::launch<kThreads>(blocks, forward_kernel<T, T, VEC, ForwardMode::kSaveH>, x, v_init,
-                                              one_v_init, decay, spikes, v_final, out, T_, N, p);
-    case ForwardMode::kRate:
-      return cuda_emulation::launch<kThreads>(blocks, forward_kernel<T, T, VEC, ForwardMode::kRate>, x, v_init,
-                                              one_v_init, decay, spikes, v_final, out, T_, N, p);
-    case ForwardMode::kLean:
-      return cuda_emulation::launch<kThreads>(blocks, forward_kernel<T, T, VEC, ForwardMode::kLean>, x, v_init,
-                                              one_v_init, decay, spikes, v_final, out, T_, N, p);
-    case ForwardMode::kRecharge:
-      return cuda_emulation::launch<kThreads>(blocks, forward_kernel<T, T, VEC, ForwardMode::kRecharge>, x, v_init,
-                                              one_v_init, decay, spikes, v_final, out, T_, N, p);
+    case ForwardMode::kSaveH: return run(std::integral_constant<ForwardMode, ForwardMode::kSaveH>{});
+    case ForwardMode::kRate: return run(std::integral_constant<ForwardMode, ForwardMode::kRate>{});
+    case ForwardMode::kLean: return run(std::integral_constant<ForwardMode, ForwardMode::kLean>{});
+    case ForwardMode::kRecharge: return run(std::integral_constant<ForwardMode, ForwardMode::kRecharge>{});
   }
 }
 
