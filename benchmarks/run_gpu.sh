@@ -26,8 +26,9 @@
 #   3. build    pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST default 9.0,
 #               MAX_JOBS default 16); `setup.py build_ext --inplace` where that is impossible offline.
 #               torch is never installed or pinned: the machine's own CUDA build is used.
-#   4. tests    pytest tests -q --maxfail=25 -k "(cuda or triton) and not kernels_compile" (real Triton kernels:
-#               TRITON_INTERPRET unset; the nvcc compile checks are skipped, the build just compiled
+#   4. tests    pytest tests -q --maxfail=25 -k "(cuda or triton) and not kernels_compile and not emulated" (real Triton kernels:
+#               TRITON_INTERPRET unset; the nvcc compile checks and the CPU emulation of the CUDA kernels are
+#               skipped, the build just compiled
 #               everything), stopped after TEST_BUDGET_S seconds (default 300) so that the benchmark
 #               still runs inside one device call: ~1,800 tests, each new Triton specialization a JIT
 #               compile. Up to 25 failures are collected (not -x: one session should see them all).
@@ -197,7 +198,7 @@ raise SystemExit(0 if snnkd_fast.backends()["cuda"].available else 4)'
 }
 
 run_tests() {
-  local log=$LOG_DIR/pytest.log rc budget=${TEST_BUDGET_S:-300} k=${TEST_K:-(cuda or triton) and not kernels_compile}
+  local log=$LOG_DIR/pytest.log rc budget=${TEST_BUDGET_S:-300} k=${TEST_K:-(cuda or triton) and not kernels_compile and not emulated}
   local workers=()
   unset TRITON_INTERPRET  # the real Triton kernels on the GPU, not the interpreter
   # default: all cores but two, at most 14 (16-core device machines: the whole GPU selection in ~90 s)
