@@ -86,13 +86,15 @@ def _forward(emu, mode, vec, x, v_init, one_v_init, decay, scalars):
     return spikes, v_final, out
 
 
-def _backward(emu, vec, decay_grad, grad_spikes, grad_v, h_seq, v_step, decay, scalars):
+def _backward(emu, vec, decay_grad, grad_spikes, grad_v, h_seq, v_init, one_v_init, decay, scalars):
+    """backward_kernel; grad_v_init None for a one-value v_init (none written)."""
     T, N = h_seq.shape[0], h_seq[0].numel()
-    grad_x, grad_v_init, grad_decay = torch.full_like(h_seq, -7.0), torch.full((N,), -7.0, dtype=h_seq.dtype), \
-        ctypes.c_double(0.0)
+    grad_x, grad_decay = torch.full_like(h_seq, -7.0), ctypes.c_double(0.0)
+    grad_v_init = None if one_v_init else torch.full((N,), -7.0, dtype=h_seq.dtype)
     status = emu.emu_lif_backward(DTYPES[h_seq.dtype], vec, int(decay_grad), _ptr(grad_spikes), _ptr(grad_v),
-                                  _ptr(h_seq), _ptr(v_step), _ptr(decay), _ptr(grad_x), _ptr(grad_v_init),
-                                  ctypes.byref(grad_decay), ctypes.c_int64(T), ctypes.c_int64(N), _scalars(scalars))
+                                  _ptr(h_seq), _ptr(v_init), int(one_v_init), _ptr(decay), _ptr(grad_x),
+                                  _ptr(grad_v_init), ctypes.byref(grad_decay), ctypes.c_int64(T), ctypes.c_int64(N),
+                                  _scalars(scalars))
     assert status == 0
     return grad_x, grad_v_init, grad_decay.value
 
@@ -102,11 +104,8 @@ def _backward_from_x(emu, decay_grad, grad_spikes, grad_v, x, v_init, one_v_init
     into a temporary H and the saved-H backward (one neuron per access, as for any N there)."""
     T, N = x.shape[0], x[0].numel()
     if T > emu.emu_max_register_steps():
-        v_step = v_init.expand(N).contiguous() if one_v_init else v_init
-        _, _, h_seq = _forward(emu, "recharge", 1, x, v_step, False, decay, scalars)
-        grad_x, grad_v_init, grad_decay = _backward(emu, 1, decay_grad, grad_spikes, grad_v, h_seq, v_step, decay,
-                                                    scalars)
-        return grad_x, None if one_v_init else grad_v_init, grad_decay
+        _, _, h_seq = _forward(emu, "recharge", 1, x, v_init, one_v_init, decay, scalars)
+        return _backward(emu, 1, decay_grad, grad_spikes, grad_v, h_seq, v_init, one_v_init, decay, scalars)
     grad_x = torch.full_like(x, -7.0)
     grad_v_init = None if one_v_init else torch.full((N,), -7.0, dtype=x.dtype)
     grad_decay = ctypes.c_double(0.0)
@@ -156,27 +155,27 @@ def test_emulated_cuda_neuron_kernels_match_the_cpu_ops(emu, shape, dtype):
             where = f"{scalars} v_init={v_name}"
             spikes, v_final, h_seq = ops.lif_forward(x, v_init, decay, *scalars)
             rate_spikes, rate_v_final, eligibility = ops.lif_rate_forward(x, v_init, decay, *scalars)
-            for vec in vecs:
-                # the saved-H and rate launchers pass a per-neuron v_init (forward_op materialises it);
-                # the lean one passes it as it is
-                e_spikes, e_v_final, e_h = _forward(emu, "save_h", vec, x, v_step, False, decay, scalars)
+            for vec in vecs:  # the launchers pass a one-element v_init as it is (one value, read once)
+                e_spikes, e_v_final, e_h = _forward(emu, "save_h", vec, x, v_init, one_v_init, decay, scalars)
                 assert torch.equal(e_spikes, spikes) and torch.equal(e_v_final, v_final), where
                 assert torch.equal(e_h, h_seq), where
-                e_spikes, e_v_final, e_eligibility = _forward(emu, "rate", vec, x, v_step, False, decay, scalars)
+                e_spikes, e_v_final, e_eligibility = _forward(emu, "rate", vec, x, v_init, one_v_init, decay,
+                                                              scalars)
                 assert torch.equal(e_spikes, rate_spikes) and torch.equal(e_v_final, rate_v_final), where
                 assert torch.equal(e_eligibility, eligibility), where
                 e_spikes, e_v_final, _ = _forward(emu, "lean", vec, x, v_init, one_v_init, decay, scalars)
                 assert torch.equal(e_spikes, spikes) and torch.equal(e_v_final, v_final), where
-                _, _, e_h = _forward(emu, "recharge", vec, x, v_step, False, decay, scalars)
+                _, _, e_h = _forward(emu, "recharge", vec, x, v_init, one_v_init, decay, scalars)
                 assert torch.equal(e_h, h_seq), where
             for gs, gv in ((grad_spikes, grad_v), (grad_spikes, None), (None, grad_v)):
                 grads = f"{where} grad_spikes={gs is not None} grad_v={gv is not None}"
                 grad_x, grad_v_init, grad_decay = ops.lif_backward(gs, gv, h_seq, v_step, decay, dtype, *scalars,
                                                                    neuron == 2)
                 for vec in vecs:
-                    e_grad_x, e_grad_v_init, e_decay = _backward(emu, vec, neuron == 2, gs, gv, h_seq, v_step, decay,
-                                                                 scalars)
-                    assert torch.equal(e_grad_x, grad_x) and torch.equal(e_grad_v_init, grad_v_init), grads
+                    e_grad_x, e_grad_v_init, e_decay = _backward(emu, vec, neuron == 2, gs, gv, h_seq, v_init,
+                                                                 one_v_init, decay, scalars)
+                    assert torch.equal(e_grad_x, grad_x), grads
+                    assert e_grad_v_init is None if one_v_init else torch.equal(e_grad_v_init, grad_v_init), grads
                     if neuron == 2:
                         _assert_decay_close(e_decay, float(grad_decay), dtype, grads)
                 e_grad_x, e_grad_v_init, e_decay = _backward_from_x(emu, neuron == 2, gs, gv, x, v_init, one_v_init,

@@ -392,10 +392,10 @@ void launch_backward_from_x_cpu(const std::optional<at::Tensor>& grad_spikes, co
 
 TORCH_LIBRARY_IMPL(snnkd_fast, CPU, m) {
   using snnkd::lif::Keep;
-  // the CPU kernels read a one-element v_init themselves (BROADCAST)
-  m.impl("lif_forward", &snnkd::lif::forward_op<snnkd::lif::launch_forward_cpu, Keep::kH, true>);
-  m.impl("lif_backward", &snnkd::lif::backward_op<snnkd::lif::launch_backward_cpu, true>);
-  m.impl("lif_rate_forward", &snnkd::lif::forward_op<snnkd::lif::launch_rate_forward_cpu, Keep::kEligibility, true>);
+  // the CPU kernels read a one-element v_init themselves
+  m.impl("lif_forward", &snnkd::lif::forward_op<snnkd::lif::launch_forward_cpu, Keep::kH>);
+  m.impl("lif_backward", &snnkd::lif::backward_op<snnkd::lif::launch_backward_cpu>);
+  m.impl("lif_rate_forward", &snnkd::lif::forward_op<snnkd::lif::launch_rate_forward_cpu, Keep::kEligibility>);
   m.impl("lif_forward_lean", &snnkd::lif::lean_forward_op<snnkd::lif::launch_lean_forward_cpu>);
-  m.impl("lif_backward_from_x", &snnkd::lif::backward_op<snnkd::lif::launch_backward_from_x_cpu, true, true>);
+  m.impl("lif_backward_from_x", &snnkd::lif::backward_op<snnkd::lif::launch_backward_from_x_cpu, true>);
 }

@@ -33,8 +33,8 @@ const void* optional_ptr(const std::optional<at::Tensor>& t) { return t.has_valu
 
 }  // namespace
 
-// A one-element v_init for every neuron is read as one value by the kernel (the lean op's adapter
-// passes it so); the saved-H and rate adapters materialise it first (forward_op's BROADCAST = false).
+// A one-element v_init for every neuron is read as one value by the kernels: no [N] copy of it
+// is written, and no gradient for it.
 template <ForwardMode MODE>
 void launch_forward_mode_cuda(const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
                               const ScalarArgs& a, at::Tensor& spikes, at::Tensor& v_final, at::Tensor& out) {
@@ -83,22 +83,24 @@ void launch_backward_cuda(const std::optional<at::Tensor>& grad_spikes, const st
   const c10::cuda::CUDAGuard guard(h_seq.device());
   const int64_t T = h_seq.size(0);
   const int64_t N = h_seq.numel() / T;
+  const bool one_v_init = broadcast_v_init(v_init, N);  // then grad_v_init is empty: none written
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "snnkd_lif_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto p = make_params<acc_t>(a, acc_t(0));
     const acc_t* decay_ptr = a.neuron == kPLIF ? decay->data_ptr<acc_t>() : nullptr;
+    acc_t* grad_v_init_ptr = one_v_init ? nullptr : grad_v_init.data_ptr<acc_t>();
     const bool vec = can_vectorize<scalar_t, acc_t>(
         N, {optional_ptr(grad_spikes), grad_x.data_ptr()},
-        {optional_ptr(grad_v), h_seq.data_ptr(), v_init.data_ptr(), grad_v_init.data_ptr()});
+        {optional_ptr(grad_v), h_seq.data_ptr(), one_v_init ? nullptr : v_init.data_ptr(), grad_v_init_ptr});
     const int64_t blocks = (N / (vec ? kVec : 1) + kThreads - 1) / kThreads;
     at::Tensor partials = decay_grad ? at::empty({blocks}, h_seq.options()) : at::Tensor();
     auto kernel = vec ? (decay_grad ? backward_kernel<scalar_t, acc_t, kVec, true> : backward_kernel<scalar_t, acc_t, kVec, false>)
                       : (decay_grad ? backward_kernel<scalar_t, acc_t, 1, true> : backward_kernel<scalar_t, acc_t, 1, false>);
     kernel<<<blocks, kThreads, 0, stream>>>(
         grad_spikes ? grad_spikes->data_ptr<scalar_t>() : nullptr, grad_v ? grad_v->data_ptr<acc_t>() : nullptr,
-        h_seq.data_ptr<acc_t>(), v_init.data_ptr<acc_t>(), decay_ptr, grad_x.data_ptr<scalar_t>(),
-        grad_v_init.data_ptr<acc_t>(), decay_grad ? partials.data_ptr<acc_t>() : nullptr, T, N, p);
+        h_seq.data_ptr<acc_t>(), v_init.data_ptr<acc_t>(), one_v_init, decay_ptr, grad_x.data_ptr<scalar_t>(),
+        grad_v_init_ptr, decay_grad ? partials.data_ptr<acc_t>() : nullptr, T, N, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (decay_grad) grad_decay.copy_(partials.sum());
   });
@@ -107,7 +109,7 @@ void launch_backward_cuda(const std::optional<at::Tensor>& grad_spikes, const st
 // lif_backward_from_x: H recharged from x inside the backward kernel (T <= kMaxRegisterSteps), else
 // into a temporary H [T, N] by the forward kernel's kRecharge mode, then the saved-H backward (the
 // temporary lives for this call only: the forward still saved nothing T-long). grad_v_init is
-// empty for a one-value v_init (backward_op's BROADCAST).
+// empty for a one-value v_init (see backward_op).
 void launch_backward_from_x_cuda(const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v,
                                  const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
                                  bool decay_grad, const ScalarArgs& a, at::Tensor& grad_x, at::Tensor& grad_v_init,
@@ -116,12 +118,10 @@ void launch_backward_from_x_cuda(const std::optional<at::Tensor>& grad_spikes, c
   const int64_t N = x.numel() / T;
   const bool one_v_init = broadcast_v_init(v_init, N);
   if (T > kMaxRegisterSteps) {
-    const at::Tensor v_step = one_v_init ? per_neuron_v_init(v_init, N) : v_init;
     at::Tensor h_seq = at::empty(x.sizes(), v_init.options());
     at::Tensor none;
-    launch_forward_mode_cuda<ForwardMode::kRecharge>(x, v_step, decay, a, none, none, h_seq);
-    at::Tensor grad_v_step = one_v_init ? at::empty({N}, v_init.options()) : grad_v_init;
-    launch_backward_cuda(grad_spikes, grad_v, h_seq, v_step, decay, decay_grad, a, grad_x, grad_v_step, grad_decay);
+    launch_forward_mode_cuda<ForwardMode::kRecharge>(x, v_init, decay, a, none, none, h_seq);
+    launch_backward_cuda(grad_spikes, grad_v, h_seq, v_init, decay, decay_grad, a, grad_x, grad_v_init, grad_decay);
     return;
   }
   const c10::cuda::CUDAGuard guard(x.device());
@@ -156,5 +156,5 @@ TORCH_LIBRARY_IMPL(snnkd_fast, CUDA, m) {
   // _KERNEL_OPS): its speed on a GPU has not been measured.
   m.impl("lif_forward_lean", &snnkd::lif::lean_forward_op<snnkd::lif::launch_lean_forward_cuda>);
   m.impl("lif_backward_from_x",
-         &snnkd::lif::backward_op<snnkd::lif::launch_backward_from_x_cuda, true, true>);
+         &snnkd::lif::backward_op<snnkd::lif::launch_backward_from_x_cuda, true>);
 }

@@ -35,6 +35,16 @@ __device__ __forceinline__ void store_pack(T* ptr, const Pack<T, VEC>& pack) {
   *reinterpret_cast<Pack<T, VEC>*>(ptr) = pack;
 }
 
+// v_init's VEC values at neuron n: one step of neurons, or (one_v_init) one value for every neuron.
+template <typename acc_t, int VEC>
+__device__ __forceinline__ Pack<acc_t, VEC> load_v_init(const acc_t* __restrict__ v_init, bool one_v_init, int64_t n) {
+  if (!one_v_init) return load_pack<acc_t, VEC>(v_init + n);
+  Pack<acc_t, VEC> v;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) v.v[i] = v_init[0];
+  return v;
+}
+
 // What a forward kernel writes besides (or instead of) the spikes and v_final.
 enum class ForwardMode {
   kSaveH,     // spikes, v_final and H [T, N] for the BPTT backward (lif_forward)
@@ -58,13 +68,7 @@ __global__ void __launch_bounds__(kThreads)
     p.decay = *decay;  // read on the device: no host synchronisation
     set_gains(p);
   }
-  Pack<acc_t, VEC> v;
-  if (one_v_init) {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) v.v[i] = v_init[0];
-  } else {
-    v = load_pack<acc_t, VEC>(v_init + n);
-  }
+  Pack<acc_t, VEC> v = load_v_init<acc_t, VEC>(v_init, one_v_init, n);
   Pack<acc_t, VEC> f, e_sum;
   if (RATE) {
 #pragma unroll
@@ -111,10 +115,11 @@ __device__ __forceinline__ void write_block_sum(acc_t value, acc_t* __restrict__
 
 // DECAY_GRAD (PLIF with a learnable w) also accumulates dL/d(decay); it needs V[t-1], recomputed
 // from H[t-1], which is loaded one step ahead and carried so every H is still read once.
+// grad_v_init null: v_init is one value for every neuron (one_v_init), which gets no gradient.
 template <typename scalar_t, typename acc_t, int VEC, bool DECAY_GRAD>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const scalar_t* __restrict__ grad_spikes, const acc_t* __restrict__ grad_v,
-                    const acc_t* __restrict__ h_seq, const acc_t* __restrict__ v_init,
+                    const acc_t* __restrict__ h_seq, const acc_t* __restrict__ v_init, bool one_v_init,
                     const acc_t* __restrict__ decay, scalar_t* __restrict__ grad_x,
                     acc_t* __restrict__ grad_v_init, acc_t* __restrict__ decay_partials, int64_t T, int64_t N,
                     NeuronParams<acc_t> p) {
@@ -153,7 +158,7 @@ __global__ void __launch_bounds__(kThreads)
           for (int i = 0; i < VEC; ++i) v_prev.v[i] = reset<acc_t>(h_prev.v[i], fire<acc_t>(h_prev.v[i], p.v_threshold), p);
         }
       } else if (DECAY_GRAD) {
-        v_prev = load_pack<acc_t, VEC>(v_init + n);
+        v_prev = load_v_init<acc_t, VEC>(v_init, one_v_init, n);
       }
       Pack<scalar_t, VEC> gx;
 #pragma unroll
@@ -166,7 +171,7 @@ __global__ void __launch_bounds__(kThreads)
       store_pack<scalar_t, VEC>(grad_x + at, gx);
       h = h_prev;
     }
-    store_pack<acc_t, VEC>(grad_v_init + n, gv);
+    if (grad_v_init) store_pack<acc_t, VEC>(grad_v_init + n, gv);  // none for one value (one_v_init)
   }
   if (DECAY_GRAD) write_block_sum(decay_sum, decay_partials);
 }
@@ -198,7 +203,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int t = 0; t < MAX_T; ++t)
       if (t < T) h[t] = static_cast<acc_t>(x[t * N + n]);
-    const acc_t v0 = v_init[one_v_init ? 0 : n];
+    const acc_t v0 = load_v_init<acc_t, 1>(v_init, one_v_init, n).v[0];
     acc_t v = v0;
 #pragma unroll
     for (int t = 0; t < MAX_T; ++t) {

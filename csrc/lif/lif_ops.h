@@ -22,8 +22,8 @@ inline at::ScalarType acc_dtype(at::ScalarType input) {
 
 // v_init is one step of x ([N] values), or one value for every neuron: a one-element tensor when a
 // step has more than one neuron (the membrane starting at v_reset or a float: the kernel reads the
-// value instead of a materialised [N] tensor, 8 bytes per neuron less at T = 1). The CPU kernels read
-// it so; for the CUDA kernels the op adapters below materialise it. Such a v_init gets no gradient:
+// value instead of a materialised [N] tensor, 8 bytes per neuron less at T = 1). The CPU and CUDA
+// kernels read it so (the Triton glue materialises it). Such a v_init gets no gradient:
 // the backward's grad_v_init is then empty ([0]). Python's twin: broadcasts_v_init in
 // snnkd_fast/lif/params.py (the fake kernels and the Triton glue).
 // (Symbolic sizes too: the C++ autograd kernel checks it while torch.compile or opcheck trace it.)
@@ -34,11 +34,6 @@ inline bool broadcast_v_init(const at::Tensor& v_init, const c10::SymInt& step_n
 // v_init's size fits a sequence of `numel` elements over `steps` steps: one step, or one value.
 inline bool v_init_fits(const at::Tensor& v_init, int64_t steps, int64_t numel) {
   return v_init.numel() * steps == numel || (v_init.numel() == 1 && numel > 0);
-}
-
-// A one-element v_init as one step of N neurons, for the launchers that read one value per neuron.
-inline at::Tensor per_neuron_v_init(const at::Tensor& v_init, int64_t N) {
-  return v_init.reshape({1}).expand({N}).contiguous();
 }
 
 inline void check_forward_args(const at::Tensor& x, const at::Tensor& v_init,
@@ -121,8 +116,8 @@ enum class Keep {
 // snnkd_fast::lif_forward for one device:
 // (spikes [T, ...] in x's dtype, v_final [...] in the acc dtype, and what KEEP says: h_seq [T, ...]
 // in the acc dtype; for lif_rate_forward the eligibility [...]; an undefined tensor for kNothing).
-// BROADCAST: the launcher reads a one-element v_init itself (else it gets one materialised).
-template <ForwardLauncher launch, Keep KEEP = Keep::kH, bool BROADCAST = false>
+// A one-element v_init (one value for every neuron) reaches the launcher as it is.
+template <ForwardLauncher launch, Keep KEEP = Keep::kH>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, const at::Tensor& v_init,
                                                           const std::optional<at::Tensor>& decay, int64_t neuron,
                                                           double tau, bool decay_input, double v_threshold,
@@ -138,8 +133,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, c
   if (x.numel() == 0) {
     v_final.copy_(v_init.view(v_final.sizes()));
     if (KEEP == Keep::kEligibility) saved.zero_();
-  } else if (!BROADCAST && broadcast_v_init(v_init, v_final.numel())) {
-    launch(x, per_neuron_v_init(v_init, v_final.numel()), decay, a, spikes, v_final, saved);
   } else {
     launch(x, v_init, decay, a, spikes, v_final, saved);
   }
@@ -154,17 +147,17 @@ std::tuple<at::Tensor, at::Tensor> lean_forward_op(const at::Tensor& x, const at
                                                    bool decay_input, double v_threshold, double v_reset,
                                                    bool soft_reset, bool detach_reset, int64_t surrogate,
                                                    double alpha) {
-  auto [spikes, v_final, none] = forward_op<launch, Keep::kNothing, true>(
+  auto [spikes, v_final, none] = forward_op<launch, Keep::kNothing>(
       x, v_init, decay, neuron, tau, decay_input, v_threshold, v_reset, soft_reset, detach_reset, surrogate, alpha);
   return {spikes, v_final};
 }
 
 // snnkd_fast::lif_backward for one device:
 // (grad_x [T, ...] in grad_dtype, grad_v_init [...] acc ([0] for a one-element v_init broadcast to
-// every neuron), grad_decay [] acc, zero unless requested). BROADCAST as in forward_op; the launcher
-// then gets an empty grad_v_init and writes none. FROM_X: snnkd_fast::lif_backward_from_x, whose
-// `seq` is the forward's input x (dtype grad_dtype; the launcher recomputes H), else the saved H.
-template <BackwardLauncher launch, bool BROADCAST = false, bool FROM_X = false>
+// every neuron: the launcher gets it as it is, and an empty grad_v_init it writes nothing to),
+// grad_decay [] acc, zero unless requested. FROM_X: snnkd_fast::lif_backward_from_x, whose `seq` is
+// the forward's input x (dtype grad_dtype; the launcher recomputes H), else the saved H.
+template <BackwardLauncher launch, bool FROM_X = false>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(
     const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v, const at::Tensor& seq,
     const at::Tensor& v_init, const std::optional<at::Tensor>& decay, at::ScalarType grad_dtype, int64_t neuron,
@@ -183,14 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(
   const bool plif_grad = decay_grad && a.neuron == kPLIF;
   if (seq.numel() > 0 && broadcast_v_init(v_init, seq.numel() / seq.size(0))) {
     at::Tensor no_grad_v_init = at::empty({0}, acc_options);
-    if (BROADCAST) {
-      launch(grad_spikes, grad_v, seq, v_init, decay, plif_grad, a, grad_x, no_grad_v_init, grad_decay);
-    } else {
-      const int64_t N = seq.numel() / seq.size(0);
-      at::Tensor scratch = at::empty({N}, acc_options);
-      launch(grad_spikes, grad_v, seq, per_neuron_v_init(v_init, N), decay, plif_grad, a, grad_x, scratch,
-             grad_decay);
-    }
+    launch(grad_spikes, grad_v, seq, v_init, decay, plif_grad, a, grad_x, no_grad_v_init, grad_decay);
     return {grad_x, no_grad_v_init, grad_decay};
   }
   at::Tensor grad_v_init = at::empty(seq.sizes().slice(1), acc_options);

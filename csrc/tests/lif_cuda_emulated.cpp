@@ -49,13 +49,13 @@ T sum_partials(const std::vector<T>& partials) {
 }
 
 template <typename T, int VEC>
-T backward(bool decay_grad, const T* grad_spikes, const T* grad_v, const T* h_seq, const T* v_init, const T* decay,
-           T* grad_x, T* grad_v_init, int64_t T_, int64_t N, const NeuronParams<T>& p) {
+T backward(bool decay_grad, const T* grad_spikes, const T* grad_v, const T* h_seq, const T* v_init, bool one_v_init,
+           const T* decay, T* grad_x, T* grad_v_init, int64_t T_, int64_t N, const NeuronParams<T>& p) {
   const int64_t blocks = blocks_for(N, VEC);
   std::vector<T> partials(blocks, T(0));
   cuda_emulation::launch<kThreads>(blocks, decay_grad ? backward_kernel<T, T, VEC, true> : backward_kernel<T, T, VEC, false>,
-                                   grad_spikes, grad_v, h_seq, v_init, decay, grad_x, grad_v_init, partials.data(), T_,
-                                   N, p);
+                                   grad_spikes, grad_v, h_seq, v_init, one_v_init, decay, grad_x, grad_v_init,
+                                   partials.data(), T_, N, p);
   return sum_partials(partials);
 }
 
@@ -102,18 +102,18 @@ int emu_lif_forward(int dtype, int mode, int vec, const void* x, const void* v_i
   return 0;
 }
 
-// backward_kernel (the saved-H backward); v_init per neuron. Writes the decay gradient (the block
-// partials summed in block order) to *grad_decay.
+// backward_kernel (the saved-H backward); grad_v_init null for a one-value v_init. Writes the decay
+// gradient (the block partials summed in block order) to *grad_decay.
 int emu_lif_backward(int dtype, int vec, int decay_grad, const void* grad_spikes, const void* grad_v,
-                     const void* h_seq, const void* v_init, const void* decay, void* grad_x, void* grad_v_init,
-                     double* grad_decay, int64_t T, int64_t N, const double* scalars) {
+                     const void* h_seq, const void* v_init, int one_v_init, const void* decay, void* grad_x,
+                     void* grad_v_init, double* grad_decay, int64_t T, int64_t N, const double* scalars) {
   if (vec != 1 && vec != 4) return 1;
   if (dtype == 0) {
     auto p = params_of<float>(scalars);
     set_decay(p, decay);
     auto run = vec == 4 ? backward<float, 4> : backward<float, 1>;
     *grad_decay = run(decay_grad != 0, static_cast<const float*>(grad_spikes), static_cast<const float*>(grad_v),
-                      static_cast<const float*>(h_seq), static_cast<const float*>(v_init),
+                      static_cast<const float*>(h_seq), static_cast<const float*>(v_init), one_v_init != 0,
                       static_cast<const float*>(decay), static_cast<float*>(grad_x), static_cast<float*>(grad_v_init),
                       T, N, p);
   } else {
@@ -121,7 +121,7 @@ int emu_lif_backward(int dtype, int vec, int decay_grad, const void* grad_spikes
     set_decay(p, decay);
     auto run = vec == 4 ? backward<double, 4> : backward<double, 1>;
     *grad_decay = run(decay_grad != 0, static_cast<const double*>(grad_spikes), static_cast<const double*>(grad_v),
-                      static_cast<const double*>(h_seq), static_cast<const double*>(v_init),
+                      static_cast<const double*>(h_seq), static_cast<const double*>(v_init), one_v_init != 0,
                       static_cast<const double*>(decay), static_cast<double*>(grad_x),
                       static_cast<double*>(grad_v_init), T, N, p);
   }

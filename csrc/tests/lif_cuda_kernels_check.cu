@@ -26,10 +26,10 @@ namespace lif {
   SNNKD_INSTANTIATE_FORWARD(scalar_t, acc_t, VEC, kLean)                                                        \
   SNNKD_INSTANTIATE_FORWARD(scalar_t, acc_t, VEC, kRecharge)                                                    \
   template __global__ void backward_kernel<scalar_t, acc_t, VEC, false>(                                        \
-      const scalar_t*, const acc_t*, const acc_t*, const acc_t*, const acc_t*, scalar_t*, acc_t*, acc_t*,       \
+      const scalar_t*, const acc_t*, const acc_t*, const acc_t*, bool, const acc_t*, scalar_t*, acc_t*, acc_t*, \
       int64_t, int64_t, NeuronParams<acc_t>);                                                                   \
   template __global__ void backward_kernel<scalar_t, acc_t, VEC, true>(                                         \
-      const scalar_t*, const acc_t*, const acc_t*, const acc_t*, const acc_t*, scalar_t*, acc_t*, acc_t*,       \
+      const scalar_t*, const acc_t*, const acc_t*, const acc_t*, bool, const acc_t*, scalar_t*, acc_t*, acc_t*, \
       int64_t, int64_t, NeuronParams<acc_t>);
 
 SNNKD_INSTANTIATE(float, float, 1)
