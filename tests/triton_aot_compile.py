@@ -129,6 +129,9 @@ def exercise_ops() -> None:
         neurons(dtype, "sigmoid", v_reset=0.0, detach_reset=False, decay_input=True)
     x = torch.randn(4, 3, 33, requires_grad=True)
     snnkd_fast.lif_multistep(x, backend="triton", backward="rate").sum().backward()
+    # v_init None: one value for every neuron (the kernels' v_init_stride 0)
+    snnkd_fast.lif_multistep(x, backend="triton").sum().backward()
+    snnkd_fast.plif_multistep(x, torch.tensor(0.3, requires_grad=True), backend="triton").sum().backward()
 
 
 def main() -> int:

@@ -22,8 +22,8 @@ inline at::ScalarType acc_dtype(at::ScalarType input) {
 
 // v_init is one step of x ([N] values), or one value for every neuron: a one-element tensor when a
 // step has more than one neuron (the membrane starting at v_reset or a float: the kernel reads the
-// value instead of a materialised [N] tensor, 8 bytes per neuron less at T = 1). The CPU and CUDA
-// kernels read it so (the Triton glue materialises it). Such a v_init gets no gradient:
+// value instead of a materialised [N] tensor, 8 bytes per neuron less at T = 1). The CPU, CUDA and
+// Triton kernels read it so. Such a v_init gets no gradient:
 // the backward's grad_v_init is then empty ([0]). Python's twin: broadcasts_v_init in
 // snnkd_fast/lif/params.py (the fake kernels and the Triton glue).
 // (Symbolic sizes too: the C++ autograd kernel checks it while torch.compile or opcheck trace it.)

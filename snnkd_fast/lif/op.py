@@ -24,9 +24,8 @@ its gain: ``_RECOMPUTE_H_DEVICES`` below is the one switch.
 A ``v_init`` of None or a float reaches the kernel ops as a one-element tensor, one value for every
 neuron: the CPU kernels read the value, so no step-sized tensor is written and read again (8 of the
 24 bytes per neuron a T=1 forward moved) and no gradient is written for it (4 of the backward's 16):
-fwd+bwd at T=1 1.14-1.24x faster on the CPU. The CUDA kernels read the value too (no [N] copy and
-no scratch gradient written: two kernel launches fewer per forward+backward); Triton's glue
-expands it.
+fwd+bwd at T=1 1.14-1.24x faster on the CPU. The CUDA and Triton kernels read the value too (no
+[N] copy and no scratch gradient written: two kernel launches fewer per forward+backward).
 
 NaN/inf policy (no host synchronisation is spent checking): a NaN input makes that neuron's membrane
 NaN from then on and it never spikes (``NaN >= v_threshold`` is false), in every backend. A +inf

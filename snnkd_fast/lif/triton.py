@@ -92,17 +92,18 @@ def _surrogate_grad(x, alpha, KIND: tl.constexpr):
 
 
 @triton.jit
-def _lif_forward_kernel(x_ptr, v_init_ptr, decay_ptr, spikes_ptr, v_final_ptr, out_ptr, T, N,
+def _lif_forward_kernel(x_ptr, v_init_ptr, v_init_stride, decay_ptr, spikes_ptr, v_final_ptr, out_ptr, T, N,
                         tau, v_threshold, v_rest, alpha,
                         NEURON: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr,
                         DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, RATE: tl.constexpr,
                         BLOCK: tl.constexpr):
     """RATE = False: writes H [T, N] into out_ptr for the BPTT backward. RATE = True (rate-based
     backward): no H; the eligibility e = (1/T) sum_t sg[t] f[t] accumulates in registers and is
-    written into out_ptr [N], with f[t] = dH[t]/dx for a constant input (see csrc/lif/lif_math.h)."""
+    written into out_ptr [N], with f[t] = dH[t]/dx for a constant input (see csrc/lif/lif_math.h).
+    v_init_stride: 1 for one step of v_init, 0 for one value for every neuron."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    v = tl.load(v_init_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_init_ptr + offs * v_init_stride, mask=mask, other=0.0)
     decay = 0.0
     if NEURON == 2:
         decay = tl.load(decay_ptr)
@@ -143,8 +144,8 @@ def _lif_forward_kernel(x_ptr, v_init_ptr, decay_ptr, spikes_ptr, v_final_ptr, o
 
 
 @triton.jit
-def _lif_backward_kernel(grad_s_ptr, grad_v_ptr, h_ptr, v_init_ptr, decay_ptr, grad_x_ptr, grad_v_init_ptr,
-                         partials_ptr, T, N, last_row, tau, v_threshold, v_rest, alpha,
+def _lif_backward_kernel(grad_s_ptr, grad_v_ptr, h_ptr, v_init_ptr, v_init_stride, decay_ptr, grad_x_ptr,
+                         grad_v_init_ptr, partials_ptr, T, N, last_row, tau, v_threshold, v_rest, alpha,
                          NEURON: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr,
                          DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, HAS_GRAD_S: tl.constexpr,
                          HAS_GRAD_V: tl.constexpr, DECAY_GRAD: tl.constexpr, BLOCK: tl.constexpr):
@@ -157,7 +158,8 @@ def _lif_backward_kernel(grad_s_ptr, grad_v_ptr, h_ptr, v_init_ptr, decay_ptr, g
     decay = 0.0
     if NEURON == 2:
         decay = tl.load(decay_ptr)
-    v0 = tl.load(v_init_ptr + offs, mask=mask, other=0.0)
+    # v_init_stride 0: one value for every neuron, which gets no gradient (nothing stored below)
+    v0 = tl.load(v_init_ptr + offs * v_init_stride, mask=mask, other=0.0)
     decay_sum = tl.zeros([BLOCK], dtype=tl.float32)
     # Walk back from the last row (last_row = (T-1)*N, computed on the host in 64 bits). H[t-1] is
     # loaded one step ahead (V[t-1] for the PLIF decay gradient) and carried as the next step's H.
@@ -198,7 +200,7 @@ def _lif_backward_kernel(grad_s_ptr, grad_v_ptr, h_ptr, v_init_ptr, decay_ptr, g
         h_ptrs -= N
         gs_ptrs -= N
         gx_ptrs -= N
-    tl.store(grad_v_init_ptr + offs, gv, mask=mask)
+    tl.store(grad_v_init_ptr + offs, gv, mask=mask & (offs * 0 + v_init_stride != 0))
     if DECAY_GRAD:
         # One partial per program, summed by the launcher in a fixed order: deterministic.
         tl.store(partials_ptr + tl.program_id(0), tl.sum(tl.where(mask, decay_sum, 0.0), axis=0))
@@ -214,31 +216,30 @@ def _launch_options() -> dict:
     return triton_launch_options(enable_fp_fusion=False, num_warps=NUM_WARPS)
 
 
-def _per_neuron(v_init: torch.Tensor, N: int) -> torch.Tensor:
-    """One step's v_init: a one-element v_init (one value for every neuron) expanded and copied."""
-    return v_init.reshape(1).expand(N).contiguous() if N > 0 and broadcasts_v_init(v_init.numel(), N) else v_init
+def _v_init_stride(v_init: torch.Tensor, N: int) -> int:
+    """0 for a one-element v_init standing for every neuron (the kernels read the one value), else 1."""
+    return 0 if broadcasts_v_init(v_init.numel(), N) else 1
 
 
 def lif_forward(x: torch.Tensor, v_init: torch.Tensor, decay: Optional[torch.Tensor], cfg: NeuronConfig,
                 rate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward over contiguous ``x`` ``[T, ...]`` from a contiguous float32 ``v_init`` (one step, or one
-    value for every neuron: materialised here, the kernels read one per neuron).
+    value for every neuron, which the kernel reads as one value).
     Returns ``(spikes in x.dtype, v_final float32, h_seq float32)``, or with ``rate=True`` the
     eligibility (float32, one step's shape) in place of h_seq."""
     T = x.shape[0]
     N = x.numel() // T if T else 0
-    v_init = _per_neuron(v_init, N)
     spikes = torch.empty_like(x)
     out = torch.empty(x.shape[1:] if rate else x.shape, dtype=torch.float32, device=x.device)
     v_final = torch.empty(x.shape[1:], dtype=torch.float32, device=x.device)
-    if x.numel() == 0:
-        v_final.copy_(v_init.view(v_final.shape))
+    if x.numel() == 0:  # (a one-value v_init stands for every neuron of v_final)
+        v_final.copy_(v_init.reshape(-1).expand(v_final.numel()).view(v_final.shape))
         if rate:
             out.zero_()
         return spikes, v_final, out
     grid = (triton.cdiv(N, BLOCK),)
     _lif_forward_kernel[grid](
-        x, v_init, decay if decay is not None else v_init, spikes, v_final, out, T, N,
+        x, v_init, _v_init_stride(v_init, N), decay if decay is not None else v_init, spikes, v_final, out, T, N,
         float(cfg.tau), float(cfg.v_threshold), float(cfg.v_rest), float(cfg.alpha),
         NEURON=cfg.neuron, DECAY_INPUT=cfg.decay_input, SOFT_RESET=cfg.soft_reset, DETACH_RESET=cfg.detach_reset,
         SURROGATE=cfg.surrogate, RATE=rate, BLOCK=BLOCK, **_launch_options())
@@ -254,9 +255,8 @@ def lif_backward(grad_spikes: Optional[torch.Tensor], grad_v: Optional[torch.Ten
     T = h_seq.shape[0]
     N = h_seq.numel() // T if T else 0
     broadcast = h_seq.numel() > 0 and broadcasts_v_init(v_init.numel(), N)
-    v_init = _per_neuron(v_init, N)
     grad_x = torch.empty(h_seq.shape, dtype=grad_dtype, device=h_seq.device)
-    grad_v_init = torch.empty(h_seq.shape[1:], dtype=torch.float32, device=h_seq.device)
+    grad_v_init = torch.empty((0,) if broadcast else h_seq.shape[1:], dtype=torch.float32, device=h_seq.device)
     grad_decay = torch.zeros((), dtype=torch.float32, device=h_seq.device)
     if h_seq.numel() == 0:
         grad_v_init.copy_(grad_v.view(grad_v_init.shape)) if grad_v is not None else grad_v_init.zero_()
@@ -266,11 +266,13 @@ def lif_backward(grad_spikes: Optional[torch.Tensor], grad_v: Optional[torch.Ten
     partials = torch.empty(grid[0] if decay_grad else 1, dtype=torch.float32, device=h_seq.device)
     _lif_backward_kernel[grid](
         grad_spikes if grad_spikes is not None else h_seq, grad_v if grad_v is not None else v_init, h_seq, v_init,
-        decay if decay is not None else v_init, grad_x, grad_v_init, partials, T, N, (T - 1) * N,
+        0 if broadcast else 1, decay if decay is not None else v_init, grad_x,
+        partials if broadcast else grad_v_init,  # a float32 stand-in: every store to it is masked off
+        partials, T, N, (T - 1) * N,
         float(cfg.tau), float(cfg.v_threshold), float(cfg.v_rest), float(cfg.alpha),
         NEURON=cfg.neuron, DECAY_INPUT=cfg.decay_input, SOFT_RESET=cfg.soft_reset, DETACH_RESET=cfg.detach_reset,
         SURROGATE=cfg.surrogate, HAS_GRAD_S=grad_spikes is not None, HAS_GRAD_V=grad_v is not None,
         DECAY_GRAD=decay_grad, BLOCK=BLOCK, **_launch_options())
     if decay_grad:
         grad_decay = partials.sum()
-    return grad_x, grad_v_init.new_empty((0,)) if broadcast else grad_v_init, grad_decay
+    return grad_x, grad_v_init, grad_decay
