@@ -303,6 +303,9 @@ def test_cpu_lean_pair_edges():
         v_init = torch.full(shape[1:], 0.25)
         spikes, v_final = ops.lif_forward_lean(x, v_init, None, *scalars)
         assert spikes.shape == shape and torch.equal(v_final, v_init)
+        for op in (ops.lif_forward, ops.lif_forward_lean, ops.lif_rate_forward):  # one value for every neuron
+            spikes, v_final = op(x, torch.full((1,), 0.25), None, *scalars)[:2]
+            assert spikes.shape == shape and torch.equal(v_final, v_init), op
         grad_x, grad_v_init, _ = ops.lif_backward_from_x(None, v_init, x, v_init, None, torch.float32, *scalars,
                                                          False)
         assert grad_x.shape == shape and torch.equal(grad_v_init, v_init)

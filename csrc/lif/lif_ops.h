@@ -33,7 +33,7 @@ inline bool broadcast_v_init(const at::Tensor& v_init, const c10::SymInt& step_n
 
 // v_init's size fits a sequence of `numel` elements over `steps` steps: one step, or one value.
 inline bool v_init_fits(const at::Tensor& v_init, int64_t steps, int64_t numel) {
-  return v_init.numel() * steps == numel || (v_init.numel() == 1 && numel > 0);
+  return v_init.numel() * steps == numel || v_init.numel() == 1;
 }
 
 inline void check_forward_args(const at::Tensor& x, const at::Tensor& v_init,
@@ -130,8 +130,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, c
   at::Tensor saved;
   if (KEEP != Keep::kNothing) saved = at::empty(KEEP == Keep::kH ? x.sizes() : x.sizes().slice(1), acc_options);
   at::Tensor v_final = at::empty(x.sizes().slice(1), acc_options);
-  if (x.numel() == 0) {
-    v_final.copy_(v_init.view(v_final.sizes()));
+  if (x.numel() == 0) {  // (T = 0: v_final is v_init, a one-value v_init standing for every neuron)
+    v_final.copy_(v_init.reshape({-1}).expand({v_final.numel()}).view(v_final.sizes()));
     if (KEEP == Keep::kEligibility) saved.zero_();
   } else {
     launch(x, v_init, decay, a, spikes, v_final, saved);
