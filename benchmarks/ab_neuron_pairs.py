@@ -15,7 +15,8 @@ The raw ops are timed (no autograd, no Python wrapper): LIF, tau = 2, sigmoid su
 v_init (what lif_multistep passes), a spike gradient, fp32 and (CUDA) bf16. Rounds alternate the
 pairs and keep each pass's best median. Writes ``benchmarks/results/<device-slug>/ab_neuron_pairs.json``
 (and .csv): per case each pair's fwd / bwd / fwd+bwd time, achieved bandwidth over its own bytes,
-the bytes kept between the passes, and lean/saved-H speed-ups; a table on stdout.
+the bytes kept between the passes, on a GPU one fwd+bwd's peak allocation above the inputs
+(``torch.cuda.max_memory_allocated``), and lean/saved-H speed-ups; a table on stdout.
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def pair_bytes(pair: str, pass_: str, numel: int, dtype: torch.dtype) -> int:
 
 def measure(device: torch.device, T: int, step: tuple[int, ...], dtype: torch.dtype, timer: common.Timer,
             rounds: int) -> dict[str, dict[str, float]]:
-    """{pair: {pass: best median ms}} and each pair's kept bytes."""
+    """{pair: {pass: best median ms, and on a GPU "peak_bytes": one fwd+bwd's peak allocation above
+    the inputs}}."""
     ops = torch.ops.snnkd_fast
     x = (torch.randn((T, *step), device=device) * 1.5 + 0.4).to(dtype)
     grad_spikes = torch.randn_like(x)
@@ -79,6 +81,11 @@ def measure(device: torch.device, T: int, step: tuple[int, ...], dtype: torch.dt
             for pass_, timing in timings.items():
                 best[pair][pass_] = min(best[pair].get(pass_, float("inf")), timing.median_ms)
             del kept
+            if device.type == "cuda" and "peak_bytes" not in best[pair]:
+                # what one forward+backward allocates above the inputs: the forward's outputs and
+                # what it keeps (H or nothing), then the backward's (the lean pair's T > 32 path: a
+                # temporary H inside the backward)
+                best[pair]["peak_bytes"] = common.measure_peak(lambda run=run_both: run(None), device)[0]
     return best
 
 
@@ -124,7 +131,11 @@ def main(argv=None) -> Path:
                     row[f"{pair}_GBps"] = pair_bytes(pair, pass_, numel, dtype) / (ms * 1e-3) / 1e9
                     row[f"{pair}_pct_peak"] = 100 * row[f"{pair}_GBps"] * 1e9 / peak_bps
                     row[f"{pair}_kept_bytes"] = kept[pair]
+                    if pass_ == "fwdbwd" and "peak_bytes" in best[pair]:
+                        row[f"{pair}_peak_bytes"] = best[pair]["peak_bytes"]
                 row["speedup_lean_vs_saved_h"] = best["saved_h"][pass_] / best["lean"][pass_]
+                if "lean_peak_bytes" in row:
+                    row["peak_mem_lean_vs_saved_h"] = row["lean_peak_bytes"] / row["saved_h_peak_bytes"]
                 rows.append(row)
                 print(f"{case:34s} {pass_:7s} {row['saved_h_ms']:11.4f} {row['lean_ms']:9.4f} "
                       f"{row['speedup_lean_vs_saved_h']:9.2f}x {row['saved_h_GBps']:6.0f}/{row['lean_GBps']:<6.0f}")
