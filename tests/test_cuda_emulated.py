@@ -35,7 +35,7 @@ SHAPES = [(1, 7), (5, 785), (8, 1024), (9, 300), (16, 260), (17, 64), (32, 40), 
 DTYPES = {torch.float32: 0, torch.float64: 1}
 
 
-def _build(tmp_path_factory, source: str, family: str):
+def _build(tmp_path_factory, source: str, family: str, extra_includes=()):
     if CXX is None:
         pytest.skip("no host C++ compiler")
     if not snnkd_fast.backends(family)["cpp"]:
@@ -48,6 +48,7 @@ def _build(tmp_path_factory, source: str, family: str):
     result = subprocess.run(
         [CXX, *flags, "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-Werror", "-shared",
          "-fPIC", "-I", os.path.join(ROOT, "csrc", "tests", "cuda_emulation"), "-I", os.path.join(ROOT, "csrc"),
+         *[arg for path in extra_includes for arg in ("-isystem", path)],
          os.path.join(ROOT, "csrc", "tests", f"{source}.cpp"), "-o", str(library)],
         capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -61,7 +62,10 @@ def emu(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def kd_emu(tmp_path_factory):
-    return _build(tmp_path_factory, "kd_cuda_emulated", "kd")
+    from torch.utils.cpp_extension import include_paths
+
+    # torch's headers for c10::BFloat16 / c10::Half, the 16-bit types of the extension's kernels
+    return _build(tmp_path_factory, "kd_cuda_emulated", "kd", include_paths()[:1])
 
 
 def _ptr(tensor):
@@ -191,74 +195,87 @@ def test_emulated_cuda_neuron_kernels_match_the_cpu_ops(emu, shape, dtype):
 # ------------------------------------------------------------------------------------------------
 
 KD_LOSSES = {"kl": 0, "tser": 1, "hta": 2}
+# (student dtype, teacher dtype) -> kd_cuda_emulated.cpp's with_dtype_pair index
+KD_DTYPE_PAIRS = {(torch.float32, torch.float32): 0, (torch.float64, torch.float64): 1,
+                  (torch.bfloat16, torch.float32): 2, (torch.bfloat16, torch.bfloat16): 3,
+                  (torch.float16, torch.float16): 4}
+KD_PAIR_IDS = ["fp32", "fp64", "bf16-fp32", "bf16", "fp16"]
 # (T, B, C): C below, at and above one block's 256 threads (a thread's stride over the classes)
 KD_SHAPES = [(3, 4, 10), (2, 3, 256), (2, 2, 1000)]
 
 
-def _kd_inputs(shape, dtype, per_t, ties, seed=0):
+def _kd_inputs(shape, dtypes, per_t, ties, seed=0):
     g = torch.Generator().manual_seed(seed)
     T, B, C = shape
-    student = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).to(dtype)
+    student = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).to(dtypes[0])
     teacher = torch.randn((T if per_t else 1, B, C), generator=g, dtype=torch.float64) * 3
     if ties:  # many equal logits: HTA's walk over the classes tied at the crossing key
         teacher = (teacher * 2).round() / 2
-    teacher = teacher.to(dtype)
+    teacher = teacher.to(dtypes[1])
     return student, teacher if per_t else teacher[0]
 
 
-def _kd_close(got, expected, dtype, where):
-    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+def _kd_close(got, expected, where):
+    """Rows and statistics in the accumulation dtype to its rounding; 16-bit gradients to a unit in
+    their last place (the float value rounds to the nearer 16-bit neighbour, which rounding-level
+    differences can change)."""
+    if got.dtype == torch.float64:
+        tol = dict(rtol=1e-10, atol=1e-12)
+    elif got.dtype == torch.float32:
+        tol = dict(rtol=2e-5, atol=2e-6)
+    else:
+        tol = dict(rtol=1e-2, atol=1e-3)
     torch.testing.assert_close(got, expected, **tol, msg=where)
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("dtypes", list(KD_DTYPE_PAIRS), ids=KD_PAIR_IDS)
 @pytest.mark.parametrize("shape", KD_SHAPES, ids=[f"T{t}xB{b}xC{c}" for t, b, c in KD_SHAPES])
-def test_emulated_cuda_kd_row_kernels_match_the_cpu_ops(kd_emu, shape, dtype):
+def test_emulated_cuda_kd_row_kernels_match_the_cpu_ops(kd_emu, shape, dtypes):
     ops = torch.ops.snnkd_fast
     T, B, C = shape
     for loss_name, loss in KD_LOSSES.items():
         for per_t in (False, True):
             for ties in ((False, True) if loss_name == "hta" else (False,)):
-                student, teacher = _kd_inputs(shape, dtype, per_t, ties)
+                student, teacher = _kd_inputs(shape, dtypes, per_t, ties)
                 for tau, tau_h, weight, threshold in ((4.0, 4.0, 0.1, 0.5), (1.0, 2.0, -0.3, 0.9)):
                     where = f"{loss_name} per_t={per_t} ties={ties} tau={tau} threshold={threshold}"
                     rows, stats, keys = ops.kd_rows_forward(student, teacher, loss, tau, tau_h, weight, threshold)
                     e_rows, e_stats = torch.full_like(rows, -7.0), torch.full_like(stats, -7.0)
                     e_keys = torch.full_like(keys, -7)
                     status = kd_emu.emu_kd_rows_forward(
-                        DTYPES[dtype], loss, _ptr(student), _ptr(teacher), int(per_t), ctypes.c_int64(T),
+                        KD_DTYPE_PAIRS[dtypes], loss, _ptr(student), _ptr(teacher), int(per_t), ctypes.c_int64(T),
                         ctypes.c_int64(B), ctypes.c_int64(C), ctypes.c_double(tau), ctypes.c_double(tau_h),
                         ctypes.c_double(weight), ctypes.c_double(threshold), _ptr(e_rows), _ptr(e_stats),
                         _ptr(e_keys) if keys.numel() else None)
                     assert status == 0
                     if loss_name == "hta":
                         assert torch.equal(e_keys, keys), f"HTA keys: {where}\n{e_keys}\n{keys}"
-                    _kd_close(e_rows, rows, dtype, f"rows: {where}")
-                    _kd_close(e_stats, stats, dtype, f"stats: {where}")
+                    _kd_close(e_rows, rows, f"rows: {where}")
+                    _kd_close(e_stats, stats, f"stats: {where}")
                     grad_rows = torch.randn(T, B, generator=torch.Generator().manual_seed(1),
                                             dtype=torch.float64).to(rows.dtype)
                     grad_s, grad_u = ops.kd_rows_backward(grad_rows, student, teacher, stats, keys, loss, tau, tau_h,
                                                           weight, True)
                     e_grad_s, e_grad_u = torch.full_like(grad_s, -7.0), torch.full_like(grad_u, -7.0)
                     status = kd_emu.emu_kd_rows_backward(
-                        DTYPES[dtype], loss, _ptr(grad_rows), _ptr(student), _ptr(teacher), int(per_t),
+                        KD_DTYPE_PAIRS[dtypes], loss, _ptr(grad_rows), _ptr(student), _ptr(teacher), int(per_t),
                         ctypes.c_int64(T), ctypes.c_int64(B), ctypes.c_int64(C), _ptr(e_stats), ctypes.c_double(tau),
                         ctypes.c_double(tau_h), ctypes.c_double(weight), _ptr(e_grad_s), _ptr(e_grad_u))
                     assert status == 0
-                    _kd_close(e_grad_s, grad_s, dtype, f"grad student: {where}")
-                    _kd_close(e_grad_u, grad_u, dtype, f"grad teacher: {where}")
+                    _kd_close(e_grad_s, grad_s, f"grad student: {where}")
+                    _kd_close(e_grad_u, grad_u, f"grad teacher: {where}")
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("dtypes", list(KD_DTYPE_PAIRS), ids=KD_PAIR_IDS)
 @pytest.mark.parametrize("shape", KD_SHAPES, ids=[f"T{t}xB{b}xC{c}" for t, b, c in KD_SHAPES])
-def test_emulated_cuda_nld_kernels_match_the_cpu_ops(kd_emu, shape, dtype):
+def test_emulated_cuda_nld_kernels_match_the_cpu_ops(kd_emu, shape, dtypes):
     """NLD's CUDA kernels (forward, the mixture's row sums, backward; the noise they regenerate from
     the seed) against the CPU ops: the same Philox noise, rows and gradients to rounding."""
     ops = torch.ops.snnkd_fast
     T, B, C = shape
     seed = torch.tensor(123456789, dtype=torch.int64)
     for per_t in (False, True):
-        student, teacher = _kd_inputs(shape, dtype, per_t, ties=False)
+        student, teacher = _kd_inputs(shape, dtypes, per_t, ties=False)
         for tau, weight, noise_std, additive in ((4.0, 0.1, None, False), (2.0, 0.3, 0.5, False),
                                                  (1.0, 0.2, 0.4, True)):
             where = f"per_t={per_t} tau={tau} weight={weight} noise_std={noise_std} additive={additive}"
@@ -268,20 +285,20 @@ def test_emulated_cuda_nld_kernels_match_the_cpu_ops(kd_emu, shape, dtype):
             common_args = (ctypes.c_int64(T), ctypes.c_int64(B), ctypes.c_int64(C), _ptr(seed), ctypes.c_double(tau),
                            ctypes.c_double(weight), ctypes.c_double(-1.0 if noise_std is None else noise_std),
                            int(additive))
-            assert kd_emu.emu_nld_rows_forward(DTYPES[dtype], _ptr(student), _ptr(teacher), int(per_t), *common_args,
+            assert kd_emu.emu_nld_rows_forward(KD_DTYPE_PAIRS[dtypes], _ptr(student), _ptr(teacher), int(per_t), *common_args,
                                                _ptr(e_rows), _ptr(e_stats)) == 0
-            _kd_close(e_rows, rows, dtype, f"rows: {where}")
-            _kd_close(e_stats, stats, dtype, f"stats: {where}")
+            _kd_close(e_rows, rows, f"rows: {where}")
+            _kd_close(e_stats, stats, f"stats: {where}")
             grad_rows = torch.randn(T, B, generator=torch.Generator().manual_seed(1),
                                     dtype=torch.float64).to(rows.dtype)
             grad_s, grad_u = ops.nld_rows_backward(grad_rows, student, teacher, seed, stats, tau, weight, std,
                                                    noise_std is None, additive, True)
             e_grad_s, e_grad_u = torch.full_like(grad_s, -7.0), torch.full_like(grad_u, -7.0)
-            assert kd_emu.emu_nld_rows_backward(DTYPES[dtype], _ptr(grad_rows), _ptr(student), _ptr(teacher),
+            assert kd_emu.emu_nld_rows_backward(KD_DTYPE_PAIRS[dtypes], _ptr(grad_rows), _ptr(student), _ptr(teacher),
                                                 int(per_t), *common_args, _ptr(e_stats), _ptr(e_grad_s),
                                                 _ptr(e_grad_u)) == 0
-            _kd_close(e_grad_s, grad_s, dtype, f"grad student: {where}")
-            _kd_close(e_grad_u, grad_u, dtype, f"grad teacher: {where}")
+            _kd_close(e_grad_s, grad_s, f"grad student: {where}")
+            _kd_close(e_grad_u, grad_u, f"grad teacher: {where}")
     noise = ops.nld_noise(seed, [T * B, C])
     for blocks in (1, 3):  # the kernel's grid-stride loop, as for grids capped at 8192 blocks
         e_noise = torch.full_like(noise, -7.0)
