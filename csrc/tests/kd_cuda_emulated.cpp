@@ -81,17 +81,31 @@ void with_loss(int loss, F&& f) {
   else f(std::integral_constant<int, kHTA>{});
 }
 
-// The (student, teacher) dtype pairs, by index: tests/test_cuda_emulated.py's KD_DTYPE_PAIRS.
+// A (student, teacher) dtype pair and its accumulation dtype.
+template <typename S, typename U>
+struct DtypePair {
+  using student = S;
+  using teacher = U;
+  using acc = acc_type_t<S, U>;
+};
+
+// The pairs by index: tests/test_cuda_emulated.py's KD_DTYPE_PAIRS.
 template <typename F>
 bool with_dtype_pair(int pair, F&& f) {
   switch (pair) {
-    case 0: f(float{}, float{}); return true;
-    case 1: f(double{}, double{}); return true;
-    case 2: f(c10::BFloat16{}, float{}); return true;   // an AMP student, a float32 teacher
-    case 3: f(c10::BFloat16{}, c10::BFloat16{}); return true;
-    case 4: f(c10::Half{}, c10::Half{}); return true;
+    case 0: f(DtypePair<float, float>{}); return true;
+    case 1: f(DtypePair<double, double>{}); return true;
+    case 2: f(DtypePair<c10::BFloat16, float>{}); return true;  // an AMP student, a float32 teacher
+    case 3: f(DtypePair<c10::BFloat16, c10::BFloat16>{}); return true;
+    case 4: f(DtypePair<c10::Half, c10::Half>{}); return true;
     default: return false;
   }
+}
+
+// noise_std < 0: the adaptive scale.
+template <typename A>
+NldParams<A> nld_params(double temperature, double noise_weight, double noise_std, int additive) {
+  return make_nld_params<A>(temperature, noise_weight, noise_std < 0 ? 0.0 : noise_std, noise_std < 0, additive != 0);
 }
 
 }  // namespace
@@ -104,10 +118,10 @@ int emu_kd_rows_forward(int dtype_pair, int loss, const void* s, const void* u, 
                         int64_t C, double temperature, double entropy_temperature, double entropy_weight,
                         double head_threshold, void* rows, void* stats, int32_t* keys) {
   if (loss < kKL || loss > kHTA) return 1;
-  const bool known = with_dtype_pair(dtype_pair, [&](auto s_tag, auto u_tag) {
-    using S = decltype(s_tag);
-    using U = decltype(u_tag);
-    using A = acc_type_t<S, U>;
+  const bool known = with_dtype_pair(dtype_pair, [&](auto pair) {
+    using S = typename decltype(pair)::student;
+    using U = typename decltype(pair)::teacher;
+    using A = typename decltype(pair)::acc;
     with_loss(loss, [&](auto loss_c) {
       forward<S, U, decltype(loss_c)::value>(static_cast<const S*>(s), static_cast<const U*>(u), per_t != 0, T, B, C,
                                              temperature, entropy_temperature, entropy_weight, head_threshold,
@@ -122,10 +136,10 @@ int emu_kd_rows_backward(int dtype_pair, int loss, const void* grad_rows, const 
                          int64_t T, int64_t B, int64_t C, const void* stats, double temperature,
                          double entropy_temperature, double entropy_weight, void* grad_s, void* grad_u) {
   if (loss < kKL || loss > kHTA) return 1;
-  const bool known = with_dtype_pair(dtype_pair, [&](auto s_tag, auto u_tag) {
-    using S = decltype(s_tag);
-    using U = decltype(u_tag);
-    using A = acc_type_t<S, U>;
+  const bool known = with_dtype_pair(dtype_pair, [&](auto pair) {
+    using S = typename decltype(pair)::student;
+    using U = typename decltype(pair)::teacher;
+    using A = typename decltype(pair)::acc;
     with_loss(loss, [&](auto loss_c) {
       backward<S, U, decltype(loss_c)::value>(static_cast<const A*>(grad_rows), static_cast<const S*>(s),
                                               static_cast<const U*>(u), per_t != 0, T, B, C,
@@ -140,12 +154,11 @@ int emu_kd_rows_backward(int dtype_pair, int loss, const void* grad_rows, const 
 int emu_nld_rows_forward(int dtype_pair, const void* s, const void* u, int per_t, int64_t T, int64_t B, int64_t C,
                          const int64_t* seed, double temperature, double noise_weight, double noise_std, int additive,
                          void* rows, void* stats) {
-  const bool known = with_dtype_pair(dtype_pair, [&](auto s_tag, auto u_tag) {
-    using S = decltype(s_tag);
-    using U = decltype(u_tag);
-    using A = acc_type_t<S, U>;
-    const auto P = make_nld_params<A>(temperature, noise_weight, noise_std < 0 ? 0.0 : noise_std, noise_std < 0,
-                                      additive != 0);
+  const bool known = with_dtype_pair(dtype_pair, [&](auto pair) {
+    using S = typename decltype(pair)::student;
+    using U = typename decltype(pair)::teacher;
+    using A = typename decltype(pair)::acc;
+    const auto P = nld_params<A>(temperature, noise_weight, noise_std, additive);
     nld_forward<S, U>(static_cast<const S*>(s), static_cast<const U*>(u), per_t != 0, T, B, C, seed, P, temperature,
                       static_cast<A*>(rows), static_cast<A*>(stats));
   });
@@ -155,12 +168,11 @@ int emu_nld_rows_forward(int dtype_pair, const void* s, const void* u, int per_t
 int emu_nld_rows_backward(int dtype_pair, const void* grad_rows, const void* s, const void* u, int per_t, int64_t T,
                           int64_t B, int64_t C, const int64_t* seed, double temperature, double noise_weight,
                           double noise_std, int additive, const void* stats, void* grad_s, void* grad_u) {
-  const bool known = with_dtype_pair(dtype_pair, [&](auto s_tag, auto u_tag) {
-    using S = decltype(s_tag);
-    using U = decltype(u_tag);
-    using A = acc_type_t<S, U>;
-    const auto P = make_nld_params<A>(temperature, noise_weight, noise_std < 0 ? 0.0 : noise_std, noise_std < 0,
-                                      additive != 0);
+  const bool known = with_dtype_pair(dtype_pair, [&](auto pair) {
+    using S = typename decltype(pair)::student;
+    using U = typename decltype(pair)::teacher;
+    using A = typename decltype(pair)::acc;
+    const auto P = nld_params<A>(temperature, noise_weight, noise_std, additive);
     nld_backward<S, U>(static_cast<const A*>(grad_rows), static_cast<const S*>(s), static_cast<const U*>(u),
                        per_t != 0, T, B, C, seed, P, static_cast<const A*>(stats), static_cast<S*>(grad_s),
                        static_cast<U*>(grad_u));
