@@ -293,7 +293,8 @@ def test_recompute_h_switch_picks_the_pair_and_keeps_the_numbers(backend, monkey
 
 
 def test_cpu_lean_pair_edges():
-    """Empty sequences (T = 0, no neurons) and the argument checks of the lean pair."""
+    """Empty sequences (T = 0, no neurons) and the argument checks of the lean pair; the empty
+    sequences with a one-value v_init on every forward op."""
     if not snnkd_fast.backends()["cpp"]:
         pytest.skip(snnkd_fast.backends()["cpp"].reason)
     ops = torch.ops.snnkd_fast

@@ -116,7 +116,6 @@ void launch_backward_from_x_cuda(const std::optional<at::Tensor>& grad_spikes, c
                                  at::Tensor& grad_decay) {
   const int64_t T = x.size(0);
   const int64_t N = x.numel() / T;
-  const bool one_v_init = broadcast_v_init(v_init, N);
   if (T > kMaxRegisterSteps) {
     at::Tensor h_seq = at::empty(x.sizes(), v_init.options());
     at::Tensor none;
@@ -124,6 +123,7 @@ void launch_backward_from_x_cuda(const std::optional<at::Tensor>& grad_spikes, c
     launch_backward_cuda(grad_spikes, grad_v, h_seq, v_init, decay, decay_grad, a, grad_x, grad_v_init, grad_decay);
     return;
   }
+  const bool one_v_init = broadcast_v_init(v_init, N);
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "snnkd_lif_backward_from_x_cuda", [&] {

@@ -254,7 +254,8 @@ def lif_backward(grad_spikes: Optional[torch.Tensor], grad_v: Optional[torch.Ten
     empty ([0]) for a one-element v_init broadcast to every neuron (it gets no gradient)."""
     T = h_seq.shape[0]
     N = h_seq.numel() // T if T else 0
-    broadcast = h_seq.numel() > 0 and broadcasts_v_init(v_init.numel(), N)
+    v_init_stride = _v_init_stride(v_init, N)
+    broadcast = h_seq.numel() > 0 and v_init_stride == 0
     grad_x = torch.empty(h_seq.shape, dtype=grad_dtype, device=h_seq.device)
     grad_v_init = torch.empty((0,) if broadcast else h_seq.shape[1:], dtype=torch.float32, device=h_seq.device)
     grad_decay = torch.zeros((), dtype=torch.float32, device=h_seq.device)
@@ -266,7 +267,7 @@ def lif_backward(grad_spikes: Optional[torch.Tensor], grad_v: Optional[torch.Ten
     partials = torch.empty(grid[0] if decay_grad else 1, dtype=torch.float32, device=h_seq.device)
     _lif_backward_kernel[grid](
         grad_spikes if grad_spikes is not None else h_seq, grad_v if grad_v is not None else v_init, h_seq, v_init,
-        0 if broadcast else 1, decay if decay is not None else v_init, grad_x,
+        v_init_stride, decay if decay is not None else v_init, grad_x,
         partials if broadcast else grad_v_init,  # a float32 stand-in: every store to it is masked off
         partials, T, N, (T - 1) * N,
         float(cfg.tau), float(cfg.v_threshold), float(cfg.v_rest), float(cfg.alpha),
