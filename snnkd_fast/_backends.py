@@ -6,6 +6,7 @@ every "backend not available" error quotes that reason.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import threading
@@ -105,9 +106,19 @@ def _detect(family: str) -> dict[str, BackendStatus]:
     elif not (torch.cuda.is_available() or triton_interpret()):
         triton = BackendStatus(False, "triton needs a CUDA GPU, or TRITON_INTERPRET=1 set before importing "
                                       "snnkd_fast to run its kernels on the CPU")
+    elif triton_interpret() and _interpreter_problem():
+        triton = BackendStatus(False, _interpreter_problem())
     else:
         triton = BackendStatus(True)
     return {"torch": BackendStatus(True), "cpp": cpp, "cuda": cuda, "triton": triton}
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_problem() -> str:
+    """Why Triton's interpreter cannot run our kernels here ('' when it can): probed once, by running one."""
+    from ._triton_interpreter_probe import interpreter_problem
+
+    return interpreter_problem()
 
 
 # Detected once, at import: what is built cannot change in a running process, and a plain dict lookup

@@ -1,6 +1,8 @@
 """Every neuron kernel (cpp, triton, cuda) against the pure-PyTorch reference: spikes bit-exact,
 final membrane and gradients (x, v_init, PLIF's w) within the per-dtype tolerances, over every mode
 combination, surrogate, dtype and awkward shape/stride."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -345,3 +347,33 @@ def test_auto_backend_picks_a_kernel():
     from snnkd_fast._backends import resolve_backend
 
     assert resolve_backend("auto", x.device, "test") == expected
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_interpreter_probe_reports_a_broken_interpreter(monkeypatch):
+    """Under TRITON_INTERPRET=1 the triton backend is available exactly when the probe kernel runs; an
+    interpreter that fails it (Triton <= 3.6 with NumPy >= 2.4) gives a reason that says what to do."""
+    from snnkd_fast import _triton_interpreter_probe as probe
+    from snnkd_fast._backends import triton_interpret
+
+    if triton_interpret():
+        problem = probe.interpreter_problem()
+        assert snnkd_fast.backends("kd")["triton"].available == (problem == "")
+        assert snnkd_fast.backends("lif")["triton"].available == (problem == "")
+
+    class FailingLaunch:
+        def __getitem__(self, grid):
+            def launch(*args):
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return launch
+
+    monkeypatch.setattr(probe, "_count_to", FailingLaunch())
+    reason = probe.interpreter_problem()
+    assert "triton-lang/triton#9171" in reason and "only 0-dimensional arrays" in reason, reason
+
+    class MiscountingLaunch:
+        def __getitem__(self, grid):
+            return lambda out, n: out.fill_(n - 1)
+
+    monkeypatch.setattr(probe, "_count_to", MiscountingLaunch())
+    assert "counted a 3-step loop to 2" in probe.interpreter_problem()
