@@ -33,11 +33,12 @@ import common  # noqa: E402
 
 PAIRS = {"saved_h": ("lif_forward", "lif_backward"), "lean": ("lif_forward_lean", "lif_backward_from_x")}
 # (T, one step's shape): an MLP layer, the CPU grid's conv layer, an ImageNet-sized conv map; on CUDA
-# also T = 32 (the register backward's largest bucket) and T = 48 (its recharge-into-H path)
+# also T = 32 and 48 (H staged in 32 / 48 KiB of shared memory per block) and T = 96 (beyond the
+# 64 steps the backward stages in fp32: its recharge-into-a-temporary-H path)
 SHAPES = {
     "cpu": [(4, (64, 1024)), (8, (64, 4096)), (16, (32, 64, 16, 16))],
     "cuda": [(4, (64, 4096)), (8, (64, 128, 32, 32)), (16, (64, 128, 32, 32)), (32, (32, 128, 32, 32)),
-             (48, (16, 128, 32, 32))],
+             (48, (16, 128, 32, 32)), (96, (8, 128, 32, 32))],
 }
 QUICK_SHAPES = {"cpu": [(4, (64, 1024))], "cuda": [(8, (64, 128, 32, 32))]}
 # neuron, tau, decay_input, v_threshold, v_reset, soft_reset, detach_reset, surrogate (sigmoid), alpha

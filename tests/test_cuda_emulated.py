@@ -4,9 +4,11 @@ loaded with ctypes), against the CPU ops.
 
 * The neuron kernels (csrc/lif/lif_cuda_kernels.cuh, via csrc/tests/lif_cuda_emulated.cpp): every
   forward mode (saved H, rate, lean, recharge), both vector widths, one-value and per-neuron v_init,
-  the saved-H backward, and the lean pair's register-resident backward in each of its buckets
-  (T <= 8, 16, 32) and its T > 32 path (recharge into a temporary H, then the saved-H backward, as
-  lif_cuda.cu's launcher does) -- bit for bit (the same per-element math, lif_math.h).
+  the saved-H backward, and the lean pair's backward with H staged in shared memory (a partial last
+  chunk of 8 steps, the longest sequence it stages: 64 steps in float32, 32 in float64; unwritten
+  shared memory reads as NaN) and its longer-sequence path (recharge into a temporary H, then the
+  saved-H backward, as lif_cuda.cu's launcher does) -- bit for bit (the same per-element math,
+  lif_math.h).
 * The KD-loss row kernels (csrc/kd/kd_cuda_kernels.cuh, via csrc/tests/kd_cuda_emulated.cpp): HTA's
   teacher head (block reductions and scans across barriers), the KL / TSER / HTA-KL forward and
   backward -- HTA's head keys exactly, losses and gradients to rounding (other summation orders).
@@ -29,9 +31,10 @@ from snnkd_fast.lif.surrogates import SURROGATES
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 FORWARD_MODES = {"save_h": 0, "rate": 1, "lean": 2, "recharge": 3}  # ForwardMode in the .cuh
-# (T, N): T = 1; a vector-width-1 N; each register bucket of the lean backward (8, 16, 32) at its
-# edges; T > 32; several 256-thread blocks with a partial last one.
-SHAPES = [(1, 7), (5, 785), (8, 1024), (9, 300), (16, 260), (17, 64), (32, 40), (33, 20)]
+# (T, N): T = 1; a vector-width-1 N; the lean backward's 8-step chunks at their edges; the longest
+# sequence it stages in float64 (32) and float32 (64) and one step more; several 256-thread blocks
+# with a partial last one.
+SHAPES = [(1, 7), (5, 785), (8, 1024), (9, 300), (16, 260), (17, 64), (32, 40), (33, 20), (64, 9), (65, 5)]
 DTYPES = {torch.float32: 0, torch.float64: 1}
 
 
@@ -104,10 +107,10 @@ def _backward(emu, vec, decay_grad, grad_spikes, grad_v, h_seq, v_init, one_v_in
 
 
 def _backward_from_x(emu, decay_grad, grad_spikes, grad_v, x, v_init, one_v_init, decay, scalars):
-    """What launch_backward_from_x_cuda runs: the register kernel up to 32 steps, else the recharge
-    into a temporary H and the saved-H backward (one neuron per access, as for any N there)."""
+    """What launch_backward_from_x_cuda runs: the staged kernel up to its longest sequence, else the
+    recharge into a temporary H and the saved-H backward (one neuron per access, as for any N there)."""
     T, N = x.shape[0], x[0].numel()
-    if T > emu.emu_max_register_steps():
+    if T > emu.emu_staged_steps_max(DTYPES[x.dtype]):
         _, _, h_seq = _forward(emu, "recharge", 1, x, v_init, one_v_init, decay, scalars)
         return _backward(emu, 1, decay_grad, grad_spikes, grad_v, h_seq, v_init, one_v_init, decay, scalars)
     grad_x = torch.full_like(x, -7.0)

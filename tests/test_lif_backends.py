@@ -201,17 +201,20 @@ def _lean_cases():
 
 
 # (T, N): a partial 256-neuron block (CPU) / an N that takes one-neuron accesses (CUDA), T = 1, several
-# threads' tasks; on CUDA also each register bucket of the recomputing backward (T <= 8, 16, 32) and
-# T > 32, which recharges into a temporary H first.
+# threads' tasks; on CUDA also the recomputing backward's 8-step chunks at their edges, the longest
+# sequences it stages in shared memory (32 steps in float64, 64 in float32) and one step more, which
+# recharge into a temporary H first.
 LEAN_SHAPES = {"cpp": [(5, 785), (1, 3, 7), (3, 20000)],
-               "cuda": [(5, 785), (1, 3, 7), (8, 1024), (9, 4096), (17, 333), (32, 256), (33, 200)]}
+               "cuda": [(5, 785), (1, 3, 7), (8, 1024), (9, 4096), (17, 333), (32, 256), (33, 200), (64, 300),
+                        (65, 100)]}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("backend", ["cpp", "cuda"])
 def test_lean_pair_is_the_saved_h_pair(backend, dtype):
     """lif_forward_lean + lif_backward_from_x (no H written, H recomputed from x: on the CPU block by
-    block one block ahead of the backward, on CUDA in registers or, for T > 32, into a temporary) give
+    block one block ahead of the backward, on CUDA into shared memory or, for longer sequences, into a
+    temporary) give
     lif_forward + lif_backward's bits: spikes, v_final, grad_x, grad_v_init and PLIF's decay
     gradient, for every mode and surrogate, tau a power of two (the CPU charge multiplies by 1/tau)
     or not, per-neuron or one-value v_init, with and without a spike or membrane gradient. On CUDA

@@ -106,17 +106,19 @@ void launch_backward_cuda(const std::optional<at::Tensor>& grad_spikes, const st
   });
 }
 
-// lif_backward_from_x: H recharged from x inside the backward kernel (T <= kMaxRegisterSteps), else
-// into a temporary H [T, N] by the forward kernel's kRecharge mode, then the saved-H backward (the
-// temporary lives for this call only: the forward still saved nothing T-long). grad_v_init is
-// empty for a one-value v_init (see backward_op).
+// lif_backward_from_x: H recharged from x inside the backward kernel, into shared memory, for
+// T <= staged_steps_max (64 in fp32), else into a temporary H [T, N] by the forward kernel's
+// kRecharge mode, then the saved-H backward (the temporary lives for this call only: the forward
+// still saved nothing T-long). grad_v_init is empty for a one-value v_init (see backward_op).
 void launch_backward_from_x_cuda(const std::optional<at::Tensor>& grad_spikes, const std::optional<at::Tensor>& grad_v,
                                  const at::Tensor& x, const at::Tensor& v_init, const std::optional<at::Tensor>& decay,
                                  bool decay_grad, const ScalarArgs& a, at::Tensor& grad_x, at::Tensor& grad_v_init,
                                  at::Tensor& grad_decay) {
   const int64_t T = x.size(0);
   const int64_t N = x.numel() / T;
-  if (T > kMaxRegisterSteps) {
+  const bool staged = v_init.scalar_type() == at::kDouble ? T <= staged_steps_max<double>()
+                                                          : T <= staged_steps_max<float>();
+  if (!staged) {
     at::Tensor h_seq = at::empty(x.sizes(), v_init.options());
     at::Tensor none;
     launch_forward_mode_cuda<ForwardMode::kRecharge>(x, v_init, decay, a, none, none, h_seq);
@@ -132,9 +134,14 @@ void launch_backward_from_x_cuda(const std::optional<at::Tensor>& grad_spikes, c
     const acc_t* decay_ptr = a.neuron == kPLIF ? decay->data_ptr<acc_t>() : nullptr;
     const int64_t blocks = (N + kThreads - 1) / kThreads;
     at::Tensor partials = decay_grad ? at::empty({blocks}, v_init.options()) : at::Tensor();
-    auto kernel = decay_grad ? backward_from_x_kernel_for<scalar_t, acc_t, true>(T)
-                             : backward_from_x_kernel_for<scalar_t, acc_t, false>(T);
-    kernel<<<blocks, kThreads, 0, stream>>>(
+    auto kernel = decay_grad ? backward_from_x_kernel<scalar_t, acc_t, true>
+                             : backward_from_x_kernel<scalar_t, acc_t, false>;
+    const int64_t shared_bytes = staged_bytes<acc_t>(T);
+    if (shared_bytes > 48 * 1024) {  // above the default limit of dynamic shared memory: opt in (per device)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(kMaxStagedBytes)));
+    }
+    kernel<<<blocks, kThreads, shared_bytes, stream>>>(
         grad_spikes ? grad_spikes->data_ptr<scalar_t>() : nullptr, grad_v ? grad_v->data_ptr<acc_t>() : nullptr,
         x.data_ptr<scalar_t>(), v_init.data_ptr<acc_t>(), one_v_init, decay_ptr, grad_x.data_ptr<scalar_t>(),
         one_v_init ? nullptr : grad_v_init.data_ptr<acc_t>(), decay_grad ? partials.data_ptr<acc_t>() : nullptr,

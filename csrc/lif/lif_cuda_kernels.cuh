@@ -18,8 +18,14 @@ namespace snnkd {
 namespace lif {
 
 constexpr int kThreads = 256;
-// The longest sequence backward_from_x_kernel keeps in registers (MAX_T of 8, 16 or 32).
-constexpr int kMaxRegisterSteps = 32;
+
+// A kernel's dynamic shared memory as an array of TYPE (the CPU emulation of the kernels in
+// csrc/tests/cuda_emulation/ defines its own).
+#ifndef SNNKD_DYNAMIC_SHARED
+#define SNNKD_DYNAMIC_SHARED(TYPE, NAME)                       \
+  extern __shared__ __align__(16) unsigned char NAME##_raw[]; \
+  TYPE* const NAME = reinterpret_cast<TYPE*>(NAME##_raw)
+#endif
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
@@ -50,7 +56,7 @@ enum class ForwardMode {
   kSaveH,     // spikes, v_final and H [T, N] for the BPTT backward (lif_forward)
   kRate,      // spikes, v_final and the eligibility e = (1/T) sum_t sg[t] f[t] [N] (lif_rate_forward)
   kLean,      // spikes and v_final only: the backward recharges H from x (lif_forward_lean)
-  kRecharge,  // H only (no spikes, no v_final): lif_backward_from_x's recharge for T > kMaxRegisterSteps
+  kRecharge,  // H only (no spikes, no v_final): lif_backward_from_x's recharge beyond staged_steps_max
 };
 
 // one_v_init: v_init is one value for every neuron (read once instead of a materialised [N] tensor).
@@ -176,22 +182,32 @@ __global__ void __launch_bounds__(kThreads)
   if (DECAY_GRAD) write_block_sum(decay_sum, decay_partials);
 }
 
-// The lean pair's backward (lif_backward_from_x) for T <= MAX_T (<= kMaxRegisterSteps): the thread
-// recharges its neuron's H[0..T-1] from x into registers, then runs the backward over them --
-// x read in place of the saved H, so 12 bytes per fp32 neuron-step as backward_kernel, while the
-// lean forward moved 8 instead of 12. One neuron per thread (a warp's row access is still one
-// contiguous 128-byte line in fp32): the loops are unrolled to MAX_T with uniform `t < T` guards, so
-// H and the spike gradient live in registers (2 * MAX_T of them) and every load of x, then every
-// load of the spike gradient, is issued before the recurrence waits on the first. Longer sequences
-// take the recharge kernel (ForwardMode::kRecharge) into a temporary H and backward_kernel.
+// The lean pair's backward (lif_backward_from_x) for T <= staged_steps_max<acc_t>(): each thread
+// recharges its neuron's H[0..T-1] from x into its own column of the block's shared memory, then
+// runs the backward over it -- x read in place of the saved H, so 12 bytes per fp32 neuron-step as
+// backward_kernel, while the lean forward moved 8 instead of 12.
+// Why shared memory, not registers: the first version kept H in registers (loops unrolled to T <= 8,
+// 16, 32), and on an H200 (benchmarks/results/nvidia-h200/ab_neuron_pairs.json, 1021d8f) its backward
+// reached 41-66% of the bandwidth peak in fp32 and 19-33% in bf16 where backward_kernel reaches
+// 78-87%: up to 128 registers per thread left 512 threads per SM to hide two serial sweeps. A column
+// of shared memory costs no registers (T * 1 KiB per 256-thread block in fp32: 1,792 threads per SM
+// at T = 32), and both sweeps are plain loops whose loads do not wait on the recurrence. No barrier:
+// a thread reads only its own column (consecutive threads, consecutive words: no bank conflicts).
+// One neuron per thread (a warp's row access is one contiguous line); each sweep loads
+// kStagedChunk steps' inputs before it computes them, so that many loads are in flight per
+// thread (the division in LIF's charge branches, and loads are not moved across branches). Longer sequences take the
+// recharge kernel (ForwardMode::kRecharge) into a temporary H and backward_kernel.
 // grad_v_init null: one value for every neuron (one_v_init), which gets no gradient.
-template <typename scalar_t, typename acc_t, int MAX_T, bool DECAY_GRAD>
+constexpr int kStagedChunk = 8;
+template <typename scalar_t, typename acc_t, bool DECAY_GRAD>
 __global__ void __launch_bounds__(kThreads)
     backward_from_x_kernel(const scalar_t* __restrict__ grad_spikes, const acc_t* __restrict__ grad_v,
                            const scalar_t* __restrict__ x, const acc_t* __restrict__ v_init, bool one_v_init,
                            const acc_t* __restrict__ decay, scalar_t* __restrict__ grad_x,
                            acc_t* __restrict__ grad_v_init, acc_t* __restrict__ decay_partials, int T, int64_t N,
                            NeuronParams<acc_t> p) {
+  SNNKD_DYNAMIC_SHARED(acc_t, h_stage);  // [T][kThreads]: staged_bytes<acc_t>(T)
+  acc_t* const h_column = h_stage + threadIdx.x;  // this thread's H[t] at h_column[t * kThreads]
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (p.neuron == kPLIF) {
     p.decay = *decay;
@@ -199,35 +215,45 @@ __global__ void __launch_bounds__(kThreads)
   }
   acc_t decay_sum = acc_t(0);
   if (n < N) {
-    acc_t h[MAX_T];
-#pragma unroll
-    for (int t = 0; t < MAX_T; ++t)
-      if (t < T) h[t] = static_cast<acc_t>(x[t * N + n]);
     const acc_t v0 = load_v_init<acc_t, 1>(v_init, one_v_init, n).v[0];
     acc_t v = v0;
+    for (int t0 = 0; t0 < T; t0 += kStagedChunk) {  // recharge, kStagedChunk steps at a time
+      acc_t xs[kStagedChunk];
 #pragma unroll
-    for (int t = 0; t < MAX_T; ++t) {
-      if (t < T) {
-        h[t] = charge<acc_t>(v, h[t], p);
-        v = reset<acc_t>(h[t], fire<acc_t>(h[t], p.v_threshold), p);
+      for (int i = 0; i < kStagedChunk; ++i)
+        if (t0 + i < T) xs[i] = static_cast<acc_t>(x[(t0 + i) * N + n]);
+#pragma unroll
+      for (int i = 0; i < kStagedChunk; ++i) {
+        if (t0 + i < T) {
+          const acc_t h = charge<acc_t>(v, xs[i], p);
+          v = reset<acc_t>(h, fire<acc_t>(h, p.v_threshold), p);
+          h_column[(t0 + i) * kThreads] = h;
+        }
       }
     }
-    acc_t gs[MAX_T];
-#pragma unroll
-    for (int t = 0; t < MAX_T; ++t)
-      if (t < T) gs[t] = grad_spikes ? static_cast<acc_t>(grad_spikes[t * N + n]) : acc_t(0);
     acc_t gv = grad_v ? grad_v[n] : acc_t(0);
+    for (int t1 = T - 1; t1 >= 0; t1 -= kStagedChunk) {  // the backward, from step t1 down
+      acc_t gs[kStagedChunk];
 #pragma unroll
-    for (int t = MAX_T - 1; t >= 0; --t) {
-      if (t < T) {
-        const StepGrad<acc_t> g = backward_step<acc_t>(h[t], gs[t], gv, p);
-        grad_x[t * N + n] = static_cast<scalar_t>(g.grad_x);
-        gv = g.grad_v_prev;
-        if (DECAY_GRAD) {
-          // V[t-1]: the reset of H[t-1], or v_init before the first step (t is a constant here)
-          const acc_t h_prev = h[t > 0 ? t - 1 : 0];
-          const acc_t v_prev = t > 0 ? reset<acc_t>(h_prev, fire<acc_t>(h_prev, p.v_threshold), p) : v0;
-          decay_sum += g.grad_h * dh_ddecay<acc_t>(h[t], v_prev, p);
+      for (int i = 0; i < kStagedChunk; ++i)
+        if (t1 - i >= 0) gs[i] = grad_spikes ? static_cast<acc_t>(grad_spikes[(t1 - i) * N + n]) : acc_t(0);
+#pragma unroll
+      for (int i = 0; i < kStagedChunk; ++i) {
+        const int t = t1 - i;
+        if (t >= 0) {
+          const acc_t h = h_column[t * kThreads];
+          const StepGrad<acc_t> g = backward_step<acc_t>(h, gs[i], gv, p);
+          grad_x[t * N + n] = static_cast<scalar_t>(g.grad_x);
+          gv = g.grad_v_prev;
+          if (DECAY_GRAD) {
+            // V[t-1]: the reset of H[t-1], or v_init before the first step
+            acc_t v_prev = v0;
+            if (t > 0) {
+              const acc_t h_prev = h_column[(t - 1) * kThreads];
+              v_prev = reset<acc_t>(h_prev, fire<acc_t>(h_prev, p.v_threshold), p);
+            }
+            decay_sum += g.grad_h * dh_ddecay<acc_t>(h, v_prev, p);
+          }
         }
       }
     }
@@ -236,13 +262,17 @@ __global__ void __launch_bounds__(kThreads)
   if (DECAY_GRAD) write_block_sum(decay_sum, decay_partials);
 }
 
-// Host side: the backward_from_x_kernel instance for T <= kMaxRegisterSteps, H in the fewest
-// registers that hold it (MAX_T of 8, 16 or 32).
-template <typename scalar_t, typename acc_t, bool DECAY_GRAD>
-auto backward_from_x_kernel_for(int64_t T) {
-  return T <= 8 ? backward_from_x_kernel<scalar_t, acc_t, 8, DECAY_GRAD>
-                : (T <= 16 ? backward_from_x_kernel<scalar_t, acc_t, 16, DECAY_GRAD>
-                           : backward_from_x_kernel<scalar_t, acc_t, kMaxRegisterSteps, DECAY_GRAD>);
+// Host side: backward_from_x_kernel's dynamic shared memory for T steps, and the longest T it takes
+// (kMaxStagedBytes per block: 64 steps in fp32, 32 in fp64; three 256-thread blocks per SM at the
+// limit on a Hopper's 228 KiB).
+constexpr int64_t kMaxStagedBytes = 64 * 1024;
+template <typename acc_t>
+constexpr int64_t staged_bytes(int64_t T) {
+  return T * kThreads * static_cast<int64_t>(sizeof(acc_t));
+}
+template <typename acc_t>
+constexpr int64_t staged_steps_max() {
+  return kMaxStagedBytes / staged_bytes<acc_t>(1);
 }
 
 }  // namespace lif

@@ -1,6 +1,6 @@
 // The CUDA neuron kernels of csrc/lif/lif_cuda_kernels.cuh run on the host (cuda_emulation/), behind
 // a C interface that tests/test_cuda_emulated.py loads with ctypes: the kernels' indexing, modes,
-// vector widths, register buckets and one-value v_init are checked on a machine without a GPU,
+// vector widths, staged backward and one-value v_init are checked on a machine without a GPU,
 // against the CPU ops (the same per-element math of lif_math.h). float32 and float64 (scalar_t =
 // acc_t); the launch geometry is the launchers' (csrc/lif/lif_cuda.cu).
 //   g++ -std=c++17 -O2 -ffp-contract=off -shared -fPIC -I csrc/tests/cuda_emulation -I csrc
@@ -65,9 +65,10 @@ T backward_from_x(bool decay_grad, const T* grad_spikes, const T* grad_v, const 
                   const NeuronParams<T>& p) {
   const int64_t blocks = blocks_for(N, 1);
   std::vector<T> partials(blocks, T(0));
-  auto kernel = decay_grad ? backward_from_x_kernel_for<T, T, true>(T_) : backward_from_x_kernel_for<T, T, false>(T_);
-  cuda_emulation::launch<kThreads>(blocks, kernel, grad_spikes, grad_v, x, v_init, one_v_init, decay, grad_x,
-                                   grad_v_init, partials.data(), static_cast<int>(T_), N, p);
+  auto kernel = decay_grad ? backward_from_x_kernel<T, T, true> : backward_from_x_kernel<T, T, false>;
+  cuda_emulation::launch_with_shared<kThreads>(blocks, staged_bytes<T>(T_), kernel, grad_spikes, grad_v, x, v_init,
+                                               one_v_init, decay, grad_x, grad_v_init, partials.data(),
+                                               static_cast<int>(T_), N, p);
   return sum_partials(partials);
 }
 
@@ -128,12 +129,12 @@ int emu_lif_backward(int dtype, int vec, int decay_grad, const void* grad_spikes
   return 0;
 }
 
-// backward_from_x_kernel (the lean pair's backward, T <= kMaxRegisterSteps); grad_v_init null for a
-// one-value v_init.
+// backward_from_x_kernel (the lean pair's backward, T <= staged_steps_max: H staged in shared
+// memory); grad_v_init null for a one-value v_init.
 int emu_lif_backward_from_x(int dtype, int decay_grad, const void* grad_spikes, const void* grad_v, const void* x,
                             const void* v_init, int one_v_init, const void* decay, void* grad_x, void* grad_v_init,
                             double* grad_decay, int64_t T, int64_t N, const double* scalars) {
-  if (T < 1 || T > kMaxRegisterSteps) return 1;
+  if (T < 1 || T > (dtype == 0 ? staged_steps_max<float>() : staged_steps_max<double>())) return 1;
   if (dtype == 0) {
     auto p = params_of<float>(scalars);
     set_decay(p, decay);
@@ -152,6 +153,9 @@ int emu_lif_backward_from_x(int dtype, int decay_grad, const void* grad_spikes, 
   return 0;
 }
 
-int emu_max_register_steps() { return kMaxRegisterSteps; }
+// The longest sequence backward_from_x_kernel stages (dtype as above).
+int emu_staged_steps_max(int dtype) {
+  return static_cast<int>(dtype == 0 ? staged_steps_max<float>() : staged_steps_max<double>());
+}
 
 }  // extern "C"

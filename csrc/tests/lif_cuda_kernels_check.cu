@@ -13,11 +13,11 @@ namespace lif {
   template __global__ void forward_kernel<scalar_t, acc_t, VEC, ForwardMode::MODE>(                            \
       const scalar_t*, const acc_t*, bool, const acc_t*, scalar_t*, acc_t*, acc_t*, int64_t, int64_t,            \
       NeuronParams<acc_t>);
-#define SNNKD_INSTANTIATE_FROM_X(scalar_t, acc_t, MAX_T)                                                        \
-  template __global__ void backward_from_x_kernel<scalar_t, acc_t, MAX_T, false>(                              \
+#define SNNKD_INSTANTIATE_FROM_X(scalar_t, acc_t)                                                               \
+  template __global__ void backward_from_x_kernel<scalar_t, acc_t, false>(                                     \
       const scalar_t*, const acc_t*, const scalar_t*, const acc_t*, bool, const acc_t*, scalar_t*, acc_t*,       \
       acc_t*, int, int64_t, NeuronParams<acc_t>);                                                               \
-  template __global__ void backward_from_x_kernel<scalar_t, acc_t, MAX_T, true>(                               \
+  template __global__ void backward_from_x_kernel<scalar_t, acc_t, true>(                               \
       const scalar_t*, const acc_t*, const scalar_t*, const acc_t*, bool, const acc_t*, scalar_t*, acc_t*,       \
       acc_t*, int, int64_t, NeuronParams<acc_t>);
 #define SNNKD_INSTANTIATE(scalar_t, acc_t, VEC)                                                                \
@@ -41,16 +41,11 @@ SNNKD_INSTANTIATE(__half, float, 4)
 SNNKD_INSTANTIATE(__nv_bfloat16, float, 1)
 SNNKD_INSTANTIATE(__nv_bfloat16, float, 4)
 
-// The register-resident backward of the lean pair: MAX_T of 8, 16 and kMaxRegisterSteps.
-#define SNNKD_INSTANTIATE_FROM_X_ALL(scalar_t, acc_t)                                                           \
-  SNNKD_INSTANTIATE_FROM_X(scalar_t, acc_t, 8)                                                                  \
-  SNNKD_INSTANTIATE_FROM_X(scalar_t, acc_t, 16)                                                                 \
-  SNNKD_INSTANTIATE_FROM_X(scalar_t, acc_t, kMaxRegisterSteps)
-
-SNNKD_INSTANTIATE_FROM_X_ALL(float, float)
-SNNKD_INSTANTIATE_FROM_X_ALL(double, double)
-SNNKD_INSTANTIATE_FROM_X_ALL(__half, float)
-SNNKD_INSTANTIATE_FROM_X_ALL(__nv_bfloat16, float)
+// The lean pair's backward (H staged in shared memory).
+SNNKD_INSTANTIATE_FROM_X(float, float)
+SNNKD_INSTANTIATE_FROM_X(double, double)
+SNNKD_INSTANTIATE_FROM_X(__half, float)
+SNNKD_INSTANTIATE_FROM_X(__nv_bfloat16, float)
 
 }  // namespace lif
 }  // namespace snnkd

@@ -18,9 +18,11 @@ recomputed from it in the backward. On the CPU (cpp) it is the input ``x`` itsel
 it from ``x`` block by block in cache, bit for bit the forward's. 20 bytes per fp32 neuron-step move
 over forward and backward instead of 24, and a bf16/fp16 ``x`` is kept in 2 bytes where H takes 4;
 when ``x`` stays alive anyway (a leaf, or an input another op saves) nothing T-long is added at all.
-The lean pair has CUDA kernels too (the backward recharges H into registers for T <= 32), tested
-but not what the cuda backend runs until a GPU measurement (benchmarks/ab_neuron_pairs.py) shows
-its gain: ``_RECOMPUTE_H_DEVICES`` below is the one switch.
+The lean pair has CUDA kernels too, tested but not what the cuda backend runs: on an H200 their
+first backward (H recharged into registers) lost more than the lean forward won (fwd+bwd 0.55-1.05x,
+benchmarks/results/nvidia-h200/ab_neuron_pairs.json) for 0.51-0.69x of the saved-H pair's peak
+memory; it now stages H in shared memory (T <= 64 in fp32), not yet timed on a GPU.
+``_RECOMPUTE_H_DEVICES`` below is the one switch.
 A ``v_init`` of None or a float reaches the kernel ops as a one-element tensor, one value for every
 neuron: the CPU kernels read the value, so no step-sized tensor is written and read again (8 of the
 24 bytes per neuron a T=1 forward moved) and no gradient is written for it (4 of the backward's 16):
@@ -310,9 +312,10 @@ _KERNEL_OPS = {  # (backend, backward) -> op name in torch.ops.snnkd_fast (cpp/c
 # The devices whose cpp/cuda BPTT runs the lean pair (lif_forward_lean / lif_backward_from_x: no H
 # saved, H recomputed from x in the backward) instead of the saved-H pair (lif_forward /
 # lif_backward). Both pairs give the same bits. The CPU: measured faster (README). CUDA: the lean
-# kernels are registered and tested, and join this set once a GPU measurement
-# (benchmarks/ab_neuron_pairs.py) shows their gain. One switch for the eager C++ node
-# (neuron_multistep's recompute_h) and the torch.library path alike.
+# kernels are registered and tested; their register-resident backward measured slower on an H200
+# (module docstring), and CUDA joins this set once benchmarks/ab_neuron_pairs.py shows the
+# shared-memory backward's gain. One switch for the eager C++ node (neuron_multistep's recompute_h)
+# and the torch.library path alike.
 _RECOMPUTE_H_DEVICES = frozenset({"cpu"})
 
 

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <functional>
 #include <vector>
@@ -79,16 +80,29 @@ inline void fiber_entry() {
   swapcontext(&fibers.contexts[fibers.current], &fibers.scheduler);
 }
 
+// The block's dynamic shared memory (SNNKD_DYNAMIC_SHARED): launch_with_shared sizes it and fills
+// it with 0xff bytes (a NaN in every floating type) before each block, so a read of a slot no
+// thread of the block wrote shows.
+inline std::vector<unsigned char> dynamic_shared;
+
 template <int THREADS, typename Kernel, typename... Args>
 void launch(int64_t blocks, Kernel kernel, Args... args) {
   gridDim.x = static_cast<unsigned>(blocks);
   for (int64_t b = 0; b < blocks; ++b) {
     blockIdx.x = static_cast<unsigned>(b);
+    std::fill(dynamic_shared.begin(), dynamic_shared.end(), static_cast<unsigned char>(0xff));
     for (int t = THREADS - 1; t >= 0; --t) {
       threadIdx.x = static_cast<unsigned>(t);
       kernel(args...);
     }
   }
+}
+
+template <int THREADS, typename Kernel, typename... Args>
+void launch_with_shared(int64_t blocks, size_t shared_bytes, Kernel kernel, Args... args) {
+  dynamic_shared.assign(shared_bytes, 0xff);
+  launch<THREADS>(blocks, kernel, args...);
+  dynamic_shared.clear();
 }
 
 template <int THREADS, typename Kernel, typename... Args>
@@ -129,3 +143,5 @@ void launch_cooperative(int64_t blocks, Kernel kernel, Args... args) {
 }  // namespace cuda_emulation
 
 #define __syncthreads() cuda_emulation::syncthreads()
+#define SNNKD_DYNAMIC_SHARED(TYPE, NAME) \
+  TYPE* const NAME = reinterpret_cast<TYPE*>(cuda_emulation::dynamic_shared.data())
