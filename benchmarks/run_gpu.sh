@@ -4,7 +4,8 @@
 # the machine's own CUDA build of torch, run the GPU tests, run the GPU benchmarks.
 #
 #   bash benchmarks/run_gpu.sh [--quick | --full] [--out DIR] [--skip-wheels] [--skip-build]
-#                              [--skip-tests] [--skip-bench] [--deadline-s N] [--tune] [--ab] [--resume]
+#                              [--skip-tests] [--skip-bench] [--deadline-s N] [--tune] [--ab] [--breakdown]
+#                              [--resume]
 #                              [-- RUN_PY_ARGS...]
 #
 # Peers: the GPU machine has torch, triton, pytest, matplotlib, hypothesis, ... but none of
@@ -47,6 +48,10 @@
 #               time, fp32 and bf16; ab_neuron_pairs.json in the results folder (~20-40 s). The cuda
 #               backend runs the saved-H pair until this shows the lean pair's gain on a GPU.
 #
+#   4d. breakdown (--breakdown, before the benchmark) benchmarks/kernel_breakdown.py --device cuda: each
+#               loss and the neuron at the grids' large shapes under torch.profiler, each kernel's device
+#               time per fwd+bwd (cuda and triton, fp32 and bf16); kernel_breakdown.json (~1 min).
+#
 #   5b. resume  (--resume) the results of this machine's previous run (kept in build/run_gpu/, since
 #               the device tool empties $OUT before each call) are put back in the results folder and
 #               run.py gets --resume: each benchmark keeps its rows from the same commit and measures
@@ -77,7 +82,7 @@ PEERS=(spikingjelly snntorch liger_kernel loguru)  # import names of the peers .
 GRID=--quick
 DEADLINE_S=${DEADLINE_S:-}
 RESULTS=""
-SKIP_WHEELS=0 SKIP_BUILD=0 SKIP_TESTS=0 SKIP_BENCH=0 TUNE=0 AB=0 RESUME=0
+SKIP_WHEELS=0 SKIP_BUILD=0 SKIP_TESTS=0 SKIP_BENCH=0 TUNE=0 AB=0 BREAKDOWN=0 RESUME=0
 RUN_PY_ARGS=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -90,6 +95,7 @@ while [ $# -gt 0 ]; do
     --deadline-s) DEADLINE_S=${2:?--deadline-s needs seconds}; shift ;;
     --tune) TUNE=1 ;;
     --ab) AB=1 ;;
+    --breakdown) BREAKDOWN=1 ;;
     --resume) RESUME=1 ;;
     --) shift; RUN_PY_ARGS=("$@"); break ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -269,6 +275,10 @@ run_ab() {
   "$PY" benchmarks/ab_neuron_pairs.py --device cuda --out "$RESULTS"
 }
 
+run_breakdown() {
+  "$PY" benchmarks/kernel_breakdown.py --device cuda --out "$RESULTS"
+}
+
 run_tune() {
   unset TRITON_INTERPRET
   "$PY" benchmarks/tune_triton.py --out "$RESULTS"
@@ -290,7 +300,7 @@ main() {
   [ $SKIP_WHEELS -eq 1 ] || step wheels install_wheels
   [ $SKIP_BUILD -eq 1 ] || step build build_extension
   [ $SKIP_TESTS -eq 1 ] || step tests run_tests
-  if [ -z "$RESULTS" ] && { [ $SKIP_BENCH -eq 0 ] || [ $TUNE -eq 1 ] || [ $AB -eq 1 ]; }; then
+  if [ -z "$RESULTS" ] && { [ $SKIP_BENCH -eq 0 ] || [ $TUNE -eq 1 ] || [ $AB -eq 1 ] || [ $BREAKDOWN -eq 1 ]; }; then
     local slug
     slug=$(gpu_slug)
     RESULTS=${OUT:+$OUT/$slug}
@@ -299,6 +309,7 @@ main() {
   [ -z "$RESULTS" ] || [ $RESUME -eq 0 ] || restore_results  # before any step writes into the folder
   [ $TUNE -eq 0 ] || step tune run_tune  # before the benchmark, which --deadline-s can cut short
   [ $AB -eq 0 ] || step ab run_ab
+  [ $BREAKDOWN -eq 0 ] || step breakdown run_breakdown
   [ $SKIP_BENCH -eq 1 ] || step bench run_bench
   pack_results
   echo

@@ -77,6 +77,27 @@ def test_ab_neuron_pairs_smoke(tmp_path):
     assert (tmp_path / "ab_neuron_pairs.csv").exists()
 
 
+def test_kernel_breakdown_smoke(tmp_path):
+    """benchmarks/kernel_breakdown.py --smoke (what run_gpu.sh --breakdown runs with --device cuda): a
+    loss and the neuron profiled on the CPU, our C++ ops among the entries, shares that add up."""
+    import snnkd_fast
+
+    if not (snnkd_fast.backends()["cpp"] and snnkd_fast.backends("kd")["cpp"]):
+        pytest.skip("the C++ extension is not built")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_breakdown.py"), "--smoke",
+                             "--iterations", "2", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = json.loads((tmp_path / "kernel_breakdown.json").read_text())
+    rows = data["results"]
+    assert {row["case"].split()[0] for row in rows} == {"hta_kl", "lif_multistep"}
+    for case in {row["case"] for row in rows}:
+        kernels = {row["kernel"]: row for row in rows if row["case"] == case}
+        assert any(name.startswith("snnkd_fast::") for name in kernels), sorted(kernels)
+        assert abs(sum(row["share"] for row in kernels.values()) - 1.0) < 1e-6
+        assert all(row["us_per_iter"] > 0 and row["calls_per_iter"] > 0 for row in kernels.values())
+
+
 def test_bench_resume_keeps_measured_cases(tmp_path):
     """--resume (run_gpu.sh's second call after a deadline): the rows of the same commit's JSON are
     kept and their cases not measured again, only the missing ones are; a file from another commit is
