@@ -190,13 +190,14 @@ __global__ void __launch_bounds__(kThreads)
 // 16, 32), and on an H200 (benchmarks/results/nvidia-h200/ab_neuron_pairs.json, 1021d8f) its backward
 // reached 41-66% of the bandwidth peak in fp32 and 19-33% in bf16 where backward_kernel reaches
 // 78-87%: up to 128 registers per thread left 512 threads per SM to hide two serial sweeps. A column
-// of shared memory costs no registers (T * 1 KiB per 256-thread block in fp32: 1,792 threads per SM
-// at T = 32), and both sweeps are plain loops whose loads do not wait on the recurrence. No barrier:
-// a thread reads only its own column (consecutive threads, consecutive words: no bank conflicts).
-// One neuron per thread (a warp's row access is one contiguous line); each sweep loads
-// kStagedChunk steps' inputs before it computes them, so that many loads are in flight per
-// thread (the division in LIF's charge branches, and loads are not moved across branches). Longer sequences take the
-// recharge kernel (ForwardMode::kRecharge) into a temporary H and backward_kernel.
+// of shared memory costs no registers (T * 1 KiB per 256-thread block in fp32; at this kernel's 48
+// registers, 1,280 threads per SM up to T = 40), and both sweeps are plain loops whose loads do not
+// wait on the recurrence. No barrier: a thread reads only its own column (consecutive threads,
+// consecutive words: no bank conflicts). One neuron per thread (a warp's row access is one
+// contiguous line); each sweep loads kStagedChunk steps' inputs before it computes them, so that
+// many loads are in flight per thread (LIF's division branches, and the compiler does not move
+// loads across branches). Longer sequences take the recharge kernel (ForwardMode::kRecharge) into a
+// temporary H and backward_kernel.
 // grad_v_init null: one value for every neuron (one_v_init), which gets no gradient.
 constexpr int kStagedChunk = 8;
 template <typename scalar_t, typename acc_t, bool DECAY_GRAD>
