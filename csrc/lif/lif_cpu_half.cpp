@@ -1,0 +1,4 @@
+// The CPU neuron kernels for half inputs (lif_cpu_kernels.h; one dtype per file: see there).
+#include "lif_cpu_kernels.h"
+
+SNNKD_LIF_CPU_INSTANTIATE(c10::Half)
