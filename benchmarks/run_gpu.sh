@@ -24,9 +24,10 @@
 # 1 if any failed):
 #   1. gpu      nvidia-smi and torch's view of the GPU
 #   2. wheels   pip install --no-index --no-deps --target $HOME/pysite .whl/*.whl; PYTHONPATH
-#   3. build    pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST default 9.0,
-#               MAX_JOBS default 16); `setup.py build_ext --inplace` where that is impossible offline.
-#               torch is never installed or pinned: the machine's own CUDA build is used.
+#   3. build    setup.py build_ext --inplace (TORCH_CUDA_ARCH_LIST default 9.0, MAX_JOBS default 16;
+#               snnkd_fast is imported from the checkout through PYTHONPATH, no pip install), then the
+#               slowest compile steps from ninja's log. torch is never installed or pinned: the
+#               machine's own CUDA build is used.
 #   4. tests    pytest tests -q --maxfail=25 -k "(cuda or triton) and not kernels_compile and not emulated" (real Triton kernels:
 #               TRITON_INTERPRET unset; the nvcc compile checks and the CPU emulation of the CUDA kernels are
 #               skipped, the build just compiled
@@ -172,26 +173,30 @@ install_wheels() {
 }
 
 build_extension() {
-  local log=$LOG_DIR/build.log
+  local log=$LOG_DIR/build.log ninja_log lines_before=0
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
   echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS (output in $log)"
   : >"$log"
-  if "$PY" -c "import setuptools, wheel" 2>/dev/null; then
-    # No index: nothing can be fetched here, and --no-deps keeps pip from touching torch.
-    if PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
-        "$PY" -m pip install --no-build-isolation --no-deps -e . >>"$log" 2>&1; then
-      # under $OUT a successful build's log is dropped: the device tool brings back 8 files at most
-      [ -n "${OUT:-}" ] && rm -f "$log"
-      report_backends
-      return
-    fi
-    echo "pip install -e . failed; its last lines:"
-    tail -n 25 "$log"
-  else
-    echo "setuptools or wheel is missing: pip install -e . is impossible offline"
+  # In place, no pip: snnkd_fast is importable through PYTHONPATH=$REPO, and the objects and ninja's
+  # log stay in build/ -- a warm machine's rebuild after a change recompiles only what changed, and
+  # the slowest compile steps are printed (the build's critical path on 16 cores).
+  ninja_log=$(find build -name .ninja_log 2>/dev/null | head -n 1)
+  [ -n "$ninja_log" ] && lines_before=$(wc -l <"$ninja_log")
+  if ! "$PY" setup.py build_ext --inplace >>"$log" 2>&1; then
+    echo "setup.py build_ext --inplace failed; its last lines:"
+    tail -n 40 "$log"
+    return 1
   fi
-  echo "falling back to: $PY setup.py build_ext --inplace"
-  "$PY" setup.py build_ext --inplace >>"$log" 2>&1 || { tail -n 40 "$log"; return 1; }
+  # under $OUT a successful build's log is dropped: the device tool brings back 8 files at most
+  [ -n "${OUT:-}" ] && rm -f "$log"
+  ninja_log=$(find build -name .ninja_log 2>/dev/null | head -n 1)
+  if [ -n "$ninja_log" ]; then
+    echo "slowest compile steps (ninja's log):"
+    tail -n +"$((lines_before + 1))" "$ninja_log" | awk -F'\t' '$1 ~ /^[0-9]+$/ {printf "  %6.1f s  %s\n", ($2 - $1) / 1000, $4}' \
+      | sort -rn | head -n 6 | sed "s|$REPO/||"
+  else
+    echo "no ninja log: built without ninja (one file at a time, MAX_JOBS unused)"
+  fi
   report_backends
 }
 
