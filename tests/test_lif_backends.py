@@ -297,6 +297,61 @@ def test_recompute_h_switch_picks_the_pair_and_keeps_the_numbers(backend, monkey
                 assert torch.equal(a, b), f"{name} {key}"
 
 
+@pytest.mark.parametrize("backend", ["cpp", "cuda"])
+def test_recompute_h_argument_picks_the_pair(backend, monkeypatch):
+    """The public recompute_h (functions and nn modules): True keeps x itself for the backward, False a
+    float32 H, None the device's default (_RECOMPUTE_H_DEVICES); the eager C++ node and the
+    torch.library path alike, with the same spikes and gradients as the default."""
+    device = device_for(backend)
+    skip_unless_runnable(backend, device)
+    from snnkd_fast import _library
+    from snnkd_fast.lif import op as lif_op
+
+    g = torch.Generator().manual_seed(1)
+    x0 = (torch.randn(5, 2, 33, generator=g) * 1.5 + 0.4).to(device)
+    weights = torch.randn(5, 2, 33, generator=g).to(device)
+    default_recomputes = device in lif_op._RECOMPUTE_H_DEVICES
+    for cxx_autograd in (True, False):
+        monkeypatch.setattr(_library, "CXX_AUTOGRAD", cxx_autograd)
+        results = {}
+        for recompute_h in (None, True, False):
+            x = x0.clone().requires_grad_()
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                lif = snnkd_fast.lif_multistep(x, backend=backend, recompute_h=recompute_h)
+                node = snnkd_fast.nn.IFNode(step_mode="m", backend=backend, recompute_h=recompute_h)
+                if_spikes = node(x)
+            kept = [t for t in saved if t.numel() >= x.numel()]
+            assert len(kept) == 2, [tuple(t.shape) for t in kept]
+            keeps_x = default_recomputes if recompute_h is None else recompute_h
+            for t in kept:
+                assert (t.data_ptr() == x.data_ptr()) == keeps_x, (cxx_autograd, recompute_h)
+                assert keeps_x or t.dtype == torch.float32
+            ((lif * weights).sum() + (if_spikes * weights).sum()).backward()
+            results[recompute_h] = (lif, if_spikes, x.grad)
+        for recompute_h in (True, False):
+            for a, b in zip(results[recompute_h], results[None]):
+                assert torch.equal(a, b), (cxx_autograd, recompute_h)
+
+
+def test_recompute_h_argument_errors():
+    """recompute_h=True/False on a backend with one BPTT pair, or with backward='rate', is refused
+    with a reason; a non-bool is a TypeError (functions, modules, replace_neurons)."""
+    x = torch.randn(3, 4)
+    for backend in ("torch",) + (("triton",) if snnkd_fast.backends()["triton"] else ()):
+        with pytest.raises(ValueError, match="recompute_h=True chooses between the cpp and cuda"):
+            snnkd_fast.lif_multistep(x, backend=backend, recompute_h=True)
+        snnkd_fast.lif_multistep(x, backend=backend, recompute_h=None)  # the default is always fine
+    if snnkd_fast.backends()["cpp"]:
+        with pytest.raises(ValueError, match="backward='rate' keeps"):
+            snnkd_fast.if_multistep(x, backend="cpp", backward="rate", recompute_h=False)
+        with pytest.raises(TypeError, match="recompute_h must be None, True or False"):
+            snnkd_fast.plif_multistep(x, 0.0, backend="cpp", recompute_h=1)
+    with pytest.raises(TypeError, match="LIFNode: recompute_h must be"):
+        snnkd_fast.nn.LIFNode(recompute_h="yes")
+    assert "recompute_h=True" in repr(snnkd_fast.nn.ParametricLIFNode(recompute_h=True))
+
+
 def test_cpu_lean_pair_edges():
     """Empty sequences (T = 0, no neurons) and the argument checks of the lean pair; the empty
     sequences with a one-value v_init on every forward op."""

@@ -121,6 +121,14 @@ def test_replace_neurons_on_a_conv_net():
     assert_grad_close(patched[4].w.grad, reference_net[4].w.grad, torch.float32, "PLIF w grad")
 
 
+def test_replace_neurons_passes_recompute_h():
+    net = _conv_snn()
+    assert replace_neurons(net, recompute_h=False) == 3
+    assert [m.recompute_h for m in net if isinstance(m, snn.neurons._MultiStepNeuron)] == [False] * 3
+    with pytest.raises(TypeError, match="replace_neurons: recompute_h must be"):
+        replace_neurons(_conv_snn(), recompute_h="no")
+
+
 def test_replace_neurons_leaves_unsupported_nodes_with_a_warning():
     class CustomLIF(sj_neuron.LIFNode):
         pass

@@ -13,6 +13,7 @@ surrogate outside the table, explicit neuron precision) are left in place and li
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 from torch import nn
 
@@ -41,9 +42,9 @@ def _why_unsupported(node) -> str:
     return ""
 
 
-def _convert(node, lif_cls, if_cls, plif_cls, backend: str) -> nn.Module:
+def _convert(node, lif_cls, if_cls, plif_cls, backend: str, recompute_h: Optional[bool]) -> nn.Module:
     common = dict(v_threshold=node.v_threshold, v_reset=node.v_reset, surrogate_function=node.surrogate_function,
-                  detach_reset=node.detach_reset, step_mode=node.step_mode, backend=backend)
+                  detach_reset=node.detach_reset, step_mode=node.step_mode, backend=backend, recompute_h=recompute_h)
     if type(node) is lif_cls:
         new = snn.LIFNode(tau=node.tau, decay_input=node.decay_input, **common)
     elif type(node) is if_cls:
@@ -56,12 +57,16 @@ def _convert(node, lif_cls, if_cls, plif_cls, backend: str) -> nn.Module:
     return new
 
 
-def replace_neurons(model: nn.Module, backend: str = "auto") -> int:
+def replace_neurons(model: nn.Module, backend: str = "auto", recompute_h: Optional[bool] = None) -> int:
     """Replace, in place, every SpikingJelly ``LIFNode``, ``IFNode`` and ``ParametricLIFNode`` in
     ``model`` (exact classes, not subclasses) with snnkd_fast's equivalent. Returns how many were
-    replaced. ``model`` itself is never replaced (wrap a bare neuron in a container first)."""
+    replaced. ``model`` itself is never replaced (wrap a bare neuron in a container first).
+    ``backend`` and ``recompute_h`` (what the BPTT keeps: see :func:`snnkd_fast.lif_multistep`) go to
+    every new neuron."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"replace_neurons: model must be an nn.Module, got {type(model).__name__}")
+    if recompute_h is not None and not isinstance(recompute_h, bool):
+        raise TypeError(f"replace_neurons: recompute_h must be None, True or False, got {recompute_h!r}")
     lif_cls, if_cls, plif_cls = _spikingjelly_neuron_classes()
     targets = (lif_cls, if_cls, plif_cls)
     replaced, skipped = 0, []
@@ -75,7 +80,7 @@ def replace_neurons(model: nn.Module, backend: str = "auto") -> int:
             if reason:
                 skipped.append(f"{parent_name}.{child_name}: {reason}")
                 continue
-            setattr(parent, child_name, _convert(child, lif_cls, if_cls, plif_cls, backend))
+            setattr(parent, child_name, _convert(child, lif_cls, if_cls, plif_cls, backend, recompute_h))
             replaced += 1
     if skipped:
         warnings.warn("replace_neurons left these SpikingJelly neurons in place: " + "; ".join(skipped),

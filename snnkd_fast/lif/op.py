@@ -323,20 +323,39 @@ def _recomputes_h(x_seq: Tensor) -> bool:
     return x_seq.device.type in _RECOMPUTE_H_DEVICES
 
 
-def _bptt_op(backend: str, x_seq: Tensor) -> str:
+def _resolve_recompute_h(recompute_h, backend: str, backward: str, x_seq: Tensor, op_name: str) -> bool:
+    """The user's ``recompute_h`` (None: the device's measured default) for the resolved backend; a
+    choice that backend cannot honour is an error, not ignored."""
+    if recompute_h is None:
+        return backend in ("cpp", "cuda") and backward == "bptt" and _recomputes_h(x_seq)
+    if not isinstance(recompute_h, bool):
+        raise TypeError(f"{op_name}: recompute_h must be None, True or False, got {recompute_h!r}")
+    if backend not in ("cpp", "cuda"):
+        raise ValueError(f"{op_name}: recompute_h={recompute_h} chooses between the cpp and cuda kernels' two BPTT "
+                         f"pairs; backend={backend!r} has one (the torch reference saves what autograd saves, the "
+                         "Triton kernels save H): leave recompute_h=None")
+    if backward != "bptt":
+        raise ValueError(f"{op_name}: recompute_h={recompute_h} applies to backward='bptt'; backward='rate' keeps "
+                         "only one step (the eligibility): leave recompute_h=None")
+    return recompute_h
+
+
+def _bptt_op(backend: str, x_seq: Tensor, recompute_h: Optional[bool] = None) -> str:
     if backend == "triton":
         return _KERNEL_OPS[backend, "bptt"]
-    return "lif_forward_lean" if _recomputes_h(x_seq) else "lif_forward"
+    recompute = _recomputes_h(x_seq) if recompute_h is None else recompute_h
+    return "lif_forward_lean" if recompute else "lif_forward"
 
 
 def neuron_multistep(x_seq: Tensor, v_init, w: Optional[Tensor], cfg: NeuronConfig, backend: str,
-                     return_v: bool, op_name: str, backward: str = "bptt"):
+                     return_v: bool, op_name: str, backward: str = "bptt", recompute_h: Optional[bool] = None):
     """Run a validated config. ``x_seq`` is checked here; ``cfg`` must come from :func:`_make_config`."""
     _check_x_seq(x_seq, op_name)
     return_v = _check_flag(return_v, "return_v", op_name)
     if backward not in BACKWARD_MODES:
         raise ValueError(f"{op_name}: backward={backward!r}; choose 'bptt' or 'rate'")
     backend = resolve_backend(backend, x_seq.device, op_name)
+    recompute = _resolve_recompute_h(recompute_h, backend, backward, x_seq, op_name)
     v0 = _initial_membrane(v_init, x_seq, cfg, op_name, one_value=backend != "torch")
     if cfg.neuron == NEURON_PLIF:
         w = _check_w(w, x_seq, op_name)
@@ -356,12 +375,12 @@ def neuron_multistep(x_seq: Tensor, v_init, w: Optional[Tensor], cfg: NeuronConf
             # one C++ autograd node (csrc/lif/lif_autograd.cpp) instead of a Python autograd.Function
             if backward == "bptt":
                 spikes, v_final = torch.ops.snnkd_fast.neuron_multistep(
-                    x_seq.contiguous(), v0.contiguous(), decay, *cfg.op_args(), _recomputes_h(x_seq))
+                    x_seq.contiguous(), v0.contiguous(), decay, *cfg.op_args(), recompute)
             else:
                 spikes, v_final = torch.ops.snnkd_fast.neuron_multistep_rate(x_seq.contiguous(), v0.contiguous(),
                                                                              decay, *cfg.op_args())
         else:
-            name = _bptt_op(backend, x_seq) if backward == "bptt" else _KERNEL_OPS[backend, backward]
+            name = _bptt_op(backend, x_seq, recompute) if backward == "bptt" else _KERNEL_OPS[backend, backward]
             spikes, v_final = call_with_autograd("snnkd_fast::" + name, x_seq.contiguous(), v0.contiguous(), decay,
                                                  *cfg.op_args())[:2]
     return (spikes, v_final) if return_v else spikes
@@ -370,7 +389,8 @@ def neuron_multistep(x_seq: Tensor, v_init, w: Optional[Tensor], cfg: NeuronConf
 def lif_multistep(x_seq: Tensor, v_init: Union[Tensor, float, None] = None, *, tau: float = 2.0,
                   decay_input: bool = True, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
                   detach_reset: bool = False, surrogate="sigmoid", alpha: Optional[float] = None,
-                  backend: str = "auto", return_v: bool = False, backward: str = "bptt"):
+                  backend: str = "auto", return_v: bool = False, backward: str = "bptt",
+                  recompute_h: Optional[bool] = None):
     """Multi-step leaky integrate-and-fire neuron (SpikingJelly 2.0 ``LIFNode``, step_mode="m").
 
     Args:
@@ -394,29 +414,36 @@ def lif_multistep(x_seq: Tensor, v_init: Union[Tensor, float, None] = None, *, t
             rate w.r.t. the mean input. Exact for the rate approximation through linear layers (conv,
             linear, average pooling, residual adds); max pooling and BatchNorm's statistics break it.
             In this mode v_init and the returned v_final carry no gradient.
+        recompute_h: which tensor the cpp/cuda BPTT keeps for the backward (same results, bit for bit).
+            None (default): the device's faster pair as measured (CPU: recompute; GPU: save H).
+            True: keep only ``x_seq`` and recompute H in the backward -- nothing T-long is added when
+            ``x_seq`` is alive anyway (on an H200 the fwd+bwd peak was 0.51-0.69x the saved-H
+            pair's); False: save the charged membrane H (float32; float64 for float64 input).
+            Other backends and backward="rate" have one choice and refuse True/False.
 
     Returns:
         spikes ``[T, ...]`` in ``x_seq``'s dtype, or ``(spikes, v_final)`` with ``return_v=True``.
     """
     cfg = _make_config("lif_multistep", NEURON_LIF, tau, decay_input, v_threshold, v_reset, detach_reset,
                        surrogate, alpha)
-    return neuron_multistep(x_seq, v_init, None, cfg, backend, return_v, "lif_multistep", backward)
+    return neuron_multistep(x_seq, v_init, None, cfg, backend, return_v, "lif_multistep", backward, recompute_h)
 
 
 def if_multistep(x_seq: Tensor, v_init: Union[Tensor, float, None] = None, *, v_threshold: float = 1.0,
                  v_reset: Optional[float] = 0.0, detach_reset: bool = False, surrogate="sigmoid",
                  alpha: Optional[float] = None, backend: str = "auto", return_v: bool = False,
-                 backward: str = "bptt"):
+                 backward: str = "bptt", recompute_h: Optional[bool] = None):
     """Multi-step integrate-and-fire neuron (SpikingJelly ``IFNode``): ``H = V + X``. Arguments and
     returns as :func:`lif_multistep`."""
     cfg = _make_config("if_multistep", NEURON_IF, None, False, v_threshold, v_reset, detach_reset, surrogate, alpha)
-    return neuron_multistep(x_seq, v_init, None, cfg, backend, return_v, "if_multistep", backward)
+    return neuron_multistep(x_seq, v_init, None, cfg, backend, return_v, "if_multistep", backward, recompute_h)
 
 
 def plif_multistep(x_seq: Tensor, w: Union[Tensor, float], v_init: Union[Tensor, float, None] = None, *,
                    decay_input: bool = True, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
                    detach_reset: bool = False, surrogate="sigmoid", alpha: Optional[float] = None,
-                   backend: str = "auto", return_v: bool = False, backward: str = "bptt"):
+                   backend: str = "auto", return_v: bool = False, backward: str = "bptt",
+                   recompute_h: Optional[bool] = None):
     """Multi-step parametric LIF neuron (SpikingJelly ``ParametricLIFNode``): the LIF charge with
     ``1/tau = sigmoid(w)``, ``w`` a learnable one-element tensor whose gradient the kernels compute
     (deterministic reduction over neurons and time). SpikingJelly initialises ``w = -log(init_tau - 1)``.
@@ -424,7 +451,7 @@ def plif_multistep(x_seq: Tensor, w: Union[Tensor, float], v_init: Union[Tensor,
     not require grad)."""
     cfg = _make_config("plif_multistep", NEURON_PLIF, None, decay_input, v_threshold, v_reset, detach_reset,
                        surrogate, alpha)
-    return neuron_multistep(x_seq, v_init, w, cfg, backend, return_v, "plif_multistep", backward)
+    return neuron_multistep(x_seq, v_init, w, cfg, backend, return_v, "plif_multistep", backward, recompute_h)
 
 
 __all__ = ["lif_multistep", "if_multistep", "plif_multistep", "neuron_multistep", "NEURON_NAMES"]

@@ -5,8 +5,9 @@ Same constructor arguments (``surrogate_function`` may be a SpikingJelly surroga
 call; "m": a sequence ``[T, N, ...]``), same state handling: ``self.v`` starts as the float
 ``v_reset`` (0.0 for a soft reset), becomes the membrane tensor after a call, carries the autograd
 graph across calls (so single-step BPTT works) and returns to the float on :meth:`reset`. The extra
-``backend`` argument chooses the kernel ("auto" by default) and ``backward`` ("bptt" or "rate") the
-gradient: see :func:`snnkd_fast.lif_multistep` (a PLIF's ``w`` must not require grad with "rate").
+``backend`` argument chooses the kernel ("auto" by default), ``backward`` ("bptt" or "rate") the
+gradient and ``recompute_h`` what the BPTT keeps for it: see :func:`snnkd_fast.lif_multistep` (a PLIF's
+``w`` must not require grad with "rate").
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ class _MultiStepNeuron(nn.Module):
     def __init__(self, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0, surrogate_function="sigmoid",
                  detach_reset: bool = False, step_mode: str = "s", store_v_seq: bool = False,
                  backend: str = "auto", tau: Optional[float] = None, decay_input: bool = True,
-                 backward: str = "bptt"):
+                 backward: str = "bptt", recompute_h: Optional[bool] = None):
         super().__init__()
         if step_mode not in ("s", "m"):
             raise ValueError(f"{type(self).__name__}: step_mode must be 's' or 'm', got {step_mode!r}")
@@ -46,6 +47,9 @@ class _MultiStepNeuron(nn.Module):
         if backward not in ("bptt", "rate"):
             raise ValueError(f"{type(self).__name__}: backward must be 'bptt' or 'rate', got {backward!r}")
         self.backward = backward  # "rate": rate-based backpropagation (see snnkd_fast.lif_multistep)
+        if recompute_h is not None and not isinstance(recompute_h, bool):
+            raise TypeError(f"{type(self).__name__}: recompute_h must be None, True or False, got {recompute_h!r}")
+        self.recompute_h = recompute_h  # True: keep x, recompute H in the backward (less memory)
         self._config()  # validate now: a bad argument fails at construction, naming the argument
         self.v: Union[float, torch.Tensor] = self._rest_value()
 
@@ -70,13 +74,13 @@ class _MultiStepNeuron(nn.Module):
             raise TypeError(f"{name}: x must be a tensor, got {type(x).__name__}")
         x_seq = x if self.step_mode == "m" else x.unsqueeze(0)
         spikes, self.v = neuron_multistep(x_seq, self.v, self._w(), self._config(), self.backend, True, name,
-                                          self.backward)
+                                          self.backward, self.recompute_h)
         return spikes if self.step_mode == "m" else spikes[0]
 
     def extra_repr(self) -> str:
         return (f"v_threshold={self.v_threshold}, v_reset={self.v_reset}, detach_reset={self.detach_reset}, "
                 f"step_mode={self.step_mode}, surrogate_function={self.surrogate_function}, backend={self.backend}, "
-                f"backward={self.backward}")
+                f"backward={self.backward}" + ("" if self.recompute_h is None else f", recompute_h={self.recompute_h}"))
 
 
 class LIFNode(_MultiStepNeuron):
@@ -86,9 +90,10 @@ class LIFNode(_MultiStepNeuron):
 
     def __init__(self, tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
                  v_reset: Optional[float] = 0.0, surrogate_function="sigmoid", detach_reset: bool = False,
-                 step_mode: str = "s", store_v_seq: bool = False, backend: str = "auto", backward: str = "bptt"):
+                 step_mode: str = "s", store_v_seq: bool = False, backend: str = "auto", backward: str = "bptt",
+                 recompute_h: Optional[bool] = None):
         super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode, store_v_seq, backend,
-                         tau=tau, decay_input=decay_input, backward=backward)
+                         tau=tau, decay_input=decay_input, backward=backward, recompute_h=recompute_h)
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, decay_input={self.decay_input}, " + super().extra_repr()
@@ -101,9 +106,9 @@ class IFNode(_MultiStepNeuron):
 
     def __init__(self, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0, surrogate_function="sigmoid",
                  detach_reset: bool = False, step_mode: str = "s", store_v_seq: bool = False, backend: str = "auto",
-                 backward: str = "bptt"):
+                 backward: str = "bptt", recompute_h: Optional[bool] = None):
         super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode, store_v_seq, backend,
-                         backward=backward)
+                         backward=backward, recompute_h=recompute_h)
 
 
 class ParametricLIFNode(_MultiStepNeuron):
@@ -114,11 +119,12 @@ class ParametricLIFNode(_MultiStepNeuron):
 
     def __init__(self, init_tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
                  v_reset: Optional[float] = 0.0, surrogate_function="sigmoid", detach_reset: bool = False,
-                 step_mode: str = "s", store_v_seq: bool = False, backend: str = "auto", backward: str = "bptt"):
+                 step_mode: str = "s", store_v_seq: bool = False, backend: str = "auto", backward: str = "bptt",
+                 recompute_h: Optional[bool] = None):
         if isinstance(init_tau, bool) or not isinstance(init_tau, (int, float)) or not init_tau > 1.0:
             raise ValueError(f"ParametricLIFNode: init_tau must be a float > 1, got {init_tau!r}")
         super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode, store_v_seq, backend,
-                         decay_input=decay_input, backward=backward)
+                         decay_input=decay_input, backward=backward, recompute_h=recompute_h)
         self.w = nn.Parameter(torch.as_tensor(-math.log(init_tau - 1.0)))
 
     def _w(self) -> torch.Tensor:
