@@ -799,6 +799,15 @@ def write_json(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
     path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
 
 
+def write_result_json(out_dir: Optional[Path], device: torch.device, stem: str, meta: dict[str, Any],
+                      rows: list[dict[str, Any]]) -> Path:
+    """``<out_dir or results/<device-slug>>/<stem>.json``, announced on stdout; returns its path."""
+    path = (out_dir or default_out_dir(device)) / f"{stem}.json"
+    write_json(path, meta, rows)
+    print(f"\nwrote {path}")
+    return path
+
+
 def write_csv(path: Path, rows: list[dict[str, Any]], leading_columns: Iterable[str]) -> None:
     """One line per row; ``leading_columns`` first, then any other keys (e.g. one
     ``speedup_vs_<peer>`` per peer measured) in sorted order. Lists are written ``64x1024``."""

@@ -128,12 +128,7 @@ def main(argv: list[str] | None = None) -> Path:
                                iterations=args.iterations,
                                timing="torch.profiler: CUDA kernels' device time (CUPTI) on a GPU, CPU ops' "
                                       "self time on the CPU; per fwd+bwd iteration after 3 warm-ups")
-    out_dir = args.out or common.default_out_dir(device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "kernel_breakdown.json"
-    common.write_json(path, meta, rows)
-    print(f"\nwrote {path}")
-    return path
+    return common.write_result_json(args.out, device, "kernel_breakdown", meta, rows)
 
 
 if __name__ == "__main__":

@@ -140,11 +140,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
 
     meta = common.run_metadata(device, sys.argv[1:], torch.get_num_threads(), op="tune_triton", grid="sweep",
                                timing="device time: back-to-back launches, CUDA events, L2 flushed (Timer queued)")
-    out_dir = args.out or common.default_out_dir(device)
-    path = out_dir / "tune_triton.json"
-    common.write_json(path, meta, rows)
-    print(f"\nwrote {path}")
-    return path
+    return common.write_result_json(args.out, device, "tune_triton", meta, rows)
 
 
 if __name__ == "__main__":
