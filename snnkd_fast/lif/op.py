@@ -22,7 +22,7 @@ The lean pair has CUDA kernels too, tested but not what the cuda backend runs: o
 first backward (H recharged into registers) lost more than the lean forward won (fwd+bwd 0.55-1.05x,
 benchmarks/results/nvidia-h200/ab_neuron_pairs.json) for 0.51-0.69x of the saved-H pair's peak
 memory; it now stages H in shared memory (T <= 64 in fp32), not yet timed on a GPU.
-``_RECOMPUTE_H_DEVICES`` below is the one switch.
+``_RECOMPUTE_H_DEVICES`` below is the devices' default; the ``recompute_h`` argument chooses per call.
 A ``v_init`` of None or a float reaches the kernel ops as a one-element tensor, one value for every
 neuron: the CPU kernels read the value, so no step-sized tensor is written and read again (8 of the
 24 bytes per neuron a T=1 forward moved) and no gradient is written for it (4 of the backward's 16):
@@ -340,11 +340,10 @@ def _resolve_recompute_h(recompute_h, backend: str, backward: str, x_seq: Tensor
     return recompute_h
 
 
-def _bptt_op(backend: str, x_seq: Tensor, recompute_h: Optional[bool] = None) -> str:
+def _bptt_op(backend: str, recompute_h: bool) -> str:
     if backend == "triton":
         return _KERNEL_OPS[backend, "bptt"]
-    recompute = _recomputes_h(x_seq) if recompute_h is None else recompute_h
-    return "lif_forward_lean" if recompute else "lif_forward"
+    return "lif_forward_lean" if recompute_h else "lif_forward"
 
 
 def neuron_multistep(x_seq: Tensor, v_init, w: Optional[Tensor], cfg: NeuronConfig, backend: str,
@@ -380,7 +379,7 @@ def neuron_multistep(x_seq: Tensor, v_init, w: Optional[Tensor], cfg: NeuronConf
                 spikes, v_final = torch.ops.snnkd_fast.neuron_multistep_rate(x_seq.contiguous(), v0.contiguous(),
                                                                              decay, *cfg.op_args())
         else:
-            name = _bptt_op(backend, x_seq, recompute) if backward == "bptt" else _KERNEL_OPS[backend, backward]
+            name = _bptt_op(backend, recompute) if backward == "bptt" else _KERNEL_OPS[backend, backward]
             spikes, v_final = call_with_autograd("snnkd_fast::" + name, x_seq.contiguous(), v0.contiguous(), decay,
                                                  *cfg.op_args())[:2]
     return (spikes, v_final) if return_v else spikes
