@@ -59,6 +59,55 @@ __device__ __forceinline__ T from_acc(acc_t x) {
   }
 }
 
+// A row's classes c = tid, tid + kThreads, ... in this thread's order, CHUNK at a time: a chunk's
+// loads are all issued before any value is used, so CHUNK loads per thread (per row) are in flight.
+// A plain strided loop whose body branches (the online log-sum-exp's new-maximum test, the head
+// search's candidate test) keeps one: the compiler does not move a load above an earlier
+// iteration's branch, and a row kernel has one block of 8 warps per row to hide latency with.
+// f(c, value) sees the classes in the plain loop's order, so every per-thread sum is the same bits.
+template <int CHUNK, typename T, typename F>
+__device__ __forceinline__ void for_each_class(const T* __restrict__ row, int64_t stride, int64_t C, F&& f) {
+  for (int64_t c0 = threadIdx.x; c0 < C; c0 += static_cast<int64_t>(kThreads) * CHUNK) {
+    T values[CHUNK] = {};
+#pragma unroll
+    for (int i = 0; i < CHUNK; ++i) {
+      const int64_t c = c0 + static_cast<int64_t>(i) * kThreads;
+      if (c < C) values[i] = row[c * stride];
+    }
+#pragma unroll
+    for (int i = 0; i < CHUNK; ++i) {
+      const int64_t c = c0 + static_cast<int64_t>(i) * kThreads;
+      if (c < C) f(c, values[i]);
+    }
+  }
+}
+
+// The same over two rows of one sample read together (student and teacher): f(c, a value, b value).
+template <int CHUNK, typename A, typename B, typename F>
+__device__ __forceinline__ void for_each_class(const A* __restrict__ a, int64_t a_stride, const B* __restrict__ b,
+                                               int64_t b_stride, int64_t C, F&& f) {
+  for (int64_t c0 = threadIdx.x; c0 < C; c0 += static_cast<int64_t>(kThreads) * CHUNK) {
+    A a_values[CHUNK] = {};
+    B b_values[CHUNK] = {};
+#pragma unroll
+    for (int i = 0; i < CHUNK; ++i) {
+      const int64_t c = c0 + static_cast<int64_t>(i) * kThreads;
+      if (c < C) {
+        a_values[i] = a[c * a_stride];
+        b_values[i] = b[c * b_stride];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < CHUNK; ++i) {
+      const int64_t c = c0 + static_cast<int64_t>(i) * kThreads;
+      if (c < C) f(c, a_values[i], b_values[i]);
+    }
+  }
+}
+// Classes per chunk: the forward's two rows, the HTA head's one (its passes run ~10 times per row).
+constexpr int kPairChunk = 4;
+constexpr int kTeacherChunk = 8;
+
 // A finite stand-in for -inf as the initial running maximum (Triton's NEG_BIG): exp(-inf - NEG_BIG)
 // = 0 and an empty partial (l = 0) merges to nothing, so no lane needs a special case.
 template <typename acc_t>
@@ -267,8 +316,7 @@ __global__ void __launch_bounds__(kThreads)
 
   // pass 1: log-sum-exp, extreme keys, top-1 (lowest index among equal maxima)
   HtaPass1 p{online_init<double>(), INT64_MIN, INT64_MAX, C};
-  for (int64_t c = tid; c < C; c += kThreads) {
-    const u_t z = u[c * us.c];
+  for_each_class<kTeacherChunk>(u, us.c, C, [&](int64_t c, u_t z) {
     online_push<false>(p.lse, to_acc<double>(z) * inv_tau, 0.0);
     const int64_t key = sort_key(z);
     if (key > p.key_max) {  // c increases: the first maximum of this thread is its lowest index
@@ -276,7 +324,7 @@ __global__ void __launch_bounds__(kThreads)
       p.top = c;
     }
     p.key_min = key < p.key_min ? key : p.key_min;
-  }
+  });
   p = block_all_reduce(p, HtaPass1Merge(), pass1_temp, pass1_slot);
   const double lse = online_lse(p.lse);
 
@@ -301,9 +349,7 @@ __global__ void __launch_bounds__(kThreads)
     SumN<double, kHtaCandidates> mass;
 #pragma unroll
     for (int j = 0; j < kHtaCandidates; ++j) mass.v[j] = 0.0;
-#pragma unroll 4  // independent loads in flight: one block per row leaves few warps to hide latency
-    for (int64_t c = tid; c < C; c += kThreads) {
-      const u_t z = u[c * us.c];
+    for_each_class<kTeacherChunk>(u, us.c, C, [&](int64_t, u_t z) {
       const int64_t key = sort_key(z);
       if (key >= candidate[0]) {
         const double prob = teacher_prob(z, inv_tau, lse);
@@ -312,7 +358,7 @@ __global__ void __launch_bounds__(kThreads)
           if (key >= candidate[j]) mass.v[j] += prob;
         }
       }
-    }
+    });
     mass = block_all_reduce(mass, SumNOp(), candidates_temp, candidates_slot);
     // the candidates that reach the threshold are a prefix (the mass falls as the key rises)
     int64_t new_lo = lo, new_hi = hi;
@@ -335,8 +381,7 @@ __global__ void __launch_bounds__(kThreads)
   // otherwise takes a block scan and reduction per kThreads classes up to the crossing class.
   double running = 0.0;
   TiedClasses tied_classes{0, C, 0.0};
-  for (int64_t c = tid; c < C; c += kThreads) {
-    const u_t z = u[c * us.c];
+  for_each_class<kTeacherChunk>(u, us.c, C, [&](int64_t c, u_t z) {
     const int64_t key = sort_key(z);
     if (key > key_cross) {
       running += teacher_prob(z, inv_tau, lse);
@@ -346,7 +391,7 @@ __global__ void __launch_bounds__(kThreads)
         tied_classes.first_prob = teacher_prob(z, inv_tau, lse);
       }
     }
-  }
+  });
   running = block_all_reduce(running, SumOp(), sum_temp, sum_slot);
   tied_classes = block_all_reduce(tied_classes, TiedClassesMerge(), tied_temp, tied_slot);
   int64_t idx_cross = C;
@@ -411,16 +456,16 @@ __global__ void __launch_bounds__(kThreads)
   Acc a;
 #pragma unroll
   for (int i = 0; i < N; ++i) a.o[i] = online_init<acc_t>();
-  for (int64_t c = tid; c < C; c += kThreads) {
-    const acc_t zs = to_acc<acc_t>(s[c * ss.c]);
-    const acc_t sv = zs * inv_tau, uv = to_acc<acc_t>(u[c * us.c]) * inv_tau;
+  for_each_class<kPairChunk>(s, ss.c, u, us.c, C, [&](int64_t, s_t s_value, u_t u_value) {
+    const acc_t zs = to_acc<acc_t>(s_value);
+    const acc_t sv = zs * inv_tau, uv = to_acc<acc_t>(u_value) * inv_tau;
     online_push<true>(a.o[0], uv, uv - sv);
     online_push<LOSS == kHTA>(a.o[1], sv, sv - uv);
     if constexpr (LOSS == kTSER) {
       const acc_t sh = zs * inv_tau_h;
       online_push<true>(a.o[N - 1], sh, sh);
     }
-  }
+  });
   a = block_all_reduce(a, OnlineNMerge(), acc_temp, acc_slot);
   const acc_t lse_u = online_lse(a.o[0]), lse_s = online_lse(a.o[1]);
   const acc_t kl_f = a.o[0].d / a.o[0].l - lse_u + lse_s;
@@ -438,15 +483,14 @@ __global__ void __launch_bounds__(kThreads)
     const bool all_head = cross >= C;  // no crossing: every class is head (kd_cpu.cpp)
     const int64_t key_cross = all_head ? 0 : sort_key(u[cross * us.c]);
     Gaps g{{acc_t(0), acc_t(0)}};  // (gap_head, gap_all)
-    for (int64_t c = tid; c < C; c += kThreads) {
-      const u_t z = u[c * us.c];
+    for_each_class<kPairChunk>(u, us.c, s, ss.c, C, [&](int64_t c, u_t z, s_t s_value) {
       const acc_t p = exp(to_acc<acc_t>(z) * inv_tau - lse_u);
-      const acc_t gap = fabs(p - exp(to_acc<acc_t>(s[c * ss.c]) * inv_tau - lse_s));
+      const acc_t gap = fabs(p - exp(to_acc<acc_t>(s_value) * inv_tau - lse_s));
       const int64_t key = sort_key(z);
       const bool head = all_head || key > key_cross || (key == key_cross && c < cross) || c == top;
       g.v[1] += gap;
       if (head) g.v[0] += gap;
-    }
+    });
     g = block_all_reduce(g, SumNOp(), gap_temp, gap_slot);
     const acc_t w_head = g.v[1] > acc_t(0) ? g.v[0] / g.v[1] : acc_t(0.5);
     loss = tau_sq * (w_head * kl_f + (acc_t(1) - w_head) * kl_r);
