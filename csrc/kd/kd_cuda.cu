@@ -197,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> nld_rows_backward_cuda(const at::Tensor& grad
   const int64_t* seed_data = checked_seed(seed);
   const char* op = "snnkd_fast::nld_rows_backward";
   const int64_t row_grid = row_blocks(op, T * B);
-  const int64_t grid = element_blocks(op, B * C);
+  const int64_t grid = element_blocks(op, B * nld_quads(C));  // one thread per sample and quad of classes
   const auto acc = acc_dtype(student, teacher);
   const at::Tensor g_rows = grad_rows.scalar_type() == acc ? grad_rows : grad_rows.to(acc);
   const at::Tensor row_stats = stats.scalar_type() == acc ? stats : stats.to(acc);

@@ -570,6 +570,18 @@ struct NldPass1Merge {
   }
 };
 
+// NLD visits a row's classes by quads, 4q .. 4q+3 (q = tid, tid + kThreads, ...): the four share one
+// Philox draw (nld_eps: component c mod 4 of the draw at quad_base + c / 4), so a quad costs one
+// draw and two Box-Muller pairs where a class at a time cost four and four -- the noise, not the
+// memory, bounded these kernels. A quad's values are loaded before its draw is computed.
+__host__ __device__ constexpr int64_t nld_quads(int64_t C) { return (C + 3) / 4; }
+
+template <typename T>
+__device__ __forceinline__ void load_quad(const T* __restrict__ row, int64_t stride, int64_t c0, int64_t C, T out[4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) out[j] = c0 + j < C ? row[(c0 + j) * stride] : T();
+}
+
 // Forward, one block per row r = t * B + b (grid T * B), passes as nld_cpu.cpp: (1) sum of z, LSE of
 // the teacher and of the student logits (noisy ones with `additive`); (2) adaptive: the unbiased
 // variance about the mean; (3) mixture: LSE of the noise logits; (4) the KL. rows [T, B], stats
@@ -597,13 +609,24 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x;
 
   NldPass1<acc_t> a{online_init<acc_t>(), online_init<acc_t>(), acc_t(0)};
-  for (int64_t c = tid; c < C; c += kThreads) {
-    const acc_t z = to_acc<acc_t>(s[c * ss.c]);
-    a.sum_z += z;
-    online_push<false>(a.p, to_acc<acc_t>(u[c * us.c]) * P.inv_tau, acc_t(0));
-    const acc_t x = P.additive ? (z + P.noise_std * static_cast<acc_t>(nld_eps(seed, quad_base, c))) * P.inv_tau
-                               : z * P.inv_tau;
-    online_push<false>(a.q, x, acc_t(0));
+  for (int64_t q = tid; q < nld_quads(C); q += kThreads) {
+    const int64_t c0 = 4 * q;
+    s_t sq[4];
+    u_t uq[4];
+    load_quad(s, ss.c, c0, C, sq);
+    load_quad(u, us.c, c0, C, uq);
+    float eps[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (P.additive) philox_randn4x(seed, quad_base + static_cast<uint64_t>(q), eps);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (c0 + j < C) {
+        const acc_t z = to_acc<acc_t>(sq[j]);
+        a.sum_z += z;
+        online_push<false>(a.p, to_acc<acc_t>(uq[j]) * P.inv_tau, acc_t(0));
+        const acc_t x = P.additive ? (z + P.noise_std * static_cast<acc_t>(eps[j])) * P.inv_tau : z * P.inv_tau;
+        online_push<false>(a.q, x, acc_t(0));
+      }
+    }
   }
   a = block_all_reduce(a, NldPass1Merge(), pass1_temp, pass1_slot);
   const acc_t lse_p = online_lse(a.p), lse_q = online_lse(a.q);
@@ -612,32 +635,49 @@ __global__ void __launch_bounds__(kThreads)
   acc_t scale = P.noise_std;
   if (P.adaptive) {
     acc_t m2 = acc_t(0);
-    for (int64_t c = tid; c < C; c += kThreads) {
-      const acc_t dz = to_acc<acc_t>(s[c * ss.c]) - mean;
+    for_each_class<kTeacherChunk>(s, ss.c, C, [&](int64_t, s_t z) {
+      const acc_t dz = to_acc<acc_t>(z) - mean;
       m2 += dz * dz;
-    }
+    });
     m2 = block_all_reduce(m2, SumOp(), sum_temp, sum_slot);
     scale = C > 1 ? m2 / static_cast<acc_t>(C - 1) : acc_t(0);
   }
   acc_t lse_r = acc_t(0);
   if (!P.additive) {
     Online<acc_t> o = online_init<acc_t>();
-    for (int64_t c = tid; c < C; c += kThreads) {
-      online_push<false>(o, (mean + static_cast<acc_t>(nld_eps(seed, quad_base, c)) * scale) * P.inv_tau, acc_t(0));
+    for (int64_t q = tid; q < nld_quads(C); q += kThreads) {
+      float eps[4];
+      philox_randn4x(seed, quad_base + static_cast<uint64_t>(q), eps);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (4 * q + j < C) online_push<false>(o, (mean + static_cast<acc_t>(eps[j]) * scale) * P.inv_tau, acc_t(0));
+      }
     }
     o = block_all_reduce(o, OnlineMerge(), lse_temp, lse_slot);
     lse_r = online_lse(o);
   }
   acc_t kl = acc_t(0);
-  for (int64_t c = tid; c < C; c += kThreads) {
-    const acc_t z = to_acc<acc_t>(s[c * ss.c]);
-    const acc_t log_p = to_acc<acc_t>(u[c * us.c]) * P.inv_tau - lse_p;
-    const acc_t e = static_cast<acc_t>(nld_eps(seed, quad_base, c));
-    const acc_t log_ps = P.additive ? (z + P.noise_std * e) * P.inv_tau - lse_q
-                                    : logaddexp(P.log_w + z * P.inv_tau - lse_q,
-                                                P.log_1mw + (mean + e * scale) * P.inv_tau - lse_r);
-    const acc_t p = exp(log_p);
-    if (p != acc_t(0)) kl += p * (log_p - log_ps);  // != 0: a NaN p (NaN/+inf logit) makes the row NaN
+  for (int64_t q = tid; q < nld_quads(C); q += kThreads) {
+    const int64_t c0 = 4 * q;
+    s_t sq[4];
+    u_t uq[4];
+    load_quad(s, ss.c, c0, C, sq);
+    load_quad(u, us.c, c0, C, uq);
+    float eps[4];
+    philox_randn4x(seed, quad_base + static_cast<uint64_t>(q), eps);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (c0 + j < C) {
+        const acc_t z = to_acc<acc_t>(sq[j]);
+        const acc_t log_p = to_acc<acc_t>(uq[j]) * P.inv_tau - lse_p;
+        const acc_t e = static_cast<acc_t>(eps[j]);
+        const acc_t log_ps = P.additive ? (z + P.noise_std * e) * P.inv_tau - lse_q
+                                        : logaddexp(P.log_w + z * P.inv_tau - lse_q,
+                                                    P.log_1mw + (mean + e * scale) * P.inv_tau - lse_r);
+        const acc_t p = exp(log_p);
+        if (p != acc_t(0)) kl += p * (log_p - log_ps);  // != 0: a NaN p (NaN/+inf logit) makes the row NaN
+      }
+    }
   }
   kl = block_all_reduce(kl, SumOp(), sum_temp, sum_slot);
   if (tid == 0) {
@@ -675,16 +715,28 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t mean = stat[0], scale = stat[1], lse_q = stat[2], lse_r = stat[3], lse_p = stat[4];
 
   Sums acc{{acc_t(0), acc_t(0), acc_t(0), acc_t(0)}};
-  for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-    const acc_t e = static_cast<acc_t>(nld_eps(seed, quad_base, c));
-    const acc_t log_q = to_acc<acc_t>(s[c * ss.c]) * P.inv_tau - lse_q;
-    const acc_t log_r = (mean + e * scale) * P.inv_tau - lse_r;
-    const acc_t log_a = to_acc<acc_t>(u[c * us.c]) * P.inv_tau - lse_p - logaddexp(P.log_w + log_q, P.log_1mw + log_r);
-    const acc_t mra = exp(P.log_1mw + log_r + log_a);
-    acc.v[0] += exp(P.log_w + log_q + log_a);
-    acc.v[1] += mra;
-    acc.v[2] += mra * e;
-    acc.v[3] += exp(log_r) * e;
+  for (int64_t q = threadIdx.x; q < nld_quads(C); q += kThreads) {
+    const int64_t c0 = 4 * q;
+    s_t sq[4];
+    u_t uq[4];
+    load_quad(s, ss.c, c0, C, sq);
+    load_quad(u, us.c, c0, C, uq);
+    float eps[4];
+    philox_randn4x(seed, quad_base + static_cast<uint64_t>(q), eps);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (c0 + j < C) {
+        const acc_t e = static_cast<acc_t>(eps[j]);
+        const acc_t log_q = to_acc<acc_t>(sq[j]) * P.inv_tau - lse_q;
+        const acc_t log_r = (mean + e * scale) * P.inv_tau - lse_r;
+        const acc_t log_a = to_acc<acc_t>(uq[j]) * P.inv_tau - lse_p - logaddexp(P.log_w + log_q, P.log_1mw + log_r);
+        const acc_t mra = exp(P.log_1mw + log_r + log_a);
+        acc.v[0] += exp(P.log_w + log_q + log_a);
+        acc.v[1] += mra;
+        acc.v[2] += mra * e;
+        acc.v[3] += exp(log_r) * e;
+      }
+    }
   }
   acc = cub::BlockReduce<Sums, kThreads>(temp).Reduce(acc, SumNOp());
   if (threadIdx.x == 0) {
@@ -693,9 +745,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Backward, step 2, one thread per (b, c) looping over t (grid ceil(B * C / kThreads)): grad_student
-// [T, B, C] and grad_teacher ([T, B, C], or [B, C] summed over t in a register), contiguous; grad_u
-// null without a teacher gradient; sums null in additive mode.
+// Backward, step 2, one thread per (b, quad of classes) looping over t (grid ceil(B * nld_quads(C) /
+// kThreads)): one draw per quad and step. grad_student [T, B, C] and grad_teacher ([T, B, C], or
+// [B, C] summed over t in registers), contiguous; grad_u null without a teacher gradient; sums null
+// in additive mode.
 template <typename s_t, typename u_t>
 __global__ void __launch_bounds__(kThreads)
     nld_backward_kernel(const acc_type_t<s_t, u_t>* __restrict__ grad_rows, const s_t* __restrict__ S, Strides ss,
@@ -704,48 +757,65 @@ __global__ void __launch_bounds__(kThreads)
                         const acc_type_t<s_t, u_t>* __restrict__ stats, const acc_type_t<s_t, u_t>* __restrict__ sums,
                         s_t* __restrict__ grad_s, u_t* __restrict__ grad_u) {
   using acc_t = acc_type_t<s_t, u_t>;
+  const int64_t quads = nld_quads(C);
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (n >= B * C) return;
-  const int64_t b = n / C, c = n - b * C;
-  const s_t* s = S + b * ss.b + c * ss.c;
-  const u_t* u = U + b * us.b + c * us.c;
+  if (n >= B * quads) return;
+  const int64_t b = n / quads, q = n - b * quads, c0 = 4 * q;
+  const s_t* s = S + b * ss.b;
+  const u_t* u = U + b * us.b;
   const uint64_t seed = load_seed(seed_ptr);
   const acc_t var_coef = C > 1 ? acc_t(2) / static_cast<acc_t>(C - 1) : acc_t(0);
-  acc_t teacher_sum = acc_t(0);
+  acc_t teacher_sum[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
   for (int64_t t = 0; t < T; ++t) {
     const int64_t r = t * B + b;
+    s_t sq[4];
+    u_t uq[4];
+    load_quad(s + t * ss.t, ss.c, c0, C, sq);
+    load_quad(u + t * us.t, us.c, c0, C, uq);
     const acc_t* stat = stats + r * kNldStats;
     const acc_t mean = stat[0], scale = stat[1], lse_q = stat[2], lse_r = stat[3], lse_p = stat[4], kl = stat[5];
     const acc_t g_row = grad_rows[r];
-    const acc_t z = to_acc<acc_t>(s[t * ss.t]);
-    const acc_t e = static_cast<acc_t>(nld_eps(seed, nld_row_counter(r, C), c));
-    const acc_t log_p = to_acc<acc_t>(u[t * us.t]) * P.inv_tau - lse_p;
-    const acc_t p = exp(log_p);
-    acc_t log_ps, g_s;
-    if (P.additive) {
-      log_ps = (z + P.noise_std * e) * P.inv_tau - lse_q;
-      g_s = P.tau * (exp(log_ps) - p);
-    } else {
-      const acc_t* sum = sums + r * kNldSums;
-      const acc_t log_q = z * P.inv_tau - lse_q;
-      log_ps = logaddexp(P.log_w + log_q, P.log_1mw + (mean + e * scale) * P.inv_tau - lse_r);
-      g_s = -P.tau * (exp(P.log_w + log_q + log_p - log_ps) - exp(log_q) * sum[0]);  // -w tau q (A - sum q A)
-      if (P.adaptive) {
-        const acc_t sum_g_eps = -P.tau * (sum[2] - sum[1] * sum[3]);
-        g_s += var_coef * sum_g_eps * (z - mean);
-      }
-    }
-    grad_s[r * C + c] = from_acc<s_t>(g_s * g_row);
-    if (grad_u) {
-      const acc_t g_u = p > acc_t(0) ? P.tau * g_row * p * (log_p - log_ps - kl) : acc_t(0);
-      if (teacher_per_t) {
-        grad_u[r * C + c] = from_acc<u_t>(g_u);
+    float eps[4];
+    philox_randn4x(seed, nld_row_counter(r, C) + static_cast<uint64_t>(q), eps);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t c = c0 + j;
+      if (c >= C) break;
+      const acc_t z = to_acc<acc_t>(sq[j]);
+      const acc_t e = static_cast<acc_t>(eps[j]);
+      const acc_t log_p = to_acc<acc_t>(uq[j]) * P.inv_tau - lse_p;
+      const acc_t p = exp(log_p);
+      acc_t log_ps, g_s;
+      if (P.additive) {
+        log_ps = (z + P.noise_std * e) * P.inv_tau - lse_q;
+        g_s = P.tau * (exp(log_ps) - p);
       } else {
-        teacher_sum += g_u;
+        const acc_t* sum = sums + r * kNldSums;
+        const acc_t log_q = z * P.inv_tau - lse_q;
+        log_ps = logaddexp(P.log_w + log_q, P.log_1mw + (mean + e * scale) * P.inv_tau - lse_r);
+        g_s = -P.tau * (exp(P.log_w + log_q + log_p - log_ps) - exp(log_q) * sum[0]);  // -w tau q (A - sum q A)
+        if (P.adaptive) {
+          const acc_t sum_g_eps = -P.tau * (sum[2] - sum[1] * sum[3]);
+          g_s += var_coef * sum_g_eps * (z - mean);
+        }
+      }
+      grad_s[r * C + c] = from_acc<s_t>(g_s * g_row);
+      if (grad_u) {
+        const acc_t g_u = p > acc_t(0) ? P.tau * g_row * p * (log_p - log_ps - kl) : acc_t(0);
+        if (teacher_per_t) {
+          grad_u[r * C + c] = from_acc<u_t>(g_u);
+        } else {
+          teacher_sum[j] += g_u;
+        }
       }
     }
   }
-  if (grad_u && !teacher_per_t) grad_u[b * C + c] = from_acc<u_t>(teacher_sum);
+  if (grad_u && !teacher_per_t) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (c0 + j < C) grad_u[b * C + c0 + j] = from_acc<u_t>(teacher_sum[j]);
+    }
+  }
 }
 
 // The eps the NLD kernels draw for rows of C classes: out[i] = nld_eps(seed, nld_row_counter(i / C, C),

@@ -69,8 +69,8 @@ void nld_backward(const acc_type_t<s_t, u_t>* grad_rows, const s_t* s, const u_t
     cuda_emulation::launch_cooperative<kThreads>(Tn * B, nld_row_sums_kernel<s_t, u_t>, s, ss, u, us, B, C, seed, P,
                                                  stats, sums.data());
   }
-  cuda_emulation::launch<kThreads>((B * C + kThreads - 1) / kThreads, nld_backward_kernel<s_t, u_t>, grad_rows, s, ss,
-                                   u, us, per_t, Tn, B, C, seed, P, stats,
+  cuda_emulation::launch<kThreads>((B * nld_quads(C) + kThreads - 1) / kThreads, nld_backward_kernel<s_t, u_t>,
+                                   grad_rows, s, ss, u, us, per_t, Tn, B, C, seed, P, stats,
                                    P.additive ? static_cast<const acc_t*>(nullptr) : sums.data(), grad_s, grad_u);
 }
 
