@@ -47,6 +47,17 @@ def _nld_eps(seed, quad_base, c):
 
 
 @triton.jit
+def _nld_eps_tile(seed, quad_base, c0, BLOCK_C: tl.constexpr):
+    """_nld_eps of the tile of classes c0 .. c0 + BLOCK_C - 1 (c0 a multiple of 4): one tl.randn4x per
+    quad of classes, its four normals interleaved back into class order -- a quarter of the draws of
+    one per class (the noise, not the memory, bounded these kernels)."""
+    q = c0 // 4 + tl.arange(0, BLOCK_C // 4)
+    n0, n1, n2, n3 = tl.randn4x(seed, quad_base + q)
+    # join(join(n0, n2), join(n1, n3))[q, i, k] is n_{2i+k}: flattened, class 4q + 2i + k
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK_C])
+
+
+@triton.jit
 def _logaddexp(a, b):
     m = tl.maximum(tl.maximum(a, b), NEG_BIG)
     return m + tl.log(tl.exp(a - m) + tl.exp(b - m))
@@ -81,7 +92,7 @@ def _nld_forward_kernel(s_ptr, u_ptr, seed_ptr, rows_ptr, stats_ptr, B, C, s_st,
         m2 += chunk_m2 + delta * delta * count * n_chunk / total
         count = total
         if ADDITIVE:
-            x = (z + noise_std * _nld_eps(seed, quad_base, c)) * inv_tau
+            x = (z + noise_std * _nld_eps_tile(seed, quad_base, c0, BLOCK_C)) * inv_tau
         else:
             x = z * inv_tau
         m_new = tl.maximum(m_q, tl.max(tl.where(cmask, x, NEG_BIG), axis=0))
@@ -103,7 +114,7 @@ def _nld_forward_kernel(s_ptr, u_ptr, seed_ptr, rows_ptr, stats_ptr, B, C, s_st,
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < C
-            n = (mean + _nld_eps(seed, quad_base, c) * scale) * inv_tau
+            n = (mean + _nld_eps_tile(seed, quad_base, c0, BLOCK_C) * scale) * inv_tau
             m_new = tl.maximum(m_r, tl.max(tl.where(cmask, n, NEG_BIG), axis=0))
             l_r = l_r * tl.exp(m_r - m_new) + tl.sum(tl.where(cmask, tl.exp(n - m_new), 0.0), axis=0)
             m_r = m_new
@@ -114,7 +125,7 @@ def _nld_forward_kernel(s_ptr, u_ptr, seed_ptr, rows_ptr, stats_ptr, B, C, s_st,
         cmask = c < C
         z = tl.load(s_row + c.to(tl.int64) * s_sc, mask=cmask, other=0.0).to(tl.float32)
         zt = tl.load(u_row + c.to(tl.int64) * u_sc, mask=cmask, other=float("-inf")).to(tl.float32) * inv_tau
-        eps = _nld_eps(seed, quad_base, c)
+        eps = _nld_eps_tile(seed, quad_base, c0, BLOCK_C)
         log_p = zt - lse_p
         if ADDITIVE:
             log_ps = (z + noise_std * eps) * inv_tau - lse_q
@@ -170,7 +181,7 @@ def _nld_backward_kernel(grow_ptr, s_ptr, u_ptr, seed_ptr, stats_ptr, gs_ptr, gu
                 cmask = c < C
                 z = tl.load(s_row + c.to(tl.int64) * s_sc, mask=cmask, other=0.0).to(tl.float32)
                 zt = tl.load(u_row + c.to(tl.int64) * u_sc, mask=cmask, other=float("-inf")).to(tl.float32)
-                eps = _nld_eps(seed, quad_base, c)
+                eps = _nld_eps_tile(seed, quad_base, c0, BLOCK_C)
                 log_q = z * inv_tau - lse_q
                 log_r = (mean + eps * scale) * inv_tau - lse_r
                 log_a = zt * inv_tau - lse_p - _logaddexp(log_w + log_q, log_1mw + log_r)
@@ -187,7 +198,7 @@ def _nld_backward_kernel(grow_ptr, s_ptr, u_ptr, seed_ptr, stats_ptr, gs_ptr, gu
             cmask = c < C
             z = tl.load(s_row + c.to(tl.int64) * s_sc, mask=cmask, other=0.0).to(tl.float32)
             zt = tl.load(u_row + c.to(tl.int64) * u_sc, mask=cmask, other=float("-inf")).to(tl.float32)
-            eps = _nld_eps(seed, quad_base, c)
+            eps = _nld_eps_tile(seed, quad_base, c0, BLOCK_C)
             log_p = zt * inv_tau - lse_p
             p = tl.where(cmask, tl.exp(log_p), 0.0)
             if ADDITIVE:
