@@ -582,6 +582,27 @@ __device__ __forceinline__ void load_quad(const T* __restrict__ row, int64_t str
   for (int j = 0; j < 4; ++j) out[j] = c0 + j < C ? row[(c0 + j) * stride] : T();
 }
 
+// f(c, student value, teacher value, eps) over a row's classes by quads, in this thread's order; eps
+// is 0 unless `draw` (block-uniform: pass 1 of an additive-noise row needs it, a mixture's does not).
+template <typename s_t, typename u_t, typename F>
+__device__ __forceinline__ void for_each_quad(const s_t* __restrict__ s, int64_t s_stride, const u_t* __restrict__ u,
+                                              int64_t u_stride, int64_t C, uint64_t seed, uint64_t quad_base,
+                                              bool draw, F&& f) {
+  for (int64_t q = threadIdx.x; q < nld_quads(C); q += kThreads) {
+    const int64_t c0 = 4 * q;
+    s_t sq[4];
+    u_t uq[4];
+    load_quad(s, s_stride, c0, C, sq);
+    load_quad(u, u_stride, c0, C, uq);
+    float eps[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (draw) philox_randn4x(seed, quad_base + static_cast<uint64_t>(q), eps);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (c0 + j < C) f(c0 + j, sq[j], uq[j], eps[j]);
+    }
+  }
+}
+
 // Forward, one block per row r = t * B + b (grid T * B), passes as nld_cpu.cpp: (1) sum of z, LSE of
 // the teacher and of the student logits (noisy ones with `additive`); (2) adaptive: the unbiased
 // variance about the mean; (3) mixture: LSE of the noise logits; (4) the KL. rows [T, B], stats
@@ -609,25 +630,13 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x;
 
   NldPass1<acc_t> a{online_init<acc_t>(), online_init<acc_t>(), acc_t(0)};
-  for (int64_t q = tid; q < nld_quads(C); q += kThreads) {
-    const int64_t c0 = 4 * q;
-    s_t sq[4];
-    u_t uq[4];
-    load_quad(s, ss.c, c0, C, sq);
-    load_quad(u, us.c, c0, C, uq);
-    float eps[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (P.additive) philox_randn4x(seed, quad_base + static_cast<uint64_t>(q), eps);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (c0 + j < C) {
-        const acc_t z = to_acc<acc_t>(sq[j]);
-        a.sum_z += z;
-        online_push<false>(a.p, to_acc<acc_t>(uq[j]) * P.inv_tau, acc_t(0));
-        const acc_t x = P.additive ? (z + P.noise_std * static_cast<acc_t>(eps[j])) * P.inv_tau : z * P.inv_tau;
-        online_push<false>(a.q, x, acc_t(0));
-      }
-    }
-  }
+  for_each_quad(s, ss.c, u, us.c, C, seed, quad_base, P.additive, [&](int64_t, s_t zs, u_t zu, float eps) {
+    const acc_t z = to_acc<acc_t>(zs);
+    a.sum_z += z;
+    online_push<false>(a.p, to_acc<acc_t>(zu) * P.inv_tau, acc_t(0));
+    const acc_t x = P.additive ? (z + P.noise_std * static_cast<acc_t>(eps)) * P.inv_tau : z * P.inv_tau;
+    online_push<false>(a.q, x, acc_t(0));
+  });
   a = block_all_reduce(a, NldPass1Merge(), pass1_temp, pass1_slot);
   const acc_t lse_p = online_lse(a.p), lse_q = online_lse(a.q);
   const acc_t mean = a.sum_z / static_cast<acc_t>(C);
@@ -657,28 +666,16 @@ __global__ void __launch_bounds__(kThreads)
     lse_r = online_lse(o);
   }
   acc_t kl = acc_t(0);
-  for (int64_t q = tid; q < nld_quads(C); q += kThreads) {
-    const int64_t c0 = 4 * q;
-    s_t sq[4];
-    u_t uq[4];
-    load_quad(s, ss.c, c0, C, sq);
-    load_quad(u, us.c, c0, C, uq);
-    float eps[4];
-    philox_randn4x(seed, quad_base + static_cast<uint64_t>(q), eps);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (c0 + j < C) {
-        const acc_t z = to_acc<acc_t>(sq[j]);
-        const acc_t log_p = to_acc<acc_t>(uq[j]) * P.inv_tau - lse_p;
-        const acc_t e = static_cast<acc_t>(eps[j]);
-        const acc_t log_ps = P.additive ? (z + P.noise_std * e) * P.inv_tau - lse_q
-                                        : logaddexp(P.log_w + z * P.inv_tau - lse_q,
-                                                    P.log_1mw + (mean + e * scale) * P.inv_tau - lse_r);
-        const acc_t p = exp(log_p);
-        if (p != acc_t(0)) kl += p * (log_p - log_ps);  // != 0: a NaN p (NaN/+inf logit) makes the row NaN
-      }
-    }
-  }
+  for_each_quad(s, ss.c, u, us.c, C, seed, quad_base, true, [&](int64_t, s_t zs, u_t zu, float eps) {
+    const acc_t z = to_acc<acc_t>(zs);
+    const acc_t log_p = to_acc<acc_t>(zu) * P.inv_tau - lse_p;
+    const acc_t e = static_cast<acc_t>(eps);
+    const acc_t log_ps = P.additive ? (z + P.noise_std * e) * P.inv_tau - lse_q
+                                    : logaddexp(P.log_w + z * P.inv_tau - lse_q,
+                                                P.log_1mw + (mean + e * scale) * P.inv_tau - lse_r);
+    const acc_t p = exp(log_p);
+    if (p != acc_t(0)) kl += p * (log_p - log_ps);  // != 0: a NaN p (NaN/+inf logit) makes the row NaN
+  });
   kl = block_all_reduce(kl, SumOp(), sum_temp, sum_slot);
   if (tid == 0) {
     rows[r] = tau_sq * kl;
@@ -715,29 +712,17 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t mean = stat[0], scale = stat[1], lse_q = stat[2], lse_r = stat[3], lse_p = stat[4];
 
   Sums acc{{acc_t(0), acc_t(0), acc_t(0), acc_t(0)}};
-  for (int64_t q = threadIdx.x; q < nld_quads(C); q += kThreads) {
-    const int64_t c0 = 4 * q;
-    s_t sq[4];
-    u_t uq[4];
-    load_quad(s, ss.c, c0, C, sq);
-    load_quad(u, us.c, c0, C, uq);
-    float eps[4];
-    philox_randn4x(seed, quad_base + static_cast<uint64_t>(q), eps);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (c0 + j < C) {
-        const acc_t e = static_cast<acc_t>(eps[j]);
-        const acc_t log_q = to_acc<acc_t>(sq[j]) * P.inv_tau - lse_q;
-        const acc_t log_r = (mean + e * scale) * P.inv_tau - lse_r;
-        const acc_t log_a = to_acc<acc_t>(uq[j]) * P.inv_tau - lse_p - logaddexp(P.log_w + log_q, P.log_1mw + log_r);
-        const acc_t mra = exp(P.log_1mw + log_r + log_a);
-        acc.v[0] += exp(P.log_w + log_q + log_a);
-        acc.v[1] += mra;
-        acc.v[2] += mra * e;
-        acc.v[3] += exp(log_r) * e;
-      }
-    }
-  }
+  for_each_quad(s, ss.c, u, us.c, C, seed, quad_base, true, [&](int64_t, s_t zs, u_t zu, float eps) {
+    const acc_t e = static_cast<acc_t>(eps);
+    const acc_t log_q = to_acc<acc_t>(zs) * P.inv_tau - lse_q;
+    const acc_t log_r = (mean + e * scale) * P.inv_tau - lse_r;
+    const acc_t log_a = to_acc<acc_t>(zu) * P.inv_tau - lse_p - logaddexp(P.log_w + log_q, P.log_1mw + log_r);
+    const acc_t mra = exp(P.log_1mw + log_r + log_a);
+    acc.v[0] += exp(P.log_w + log_q + log_a);
+    acc.v[1] += mra;
+    acc.v[2] += mra * e;
+    acc.v[3] += exp(log_r) * e;
+  });
   acc = cub::BlockReduce<Sums, kThreads>(temp).Reduce(acc, SumNOp());
   if (threadIdx.x == 0) {
 #pragma unroll
