@@ -18,6 +18,7 @@ from typing import Optional
 from torch import nn
 
 from .. import nn as snn
+from ..lif.op import check_recompute_h
 from ..lif.surrogates import resolve_surrogate
 
 
@@ -65,8 +66,7 @@ def replace_neurons(model: nn.Module, backend: str = "auto", recompute_h: Option
     every new neuron."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"replace_neurons: model must be an nn.Module, got {type(model).__name__}")
-    if recompute_h is not None and not isinstance(recompute_h, bool):
-        raise TypeError(f"replace_neurons: recompute_h must be None, True or False, got {recompute_h!r}")
+    check_recompute_h(recompute_h, "replace_neurons")
     lif_cls, if_cls, plif_cls = _spikingjelly_neuron_classes()
     targets = (lif_cls, if_cls, plif_cls)
     replaced, skipped = 0, []

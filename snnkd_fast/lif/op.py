@@ -323,13 +323,18 @@ def _recomputes_h(x_seq: Tensor) -> bool:
     return x_seq.device.type in _RECOMPUTE_H_DEVICES
 
 
+def check_recompute_h(recompute_h, op_name: str) -> Optional[bool]:
+    """``recompute_h`` is None, True or False (the functions, the nn modules and replace_neurons)."""
+    if recompute_h is not None and not isinstance(recompute_h, bool):
+        raise TypeError(f"{op_name}: recompute_h must be None, True or False, got {recompute_h!r}")
+    return recompute_h
+
+
 def _resolve_recompute_h(recompute_h, backend: str, backward: str, x_seq: Tensor, op_name: str) -> bool:
     """The user's ``recompute_h`` (None: the device's measured default) for the resolved backend; a
     choice that backend cannot honour is an error, not ignored."""
-    if recompute_h is None:
+    if check_recompute_h(recompute_h, op_name) is None:
         return backend in ("cpp", "cuda") and backward == "bptt" and _recomputes_h(x_seq)
-    if not isinstance(recompute_h, bool):
-        raise TypeError(f"{op_name}: recompute_h must be None, True or False, got {recompute_h!r}")
     if backend not in ("cpp", "cuda"):
         raise ValueError(f"{op_name}: recompute_h={recompute_h} chooses between the cpp and cuda kernels' two BPTT "
                          f"pairs; backend={backend!r} has one (the torch reference saves what autograd saves, the "

@@ -17,7 +17,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..lif.op import _make_config, neuron_multistep
+from ..lif.op import _make_config, check_recompute_h, neuron_multistep
 from ..lif.params import NEURON_IF, NEURON_LIF, NEURON_PLIF
 
 
@@ -47,9 +47,8 @@ class _MultiStepNeuron(nn.Module):
         if backward not in ("bptt", "rate"):
             raise ValueError(f"{type(self).__name__}: backward must be 'bptt' or 'rate', got {backward!r}")
         self.backward = backward  # "rate": rate-based backpropagation (see snnkd_fast.lif_multistep)
-        if recompute_h is not None and not isinstance(recompute_h, bool):
-            raise TypeError(f"{type(self).__name__}: recompute_h must be None, True or False, got {recompute_h!r}")
-        self.recompute_h = recompute_h  # True: keep x, recompute H in the backward (less memory)
+        # True: keep x, recompute H in the backward (less memory)
+        self.recompute_h = check_recompute_h(recompute_h, type(self).__name__)
         self._config()  # validate now: a bad argument fails at construction, naming the argument
         self.v: Union[float, torch.Tensor] = self._rest_value()
 
