@@ -1,7 +1,7 @@
 // Device code of the fused KD-loss kernels (no torch headers: compiled standalone by
-// csrc/tests/kd_cuda_kernels_check.cu and tests/test_cuda_build.py, included by kd_cuda.cu for the
-// extension). Same algorithms and outputs as the CPU kernels (kd_cpu.cpp, nld_cpu.cpp), shaped for
-// the GPU like the Triton ones (snnkd_fast/kd/triton.py, nld_triton.py):
+// csrc/tests/kd_cuda_kernels_check.cu and tests/test_cuda_build.py, included by kd_cuda.cu and
+// nld_cuda.cu for the extension). Same algorithms and outputs as the CPU kernels (kd_cpu.cpp,
+// nld_cpu.cpp), shaped for the GPU like the Triton ones (snnkd_fast/kd/triton.py, nld_triton.py):
 //
 // * Row kernels (the forward passes, the HTA teacher head and the NLD backward's row sums): one
 //   block of kThreads per row, a thread strides over the classes (coalesced along C when the

@@ -1,5 +1,6 @@
-// Host-side helpers shared by the KD-loss launchers (kd_cpu.cpp, nld_cpu.cpp, kd_cuda.cu): the row
-// layout of student and teacher, the accumulation dtype and the student/teacher dtype dispatch.
+// Host-side helpers shared by the KD-loss launchers (kd_cpu.cpp, nld_cpu.cpp, kd_cuda.cu,
+// nld_cuda.cu): the row layout of student and teacher, the accumulation dtype and the
+// student/teacher dtype dispatch.
 // Arguments are validated in Python (snnkd_fast/losses.py); the checks here keep a direct torch.ops
 // call from reading out of bounds.
 #pragma once

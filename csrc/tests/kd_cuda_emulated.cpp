@@ -4,7 +4,7 @@
 // that tests/test_cuda_emulated.py loads with ctypes and compares with the CPU ops. Student and
 // teacher dtypes in the pairs of kDtypePairs (the 16-bit ones as c10::BFloat16 / c10::Half, the
 // extension's types), contiguous, the teacher [Tt, B, C] with Tt = T or 1 ([B, C]: a t stride of 0);
-// the launch geometry of csrc/kd/kd_cuda.cu (one block per row forward, one thread per (b, c)
+// the launch geometry of csrc/kd/kd_cuda.cu and nld_cuda.cu (one block per row forward, one thread per (b, c)
 // backward). Rows, statistics and the row gradient are in the pair's accumulation dtype.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
