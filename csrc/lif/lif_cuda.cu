@@ -6,6 +6,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <mutex>
+#include <set>
+#include <utility>
+
 #include "lif_cuda_kernels.cuh"
 #include "lif_ops.h"
 
@@ -30,6 +34,18 @@ bool can_vectorize(int64_t N, std::initializer_list<const void*> scalar_ptrs,
 }
 
 const void* optional_ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+
+// Lets `kernel` launch with up to `bytes` of dynamic shared memory on the current device (above the
+// default 48 KiB a kernel must opt in, per kernel and device). The attribute is set once per pair,
+// not on every launch; a failed call is not remembered, so the next launch raises again.
+void allow_dynamic_shared_memory(const void* kernel, int device, int bytes) {
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> opted_in;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (opted_in.count({kernel, device}) != 0) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  opted_in.insert({kernel, device});
+}
 
 }  // namespace
 
@@ -137,9 +153,9 @@ void launch_backward_from_x_cuda(const std::optional<at::Tensor>& grad_spikes, c
     auto kernel = decay_grad ? backward_from_x_kernel<scalar_t, acc_t, true>
                              : backward_from_x_kernel<scalar_t, acc_t, false>;
     const int64_t shared_bytes = staged_bytes<acc_t>(T);
-    if (shared_bytes > 48 * 1024) {  // above the default limit of dynamic shared memory: opt in (per device)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(kMaxStagedBytes)));
+    if (shared_bytes > 48 * 1024) {
+      allow_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), x.get_device(),
+                                  static_cast<int>(kMaxStagedBytes));
     }
     kernel<<<blocks, kThreads, shared_bytes, stream>>>(
         grad_spikes ? grad_spikes->data_ptr<scalar_t>() : nullptr, grad_v ? grad_v->data_ptr<acc_t>() : nullptr,
@@ -159,8 +175,8 @@ TORCH_LIBRARY_IMPL(snnkd_fast, CUDA, m) {
   m.impl("lif_backward", &snnkd::lif::backward_op<snnkd::lif::launch_backward_cuda>);
   m.impl("lif_rate_forward",
          &snnkd::lif::forward_op<snnkd::lif::launch_rate_forward_cuda, snnkd::lif::Keep::kEligibility>);
-  // The lean pair on CUDA: registered and tested, not yet what the cuda backend runs (see lif/op.py's
-  // _KERNEL_OPS): its speed on a GPU has not been measured.
+  // The lean pair on CUDA: what recompute_h=True runs; not the cuda backend's default (lif/op.py's
+  // _RECOMPUTE_H_DEVICES) until its shared-memory backward is timed on a GPU.
   m.impl("lif_forward_lean", &snnkd::lif::lean_forward_op<snnkd::lif::launch_lean_forward_cuda>);
   m.impl("lif_backward_from_x",
          &snnkd::lif::backward_op<snnkd::lif::launch_backward_from_x_cuda, true>);
