@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 import torch
 
 import common
-from common import Timer, Timing, default_out_dir
+from common import Timing, default_out_dir
 
 OP = "lif_multistep"
 TAU = 2.0
@@ -254,7 +254,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     # A GPU case takes milliseconds: 0.25 s of samples is plenty and keeps the full grid inside one
     # device session (the first H100 run's 1 s per pass ran out of time at 14 of 24 cases).
     short = args.quick or device.type == "cuda"
-    timer = Timer(device, budget_s=0.25 if short else 1.0, warmup_s=0.05 if short else 0.2)
+    timer = common.sample_timer(args, device, budget_s=0.25 if short else 1.0, warmup_s=0.05 if short else 0.2)
     on_device = common.device_timer(device, timer.budget_s)  # the DEVICE_PASS on a GPU
     bandwidth, bandwidth_source = common.peak_bandwidth(device, timer)
     # `skipped` is stored by reference: peers that fail on a case are added to it below.
@@ -262,7 +262,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
                                reference=REFERENCE, peers=list(peers), skipped=skipped, peak_bandwidth_Bps=bandwidth,
                                peak_bandwidth_source=bandwidth_source, notes=list(NOTES),
                                memory_method=common.memory_method(device), failures={},
-                               peer_implementations=PEER_IMPLEMENTATIONS)
+                               peer_implementations=PEER_IMPLEMENTATIONS, sample_budget_s=timer.budget_s)
     common.print_run_header(meta)
 
     out_dir = args.out or default_out_dir(device)

@@ -544,13 +544,13 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
         compile_cases = {case for case in grid if math.prod(case.shape) == smallest}
     # Fewer repetitions than bench_lif: on a CPU some implementations take a second per call.
     if args.quick:
-        timer = Timer(device, budget_s=0.15, warmup_s=0.03, min_reps=5, min_warmup=2)
+        timer = common.sample_timer(args, device, budget_s=0.15, warmup_s=0.03, min_reps=5, min_warmup=2)
     elif device.type == "cpu":
-        timer = Timer(device, budget_s=0.2, warmup_s=0.05, min_reps=5, min_warmup=2)
+        timer = common.sample_timer(args, device, budget_s=0.2, warmup_s=0.05, min_reps=5, min_warmup=2)
     else:
         # A GPU case takes microseconds to a few milliseconds: 0.1 s of samples is tens to thousands of
         # repetitions, and 100 cases with every peer fit a device session more nearly.
-        timer = Timer(device, budget_s=0.1, warmup_s=0.03, min_reps=10)
+        timer = common.sample_timer(args, device, budget_s=0.1, warmup_s=0.03, min_reps=10)
     bandwidth, bandwidth_source = common.peak_bandwidth(device, timer)
     # `skipped` and `mismatches` are stored by reference: per-case skips are added to them below.
     mismatches: dict[str, str] = {}
@@ -562,7 +562,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
         peak_bandwidth_Bps=bandwidth, peak_bandwidth_source=bandwidth_source, notes=list(NOTES),
         memory_method=common.memory_method(device),
         extra_seq_tensors="(fwd+bwd peak - student gradient bytes) / bytes of one [T,B,C] float32 tensor",
-        memory_resolution=CPU_MEMORY_RESOLUTION if device.type == "cpu" else None, failures={})
+        memory_resolution=CPU_MEMORY_RESOLUTION if device.type == "cpu" else None, failures={},
+        sample_budget_s=timer.budget_s)
     common.print_run_header(meta)
     if "torch_compile" in peers and compile_policy == "smallest":
         print(f"torch_compile: compiled for the smallest case(s) only ({len(compile_cases)} of {len(grid)}): on a "

@@ -14,6 +14,7 @@ import gc
 import importlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -743,6 +744,31 @@ def add_default_malloc_option(parser: argparse.ArgumentParser) -> None:
                              f"with {' '.join(f'{k}={v}' for k, v in TIMING_MALLOC_ENV.items())}")
 
 
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"need a number of seconds > 0, got {text}")
+    return value
+
+
+def add_sample_budget_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sample-budget-s", type=positive_seconds, metavar="S",
+                        help="seconds of timed samples per pass and implementation, instead of the script's default "
+                             "for the device and grid (its warm-up scaled alike; at least the timer's minimum number "
+                             "of samples is taken): fewer samples, noisier medians, a grid that fits a shorter GPU "
+                             "session")
+
+
+def sample_timer(args: argparse.Namespace, device: torch.device, *, budget_s: float, warmup_s: float,
+                 **kwargs: Any) -> "Timer":
+    """The script's Timer, with ``--sample-budget-s`` (when given) replacing its default ``budget_s``
+    and scaling its ``warmup_s`` by the same factor."""
+    override = getattr(args, "sample_budget_s", None)
+    if override is not None:
+        budget_s, warmup_s = override, warmup_s * override / budget_s
+    return Timer(device, budget_s=budget_s, warmup_s=warmup_s, **kwargs)
+
+
 def bench_parser(description: str, quick_help: str, peers: tuple[str, ...]) -> argparse.ArgumentParser:
     """The options every benchmark script takes; it adds its own."""
     parser = argparse.ArgumentParser(description=description)
@@ -756,6 +782,7 @@ def bench_parser(description: str, quick_help: str, peers: tuple[str, ...]) -> a
                         help="go on with a run cut short (a deadline): keep the rows of the grid's JSON already in "
                              "the output folder, measured at this commit on this device, and measure only the cases "
                              "it lacks")
+    add_sample_budget_option(parser)
     # Internal: CPU memory measurements in fresh processes (memory_worker_main).
     parser.add_argument("--memory-case", help=argparse.SUPPRESS)
     parser.add_argument("--memory-server", action="store_true", help=argparse.SUPPRESS)

@@ -63,6 +63,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="each benchmark keeps the rows of its JSON already in the output folder from the same "
                              "commit and device and measures only the cases it lacks (a run cut short goes on)")
     common.add_default_malloc_option(parser)
+    common.add_sample_budget_option(parser)
     args = parser.parse_args(argv)
     # Before the first benchmark: a later one's load average still holds the earlier ones' load.
     common.mark_run_start()
@@ -71,6 +72,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     bench_argv += [] if args.full else ["--quick"]
     bench_argv += ["--out", str(args.out)] if args.out else []
     bench_argv += ["--resume"] if args.resume else []
+    bench_argv += ["--sample-budget-s", str(args.sample_budget_s)] if args.sample_budget_s else []
 
     start = time.perf_counter()
     written = []

@@ -38,7 +38,9 @@
 #   5. bench    benchmarks/run.py --device cuda --quick (default) or --full, RUN_PY_ARGS appended. With
 #               --deadline-s N (or DEADLINE_S=N) the benchmark gets what is left of N seconds since the
 #               script started (less 20 s): SIGINT then, and the benchmark running writes the rows it
-#               has measured (meta["interrupted"]) and run.py runs no further one.
+#               has measured (meta["interrupted"]) and run.py runs no further one. RUN_PY_ARGS
+#               `--sample-budget-s 0.05` halves the seconds of samples per pass (losses: 0.1 s on a
+#               GPU, ~5 s per full-grid case with every peer): the full loss grid in about one call.
 #
 #   4b. tune    (--tune, between the tests and the benchmark) benchmarks/tune_triton.py: sweeps the
 #               Triton kernels' launch shapes (warps, blocks) against the CUDA kernels,

@@ -109,8 +109,8 @@ def test_bench_resume_keeps_measured_cases(tmp_path):
 
     def bench(*args):
         return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_losses.py"), "--quick", "--peers",
-                               "none", "--out", str(tmp_path), *args], capture_output=True, text=True, timeout=600,
-                              cwd=ROOT)
+                               "none", "--out", str(tmp_path), "--sample-budget-s", "0.02", *args],
+                              capture_output=True, text=True, timeout=600, cwd=ROOT)
 
     path = tmp_path / "losses_quick.json"
     first = bench("--losses", "kd_kl")
@@ -120,6 +120,7 @@ def test_bench_resume_keeps_measured_cases(tmp_path):
     second = bench("--losses", "kd_kl,per_timestep_kl", "--resume")
     assert second.returncode == 0, second.stderr[-4000:]
     data = json.loads(path.read_text())
+    assert data["meta"]["sample_budget_s"] == 0.02
     assert data["meta"]["resumed"]["rows"] == len(kept)
     assert data["results"][:len(kept)] == kept
     assert {row["op"] for row in data["results"][len(kept):]} == {"per_timestep_kl"}
@@ -130,6 +131,41 @@ def test_bench_resume_keeps_measured_cases(tmp_path):
     refused = bench("--losses", "kd_kl", "--resume")
     assert refused.returncode != 0
     assert "not resuming across runs of different builds" in refused.stderr + refused.stdout
+
+
+def test_sample_budget_option_overrides_the_scripts_timer(monkeypatch):
+    """--sample-budget-s (every benchmark script, run.py forwards it): the script's Timer gets that
+    budget and a warm-up scaled alike, its other settings kept; without it the script's default."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import common
+        import run
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    parser = common.bench_parser("bench", "quick", ())
+    cpu = torch.device("cpu")
+    timer = common.sample_timer(parser.parse_args(["--sample-budget-s", "0.05"]), cpu, budget_s=0.1, warmup_s=0.03,
+                                min_reps=7)
+    assert (timer.budget_s, timer.warmup_s, timer.min_reps) == (0.05, pytest.approx(0.015), 7)
+    default = common.sample_timer(parser.parse_args([]), cpu, budget_s=0.1, warmup_s=0.03)
+    assert (default.budget_s, default.warmup_s) == (0.1, 0.03)
+    for bad in ("0", "-0.1", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--sample-budget-s", bad])
+    forwarded = []
+
+    class FakeBench:
+        @staticmethod
+        def main(argv):
+            forwarded.append(argv)
+            raise SystemExit(0)  # stop run.py before it plots
+
+    original = run.importlib.import_module
+    monkeypatch.setattr(run.importlib, "import_module",
+                        lambda name: FakeBench if name.startswith("bench_") else original(name))
+    with pytest.raises(SystemExit):
+        run.main(["--only", "losses", "--sample-budget-s", "0.05"])
+    assert forwarded and forwarded[0][-2:] == ["--sample-budget-s", "0.05"]
 
 
 def test_queued_timer_enqueues_back_to_back(monkeypatch):
