@@ -107,6 +107,25 @@ def test_cpu_lane_rows_block_edges(case, C, B, teacher_layout, teacher_grad):
     compare(case, student, teacher, "cpp", torch.float64, teacher_grad=teacher_grad)
 
 
+NLD_CASES = [c for c in CASES if c.nld]
+
+
+@pytest.mark.parametrize("case", NLD_CASES, ids=[c.name for c in NLD_CASES])
+@pytest.mark.parametrize("C", [1, 10, 12, 13, 60, 61])
+@pytest.mark.parametrize("T, B", [(1, 1), (3, 33), (2, 70)])
+@pytest.mark.parametrize("teacher_layout", ["ann", "snn"])
+def test_cpu_nld_noise_blocks(case, C, T, B, teacher_layout):
+    """At few classes (4 ceil(C/4) < 64) the cpp NLD kernels draw the noise of up to 32 samples' rows
+    of a timestep in one call, whose draws are consecutive (nld_cpu.cpp, RowNoise), where larger rows
+    draw their own: the eps must be those of the reference's per-row nld_noise across whole and
+    partial blocks (two threads split B = 33 and 70), several timesteps, both sides of the switch
+    (C = 60 in blocks, 61 per row) and both passes (the backward draws it again)."""
+    skip_unless_runnable("cpp", "cpu", family="kd")
+    student = logits((T, B, C), dtype=torch.float64)
+    shape = (B, C) if teacher_layout == "ann" else (T, B, C)
+    compare(case, student, logits(shape, seed=1, dtype=torch.float64), "cpp", torch.float64)
+
+
 @pytest.mark.parametrize("loss, entropy_temperature", [(0, 4.0), (1, 4.0), (1, 2.5)], ids=["kl", "tser", "tser_h"])
 @pytest.mark.parametrize("C", [48, 100, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)

@@ -88,10 +88,11 @@ struct NldRow {
         e_x(width),
         e_n(width) {}
 
-  template <typename s_t>
-  void load(const s_t* s, int64_t s_c, uint64_t seed, uint64_t quad_base, int64_t C) {
+  // The row's logits, and its noise from `noise` (RowNoise: drawn here, or copied from a block).
+  template <typename s_t, typename Noise>
+  void load(const s_t* s, int64_t s_c, Noise& noise, int64_t t, int64_t b) {
     for (int64_t c = 0; c < C; ++c) z[c] = static_cast<acc_t>(s[c * s_c]);
-    nld_eps_row(seed, quad_base, C, eps.data());
+    noise.fill(t, b, eps.data());
   }
 
   // x: the student's (noisy, in additive mode) logits / tau; n: the noise logits / tau (mixture).
@@ -104,6 +105,53 @@ struct NldRow {
       np[c] = (mean + e[c] * scale) * P.inv_tau;
     }
   }
+};
+
+// The noise eps of the rows (t, b) a task visits, b in increasing order (each t of a b, in any order).
+// A row draws ceil(C/4) Philox draws, at counters nld_row_counter(t * B + b, C) on; nld_eps_row draws
+// 16 at a time, so at few classes most of a block went to waste (13 of 16 at C = 10) -- a third of
+// the NLD forward's time at 512x10. But the rows (t, b .. b + k) of one timestep have consecutive
+// counters, so below kMaxBlockStride one call draws k rows' noise at once, as one long row of k *
+// 4 ceil(C/4) values whose row j starts at j * 4 ceil(C/4) (class c of row j: component c mod 4 of
+// draw j ceil(C/4) + c / 4, as nld_eps): the same eps, bit for bit, for a block of samples and all T
+// steps, held per task (at most kMaxBlockValues). Above kMaxBlockStride each row draws its own.
+template <typename acc_t>
+class RowNoise {
+ public:
+  static constexpr int64_t kMaxBlockStride = 64;  // 4 ceil(C/4) below this: C <= 60
+  static constexpr int64_t kMaxBlockSamples = 32;
+  static constexpr int64_t kMaxBlockValues = 1 << 16;
+
+  RowNoise(uint64_t seed, const RowLayout& L, int64_t b_end)
+      : seed_(seed), T_(L.T), B_(L.B), C_(L.C), stride_(4 * ((L.C + 3) / 4)), b_end_(b_end) {
+    block_samples_ = std::min(kMaxBlockSamples, kMaxBlockValues / std::max<int64_t>(1, T_ * stride_));
+    if (stride_ < kMaxBlockStride && block_samples_ > 1) block_.resize(T_ * block_samples_ * stride_);
+  }
+
+  // eps[0, C) of row (t, b)
+  void fill(int64_t t, int64_t b, acc_t* eps) {
+    if (block_.empty()) {
+      nld_eps_row(seed_, nld_row_counter(t * B_ + b, C_), C_, eps);
+      return;
+    }
+    if (b < b0_ || b >= b0_ + nb_) draw_block(b);
+    const acc_t* src = block_.data() + (t * nb_ + (b - b0_)) * stride_;
+    std::copy(src, src + C_, eps);
+  }
+
+ private:
+  void draw_block(int64_t b) {
+    b0_ = b;
+    nb_ = std::min(block_samples_, b_end_ - b);
+    for (int64_t t = 0; t < T_; ++t) {
+      nld_eps_row(seed_, nld_row_counter(t * B_ + b0_, C_), nb_ * stride_, block_.data() + t * nb_ * stride_);
+    }
+  }
+
+  uint64_t seed_;
+  int64_t T_, B_, C_, stride_, b_end_;
+  int64_t block_samples_, b0_ = 0, nb_ = 0;
+  std::vector<acc_t> block_;  // [T][nb_][stride_]
 };
 
 // The mixture p_s = w q + (1 - w) r is formed in the linear domain (one log per element instead of
@@ -174,13 +222,14 @@ void forward_kernel(const s_t* S, const u_t* U, uint64_t seed, const RowLayout& 
   at::parallel_for(0, L.B, 1, [&](int64_t b_begin, int64_t b_end) {
     const int64_t C = L.C;
     NldRow<acc_t> row(C);
+    RowNoise<acc_t> noise(seed, L, b_end);
     TeacherRow<acc_t> teacher(C, false);
     const acc_t *log_p = teacher.log_p.data(), *p = teacher.p.data();
     for (int64_t b = b_begin; b < b_end; ++b) {
       for (int64_t t = 0; t < L.T; ++t) {
         const int64_t r = t * L.B + b;
         if (t == 0 || L.teacher_per_t) teacher.load(U + t * L.u.t + b * L.u.b, L.u.c, C, P.inv_tau, false);
-        row.load(S + t * L.s.t + b * L.s.b, L.s.c, seed, nld_row_counter(r, C), C);
+        row.load(S + t * L.s.t + b * L.s.b, L.s.c, noise, t, b);
         const acc_t *z = row.z.data(), *x = row.x.data(), *n = row.n.data();
         const int64_t width = row.width;
         const acc_t mean = lane_row_sum(z, width) / acc_t(C);
@@ -251,6 +300,7 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
   at::parallel_for(0, L.B, 1, [&](int64_t b_begin, int64_t b_end) {
     const int64_t C = L.C;
     NldRow<acc_t> row(C);
+    RowNoise<acc_t> noise(seed, L, b_end);
     TeacherRow<acc_t> teacher(C, false);
     const acc_t *log_p = teacher.log_p.data(), *p = teacher.p.data();
     std::vector<acc_t> teacher_sum(grad_u && !L.teacher_per_t ? C : 0);
@@ -261,7 +311,7 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
       for (int64_t t = 0; t < L.T; ++t) {
         const int64_t r = t * L.B + b;
         if (t == 0 || L.teacher_per_t) teacher.load(U + t * L.u.t + b * L.u.b, L.u.c, C, P.inv_tau, false);
-        row.load(S + t * L.s.t + b * L.s.b, L.s.c, seed, nld_row_counter(r, C), C);
+        row.load(S + t * L.s.t + b * L.s.b, L.s.c, noise, t, b);
         const acc_t* stat = stats + r * kNldStats;
         const acc_t mean = stat[0], scale = stat[1], lse_q = stat[2], lse_r = stat[3], kl = stat[5];
         const acc_t g_row = grad_rows[r];
