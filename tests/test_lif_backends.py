@@ -72,6 +72,16 @@ def test_shapes(kernel_target, kind, shape):
     compare(kind, shape, torch.float32, backend, device, v_reset=None)
 
 
+@pytest.mark.parametrize("shape", [(16, 2500), (65, 1100), (129, 600)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", NEURON_KINDS)
+def test_cpu_block_widths(kind, shape):
+    """The CPU kernels' block width follows T (csrc/lif/lif_cpu_typed.h, cpu_block: 1024 neurons at
+    T = 16, 512 at T = 65, 256 at T = 129): several blocks, the last partial, against the reference
+    in float64 (PLIF's decay gradient sums one partial per block)."""
+    skip_unless_runnable("cpp", "cpu")
+    compare(kind, shape, torch.float64, "cpp", "cpu", v_reset=None if kind == "if" else 0.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("kind", NEURON_KINDS)
 def test_dtypes(kernel_target, kind, dtype):
@@ -201,10 +211,11 @@ def _lean_cases():
 
 
 # (T, N): a partial 256-neuron block (CPU) / an N that takes one-neuron accesses (CUDA), T = 1, several
-# threads' tasks; on CUDA also the recomputing backward's 8-step chunks at their edges, the longest
+# threads' tasks; on the CPU also T = 16 and 65 (blocks of 1024 and 512 neurons, cpu_block in
+# csrc/lif/lif_cpu_typed.h) over several blocks, the last partial; on CUDA also the recomputing backward's 8-step chunks at their edges, the longest
 # sequences it stages in shared memory (32 steps in float64, 64 in float32) and one step more, which
 # recharge into a temporary H first.
-LEAN_SHAPES = {"cpp": [(5, 785), (1, 3, 7), (3, 20000)],
+LEAN_SHAPES = {"cpp": [(5, 785), (1, 3, 7), (3, 20000), (16, 2500), (65, 1100)],
                "cuda": [(5, 785), (1, 3, 7), (8, 1024), (9, 4096), (17, 333), (32, 256), (33, 200), (64, 300),
                         (65, 100)]}
 

@@ -132,10 +132,12 @@ def test_thousand_steps_no_gpu_memory_growth(backend):
 # (b) determinism across calls and thread counts
 # --------------------------------------------------------------------------------------------------
 
-# cpp: shapes that split into many tasks over the threads (75 blocks of 256 neurons; 64 samples); the
-# GPU kernels (cuda, compiled triton) take the same shapes: many blocks / programs.
+# cpp: shapes that split into many tasks over the threads (T = 8: 75 blocks of 256 neurons; T = 16: 19
+# blocks of 1024, the last partial -- csrc/lif/lif_cpu_typed.h, cpu_block; 64 samples); the GPU kernels
+# (cuda, compiled triton) take the same shapes: many blocks / programs.
 # triton under the interpreter (single-threaded and slow): small shapes, several programs.
-SHAPES = {"cpp": {"plif": (8, 64, 300), "loss": (4, 64, 100)}, "triton": {"plif": (3, 4, 300), "loss": (2, 5, 40)}}
+SHAPES = {"cpp": {"plif": (8, 64, 300), "plif_long": (16, 64, 300), "loss": (4, 64, 100)},
+          "triton": {"plif": (3, 4, 300), "plif_long": (3, 4, 300), "loss": (2, 5, 40)}}
 BACKENDS = ["cpp", "triton"] + [b for b in ("cuda",) if snnkd_fast.backends("lif")[b] or snnkd_fast.backends("kd")[b]]
 
 
@@ -143,10 +145,10 @@ def _shapes(backend):
     return SHAPES["triton" if backend == "triton" and device_for(backend) == "cpu" else "cpp"]
 
 
-def _plif_grads(backend):
+def _plif_grads(backend, shape_name="plif"):
     g = torch.Generator().manual_seed(5)
     device = device_for(backend)
-    shape = _shapes(backend)["plif"]
+    shape = _shapes(backend)[shape_name]
     x = (torch.randn(shape, generator=g) * 1.5 + 0.4).to(device).requires_grad_(True)
     w = torch.tensor(0.3, device=device, requires_grad=True)
     grad = torch.randn(shape, generator=g).to(device)
@@ -169,14 +171,15 @@ def _loss_grads(name, backend):
     return [teacher.grad, loss.detach(), student.grad]
 
 
-CASES = [("plif", None)] + [("loss", n) for n in ("kd_kl", "per_timestep_kl", "tser_loss", "hta_kl", "nld_loss")]
+CASES = [("plif", None), ("plif", "plif_long")] + [("loss", n) for n in ("kd_kl", "per_timestep_kl", "tser_loss",
+                                                                          "hta_kl", "nld_loss")]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("what, name", CASES, ids=[n or w for w, n in CASES])
 def test_reductions_bit_identical_across_calls_and_threads(what, name, backend, restore_threads):
     _require(backend, "lif" if what == "plif" else "kd")
-    run = (lambda: _plif_grads(backend)) if what == "plif" else (lambda: _loss_grads(name, backend))
+    run = (lambda: _plif_grads(backend, name or "plif")) if what == "plif" else (lambda: _loss_grads(name, backend))
     torch.set_num_threads(2)
     first, second = run(), run()
     torch.set_num_threads(1)

@@ -45,7 +45,8 @@ void launch_backward_cpu_impl(const std::optional<at::Tensor>& grad_spikes, cons
                               bool decay_grad, const ScalarArgs& a, at::Tensor& grad_x, at::Tensor& grad_v_init,
                               at::Tensor& grad_decay) {
   const int64_t N = seq.numel() / seq.size(0);
-  std::vector<double> partials(decay_grad ? (N + kCpuBlock - 1) / kCpuBlock : 0);
+  const int64_t block = cpu_block(seq.size(0));
+  std::vector<double> partials(decay_grad ? (N + block - 1) / block : 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "snnkd_lif_backward_cpu", [&] {
     backward_cpu_typed<FROM_X, scalar_t>(grad_spikes, grad_v, seq, v_init, decay, decay_grad, a, grad_x, grad_v_init,
                                          partials.data());

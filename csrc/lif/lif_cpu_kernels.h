@@ -25,14 +25,14 @@ namespace snnkd {
 namespace lif {
 namespace cpu_detail {
 
-constexpr int64_t kBlock = kCpuBlock;  // neurons per block (lif_cpu_typed.h)
+constexpr int64_t kMaxBlock = kCpuMaxBlock;  // neurons per block at most (lif_cpu_typed.h)
 
 // Blocks per task: at least ~32k neuron-steps (15-30 us of work), so that a small layer runs on one
 // thread rather than paying the thread pool's wake-up (measured: [4, 16, 64] fwd+bwd 0.4 ms on 1
 // thread, 3.6 ms on 2). 64k before: [1, 64, 1024] then ran on one thread, 1.6-2.4x slower (raw ops);
 // 16k gained only on the 32k-step backward.
-inline int64_t grain_blocks(int64_t T) {
-  return std::max<int64_t>(1, (int64_t(1) << 15) / (kBlock * std::max<int64_t>(T, 1)));
+inline int64_t grain_blocks(int64_t T, int64_t block) {
+  return std::max<int64_t>(1, (int64_t(1) << 15) / (block * std::max<int64_t>(T, 1)));
 }
 
 // Run f(StaticNeuronParams<...>) with the call's mode as compile-time constants, so that each
@@ -160,15 +160,16 @@ void forward_kernel(const scalar_t* x, const acc_t* v_init, int64_t v_init_step,
                     acc_t* out, int64_t T, int64_t N, const P p, EligibilityFn<acc_t> eligibility_fn,
                     const NeuronParams<acc_t>& q) {
   constexpr bool RATE = KEEP == Keep::kEligibility;
-  const int64_t num_blocks = (N + kBlock - 1) / kBlock;
-  at::parallel_for(0, num_blocks, grain_blocks(T), [&](int64_t block_begin, int64_t block_end) {
-    acc_t v[kBlock];
-    acc_t h_step[kBlock];
-    acc_t f[kBlock];
-    acc_t e_sum[kBlock];
+  const int64_t block_size = cpu_block(T);
+  const int64_t num_blocks = (N + block_size - 1) / block_size;
+  at::parallel_for(0, num_blocks, grain_blocks(T, block_size), [&](int64_t block_begin, int64_t block_end) {
+    acc_t v[kMaxBlock];
+    acc_t h_step[kMaxBlock];
+    acc_t f[kMaxBlock];
+    acc_t e_sum[kMaxBlock];
     for (int64_t b = block_begin; b < block_end; ++b) {
-      const int64_t n0 = b * kBlock;
-      const int64_t len = std::min(kBlock, N - n0);
+      const int64_t n0 = b * block_size;
+      const int64_t len = std::min(block_size, N - n0);
       load_v_init(v, v_init, v_init_step, n0, len);
       if (RATE) {
         for (int64_t i = 0; i < len; ++i) f[i] = q.input_gain;
@@ -195,55 +196,56 @@ void forward_kernel(const scalar_t* x, const acc_t* v_init, int64_t v_init_step,
 }
 
 // The BPTT backward. H comes from h_seq ([T, N], saved by lif_forward) or, when recharge_fn is given,
-// is recomputed per block from x and v_init into a [T, kBlock] buffer that stays in cache
+// is recomputed per block from x and v_init into a [T, block_size] buffer that stays in cache
 // (lif_backward_from_x: 4 of the 24 bytes per neuron-step less DRAM traffic over forward+backward).
 template <bool DECAY_GRAD, typename scalar_t, typename acc_t, typename P>
 void backward_kernel(const scalar_t* grad_spikes, const acc_t* grad_v, const acc_t* h_seq, const scalar_t* x,
                      RechargeFn<scalar_t, acc_t> recharge_fn, const NeuronParams<acc_t>& q, const acc_t* v_init,
                      int64_t v_init_step, scalar_t* grad_x, acc_t* grad_v_init, double* decay_partials, int64_t T,
                      int64_t N, const P params) {
-  const int64_t num_blocks = (N + kBlock - 1) / kBlock;
-  at::parallel_for(0, num_blocks, grain_blocks(T), [&](int64_t block_begin, int64_t block_end) {
+  const int64_t block_size = cpu_block(T);
+  const int64_t num_blocks = (N + block_size - 1) / block_size;
+  at::parallel_for(0, num_blocks, grain_blocks(T, block_size), [&](int64_t block_begin, int64_t block_end) {
     // A local copy: read through the lambda's reference, the float parameters may alias the float
     // outputs, and in the decay-gradient loop GCC then reloaded them per element (measured: PLIF's
     // backward ~3x slower without the copy).
     const P p = params;
-    acc_t gv[kBlock];
+    acc_t gv[kMaxBlock];
     // no spike gradient: a row of zeros (copying each row into a block array instead, which GCC made
     // a memcpy call per row, took ~10% of the backward)
-    const std::vector<scalar_t> zero_row(grad_spikes != nullptr ? 0 : kBlock, static_cast<scalar_t>(0));
-    acc_t v_prev[kBlock];
-    acc_t decay_terms[kBlock];
-    // Recomputed H, two [T, kBlock] buffers: the backward of block b reads one while the same loop
+    const std::vector<scalar_t> zero_row(grad_spikes != nullptr ? 0 : block_size, static_cast<scalar_t>(0));
+    acc_t v_prev[kMaxBlock];
+    acc_t decay_terms[kMaxBlock];
+    // Recomputed H, two [T, block_size] buffers: the backward of block b reads one while the same loop
     // over t recomputes block b + 1's H into the other. The backward is compute-bound and the
     // recomputation bound by the core's load bandwidth; one block apart they overlap (recomputing a
     // whole block first left the backward ~30% slower than lif_backward reading the saved H).
-    std::vector<acc_t> recharged(recharge_fn != nullptr ? 2 * T * kBlock : 0);
-    acc_t membrane[kBlock];
+    std::vector<acc_t> recharged(recharge_fn != nullptr ? 2 * T * block_size : 0);
+    acc_t membrane[kMaxBlock];
     auto recharge_begin = [&](int64_t block) {  // block's membrane at v_init, before its first step
-      const int64_t m0 = block * kBlock;
-      load_v_init(membrane, v_init, v_init_step, m0, std::min(kBlock, N - m0));
+      const int64_t m0 = block * block_size;
+      load_v_init(membrane, v_init, v_init_step, m0, std::min(block_size, N - m0));
     };
     if (recharge_fn != nullptr) {
       recharge_begin(block_begin);
-      const int64_t len = std::min(kBlock, N - block_begin * kBlock);
+      const int64_t len = std::min(block_size, N - block_begin * block_size);
       for (int64_t t = 0; t < T; ++t) {
-        recharge_fn(x + t * N + block_begin * kBlock, len, membrane, recharged.data() + t * kBlock, q);
+        recharge_fn(x + t * N + block_begin * block_size, len, membrane, recharged.data() + t * block_size, q);
       }
     }
     for (int64_t b = block_begin; b < block_end; ++b) {
-      const int64_t n0 = b * kBlock;
-      const int64_t len = std::min(kBlock, N - n0);
+      const int64_t n0 = b * block_size;
+      const int64_t len = std::min(block_size, N - n0);
       const acc_t* h_block = h_seq + n0;  // H[t] of the block at h_block + t * h_step
       int64_t h_step = N;
       acc_t* next_h = nullptr;  // block b + 1's recomputed H, filled during this block's loop
       int64_t next_len = 0;
       if (recharge_fn != nullptr) {
-        h_block = recharged.data() + ((b - block_begin) % 2) * T * kBlock;
-        h_step = kBlock;
+        h_block = recharged.data() + ((b - block_begin) % 2) * T * block_size;
+        h_step = block_size;
         if (b + 1 < block_end) {
-          next_h = recharged.data() + ((b + 1 - block_begin) % 2) * T * kBlock;
-          next_len = std::min(kBlock, N - n0 - kBlock);
+          next_h = recharged.data() + ((b + 1 - block_begin) % 2) * T * block_size;
+          next_len = std::min(block_size, N - n0 - block_size);
           recharge_begin(b + 1);
         }
       }
@@ -274,7 +276,7 @@ void backward_kernel(const scalar_t* grad_spikes, const acc_t* grad_v, const acc
         }
         if (next_h != nullptr) {
           const int64_t step = T - 1 - t;  // forward order
-          recharge_fn(x + step * N + n0 + kBlock, next_len, membrane, next_h + step * kBlock, q);
+          recharge_fn(x + step * N + n0 + block_size, next_len, membrane, next_h + step * block_size, q);
         }
       }
       if (grad_v_init != nullptr) {  // none for a v_init broadcast to every neuron
