@@ -30,15 +30,6 @@ struct LossParams {
   double temperature, entropy_temperature, entropy_weight, head_threshold;
 };
 
-template <typename F>
-void with_loss(int64_t loss, F&& f) {
-  switch (loss) {
-    case kKL: f(std::integral_constant<int, kKL>{}); break;
-    case kTSER: f(std::integral_constant<int, kTSER>{}); break;
-    default: f(std::integral_constant<int, kHTA>{}); break;
-  }
-}
-
 // The sums of a student row's forward pass against its sample's teacher (p, u = z_t / tau):
 // l_s = sum e^{s - m_s}, kl_sum = sum p (u - s), and for TSER qh_s = sum e^{s - m_s} s.
 template <typename acc_t>
@@ -563,7 +554,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cpu(const at::Ten
   if (rows.numel() == 0) return {rows, stats, keys};
   const LossParams lp{temperature, entropy_temperature, entropy_weight, head_threshold};
   SNNKD_KD_DISPATCH_PAIR(student, teacher, "snnkd_kd_forward_cpu", [&] {
-    with_loss(loss, [&](auto loss_kind) {
+    with_loss_kind(loss, [&](auto loss_kind) {
       constexpr int kind = decltype(loss_kind)::value;
       if constexpr (kind != kHTA) {
         if (lane_rows_pay(C)) {
@@ -605,7 +596,7 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_backward_cpu(const at::Tensor& grad_r
   TORCH_CHECK(stats.scalar_type() == acc_dtype(student, teacher),
               "snnkd_fast::kd_rows_backward: stats must be in the inputs' accumulation dtype");
   SNNKD_KD_DISPATCH_PAIR(student, teacher, "snnkd_kd_backward_cpu", [&] {
-    with_loss(loss, [&](auto loss_kind) {
+    with_loss_kind(loss, [&](auto loss_kind) {
       if (!teacher_grad && lane_rows_pay_backward(C)) {
         backward_kernel_lane_rows<decltype(loss_kind)::value, s_t, u_t, acc_t>(
             grad_rows.data_ptr<acc_t>(), student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(), us, per_t, T, B, C, lp,

@@ -21,17 +21,6 @@ namespace kd {
 namespace cuda {
 namespace {
 
-// Calls f(std::integral_constant<int, LOSS>{}) for a runtime loss id.
-template <typename F>
-void dispatch_loss(int64_t loss, F&& f) {
-  switch (loss) {
-    case kKL: f(std::integral_constant<int, kKL>{}); break;
-    case kTSER: f(std::integral_constant<int, kTSER>{}); break;
-    case kHTA: f(std::integral_constant<int, kHTA>{}); break;
-    default: TORCH_CHECK(false, "snnkd_fast::kd_rows: unknown loss id ", loss);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cuda(const at::Tensor& student,
                                                                     const at::Tensor& teacher, int64_t loss,
                                                                     double temperature, double entropy_temperature,
@@ -55,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cuda(const at::Te
   SNNKD_KD_DISPATCH_PAIR(student, teacher, "snnkd_kd_forward_cuda", [&] {
     const s_t* s_ptr = student.data_ptr<s_t>();
     const u_t* u_ptr = teacher.data_ptr<u_t>();
-    dispatch_loss(loss, [&](auto loss_c) {
+    with_loss_kind(loss, [&](auto loss_c) {
       constexpr int LOSS = decltype(loss_c)::value;
       if constexpr (LOSS == kHTA) {
         hta_teacher_kernel<u_t><<<row_blocks(op, teacher_rows * B), kThreads, 0, stream>>>(
@@ -81,6 +70,7 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_backward_cuda(const at::Tensor& grad_
   const RowLayout L = row_layout(student, teacher, "snnkd_fast::kd_rows_backward");
   const Strides ss = L.s, us = L.u;
   const bool per_t = L.teacher_per_t;
+  TORCH_CHECK(loss >= kKL && loss <= kHTA, "snnkd_fast::kd_rows_backward: unknown loss id");
   const int64_t T = student.size(0), B = student.size(1), C = student.size(2);
   TORCH_CHECK(grad_rows.is_contiguous() && grad_rows.numel() == T * B && stats.is_contiguous() &&
                   stats.numel() == T * B * kNumStats && grad_rows.scalar_type() == stats.scalar_type(),
@@ -103,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_backward_cuda(const at::Tensor& grad_
   const at::Tensor row_stats = stats.scalar_type() == acc ? stats : stats.to(acc);
   auto stream = c10::cuda::getCurrentCUDAStream();
   SNNKD_KD_DISPATCH_PAIR(student, teacher, "snnkd_kd_backward_cuda", [&] {
-    dispatch_loss(loss, [&](auto loss_c) {
+    with_loss_kind(loss, [&](auto loss_c) {
       constexpr int LOSS = decltype(loss_c)::value;
       kd_backward_kernel<s_t, u_t, LOSS><<<grid, kThreads, 0, stream>>>(
           g_rows.data_ptr<acc_t>(), student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(), us, per_t, T, B, C,

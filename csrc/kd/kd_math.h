@@ -27,6 +27,18 @@ using std::log;
 
 enum LossKind : int { kKL = 0, kTSER = 1, kHTA = 2 };
 
+// f(std::integral_constant<int, LOSS>{}) for a runtime loss id, so that each kernel is instantiated
+// per loss with no branch on it inside. Host code (the CPU kernels, the CUDA launchers, the CUDA
+// emulation test); the callers check the id first (kKL .. kHTA): any other id is taken as kHTA.
+template <typename F>
+inline void with_loss_kind(int64_t loss, F&& f) {
+  switch (loss) {
+    case kKL: f(std::integral_constant<int, kKL>{}); break;
+    case kTSER: f(std::integral_constant<int, kTSER>{}); break;
+    default: f(std::integral_constant<int, kHTA>{}); break;
+  }
+}
+
 // The accumulation type of a student/teacher element-type pair: double if either is double.
 template <typename s_t, typename u_t>
 using acc_type_t =

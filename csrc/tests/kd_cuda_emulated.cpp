@@ -74,13 +74,6 @@ void nld_backward(const acc_type_t<s_t, u_t>* grad_rows, const s_t* s, const u_t
                                    P.additive ? static_cast<const acc_t*>(nullptr) : sums.data(), grad_s, grad_u);
 }
 
-template <typename F>
-void with_loss(int loss, F&& f) {
-  if (loss == kKL) f(std::integral_constant<int, kKL>{});
-  else if (loss == kTSER) f(std::integral_constant<int, kTSER>{});
-  else f(std::integral_constant<int, kHTA>{});
-}
-
 // A (student, teacher) dtype pair and its accumulation dtype.
 template <typename S, typename U>
 struct DtypePair {
@@ -122,7 +115,7 @@ int emu_kd_rows_forward(int dtype_pair, int loss, const void* s, const void* u, 
     using S = typename decltype(pair)::student;
     using U = typename decltype(pair)::teacher;
     using A = typename decltype(pair)::acc;
-    with_loss(loss, [&](auto loss_c) {
+    with_loss_kind(loss, [&](auto loss_c) {
       forward<S, U, decltype(loss_c)::value>(static_cast<const S*>(s), static_cast<const U*>(u), per_t != 0, T, B, C,
                                              temperature, entropy_temperature, entropy_weight, head_threshold,
                                              static_cast<A*>(rows), static_cast<A*>(stats), keys);
@@ -140,7 +133,7 @@ int emu_kd_rows_backward(int dtype_pair, int loss, const void* grad_rows, const 
     using S = typename decltype(pair)::student;
     using U = typename decltype(pair)::teacher;
     using A = typename decltype(pair)::acc;
-    with_loss(loss, [&](auto loss_c) {
+    with_loss_kind(loss, [&](auto loss_c) {
       backward<S, U, decltype(loss_c)::value>(static_cast<const A*>(grad_rows), static_cast<const S*>(s),
                                               static_cast<const U*>(u), per_t != 0, T, B, C,
                                               static_cast<const A*>(stats), temperature, entropy_temperature,
