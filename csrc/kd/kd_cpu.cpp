@@ -504,22 +504,20 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, Strides ss, const u_t
         const acc_t* z = row_as_acc(S + t * ss.t + b * ss.b, ss.c, C, C, s_buf.data());
         s_t* gs = grad_s + row * C;
         if (LOSS == kTSER && !entropy_shares_softmax) {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t log_q = z[c] * inv_tau - r.lse_s, log_qh = z[c] * inv_tau_h - r.aux0;
+          row_map(z, C, gs, [=](acc_t z_c, int64_t c) {
+            const acc_t log_q = z_c * inv_tau - r.lse_s, log_qh = z_c * inv_tau_h - r.aux0;
             const acc_t g = grad_student_kl<acc_t>(LOSS, log_q, fast_exp(log_q), log_p[c], p[c], r, tau) +
                             grad_student_entropy<acc_t>(log_qh, fast_exp(log_qh), r, inv_tau_h, entropy_weight);
-            gs[c] = static_cast<s_t>(g_row * g);
-          }
+            return g_row * g;
+          });
         } else {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t log_q = z[c] * inv_tau - r.lse_s;
+          row_map(z, C, gs, [=](acc_t z_c, int64_t c) {
+            const acc_t log_q = z_c * inv_tau - r.lse_s;
             const acc_t q = fast_exp(log_q);
             acc_t g = grad_student_kl<acc_t>(LOSS, log_q, q, log_p[c], p[c], r, tau);
             if (LOSS == kTSER) g += grad_student_entropy<acc_t>(log_q, q, r, inv_tau_h, entropy_weight);
-            gs[c] = static_cast<s_t>(g_row * g);
-          }
+            return g_row * g;
+          });
         }
         if (grad_u) {
           auto teacher_grad = [&](int64_t c) {
