@@ -257,20 +257,26 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
           teacher.load(U + tt * us.t + b * us.b, us.c, C, inv_tau, true);
           teacher.select_head(C, lp.head_threshold, hta_keys + (tt * B + b) * kHtaNum);
         }
-        const acc_t* z = row_as_acc(S + t * ss.t + b * ss.b, ss.c, C, n, row_bufs[0].data());
-        RowSums<acc_t> sums{row_max(z, n), 0, 0, 0};
+        RowBlocks<acc_t> z_row;  // in place up to z_row.full, then its padded tail (as the KL rows)
+        load_row_blocks(S + t * ss.t + b * ss.b, ss.c, C, n, row_bufs[0].data(), z_row);
+        const int64_t full = z_row.full;
+        const acc_t max_full = row_max(z_row.z, full);
+        RowSums<acc_t> sums{full < n ? max_of(max_full, row_max(z_row.tail, kRowLanes)) : max_full, 0, 0, 0};
         // HTA keeps e^{s - m} for its weights: stored by a function of its own, since inside this
         // function GCC vectorized neither the reduction loop with that store nor a loop of its own.
         // l_s = sum e^{s - m}; kl_sum = sum p (u - s), KL(p||q) = kl_sum + lse_s - lse_u (the
         // multiplicands stay small: sum p (log p - s) would scale p's rounding by |log p|); a zero
         // probability adds nothing (xlogy)
-        scaled_exp_row(z, n, inv_tau, sums.z_max * inv_tau, e_s_row);
+        const acc_t m_s = sums.z_max * inv_tau;
+        scaled_exp_row(z_row.z, full, inv_tau, m_s, e_s_row);
+        if (full < n) scaled_exp_row(z_row.tail, kRowLanes, inv_tau, m_s, e_s_row + full);
         acc_t l_lanes[kRowLanes] = {}, kl_lanes[kRowLanes] = {}, rev_lanes[kRowLanes] = {};
         for (int64_t i = 0; i < n; i += kRowLanes) {
+          const acc_t* z = z_row.block(i);
 #pragma omp simd
           for (int j = 0; j < kRowLanes; ++j) {
             const int64_t c = i + j;
-            const acc_t s = z[c] * inv_tau;
+            const acc_t s = z[j] * inv_tau;
             const acc_t e_s = e_s_row[c];
             l_lanes[j] += e_s;
             kl_lanes[j] += xmul(p[c], u[c] - s);
@@ -279,9 +285,6 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
         }
         sums.l_s = lane_sum(l_lanes);
         sums.kl_sum = lane_sum(kl_lanes);
-        RowBlocks<acc_t> z_row;  // the padded row: whole vectors only
-        z_row.z = z;
-        z_row.full = n;
         finish_row(t, b, z_row, sums, lane_sum(rev_lanes));
       }
     }
