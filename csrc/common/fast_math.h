@@ -34,9 +34,15 @@ SNNKD_HD float fast_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
-  const float clamped = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  // n = round(x / ln2) with the 1.5 * 2^23 trick (round to nearest, no call)
-  const float n = fmadd(clamped, 1.44269504088896341f, 12582912.0f) - 12582912.0f;
+  // The clamps let a NaN x through (it compares false), and every step below keeps it NaN: no select
+  // for it at the end. (GCC 12 still compiles the two clamps to four compares and two blends, not to
+  // maxps/minps, which it may use only under -ffinite-math-only.)
+  const float above = x < -87.3f ? -87.3f : x;
+  const float clamped = above > 88.3f ? 88.3f : above;
+  // n = round(x / ln2) with the 1.5 * 2^23 trick (round to nearest, no call): shifted holds n in its
+  // low mantissa bits, which give the exponent below without a float -> int conversion
+  const float shifted = fmadd(clamped, 1.44269504088896341f, 12582912.0f);
+  const float n = shifted - 12582912.0f;
   // r = x - n ln2 in two parts (n * 0.693359375 is exact: the constant has 9 significant bits)
   const float r = fmadd(n, 2.12194440e-4f, fmadd(n, -0.693359375f, clamped));
   float poly = 1.9875691500e-4f;
@@ -46,11 +52,13 @@ SNNKD_HD float fast_exp(float x) {
   poly = fmadd(poly, r, 1.6666665459e-1f);
   poly = fmadd(poly, r, 5.0000001201e-1f);
   const float e_r = fmadd(poly * r, r, r) + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  // 2^n: (n + 127) << 23, with n = bits(shifted) - bits(1.5 * 2^23) (n in [-126, 127] after the clamps)
+  uint32_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  bits = (bits - 0x4B400000u + 127u) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  const float result = x < -87.3f ? 0.0f : e_r * scale;
-  return x != x ? x : result;  // NaN stays NaN
+  return x < -87.3f ? 0.0f : e_r * scale;  // -inf -> 0; NaN compares false, and e_r is NaN
 #endif
 }
 
