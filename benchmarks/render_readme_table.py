@@ -76,7 +76,8 @@ def render_table(path: Path, data: dict[str, Any], only_ops: Optional[set[str]] 
     labels = {**PEER_LABELS, **meta.get("peer_labels", {})}
     extra = any(row.get("extra_seq_tensors") is not None for row in data["results"])
     on_device = {(row["case"], row["backend"]): row for row in data["results"] if row["pass"] == DEVICE_PASS}
-    header = ["case", "backend", "fwd+bwd ms", "vs reference", *(f"vs {labels.get(p, p)}" for p in peers),
+    header = ["case", "backend", meta.get("time_label", "fwd+bwd ms"), "vs reference",
+              *(f"vs {labels.get(p, p)}" for p in peers),
               *(["device ms", "device vs reference", "device % peak"] if on_device else []),
               "memory vs reference", *(["extra [T,B,C]"] if extra else [])]
     lines = [heading, "", f"| {' | '.join(header)} |", "|---|---|" + "---:|" * (len(header) - 2)]
@@ -94,7 +95,8 @@ def render_table(path: Path, data: dict[str, Any], only_ops: Optional[set[str]] 
             cells.append(fmt_extra(row.get("extra_seq_tensors")))
         lines.append(f"| {' | '.join(cells)} |")
     lines += ["", f"Speed-up: the baseline's median time over this one (above 1x is faster); reference: the "
-                  f"`{meta.get('reference', 'torch')}` backend. Memory: fwd+bwd peak over the reference's."
+                  f"`{meta.get('reference', 'torch')}` backend. Memory: "
+                  f"{meta.get('memory_label', 'fwd+bwd peak')} over the reference's."
                   + (" Device: fwd+bwd timed as device work (back-to-back launches: the host's overhead hidden "
                      "where it is smaller than the device's), its speed-up and its share of the bandwidth peak for "
                      "the minimum traffic." if on_device else "")

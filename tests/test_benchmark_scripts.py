@@ -271,3 +271,37 @@ def test_device_pass_flows_into_rows_tables_and_plots(tmp_path):
     (tmp_path / "kl_quick.json").write_text(json.dumps(data))
     plot.main([str(tmp_path)])
     assert list(tmp_path.glob("*.png"))
+
+
+def test_bench_train_step_smoke(tmp_path):
+    """benchmarks/bench_train_step.py on a shrunken quick case (batch 2, width 4): every configuration
+    the CPU has times a step, each records its first loss, and ours computes the reference's loss
+    (same weights and data from one seed); the README renderer labels the step's time."""
+    import snnkd_fast
+
+    if not snnkd_fast.backends()["cpp"]:
+        pytest.skip("the C++ extension is not built")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train_step.py"), "--quick", "--batch", "2",
+                           "--width", "4", "--out", str(tmp_path), "--sample-budget-s", "0.01"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "train_step_quick.json").read_text())
+    steps = {row["backend"]: row for row in data["results"] if row["pass"] == "fwdbwd"}
+    assert {"torch", "cpp", "cpp+eager_loss"} <= set(steps)
+    assert all(row["case"] == "per_timestep_kl B=2 T=4 w=4 C=100 32x32" for row in steps.values())
+    for name, row in steps.items():
+        assert row["median_ms"] > 0 and row["peak_mem_bytes"] is not None, name
+        assert row["loss_abs_diff_vs_reference"] <= 1e-5 * abs(steps["torch"]["loss"]), name
+    # our neurons are SpikingJelly's bit for bit: with the reference's loss, the same loss exactly
+    assert steps["cpp+eager_loss"]["loss"] == steps["torch"]["loss"]
+    assert steps["cpp"]["speedup_vs_reference"] == pytest.approx(
+        steps["torch"]["median_ms"] / steps["cpp"]["median_ms"])
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import render_readme_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rendered = render_readme_table.render_table(tmp_path / "train_step_quick.json", data)
+    assert "| case | backend | step ms | vs reference |" in rendered
+    assert "Memory: the step's peak over the reference's." in rendered
