@@ -11,7 +11,8 @@ times that step::
 The student is a CIFAR-style spiking CNN (``SpikingCNN``: four conv-BN-LIF blocks on 32x32 images,
 the convolutions and BatchNorm over the T-folded batch as SpikingJelly's ``SeqToANNContainer`` does,
 average pooling, a linear head per timestep, images repeated over T); the teacher is the same
-topology with ReLU in place of LIF, in eval mode. One step: the teacher's logits under no_grad, the
+topology with ReLU in place of LIF, in eval mode, its head scaled so that its logits spread like a
+trained teacher's (``sharpen_teacher``). One step: the teacher's logits under no_grad, the
 student's ``[T, B, C]`` logits, and cross-entropy on their time average plus a per-timestep KD loss
 (the case's), then the backward. The optimizer's update, the same for every configuration, is left
 out. "fwd" is teacher + student + loss; "bwd" the backward of that loss (graph built untimed);
@@ -23,8 +24,9 @@ pure-PyTorch loss (the papers' formulas in eager PyTorch); ``spikingjelly`` is S
 ``LIFNode(step_mode="m")`` (on a GPU the implementation it picks itself) with that same eager loss:
 the step as a SpikingJelly user runs it today; our backends (cpp on a CPU; cuda and triton on a GPU)
 run our LIF and our fused loss; ``<backend>+eager_loss`` runs our LIF with the eager loss, which
-splits the gain between the neurons and the loss. Every configuration's first loss is recorded
-(``loss``) and compared with the reference's: the same numbers, not just the same shapes.
+splits the gain between the neurons and the loss. Every configuration's first loss and its KD term
+(``loss``, ``kd_loss``) are recorded and compared with the reference's: the same numbers, not just
+the same shapes.
 
 Memory: the step's peak above what precedes it (model, inputs), as in the op benchmarks (CUDA: the
 caching allocator's peak; CPU: peak-RSS growth in a fresh process per case and configuration).
@@ -69,7 +71,8 @@ NOTES = (
     "<backend>+eager_loss: our neurons with the eager (reference) loss, to split the gain between the two.",
 )
 CSV_COLUMNS = ("op", "case", "backend", "kind", "pass", "T", "batch", "width", "classes", "loss_name", "median_ms",
-               "p20_ms", "p80_ms", "reps", "peak_mem_bytes", "loss", "loss_abs_diff_vs_reference",
+               "p20_ms", "p80_ms", "reps", "peak_mem_bytes", "loss", "loss_abs_diff_vs_reference", "kd_loss",
+               "kd_rel_diff_vs_reference",
                "speedup_vs_reference", "mem_ratio_vs_reference")  # then speedup_vs_<peer>
 
 
@@ -165,11 +168,28 @@ def loss_backend(name: str) -> str:
     return "torch" if name == "spikingjelly" or name.endswith(EAGER_LOSS_SUFFIX) else name
 
 
+# The teacher's logits' standard deviation over the benchmark's images: an untrained network's are
+# near zero, so its softmax at tau = 4 would be flat (every KD term near 0, HTA's head half the
+# classes); a trained CIFAR-100 teacher's spread over several units.
+TEACHER_LOGIT_STD = 3.0
+
+
+def sharpen_teacher(teacher: SpikingCNN, images: torch.Tensor) -> None:
+    """Scale the teacher's head so that its logits on ``images`` have ``TEACHER_LOGIT_STD``."""
+    with torch.no_grad():
+        scale = TEACHER_LOGIT_STD / teacher(images).std().clamp_min(1e-6)
+        linear = teacher.head[-1]
+        linear.weight.mul_(scale)
+        linear.bias.mul_(scale)
+
+
 @dataclass
 class Step:
-    """One configuration's training step on one case: ``forward()`` -> loss, ``zero_grad()``."""
+    """One configuration's training step on one case: ``forward()`` -> loss, ``zero_grad()``, and
+    ``losses()`` -> (the loss, its KD term) as floats, computed without a graph."""
     forward: Callable[[], torch.Tensor]
     zero_grad: Callable[[], None]
+    losses: Callable[[], tuple[float, float]]
 
 
 def make_step(name: str, case: Case, device: torch.device, batch: Optional[int] = None) -> Step:
@@ -179,18 +199,28 @@ def make_step(name: str, case: Case, device: torch.device, batch: Optional[int] 
     student = SpikingCNN(make_neuron(name), case.width, case.classes, case.image, steps=case.T).to(device)
     images = torch.randn(batch, 3, case.image, case.image, device=device)
     labels = torch.randint(0, case.classes, (batch,), device=device)
+    sharpen_teacher(teacher, images)
     kd, backend = KD_LOSSES[case.loss], loss_backend(name)
 
-    def forward() -> torch.Tensor:
+    def loss_terms() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             teacher_logits = teacher(images)
         logits = student(images)
-        loss = F.cross_entropy(logits.mean(0), labels) + KD_WEIGHT * kd(logits, teacher_logits, backend)
+        terms = F.cross_entropy(logits.mean(0), labels), KD_WEIGHT * kd(logits, teacher_logits, backend)
         for neuron in student.neurons:  # drop the state that would keep this step's graph alive
             neuron.reset()
-        return loss
+        return terms
 
-    return Step(forward, lambda: student.zero_grad(set_to_none=True))
+    def forward() -> torch.Tensor:
+        cross_entropy, distillation = loss_terms()
+        return cross_entropy + distillation
+
+    def losses() -> tuple[float, float]:
+        with torch.no_grad():
+            cross_entropy, distillation = loss_terms()
+        return (cross_entropy + distillation).item(), distillation.item()
+
+    return Step(forward, lambda: student.zero_grad(set_to_none=True), losses)
 
 
 kind_of = functools.partial(common.implementation_kind, reference=REFERENCE, peers=PEERS)
@@ -245,21 +275,24 @@ def measure_spec(spec: dict[str, Any]) -> tuple[int, bool]:
 
 
 def make_rows(case: Case, name: str, timings: dict[str, Timing], peak_mem: Optional[int],
-              loss: float) -> list[dict[str, Any]]:
+              losses: tuple[float, float]) -> list[dict[str, Any]]:
     return [{"op": OP, "case": case.label, "backend": name, "kind": kind_of(name), "pass": pass_, "T": case.T,
              "batch": case.batch, "width": case.width, "classes": case.classes, "loss_name": case.loss,
              "dtype": "float32", "median_ms": timing.median_ms, "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms,
              "reps": timing.reps, "peak_mem_bytes": peak_mem if pass_ == "fwdbwd" else None,
-             "loss": loss if pass_ == "fwdbwd" else None}
+             "loss": losses[0] if pass_ == "fwdbwd" else None, "kd_loss": losses[1] if pass_ == "fwdbwd" else None}
             for pass_, timing in timings.items()]
 
 
 def add_loss_diffs(case_rows: list[dict[str, Any]]) -> None:
-    reference = next((row["loss"] for row in case_rows if row["backend"] == REFERENCE and row["loss"] is not None),
-                     None)
+    """Each step row's loss against the reference's: the whole loss's absolute difference and its KD
+    term's relative one."""
+    reference = next((row for row in case_rows if row["backend"] == REFERENCE and row["loss"] is not None), None)
     for row in case_rows:
-        row["loss_abs_diff_vs_reference"] = (None if row["loss"] is None or reference is None
-                                             else abs(row["loss"] - reference))
+        measured = row["loss"] is not None and reference is not None
+        row["loss_abs_diff_vs_reference"] = abs(row["loss"] - reference["loss"]) if measured else None
+        row["kd_rel_diff_vs_reference"] = (abs(row["kd_loss"] - reference["kd_loss"]) / abs(reference["kd_loss"])
+                                           if measured and reference["kd_loss"] else None)
 
 
 def case_table(case_rows: list[dict[str, Any]], peers: dict[str, str]) -> str:
@@ -267,15 +300,16 @@ def case_table(case_rows: list[dict[str, Any]], peers: dict[str, str]) -> str:
     for row in case_rows:
         by_name.setdefault(row["backend"], {})[row["pass"]] = row
     header = ["configuration", "fwd ms", "bwd ms", "step ms", "vs ref", *(f"vs {label}" for label in peers.values()),
-              "peak MB", "mem vs ref", "loss", "|loss - ref|"]
+              "peak MB", "mem vs ref", "loss", "|loss - ref|", "KD term", "KD vs ref"]
     lines = []
     for name, passes in by_name.items():
         step = passes["fwdbwd"]
-        diff = step.get("loss_abs_diff_vs_reference")
+        diff, kd_diff = step.get("loss_abs_diff_vs_reference"), step.get("kd_rel_diff_vs_reference")
         lines.append([name, *(fmt_ms(passes[p]["median_ms"]) for p in ("fwd", "bwd", "fwdbwd")),
                       fmt_ratio(step["speedup_vs_reference"]), *(fmt_ratio(step.get(f"speedup_vs_{p}")) for p in peers),
                       fmt_mb(step["peak_mem_bytes"]), fmt_ratio(step["mem_ratio_vs_reference"]), f"{step['loss']:.6f}",
-                      "-" if diff is None else f"{diff:.1e}"])
+                      "-" if diff is None else f"{diff:.1e}", f"{step['kd_loss']:.4g}",
+                      "-" if kd_diff is None else f"{kd_diff:.1e}"])
     return common.text_table(header, lines)
 
 
@@ -338,7 +372,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
                 for name in names:
                     try:
                         step = make_step(name, case, device)
-                        loss = step.forward().item()
+                        losses = step.losses()
                         timings = time_step(timer, step, on_device)
                     except Exception as error:
                         if kind_of(name) != "peer":  # our own kernels failing is a bug: recorded, exit status 1
@@ -350,7 +384,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
                     del step
                     peak_mem = (meter(name, asdict(case)) if meter is not None
                                 else measure_peak_memory(name, case, device)[0])
-                    case_rows += make_rows(case, name, timings, peak_mem, loss)
+                    case_rows += make_rows(case, name, timings, peak_mem, losses)
                 common.add_ratios(case_rows, REFERENCE, peers)
                 add_loss_diffs(case_rows)
                 print(case_table(case_rows, table_peers))

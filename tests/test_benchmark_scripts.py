@@ -292,6 +292,7 @@ def test_bench_train_step_smoke(tmp_path):
     for name, row in steps.items():
         assert row["median_ms"] > 0 and row["peak_mem_bytes"] is not None, name
         assert row["loss_abs_diff_vs_reference"] <= 1e-5 * abs(steps["torch"]["loss"]), name
+        assert steps["torch"]["kd_loss"] > 0.1 and row["kd_rel_diff_vs_reference"] <= 1e-5, name
     # our neurons are SpikingJelly's bit for bit: with the reference's loss, the same loss exactly
     assert steps["cpp+eager_loss"]["loss"] == steps["torch"]["loss"]
     assert steps["cpp"]["speedup_vs_reference"] == pytest.approx(
