@@ -6,7 +6,7 @@ convolutions, BatchNorm and the teacher, which are the same whatever the neurons
 times that step::
 
     python benchmarks/bench_train_step.py --quick            # one small CPU case, about a minute
-    python benchmarks/bench_train_step.py --device cuda      # GPU cases: B = 128, width 64
+    python benchmarks/bench_train_step.py --device cuda      # GPU cases: B = 128, width 64, fp32 and bf16 AMP
 
 The student is a CIFAR-style spiking CNN (``SpikingCNN``: four conv-BN-LIF blocks on 32x32 images,
 the convolutions and BatchNorm over the T-folded batch as SpikingJelly's ``SeqToANNContainer`` does,
@@ -27,6 +27,10 @@ run our LIF and our fused loss; ``<backend>+eager_loss`` runs our LIF with the e
 splits the gain between the neurons and the loss. Every configuration's first loss and its KD term
 (``loss``, ``kd_loss``) are recorded and compared with the reference's: the same numbers, not just
 the same shapes.
+
+Mixed precision (``amp``: the GPU grid's bf16 cases, ``--amp``): the step under ``torch.autocast``.
+SpikingJelly's torch LIF then charges its membrane in bf16, ours in fp32 (the dtype policy in the
+README), so SpikingJelly's loss differs from the reference's there (its ``|loss - ref|``).
 
 Memory: the step's peak above what precedes it (model, inputs), as in the op benchmarks (CUDA: the
 caching allocator's peak; CPU: peak-RSS growth in a fresh process per case and configuration).
@@ -94,17 +98,20 @@ class Case:
     width: int  # channels of the first block (then 2w, 2w, 4w)
     classes: int
     image: int = 32
+    amp: Optional[str] = None  # "bfloat16" / "float16": the step under torch.autocast in that dtype
 
     @property
     def label(self) -> str:
         return (f"{self.loss} B={self.batch} T={self.T} w={self.width} C={self.classes} "
-                f"{self.image}x{self.image}")
+                f"{self.image}x{self.image}" + (f" amp {self.amp}" if self.amp else ""))
 
 
 def build_grid(device: torch.device, quick: bool) -> list[Case]:
     if device.type == "cuda":
+        # fp32, then the usual mixed precision (bf16 autocast) for per-timestep KL
         cases = [Case(loss, T, 128, 64, 100) for loss in KD_LOSSES for T in (4, 8)]
-        return cases[:2] if quick else cases
+        amp = [Case("per_timestep_kl", T, 128, 64, 100, amp="bfloat16") for T in (4, 8)]
+        return cases[:1] + amp[:1] if quick else cases + amp
     if quick:
         return [Case("per_timestep_kl", 4, 16, 16, 100)]
     return [Case(loss, T, 32, 32, 100) for T in (4, 8) for loss in ("per_timestep_kl", "hta_kl")]
@@ -202,11 +209,16 @@ def make_step(name: str, case: Case, device: torch.device, batch: Optional[int] 
     sharpen_teacher(teacher, images)
     kd, backend = KD_LOSSES[case.loss], loss_backend(name)
 
+    autocast = (functools.partial(torch.autocast, device.type, dtype=getattr(torch, case.amp)) if case.amp
+                else contextlib.nullcontext)
+
     def loss_terms() -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            teacher_logits = teacher(images)
-        logits = student(images)
-        terms = F.cross_entropy(logits.mean(0), labels), KD_WEIGHT * kd(logits, teacher_logits, backend)
+        with autocast():
+            with torch.no_grad():
+                teacher_logits = teacher(images)
+            logits = student(images)
+            # autocast runs cross_entropy in float32; our losses take the half-precision logits as they are
+            terms = F.cross_entropy(logits.mean(0), labels), KD_WEIGHT * kd(logits, teacher_logits, backend)
         for neuron in student.neurons:  # drop the state that would keep this step's graph alive
             neuron.reset()
         return terms
@@ -278,7 +290,8 @@ def make_rows(case: Case, name: str, timings: dict[str, Timing], peak_mem: Optio
               losses: tuple[float, float]) -> list[dict[str, Any]]:
     return [{"op": OP, "case": case.label, "backend": name, "kind": kind_of(name), "pass": pass_, "T": case.T,
              "batch": case.batch, "width": case.width, "classes": case.classes, "loss_name": case.loss,
-             "dtype": "float32", "median_ms": timing.median_ms, "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms,
+             "dtype": case.amp or "float32", "median_ms": timing.median_ms, "p20_ms": timing.p20_ms,
+             "p80_ms": timing.p80_ms,
              "reps": timing.reps, "peak_mem_bytes": peak_mem if pass_ == "fwdbwd" else None,
              "loss": losses[0] if pass_ == "fwdbwd" else None, "kd_loss": losses[1] if pass_ == "fwdbwd" else None}
             for pass_, timing in timings.items()]
@@ -324,6 +337,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         default=tuple(KD_LOSSES), help=f"KD losses of the grid to run (default: all of "
                                                        f"{','.join(KD_LOSSES)} that the grid has)")
     parser.add_argument("--batch", type=int, help="batch size of every case instead of the grid's")
+    parser.add_argument("--amp", choices=("bfloat16", "float16"),
+                        help="run every case under torch.autocast in this dtype (the GPU grid has bf16 cases of "
+                             "its own)")
     parser.add_argument("--width", type=int, help="first block's channels of every case instead of the grid's")
     args = parser.parse_args(argv)
     for name in ("batch", "width"):
@@ -364,7 +380,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     with common.CpuMemoryMeter(__file__, threads) if device.type == "cpu" else contextlib.nullcontext() as meter:
         try:
             for case in build_grid(device, args.quick):
-                case = dataclasses.replace(case, batch=args.batch or case.batch, width=args.width or case.width)
+                case = dataclasses.replace(case, batch=args.batch or case.batch, width=args.width or case.width,
+                                           amp=args.amp or case.amp)
                 if case.label in done or case.loss not in args.losses:
                     continue
                 print(f"\n{case.label}")

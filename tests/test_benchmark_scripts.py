@@ -304,5 +304,15 @@ def test_bench_train_step_smoke(tmp_path):
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     rendered = render_readme_table.render_table(tmp_path / "train_step_quick.json", data)
-    assert "| case | backend | step ms | vs reference |" in rendered
     assert "Memory: the step's peak over the reference's." in rendered
+
+    # mixed precision: the step under bf16 autocast (our ops get bf16 logits and activations)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train_step.py"), "--quick", "--batch", "2",
+                           "--width", "4", "--amp", "bfloat16", "--peers", "none", "--out", str(tmp_path / "amp"),
+                           "--sample-budget-s", "0.01"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "amp" / "train_step_quick.json").read_text())["results"]
+    steps = {row["backend"]: row for row in rows if row["pass"] == "fwdbwd"}
+    assert all(row["dtype"] == "bfloat16" and row["case"].endswith("amp bfloat16") for row in steps.values())
+    assert steps["cpp+eager_loss"]["loss"] == steps["torch"]["loss"]
+    assert steps["cpp"]["kd_rel_diff_vs_reference"] <= 1e-5
