@@ -9,8 +9,9 @@ times that step::
     python benchmarks/bench_train_step.py --device cuda      # GPU cases: B = 128, width 64, fp32 and bf16 AMP
 
 The student is a CIFAR-style spiking CNN (``SpikingCNN``: four conv-BN-LIF blocks on 32x32 images,
-the convolutions and BatchNorm over the T-folded batch as SpikingJelly's ``SeqToANNContainer`` does,
-average pooling, a linear head per timestep, images repeated over T); the teacher is the same
+the convolutions and BatchNorm over the T-folded batch (``snnkd_fast.methods.TimeDistributed``, as
+SpikingJelly's ``SeqToANNContainer``), average pooling, a linear head per timestep, images repeated
+over T); the teacher is the same
 topology with ReLU in place of LIF, in eval mode, its head scaled so that its logits spread like a
 trained teacher's (``sharpen_teacher``). One step: the teacher's logits under no_grad, the
 student's ``[T, B, C]`` logits, and cross-entropy on their time average plus a per-timestep KD loss
@@ -50,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from snnkd_fast.methods import TimeDistributed, direct_encoding
+
 import common
 from common import DEVICE_PASS, Timing, default_out_dir, fmt_mb, fmt_ms, fmt_ratio
 
@@ -74,10 +77,10 @@ NOTES = (
     "reset to 0, '>=' threshold, sigmoid surrogate), with the eager (reference) loss.",
     "<backend>+eager_loss: our neurons with the eager (reference) loss, to split the gain between the two.",
 )
-CSV_COLUMNS = ("op", "case", "backend", "kind", "pass", "T", "batch", "width", "classes", "loss_name", "median_ms",
-               "p20_ms", "p80_ms", "reps", "peak_mem_bytes", "loss", "loss_abs_diff_vs_reference", "kd_loss",
-               "kd_rel_diff_vs_reference",
-               "speedup_vs_reference", "mem_ratio_vs_reference")  # then speedup_vs_<peer>
+CSV_COLUMNS = ("op", "case", "backend", "kind", "pass", "T", "batch", "width", "classes", "loss_name", "dtype",
+               "median_ms", "p20_ms", "p80_ms", "reps", "peak_mem_bytes", "loss", "loss_abs_diff_vs_reference",
+               "kd_loss", "kd_rel_diff_vs_reference", "speedup_vs_reference",
+               "mem_ratio_vs_reference")  # then speedup_vs_<peer>
 
 
 def _losses():
@@ -117,18 +120,6 @@ def build_grid(device: torch.device, quick: bool) -> list[Case]:
     return [Case(loss, T, 32, 32, 100) for T in (4, 8) for loss in ("per_timestep_kl", "hta_kl")]
 
 
-class TimeFolded(nn.Module):
-    """Stateless layers on ``[T, B, ...]`` with T merged into the batch (SeqToANNContainer)."""
-
-    def __init__(self, *layers: nn.Module):
-        super().__init__()
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.layers(x.flatten(0, 1))
-        return y.unflatten(0, x.shape[:2])
-
-
 class SpikingCNN(nn.Module):
     """Four conv3x3-BN-activation blocks (w, 2w, 2w, 4w channels; 2x2 average pooling after the last
     three) and a linear head. ``activation()`` makes each block's activation: a multi-step spiking
@@ -138,7 +129,8 @@ class SpikingCNN(nn.Module):
                  steps: Optional[int]):
         super().__init__()
         self.steps = steps
-        fold = TimeFolded if steps else nn.Sequential
+        # the student's stateless layers over the T-folded batch (SpikingJelly's SeqToANNContainer)
+        fold = TimeDistributed if steps else nn.Sequential
         channels = (3, width, 2 * width, 2 * width, 4 * width)
         blocks: list[nn.Module] = []
         for index in range(4):
@@ -148,15 +140,14 @@ class SpikingCNN(nn.Module):
                 blocks.append(fold(nn.AvgPool2d(2)))
         self.features = nn.Sequential(*blocks)
         self.head = fold(nn.Flatten(), nn.Linear(channels[-1] * (image // 8) ** 2, classes))
-        self.neurons = [m for m in self.features if not isinstance(m, (TimeFolded, nn.Sequential, nn.ReLU))]
+        self.neurons = [m for m in self.features if not isinstance(m, (TimeDistributed, nn.Sequential, nn.ReLU))]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.steps is None:
             return self.head(self.features(images))
         for neuron in self.neurons:
             neuron.reset()
-        x = images.unsqueeze(0).expand(self.steps, *images.shape)  # direct encoding
-        return self.head(self.features(x))
+        return self.head(self.features(direct_encoding(images, self.steps)))
 
 
 def make_neuron(name: str) -> Callable[[], nn.Module]:
