@@ -103,3 +103,28 @@ def test_nan_policy():
         spikes, v = snnkd_fast.lif_multistep(x, backend=backend, return_v=True)
         assert spikes[1:, 0].sum() == 0 and torch.isnan(v[0])
         assert spikes[:, 1:].sum() > 0 and not torch.isnan(v[1:]).any()
+
+
+def test_config_cache_keeps_validation_and_attribute_changes():
+    """The neuron config of the usual arguments is cached (snnkd_fast/lif/op.py, _make_config): after a
+    call with v_threshold=1.0, True (== 1.0 as a key) is still refused, an int still converts, and a
+    module's changed attribute still takes effect on its next call; the module's membrane, set past
+    nn.Module.__setattr__, behaves as an attribute (a tensor after a call, the rest value after reset)."""
+    x = torch.full((3, 4), 1.5)  # spikes at the second step
+    assert snnkd_fast.lif_multistep(x, v_threshold=1.0).sum() > 0
+    with pytest.raises(TypeError, match="v_threshold"):
+        snnkd_fast.lif_multistep(x, v_threshold=True)
+    with pytest.raises(TypeError, match="decay_input"):
+        snnkd_fast.lif_multistep(x, decay_input=1.5)
+    torch.testing.assert_close(snnkd_fast.lif_multistep(x, v_threshold=1), snnkd_fast.lif_multistep(x, v_threshold=1.0))
+    node = snn.LIFNode(step_mode="m")
+    first = node(x)
+    assert isinstance(node.v, torch.Tensor) and node.v.shape == (4,) and "v" not in dict(node.named_buffers())
+    node.reset()
+    assert node.v == 0.0 and isinstance(node.v, float)
+    node.v_threshold = 10.0  # no spike any more
+    assert first.sum() > 0 and node(x).sum() == 0
+    node.reset()
+    node.v_threshold = 1.0
+    node.surrogate_function = "atan"
+    torch.testing.assert_close(node(x), first)

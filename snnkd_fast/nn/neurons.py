@@ -62,7 +62,16 @@ class _MultiStepNeuron(nn.Module):
 
     def reset(self) -> None:
         """Forget the membrane (SpikingJelly's ``functional.reset_net`` calls this)."""
-        self.v = self._rest_value()
+        self._set_v(self._rest_value())
+
+    def _set_v(self, value: Union[float, torch.Tensor]) -> None:
+        # v is a plain attribute (never a parameter, buffer or submodule): set directly, it skips
+        # nn.Module.__setattr__'s checks, ~1.2 us of a small layer's call and again of its reset.
+        # While torch.compile traces, through __setattr__, the path its tracer models.
+        if torch.compiler.is_compiling():
+            self.v = value
+        else:
+            self.__dict__["v"] = value
 
     def _w(self) -> Optional[torch.Tensor]:
         return None
@@ -72,8 +81,9 @@ class _MultiStepNeuron(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: x must be a tensor, got {type(x).__name__}")
         x_seq = x if self.step_mode == "m" else x.unsqueeze(0)
-        spikes, self.v = neuron_multistep(x_seq, self.v, self._w(), self._config(), self.backend, True, name,
-                                          self.backward, self.recompute_h)
+        spikes, v_final = neuron_multistep(x_seq, self.v, self._w(), self._config(), self.backend, True, name,
+                                           self.backward, self.recompute_h)
+        self._set_v(v_final)
         return spikes if self.step_mode == "m" else spikes[0]
 
     def extra_repr(self) -> str:
