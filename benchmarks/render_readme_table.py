@@ -1,17 +1,21 @@
-"""Markdown tables of the committed benchmark results, for the README.
+"""Markdown tables of the committed benchmark results: a summary for the README, every case in
+benchmarks/RESULTS.md.
 
-    python benchmarks/render_readme_table.py                  # print the tables
+    python benchmarks/render_readme_table.py                  # print the full tables
+    python benchmarks/render_readme_table.py --summary        # print the README's summary
     python benchmarks/render_readme_table.py --write README.md
 
 Reads the result files under ``benchmarks/results/<device>/`` (per device and op, the full grid
-where there is one, else the quick grid) and renders, per device, the forward+backward time of each
-case and backend with its speed-up over the reference and over the file's table peers (its
-``meta["table_peers"]``; SpikingJelly where a file names none) and its peak memory relative to the
-reference (and, where rows report it, the memory beyond the gradient in ``[T, B, C]`` tensors).
-``--write FILE`` replaces what lies between the markers ``<!-- perf-table:start -->`` and
-``<!-- perf-table:end -->`` in FILE, and, where FILE has ``<!-- example-table:start -->`` and
-``<!-- example-table:end -->``, the accuracy table of the distillation example's committed results
-(``distill_<dataset>.json``, written by ``python -m snnkd_fast.examples.distill``).
+where there is one, else the quick grid). The full tables give, per device, the forward+backward
+time of each case and backend with its speed-up over the reference and over the file's table peers
+(its ``meta["table_peers"]``; SpikingJelly where a file names none) and its peak memory relative to
+the reference (and, where rows report it, the memory beyond the gradient in ``[T, B, C]`` tensors).
+The summary gives, per device, op and backend of ours, the range over the grid's cases of the same
+ratios. ``--write FILE`` replaces what lies between the markers ``<!-- perf-table:start -->`` and
+``<!-- perf-table:end -->`` in FILE with the summary, and, where FILE has ``<!-- example-table:start -->``
+and ``<!-- example-table:end -->``, the accuracy table of the distillation example's committed results
+(``distill_<dataset>.json``, written by ``python -m snnkd_fast.examples.distill``); it writes the full
+tables to ``--tables-out`` (default: benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -21,8 +25,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import json
+import statistics
 
-from common import DEVICE_PASS, RESULTS_DIR, device_cells, fmt_extra, fmt_ms, fmt_ratio, load_results
+from common import BENCH_DIR, DEVICE_PASS, RESULTS_DIR, device_cells, fmt_extra, fmt_ms, fmt_ratio, load_results
 
 START_MARKER = "<!-- perf-table:start -->"
 END_MARKER = "<!-- perf-table:end -->"
@@ -107,6 +112,61 @@ def render_table(path: Path, data: dict[str, Any], only_ops: Optional[set[str]] 
     return "\n".join(lines)
 
 
+def _ratio_range(values: list[Optional[float]], of: Optional[int] = None) -> str:
+    """``min-max (median)`` of the measured speed-ups or memory ratios among ``values`` (one value
+    alone when they agree to the digits shown), a dash if none; ``of``: the number of cases, said when
+    fewer were measured (e.g. torch.compile within its compile budget)."""
+    measured = sorted(value for value in values if value is not None)
+    if not measured:
+        return "-"
+    low, high = fmt_ratio(measured[0]), fmt_ratio(measured[-1])
+    text = low if low == high else f"{low.removesuffix('x')}-{high} ({fmt_ratio(statistics.median(measured))})"
+    return text + (f" ({len(measured)} of {of})" if of is not None and len(measured) < of else "")
+
+
+def summary_rows(path: Path, data: dict[str, Any], only_ops: Optional[set[str]] = None) -> list[list[str]]:
+    """One summary line per op, dtype and backend of ours in ``data``: its fwd+bwd speed-up over the
+    reference and the table peers, and its memory relative to the reference, as ranges over the cases."""
+    meta = data["meta"]
+    peers = list(meta.get("table_peers", DEFAULT_TABLE_PEERS))
+    labels = {**PEER_LABELS, **meta.get("peer_labels", {})}
+    grouped: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in data["results"]:
+        op = row.get("op", meta["op"])
+        if row["pass"] == "fwdbwd" and row.get("kind") == "ours" and (only_ops is None or op in only_ops):
+            grouped.setdefault((op, row.get("dtype", "float32"), row["backend"]), []).append(row)
+    grid = meta["grid"] + (" (partial)" if meta.get("interrupted") and only_ops is None else "")
+    lines = []
+    for (op, dtype, backend), rows in grouped.items():
+        cases = len({row["case"] for row in rows})
+        versus = "; ".join(
+            f"{labels.get(peer, peer)} {_ratio_range([row.get(f'speedup_vs_{peer}') for row in rows], cases)}"
+            for peer in peers if any(row.get(f"speedup_vs_{peer}") is not None for row in rows))
+        lines.append([meta["device_name"], op, dtype, backend, f"{cases}, {grid}",
+                      _ratio_range([row.get("speedup_vs_reference") for row in rows]), versus or "-",
+                      _ratio_range([row.get("mem_ratio_vs_reference") for row in rows]),
+                      f"`{path.parent.name}/{path.name}` ({meta['git_commit'][:7]})"])
+    return lines
+
+
+def render_summary(results_root: Path) -> str:
+    """The README's table: :func:`summary_rows` of every selected result file."""
+    lines = [row for path, data, only_ops in select_results(results_root)
+             for row in summary_rows(path, data, only_ops)]
+    if not lines:
+        return f"_No benchmark results under `{results_root}`._"
+    header = ["device", "op", "dtype", "backend", "cases, grid", "fwd+bwd vs reference", "vs peers",
+              "memory vs reference", "results (commit)"]
+    table = [f"| {' | '.join(header)} |", "|---|---|---|---|---|---:|---|---:|---|",
+             *(f"| {' | '.join(line)} |" for line in lines)]
+    legend = ("Ratios over the cases of a device's grid: min-max (median), each case measured in one run with its "
+              "baselines. Speed-up: the baseline's time over ours (above 1x: we are faster); memory: our peak over the "
+              "reference's (below 1x: we use less). Reference: the `torch` backend (train_step: our pure-PyTorch "
+              "neurons and loss); train_step times a whole step (forward and backward). Every case: "
+              "[benchmarks/RESULTS.md](benchmarks/RESULTS.md).")
+    return "\n".join(table + ["", legend])
+
+
 def render(results_root: Path) -> str:
     tables = [render_table(path, data, only_ops) for path, data, only_ops in select_results(results_root)]
     if not tables:
@@ -145,20 +205,29 @@ def replace_between_markers(text: str, block: str, source: str, markers=(START_M
     return f"{text[:start + len(start_marker)]}\n{block}\n{text[end:]}"
 
 
+TABLES_OUT = BENCH_DIR / "RESULTS.md"
+TABLES_HEADING = ("# Benchmark results, every case\n\nRendered from `benchmarks/results/<device>/` by "
+                  "`python benchmarks/render_readme_table.py --write README.md` (do not edit by hand); the README's "
+                  "Performance section summarises them and says where we are behind.\n")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS_DIR,
                         help="folder holding one folder of result files per device (default: benchmarks/results)")
+    parser.add_argument("--summary", action="store_true", help="print the README's summary instead of the full tables")
     parser.add_argument("--write", type=Path, metavar="FILE",
-                        help=f"replace the text between {START_MARKER} and {END_MARKER} in FILE instead of printing")
+                        help=f"replace the text between {START_MARKER} and {END_MARKER} in FILE with the summary, "
+                             "and write the full tables to --tables-out, instead of printing")
+    parser.add_argument("--tables-out", type=Path, default=TABLES_OUT,
+                        help="with --write: the file of the full tables (default: benchmarks/RESULTS.md)")
     args = parser.parse_args(argv)
 
-    block = render(args.results)
     if args.write is None:
-        print(block)
+        print(render_summary(args.results) if args.summary else render(args.results))
         return 0
     try:
-        updated = replace_between_markers(args.write.read_text(), block, str(args.write))
+        updated = replace_between_markers(args.write.read_text(), render_summary(args.results), str(args.write))
         examples = render_examples(args.results)
         if examples is not None and EXAMPLE_MARKERS[0] in updated:
             updated = replace_between_markers(updated, examples, str(args.write), EXAMPLE_MARKERS)
@@ -166,7 +235,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     args.write.write_text(updated)
-    print(f"updated the performance table in {args.write}")
+    args.tables_out.write_text(f"{TABLES_HEADING}\n{render(args.results)}\n")
+    print(f"updated the performance summary in {args.write} and the full tables in {args.tables_out}")
     return 0
 
 

@@ -316,3 +316,42 @@ def test_bench_train_step_smoke(tmp_path):
     assert all(row["dtype"] == "bfloat16" and row["case"].endswith("amp bfloat16") for row in steps.values())
     assert steps["cpp+eager_loss"]["loss"] == steps["torch"]["loss"]
     assert steps["cpp"]["kd_rel_diff_vs_reference"] <= 1e-5
+
+
+def test_readme_summary_and_full_tables(tmp_path):
+    """render_readme_table.py --write: the README gets one summary line per op, dtype and backend of
+    ours (min-max (median) over the cases; a peer measured on fewer cases says on how many), and the
+    full per-case tables go to --tables-out."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import render_readme_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def row(case, backend, kind, dtype, ms, peer_ms=None, mem=1.0):
+        return {"op": "kl", "case": case, "backend": backend, "kind": kind, "pass": "fwdbwd", "dtype": dtype,
+                "median_ms": ms, "speedup_vs_reference": 4.0 / ms, "speedup_vs_compiled": peer_ms and peer_ms / ms,
+                "mem_ratio_vs_reference": mem, "peak_mem_bytes": 100}
+
+    rows = [row("a", "torch", "reference", "float32", 4.0), row("a", "cuda", "ours", "float32", 1.0, 2.0, 0.3),
+            row("b", "torch", "reference", "float32", 4.0), row("b", "cuda", "ours", "float32", 2.0, None, 0.5),
+            row("c", "torch", "reference", "float32", 4.0), row("c", "cuda", "ours", "float32", 0.5, 1.0, 0.4),
+            row("d", "cuda", "ours", "bfloat16", 0.8)]
+    data = {"meta": {"device_name": "GPU", "device": "cuda", "threads": 1, "op": "kd_losses", "grid": "full",
+                     "git_commit": "a" * 40, "table_peers": ["compiled"], "peer_labels": {"compiled": "torch.compile"}},
+            "results": rows}
+    device_dir = tmp_path / "results" / "gpu"
+    device_dir.mkdir(parents=True)
+    (device_dir / "losses_full.json").write_text(json.dumps(data))
+    summary = render_readme_table.render_summary(tmp_path / "results")
+    assert ("| GPU | kl | float32 | cuda | 3, full | 2.00-8.00x (4.00x) | torch.compile 2.00x (2 of 3) | "
+            "0.30-0.50x (0.40x) | `gpu/losses_full.json` (aaaaaaa) |") in summary
+    assert "| GPU | kl | bfloat16 | cuda | 1, full | 5.00x | - | 1.00x |" in summary
+
+    readme, tables = tmp_path / "README.md", tmp_path / "RESULTS.md"
+    readme.write_text("intro\n<!-- perf-table:start -->\nold\n<!-- perf-table:end -->\noutro\n")
+    assert render_readme_table.main(["--results", str(tmp_path / "results"), "--write", str(readme),
+                                     "--tables-out", str(tables)]) == 0
+    assert summary in readme.read_text() and "old" not in readme.read_text()
+    full = tables.read_text()
+    assert "| a | torch | 4.000 | 1.00x |" in full and "|  | cuda | 1.000 | 4.00x | 2.00x |" in full
