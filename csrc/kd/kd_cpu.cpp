@@ -561,8 +561,10 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, Strides ss, const u_t
         const acc_t* stat = stats + row * kNumStats;
         const RowStats<acc_t> r{stat[kLseS], stat[kLseU], stat[kKlF], stat[kAux0], stat[kAux1]};
         const acc_t g_row = grad_rows[row];
-        // the teacher's log-probabilities are recomputed (one pass per teacher row, not per t)
-        if (t == 0 || teacher_per_t) teacher.load(U + (teacher_per_t ? t : 0) * us.t + b * us.b, us.c, C, inv_tau, false);
+        // the teacher's log-probabilities are recomputed from the stored lse_u (once per teacher row, not per t)
+        if (t == 0 || teacher_per_t) {
+          teacher.load_from_lse(U + (teacher_per_t ? t : 0) * us.t + b * us.b, us.c, C, inv_tau, r.lse_u);
+        }
         const acc_t* z = row_as_acc(S + t * ss.t + b * ss.b, ss.c, C, C, s_buf.data());
         s_t* gs = grad_s + row * C;
         if (LOSS == kTSER && !entropy_shares_softmax) {
