@@ -310,9 +310,10 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
       std::fill(teacher_sum.begin(), teacher_sum.end(), acc_t(0));
       for (int64_t t = 0; t < L.T; ++t) {
         const int64_t r = t * L.B + b;
-        if (t == 0 || L.teacher_per_t) teacher.load(U + t * L.u.t + b * L.u.b, L.u.c, C, P.inv_tau, false);
-        row.load(S + t * L.s.t + b * L.s.b, L.s.c, noise, t, b);
         const acc_t* stat = stats + r * kNldStats;
+        // the teacher's log p and p from the forward's lse_p (stat[4]): one pass, not load()'s three
+        if (t == 0 || L.teacher_per_t) teacher.load_from_lse(U + t * L.u.t + b * L.u.b, L.u.c, C, P.inv_tau, stat[4]);
+        row.load(S + t * L.s.t + b * L.s.b, L.s.c, noise, t, b);
         const acc_t mean = stat[0], scale = stat[1], lse_q = stat[2], lse_r = stat[3], kl = stat[5];
         const acc_t g_row = grad_rows[r];
         row.student_logits(P, mean, scale, C);
