@@ -237,10 +237,10 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
     for (int64_t b = b_begin; b < b_end; ++b) {
       if (LOSS != kHTA) {
         // a [B, C] teacher's rows kRowGroup at a time, the rest (and per-timestep teachers') one by one
-        if (!teacher_per_t) teacher.load(U + b * us.b, us.c, C, inv_tau, false);
+        if (!teacher_per_t) teacher.load(U + b * us.b, us.c, C, inv_tau, false, false);
         for (int64_t t = 0; t < T;) {
           if (teacher_per_t) {
-            teacher.load(U + t * us.t + b * us.b, us.c, C, inv_tau, false);
+            teacher.load(U + t * us.t + b * us.b, us.c, C, inv_tau, false, false);
           } else if (t + kRowGroup <= T) {
             kl_rows(b, t, std::integral_constant<int, kRowGroup>{});
             t += kRowGroup;
@@ -254,7 +254,7 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
       for (int64_t t = 0; t < T; ++t) {
         const int64_t tt = teacher_per_t ? t : 0;
         if (t == 0 || teacher_per_t) {
-          teacher.load(U + tt * us.t + b * us.b, us.c, C, inv_tau, true);
+          teacher.load(U + tt * us.t + b * us.b, us.c, C, inv_tau, true, false);
           teacher.select_head(C, lp.head_threshold, hta_keys + (tt * B + b) * kHtaNum);
         }
         RowBlocks<acc_t> z_row;  // in place up to z_row.full, then its padded tail (as the KL rows)

@@ -216,8 +216,9 @@ struct TeacherRow {
         order(hta ? C : 0),
         head(hta ? n : 0) {}
 
+  // with_log_p: also fill log_p (NLD's forward; the KD forward reads only u and p)
   template <typename u_t>
-  void load(const u_t* src, int64_t stride, int64_t C, acc_t inv_tau, bool hta) {
+  void load(const u_t* src, int64_t stride, int64_t C, acc_t inv_tau, bool hta, bool with_log_p = true) {
     const acc_t* zr = row_as_acc(src, stride, C, n, buf.data());
     z = zr;
     acc_t* up = u.data();
@@ -242,10 +243,15 @@ struct TeacherRow {
     // of a KL forward at C = 100, T = 4), and closer to the true p -- exp(u - lse) carries lse's
     // rounding, |lse| ulps of it, into every p.
     const acc_t inv_l = acc_t(1) / l;
+    if (with_log_p) {
 #pragma omp simd
-    for (int64_t c = 0; c < n; ++c) {
-      lp[c] = up[c] - lse;
-      pp[c] *= inv_l;
+      for (int64_t c = 0; c < n; ++c) {
+        lp[c] = up[c] - lse;
+        pp[c] *= inv_l;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) pp[c] *= inv_l;
     }
     if (hta) {
       for (int64_t c = 0; c < C; ++c) keys[c] = sort_key(zr[c]);
