@@ -297,6 +297,38 @@ struct TeacherRow {
     return {lane_sum(mass), lane_sum(count)};
   }
 
+  // The first class of the largest key, in kRowLanes lanes (each lane's first maximum, then the
+  // smallest index among the lanes holding the maximum): `top = key[c] > key[top] ? c : top` chained
+  // every class on the load of key[top].
+  static int32_t first_max(const int64_t* key, int64_t C) {
+    int64_t best[kRowLanes], at[kRowLanes];
+    const int64_t lanes = std::min<int64_t>(kRowLanes, C);
+    for (int64_t j = 0; j < lanes; ++j) {
+      best[j] = key[j];
+      at[j] = j;
+    }
+    int64_t c = lanes;
+    for (; c + kRowLanes <= C; c += kRowLanes) {
+#pragma omp simd
+      for (int j = 0; j < kRowLanes; ++j) {
+        const bool greater = key[c + j] > best[j];
+        best[j] = greater ? key[c + j] : best[j];
+        at[j] = greater ? c + j : at[j];
+      }
+    }
+    for (int64_t j = 0; c < C; ++c, ++j) {  // the rest, into lanes 0, 1, ... (still in class order per lane)
+      if (key[c] > best[j]) {
+        best[j] = key[c];
+        at[j] = c;
+      }
+    }
+    int64_t top = at[0];
+    for (int64_t j = 1; j < lanes; ++j) {
+      if (best[j] > key[top] || (best[j] == key[top] && at[j] < top)) top = at[j];
+    }
+    return static_cast<int32_t>(top);
+  }
+
   // The crossing class for float inputs (32-bit keys), without nth_element (whose halving
   // mispredicted a branch per comparison: ~2/3 of the HTA forward at C = 1000): bisection on the key
   // keeps [lo, hi) holding the crossing key (mass(key >= lo) >= threshold > mass(key >= hi)) until
@@ -324,11 +356,16 @@ struct TeacherRow {
         count_hi = count;
       }
     }
-    // (key, index) packed into one int64 whose descending order is the class order
-    packed.clear();
+    // (key, index) packed into one int64 whose descending order is the class order; compacted without
+    // a branch (every class written, the count advanced by the test): the push_back behind an
+    // unpredictable test cost more than the sort at C = 100
+    packed.resize(C);
+    int64_t in_range = 0;
     for (int64_t c = 0; c < C; ++c) {
-      if (key[c] >= lo && key[c] < hi) packed.push_back(key[c] * (int64_t(1) << 32) + (int64_t(0xFFFFFFFF) - c));
+      packed[in_range] = key[c] * (int64_t(1) << 32) + (int64_t(0xFFFFFFFF) - c);
+      in_range += (key[c] >= lo && key[c] < hi) ? 1 : 0;
     }
+    packed.resize(in_range);
     std::sort(packed.begin(), packed.end(), std::greater<int64_t>());
     int64_t cross = C;
     for (const int64_t v : packed) {
@@ -350,8 +387,7 @@ struct TeacherRow {
   void select_head(int64_t C, double threshold, int32_t* out) {
     const int64_t* key = keys.data();
     const acc_t* pp = p.data();
-    int32_t top = 0;
-    for (int32_t c = 1; c < C; ++c) top = key[c] > key[top] ? c : top;
+    const int32_t top = first_max(key, C);
     double total = 0.0;
     for (int64_t c = 0; c < C; ++c) total += static_cast<double>(pp[c]);
     int64_t cross = C;  // class index of the crossing class, C for none
