@@ -243,12 +243,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     """Run the benchmark; returns the JSON file written."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    if common.memory_worker_main(args, measure_spec, MEMORY_PRELOAD):
+    started = common.script_start(argv, parse_args, measure_spec, MEMORY_PRELOAD)
+    if started is None:  # a memory-measuring process: served
         return None
-
-    start, device, threads = common.begin_run(args)
+    argv, args, start, device, threads = started
     forwards, skipped = select_implementations(device, args.peers)
     peers = tuple(name for name in args.peers if name in forwards)
     # A GPU case takes milliseconds: 0.25 s of samples is plenty and keeps the full grid inside one
@@ -257,7 +255,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     timer = common.sample_timer(args, device, budget_s=0.25 if short else 1.0, warmup_s=0.05 if short else 0.2)
     on_device = common.device_timer(device, timer.budget_s)  # the DEVICE_PASS on a GPU
     bandwidth, bandwidth_source = common.peak_bandwidth(device, timer)
-    # `skipped` is stored by reference: peers that fail on a case are added to it below.
+    # `skipped` is stored by reference in meta: record_case_error adds the peers that fail on a case.
     meta = common.run_metadata(device, argv, threads, op=OP, grid="quick" if args.quick else "full", tau=TAU,
                                reference=REFERENCE, peers=list(peers), skipped=skipped, peak_bandwidth_Bps=bandwidth,
                                peak_bandwidth_source=bandwidth_source, notes=list(NOTES),
@@ -280,12 +278,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
                 for name, forward in forwards.items():
                     try:
                         timings = common.time_passes_of(timer, forward, x, on_device)
-                    except Exception as error:
-                        if kind_of(name) != "peer":  # our own kernels failing is a bug: recorded, exit status 1
-                            common.record_failure(meta["failures"], name, case.label, error)
-                            continue
-                        print(f"  ! {name} failed on this case, skipped: {type(error).__name__}: {error}")
-                        skipped[f"{name} @ {case.label}"] = f"{type(error).__name__}: {error}"
+                    except Exception as error:  # ours: a failure (exit status 1); a peer's: skipped
+                        common.record_case_error(meta, kind_of(name), name, case.label, error)
                         continue
                     peak_mem = (meter(name, memory_spec(case)) if meter is not None
                                 else measure_peak_memory(name, case, device)[0])

@@ -518,12 +518,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     """Run the benchmark; returns the JSON file written."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    if common.memory_worker_main(args, measure_spec, MEMORY_PRELOAD):
+    started = common.script_start(argv, parse_args, measure_spec, MEMORY_PRELOAD)
+    if started is None:  # a memory-measuring process: served
         return None
-
-    start, device, threads = common.begin_run(args)
+    argv, args, start, device, threads = started
     quick_cpu = args.quick and device.type == "cpu"
     compile_policy = args.compile or ("smallest" if quick_cpu else "all")
     # A quick run bounds compilation (cold inductor caches: seconds to tens of seconds per case).

@@ -341,12 +341,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     """Run the benchmark; returns the JSON file written."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    if common.memory_worker_main(args, measure_spec, MEMORY_PRELOAD):
+    started = common.script_start(argv, parse_args, measure_spec, MEMORY_PRELOAD)
+    if started is None:  # a memory-measuring process: served
         return None
-
-    start, device, threads = common.begin_run(args)
+    argv, args, start, device, threads = started
     names, skipped = select_configurations(device, args.peers)
     peers = tuple(name for name in args.peers if name in names)
     timer = common.sample_timer(args, device, budget_s=1.0 if device.type == "cpu" else 0.25,
@@ -382,12 +380,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
                         step = make_step(name, case, device)
                         losses = step.losses()
                         timings = time_step(timer, step, on_device)
-                    except Exception as error:
-                        if kind_of(name) != "peer":  # our own kernels failing is a bug: recorded, exit status 1
-                            common.record_failure(meta["failures"], name, case.label, error)
-                            continue
-                        print(f"  ! {name} failed on this case, skipped: {type(error).__name__}: {error}")
-                        skipped[f"{name} @ {case.label}"] = f"{type(error).__name__}: {error}"
+                    except Exception as error:  # ours: a failure (exit status 1); a peer's: skipped
+                        common.record_case_error(meta, kind_of(name), name, case.label, error)
                         continue
                     del step
                     peak_mem = (meter(name, asdict(case)) if meter is not None

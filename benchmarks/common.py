@@ -789,6 +789,18 @@ def bench_parser(description: str, quick_help: str, peers: tuple[str, ...]) -> a
     return parser
 
 
+def script_start(argv: Optional[list[str]], parse_args: Callable[[list[str]], argparse.Namespace],
+                 measure: "MeasureSpec", preload: Iterable[str] = ()) -> Optional[tuple]:
+    """The start of every benchmark script's ``main``: its arguments (``argv``, or the command line),
+    then None where they ask for a hidden memory-measuring mode (served here: see
+    ``memory_worker_main``), else ``(argv, args, start, device, threads)`` of :func:`begin_run`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if memory_worker_main(args, measure, preload):
+        return None
+    return (argv, args, *begin_run(args))
+
+
 def begin_run(args: argparse.Namespace) -> tuple[float, torch.device, int]:
     """(start time, device, threads) of a benchmark about to measure: ``args.device`` resolved, one
     intra-op thread per usable core, the global RNG seeded."""
@@ -855,6 +867,19 @@ def record_failure(failures: dict[str, str], name: str, case_label: str, error: 
     text = f"{type(error).__name__}: {error}"
     print(f"  !!! {name} FAILED on {case_label}: {text}")
     failures[f"{name} @ {case_label}"] = text[:2000]
+
+
+def record_case_error(meta: dict[str, Any], kind: str, name: str, case_label: str, error: BaseException) -> None:
+    """An implementation raised on a case: ours (``kind`` "ours" or "reference": a bug) is recorded as
+    a failure (the run exits 1, see ``record_failure``); a peer's is printed and kept in
+    ``meta["skipped"]``, since a peer that cannot run a case is no fault of ours. Either way the caller
+    goes on with the next implementation."""
+    if kind != "peer":
+        record_failure(meta["failures"], name, case_label, error)
+        return
+    text = f"{type(error).__name__}: {error}"
+    print(f"  ! {name} failed on this case, skipped: {text}")
+    meta["skipped"][f"{name} @ {case_label}"] = text
 
 
 def interrupted_note(rows_kept: int) -> str:

@@ -355,3 +355,19 @@ def test_readme_summary_and_full_tables(tmp_path):
     assert summary in readme.read_text() and "old" not in readme.read_text()
     full = tables.read_text()
     assert "| a | torch | 4.000 | 1.00x |" in full and "|  | cuda | 1.000 | 4.00x | 2.00x |" in full
+
+
+def test_record_case_error_fails_ours_and_skips_peers(capsys):
+    """A benchmark's implementation that raises on a case: ours is a recorded failure (the run then
+    exits 1), a peer's is skipped with its reason."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    meta = {"failures": {}, "skipped": {}}
+    common.record_case_error(meta, "ours", "cpp", "case 1", RuntimeError("boom"))
+    common.record_case_error(meta, "peer", "spikingjelly", "case 1", ValueError("no cupy"))
+    assert meta["failures"] == {"cpp @ case 1": "RuntimeError: boom"}
+    assert meta["skipped"] == {"spikingjelly @ case 1": "ValueError: no cupy"}
+    assert "cpp FAILED on case 1" in capsys.readouterr().out
