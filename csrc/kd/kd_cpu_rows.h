@@ -192,8 +192,10 @@ Item crossing_item(Item* items, int64_t n, double threshold, Before before, Mass
 }
 
 // One sample's teacher row at temperature tau, computed once for its T student rows: u = z_u / tau,
-// log_p and p (log_softmax and softmax of u), and for HTA the sort keys of the logits and the head mask.
-// u, log_p, p and head hold n = padded_width(C) entries, the padding u = log_p = -inf, p = 0, head = 0.
+// log_p and p (log_softmax and softmax of u; the forwards' load() fills log_p only for NLD, which
+// reads it; the backwards' load_from_lse() fills [0, C) of log_p and p alone), and for HTA the sort
+// keys of the logits and the head mask. u, log_p, p and head hold n = padded_width(C) entries; after
+// load() the padding is u = log_p = -inf, p = 0, head = 0.
 template <typename acc_t>
 struct TeacherRow {
   int64_t n;
