@@ -51,6 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import snnkd_fast
+from snnkd_fast import losses
+from snnkd_fast import nn as snn
 from snnkd_fast.methods import TimeDistributed, direct_encoding
 
 import common
@@ -67,10 +70,10 @@ EAGER_LOSS_SUFFIX = "+eager_loss"  # our neurons, the reference loss
 MEMORY_PRELOAD = ("snnkd_fast", "spikingjelly.activation_based.neuron")
 KD_WEIGHT = 1.0
 KD_LOSSES = {  # the case's KD term: (student [T, B, C], teacher [B, C], backend) -> loss
-    "per_timestep_kl": lambda z, zt, backend: _losses().per_timestep_kl(z, zt, temperature=4.0, backend=backend),
-    "tser_loss": lambda z, zt, backend: _losses().tser_loss(z, zt, temperature=4.0, entropy_weight=0.1,
-                                                            backend=backend),
-    "hta_kl": lambda z, zt, backend: _losses().hta_kl(z, zt, temperature=4.0, backend=backend),
+    "per_timestep_kl": lambda z, zt, backend: losses.per_timestep_kl(z, zt, temperature=4.0, backend=backend),
+    "tser_loss": lambda z, zt, backend: losses.tser_loss(z, zt, temperature=4.0, entropy_weight=0.1,
+                                                         backend=backend),
+    "hta_kl": lambda z, zt, backend: losses.hta_kl(z, zt, temperature=4.0, backend=backend),
 }
 NOTES = (
     "spikingjelly: LIFNode(tau=2.0, step_mode='m') in the student, the same LIF as ours (decay_input, hard "
@@ -81,12 +84,6 @@ CSV_COLUMNS = ("op", "case", "backend", "kind", "pass", "T", "batch", "width", "
                "median_ms", "p20_ms", "p80_ms", "reps", "peak_mem_bytes", "loss", "loss_abs_diff_vs_reference",
                "kd_loss", "kd_rel_diff_vs_reference", "speedup_vs_reference",
                "mem_ratio_vs_reference")  # then speedup_vs_<peer>
-
-
-def _losses():
-    from snnkd_fast import losses
-
-    return losses
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,14 +130,15 @@ class SpikingCNN(nn.Module):
         fold = TimeDistributed if steps else nn.Sequential
         channels = (3, width, 2 * width, 2 * width, 4 * width)
         blocks: list[nn.Module] = []
-        for index in range(4):
+        activations = [activation() for _ in range(4)]
+        for index, act in enumerate(activations):
             blocks += [fold(nn.Conv2d(channels[index], channels[index + 1], 3, padding=1, bias=False),
-                            nn.BatchNorm2d(channels[index + 1])), activation()]
+                            nn.BatchNorm2d(channels[index + 1])), act]
             if index > 0:
                 blocks.append(fold(nn.AvgPool2d(2)))
         self.features = nn.Sequential(*blocks)
         self.head = fold(nn.Flatten(), nn.Linear(channels[-1] * (image // 8) ** 2, classes))
-        self.neurons = [m for m in self.features if not isinstance(m, (TimeDistributed, nn.Sequential, nn.ReLU))]
+        self.neurons = activations if steps else []  # the stateful ones, reset before each sequence
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.steps is None:
@@ -156,8 +154,6 @@ def make_neuron(name: str) -> Callable[[], nn.Module]:
         from spikingjelly.activation_based import neuron
 
         return lambda: neuron.LIFNode(tau=TAU, step_mode="m")
-    from snnkd_fast import nn as snn
-
     backend = name.removesuffix(EAGER_LOSS_SUFFIX)
     return lambda: snn.LIFNode(tau=TAU, step_mode="m", backend=backend)
 
@@ -218,20 +214,18 @@ def make_step(name: str, case: Case, device: torch.device, batch: Optional[int] 
         cross_entropy, distillation = loss_terms()
         return cross_entropy + distillation
 
-    def losses() -> tuple[float, float]:
+    def loss_values() -> tuple[float, float]:
         with torch.no_grad():
             cross_entropy, distillation = loss_terms()
         return (cross_entropy + distillation).item(), distillation.item()
 
-    return Step(forward, lambda: student.zero_grad(set_to_none=True), losses)
+    return Step(forward, lambda: student.zero_grad(set_to_none=True), loss_values)
 
 
 kind_of = functools.partial(common.implementation_kind, reference=REFERENCE, peers=PEERS)
 
 
 def select_configurations(device: torch.device, peers: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
-    import snnkd_fast
-
     names, skipped = common.native_backends(device, DEVICE_BACKENDS[device.type], snnkd_fast.backends(), REFERENCE)
     ours = [name for name in names if name != REFERENCE]
     names = [REFERENCE, *ours, *(f"{name}{EAGER_LOSS_SUFFIX}" for name in ours[:1])]
@@ -278,13 +272,14 @@ def measure_spec(spec: dict[str, Any]) -> tuple[int, bool]:
 
 
 def make_rows(case: Case, name: str, timings: dict[str, Timing], peak_mem: Optional[int],
-              losses: tuple[float, float]) -> list[dict[str, Any]]:
+              loss_values: tuple[float, float]) -> list[dict[str, Any]]:
     return [{"op": OP, "case": case.label, "backend": name, "kind": kind_of(name), "pass": pass_, "T": case.T,
              "batch": case.batch, "width": case.width, "classes": case.classes, "loss_name": case.loss,
              "dtype": case.amp or "float32", "median_ms": timing.median_ms, "p20_ms": timing.p20_ms,
              "p80_ms": timing.p80_ms,
              "reps": timing.reps, "peak_mem_bytes": peak_mem if pass_ == "fwdbwd" else None,
-             "loss": losses[0] if pass_ == "fwdbwd" else None, "kd_loss": losses[1] if pass_ == "fwdbwd" else None}
+             "loss": loss_values[0] if pass_ == "fwdbwd" else None,
+             "kd_loss": loss_values[1] if pass_ == "fwdbwd" else None}
             for pass_, timing in timings.items()]
 
 
@@ -378,7 +373,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
                 for name in names:
                     try:
                         step = make_step(name, case, device)
-                        losses = step.losses()
+                        loss_values = step.losses()
                         timings = time_step(timer, step, on_device)
                     except Exception as error:  # ours: a failure (exit status 1); a peer's: skipped
                         common.record_case_error(meta, kind_of(name), name, case.label, error)
@@ -386,7 +381,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
                     del step
                     peak_mem = (meter(name, asdict(case)) if meter is not None
                                 else measure_peak_memory(name, case, device)[0])
-                    case_rows += make_rows(case, name, timings, peak_mem, losses)
+                    case_rows += make_rows(case, name, timings, peak_mem, loss_values)
                 common.add_ratios(case_rows, REFERENCE, peers)
                 add_loss_diffs(case_rows)
                 print(case_table(case_rows, table_peers))

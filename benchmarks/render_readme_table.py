@@ -66,6 +66,11 @@ def select_results(results_root: Path) -> list[tuple[Path, dict[str, Any], Optio
     return selected
 
 
+def table_peers(meta: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """(the peers a result file compares with in its tables, {peer: label})."""
+    return list(meta.get("table_peers", DEFAULT_TABLE_PEERS)), {**PEER_LABELS, **meta.get("peer_labels", {})}
+
+
 def render_table(path: Path, data: dict[str, Any], only_ops: Optional[set[str]] = None) -> str:
     """``data``'s fwd+bwd rows as a markdown table; ``only_ops``: just those ops' rows (what a partial
     finer grid lacks)."""
@@ -77,8 +82,7 @@ def render_table(path: Path, data: dict[str, Any], only_ops: Optional[set[str]] 
                + (" — **partial grid** (the run hit its deadline; the cases below are complete)"
                   if meta.get("interrupted") else "")
                + (f" — only {', '.join(sorted(only_ops))}, which the partial grid above lacks" if only_ops else ""))
-    peers = list(meta.get("table_peers", DEFAULT_TABLE_PEERS))
-    labels = {**PEER_LABELS, **meta.get("peer_labels", {})}
+    peers, labels = table_peers(meta)
     extra = any(row.get("extra_seq_tensors") is not None for row in data["results"])
     on_device = {(row["case"], row["backend"]): row for row in data["results"] if row["pass"] == DEVICE_PASS}
     header = ["case", "backend", meta.get("time_label", "fwd+bwd ms"), "vs reference",
@@ -128,8 +132,7 @@ def summary_rows(path: Path, data: dict[str, Any], only_ops: Optional[set[str]] 
     """One summary line per op, dtype and backend of ours in ``data``: its fwd+bwd speed-up over the
     reference and the table peers, and its memory relative to the reference, as ranges over the cases."""
     meta = data["meta"]
-    peers = list(meta.get("table_peers", DEFAULT_TABLE_PEERS))
-    labels = {**PEER_LABELS, **meta.get("peer_labels", {})}
+    peers, labels = table_peers(meta)
     grouped: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in data["results"]:
         op = row.get("op", meta["op"])

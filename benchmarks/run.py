@@ -30,8 +30,8 @@ import common
 # Benchmark modules of this folder, run in this order. Each has ``main(argv) -> Path`` that takes
 # ``--device cpu|cuda``, ``--quick``, ``--out DIR`` (and ``--peers`` where it measures peers, named
 # in its ``PEERS``) and returns the JSON file it wrote.
-BENCHES = ("bench_lif", "bench_losses", "bench_train_step")
 BENCH_NAMES = {"lif": "bench_lif", "losses": "bench_losses", "train_step": "bench_train_step"}  # --only's names
+BENCHES = tuple(BENCH_NAMES.values())
 
 
 def peers_for(module, peers: str) -> str:
