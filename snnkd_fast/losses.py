@@ -12,7 +12,10 @@ Reductions (every loss is ``L = (1/T) sum_t L_t``): "batchmean" (default) ``(1/T
 ``l`` ``[T, B]`` (``[B]`` for losses on time-averaged logits). With DDP, "batchmean" is over the
 local batch, so DDP's gradient averaging gives the global batch's answer for equal local batches.
 
-Gradients flow to the student and, when it requires grad (data-free KD), to the teacher.
+Gradients flow to the student and, when it requires grad (data-free KD), to the teacher. On the CPU
+("cpp", eager) a call whose student alone requires grad has its forward form the student's gradient
+(KL and TSER -- at its default entropy temperature -- at C = 32 or C >= 48, HTA-KL at any C), so the backward
+reads nothing again: compute losses you only log under ``torch.no_grad()``.
 Policy for non-finite logits: -inf marks a masked class (probability 0, handled exactly); +inf or
 NaN makes that row's loss NaN. Nothing is checked on the host (no synchronisation).
 """

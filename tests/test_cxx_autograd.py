@@ -2,7 +2,9 @@
 snnkd_fast::kd_loss, nld_loss, neuron_multistep). They must give bit for bit what the Python formulas
 give (the torch.library formulas' autograd.Function, which torch.compile and torch.func take): losses
 and their reductions, gradients of every input, the first-order-only rule, and the torch.library
-contract (opcheck)."""
+contract (opcheck). One exception, tested on its own below: on the CPU, kd_loss's forward forms the
+student's gradient from its own exps when only the student needs one (csrc/kd/kd_autograd.cpp), a
+gradient equal to the row backward's within a few float32 ulps."""
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from snnkd_fast import _library
 from conftest import device_for
 from kd_helpers import CASE_IDS, CASES, run_loss
 from lif_helpers import NEURON_KINDS, make_inputs, run_neuron
+from tolerances import assert_grad_close
 
 BACKENDS = ["cpp", "cuda"]
 
@@ -199,3 +202,116 @@ def test_opcheck_cxx_ops(backend, divisor):
                               (x, torch.zeros(1, device=device), None, 1, 2.0, True, 1.0, 0.0, False, False, 0, 4.0))
         torch.library.opcheck(torch.ops.snnkd_fast.neuron_multistep_rate,
                               (x, v_init.detach(), None, 1, 2.0, True, 1.0, 0.0, False, False, 0, 4.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# the CPU forward's precomputed student gradient (csrc/kd/kd_autograd.cpp)
+# --------------------------------------------------------------------------------------------------
+
+PRECOMPUTED_CASES = [c for c in CASES if not c.nld]
+
+
+def _kd_row_ops(run):
+    """run()'s result and the snnkd_fast KD row kernels it ran, as the profiler records them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = run()
+    return result, {e.key for e in prof.key_averages() if e.key.startswith("snnkd_fast::kd_rows")}
+
+
+def _precomputes(case, C):
+    """Whether the cpp forward forms the gradient: the row kernel (HTA's, or C >= 32 here), TSER at
+    tau_H = tau."""
+    row_kernel = case.fn is L.hta_kl or C >= 32
+    return row_kernel and case.kwargs.get("entropy_temperature", case.kwargs["temperature"]) == \
+        case.kwargs["temperature"]
+
+
+@pytest.mark.parametrize("case", PRECOMPUTED_CASES, ids=[c.name for c in PRECOMPUTED_CASES])
+@pytest.mark.parametrize("C", [13, 48, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "none"])
+@pytest.mark.parametrize("grad_scale", [1.0, 0.7])
+def test_cpu_forward_precomputes_the_student_gradient(monkeypatch, case, C, dtype, reduction, grad_scale):
+    """An eager cpp call whose student alone needs a gradient: where the row kernel runs the forward
+    forms it and the backward runs no row kernel -- the loss's gradient 1 (backpropagated alone or as
+    a term of a sum) returns it as it is, any other scales it, "none" weights each row; the loss is
+    bitwise the Python path's, the gradient within a few ulps of its row backward's and the
+    reference's. Few classes (the lane-rows kernels), a bf16 student and TSER at tau_H != tau take
+    the row backward, bitwise the Python path's (HTA's forward is the row kernel at any C; a bf16
+    student's time average is float32)."""
+    _skip_unless("cpp")
+    g = torch.Generator().manual_seed(C)
+    student = (torch.randn(3, 5, C, generator=g) * 2).to(dtype)
+    teacher = (torch.randn(5, C, generator=g) * 2).to(dtype)
+
+    def run():
+        leaf = student.clone().requires_grad_(True)
+        loss = case.fn(leaf, teacher, backend="cpp", reduction=reduction, **case.kwargs)
+        weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).view(loss.shape)
+        (loss * (weights if reduction == "none" else grad_scale)).sum().backward()
+        return loss.detach(), leaf.grad
+
+    monkeypatch.setattr(_library, "CXX_AUTOGRAD", True)
+    (loss, grad), ops = _kd_row_ops(run)
+    monkeypatch.setattr(_library, "CXX_AUTOGRAD", False)
+    python_loss, python_grad = run()
+    _assert_same(loss, python_loss)
+    # the losses of time-averaged logits average a bf16 student in float32 before the kernel
+    averaged = case.fn is L.kd_kl or case.kwargs.get("time_reduction") == "mean_logits"
+    if _precomputes(case, C) and (dtype != torch.bfloat16 or averaged):
+        assert ops == {"snnkd_fast::kd_rows_forward_student_grad"}, ops
+        if dtype == torch.bfloat16:
+            assert_grad_close(grad, python_grad, dtype, "vs the row backward")
+        else:
+            rtol, atol = (2e-5, 2e-6) if dtype == torch.float32 else (1e-12, 1e-13)
+            torch.testing.assert_close(grad, python_grad, rtol=rtol, atol=atol * python_grad.abs().max().item())
+    else:
+        assert ops == {"snnkd_fast::kd_rows_forward", "snnkd_fast::kd_rows_backward"}, ops
+        _assert_same(grad, python_grad)
+    reference = student.double().requires_grad_(True)
+    ref_loss = case.fn(reference, teacher.double(), backend="torch", reduction=reduction, **case.kwargs)
+    weights = torch.linspace(0.5, 1.5, ref_loss.numel(), dtype=torch.float64).view(ref_loss.shape)
+    (ref_loss * (weights if reduction == "none" else grad_scale)).sum().backward()
+    assert_grad_close(grad, reference.grad, dtype, f"{case.name} vs reference")
+
+
+def test_precomputed_gradient_is_used_once():
+    """A retained graph's second backward runs the row backward (the first completed the precomputed
+    gradient in place and handed it over): the same gradient twice, accumulated."""
+    _skip_unless("cpp")
+    student = torch.randn(4, 6, 64, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(6, 64, dtype=torch.float64)
+    loss = L.hta_kl(student, teacher, backend="cpp")
+    (_, ops) = _kd_row_ops(lambda: loss.backward(retain_graph=True))
+    assert ops == set(), ops
+    first = student.grad.clone()
+    (_, ops) = _kd_row_ops(lambda: loss.backward())
+    assert ops == {"snnkd_fast::kd_rows_backward"}, ops
+    torch.testing.assert_close(student.grad, 2 * first, rtol=1e-12, atol=1e-15)
+
+
+def test_no_precomputed_gradient_where_it_would_be_unused_or_unseen():
+    """The forward forms no gradient under no_grad, for a student that needs none, when the teacher
+    needs one (data-free KD), or under saved-tensor hooks (they would not see the held gradient)."""
+    _skip_unless("cpp")
+    student = torch.randn(2, 3, 64, requires_grad=True)
+    teacher = torch.randn(3, 64)
+    calls = {
+        "no_grad": lambda: L.per_timestep_kl(student, teacher, backend="cpp"),
+        "student_without_grad": lambda: L.per_timestep_kl(student.detach(), teacher, backend="cpp"),
+        "teacher_with_grad": lambda: L.per_timestep_kl(student, teacher.clone().requires_grad_(True),
+                                                       backend="cpp"),
+        "saved_tensor_hooks": lambda: L.per_timestep_kl(student, teacher, backend="cpp"),
+    }
+    for name, call in calls.items():
+        if name == "no_grad":
+            with torch.no_grad():
+                _, ops = _kd_row_ops(call)
+        elif name == "saved_tensor_hooks":
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                _, ops = _kd_row_ops(call)
+        else:
+            _, ops = _kd_row_ops(call)
+        assert ops == {"snnkd_fast::kd_rows_forward"}, (name, ops)
+    _, ops = _kd_row_ops(lambda: L.per_timestep_kl(student, teacher, backend="cpp"))
+    assert ops == {"snnkd_fast::kd_rows_forward_student_grad"}, ops

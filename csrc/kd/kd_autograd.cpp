@@ -2,13 +2,31 @@
 // csrc/common/eager_autograd.h): snnkd_fast::kd_loss and snnkd_fast::nld_loss run the row op of
 // their device (kd_rows_forward / nld_rows_forward) and reduce the rows [T, B] to the loss in the
 // same node, so a training call records one C++ node -- no Python autograd.Function, no separate
-// reduction node. The reduction is reduce_rows of snnkd_fast/kd/reference.py, op for op (the loss
-// and its gradient are bitwise those of the Python path).
+// reduction node. The reduction is reduce_rows of snnkd_fast/kd/reference.py, op for op: the loss
+// is bitwise that of the Python path, and so is the gradient except where the CPU forward forms it
+// (below).
+//
+// On the CPU, when the call will be differentiated for the student alone, kd_loss's forward also
+// returns the student's gradient for a loss gradient of 1 (kd_rows_forward_student_grad_cpu: each row
+// from the exps of its own sums pass, while it is in cache, times 1/divisor) and the backward returns
+// it as it is when the loss's gradient is 1 -- a loss backpropagated alone or as a term of a sum --
+// else multiplies it by that gradient in place (by the rows' gradient for "none"). The row backward
+// instead re-reads both inputs and takes one exp per element again: at
+// [4, 512, 100] it was 70 of the ~245 us of a forward+backward. The gradient formed this way differs
+// from the row backward's in its last bits (p = e^{u - m} / l, q = e^{s - m} / l rather than
+// e^{log p}, e^{log q}); tests/test_cxx_autograd.py holds it to ~1e-6 relative. The gradient is
+// allocated by the forward instead of the backward -- either way at the time of a training step's
+// peak, the loss being its last forward op. Not under saved-tensor hooks (offloading, checkpointing:
+// the precomputed gradient would bypass them); a second backward through a retained graph runs the
+// row backward.
+#include <ATen/SavedTensorHooks.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/library.h>
 
 #include <tuple>
 
 #include "common/eager_autograd.h"
+#include "kd_ops.h"
 
 namespace snnkd {
 namespace kd {
@@ -48,15 +66,36 @@ void check_divisor(int64_t divisor, const char* op) {
   TORCH_CHECK(divisor >= 0, op, ": divisor must be >= 0 (0: no reduction)");
 }
 
+// Whether kd_loss's forward precomputes the student's gradient (see the top of the file): plain CPU
+// tensors in an eager call that records the student's gradient alone, with nothing that watches the
+// ops or the saved tensors (a dispatch mode or a tensor subclass would not see the direct kernel call;
+// saved-tensor hooks would not see the gradient held for the backward).
+bool precompute_student_grad(const at::Tensor& student, const at::Tensor& teacher) {
+  return student.device().is_cpu() && at::GradMode::is_enabled() && student.requires_grad() &&
+         !teacher.requires_grad() && !student.key_set().has(c10::DispatchKey::Python) &&
+         !teacher.key_set().has(c10::DispatchKey::Python) && !c10::impl::TorchDispatchModeTLS::any_modes_set() &&
+         !at::SavedTensorDefaultHooks::get_hooks().has_value();
+}
+
 struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher, int64_t loss,
                             double temperature, double entropy_temperature, double entropy_weight,
-                            double head_threshold, int64_t divisor) {
+                            double head_threshold, int64_t divisor, bool precompute_grad) {
     static const auto rows_forward = find_op<RowsForward>("snnkd_fast::kd_rows_forward");
     check_divisor(divisor, "snnkd_fast::kd_loss");
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // the device kernel, not the op's Python formula
-    auto [rows, stats, keys] =
-        rows_forward.call(student, teacher, loss, temperature, entropy_temperature, entropy_weight, head_threshold);
+    at::Tensor rows, stats, keys, student_grad;
+    if (precompute_grad &&
+        kd_cpu_forms_student_grad(student, teacher, loss, temperature, entropy_temperature)) {
+      std::tie(rows, stats, keys, student_grad) = kd_rows_forward_student_grad_cpu(
+          student, teacher, loss, temperature, entropy_temperature, entropy_weight, head_threshold,
+          divisor == 0 ? 1.0 : 1.0 / static_cast<double>(divisor));
+    } else {
+      std::tie(rows, stats, keys) =
+          rows_forward.call(student, teacher, loss, temperature, entropy_temperature, entropy_weight, head_threshold);
+    }
+    // held outside save_for_backward: the node's own tensor, not a view of an input to check versions of
+    if (student_grad.defined()) ctx->saved_data["student_grad"] = student_grad;
     ctx->save_for_backward({student, teacher, stats, keys});
     ctx->saved_data["loss"] = loss;
     ctx->saved_data["temperature"] = temperature;
@@ -70,15 +109,32 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
     static const auto rows_backward = find_op<RowsBackward>("snnkd_fast::kd_rows_backward");
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& stats = saved[2];
-    const at::Tensor grad_rows =
-        grad_of_rows(grad_outputs[0], ctx->saved_data["divisor"].toInt(), stats.sym_sizes().slice(0, 2));
+    const int64_t divisor = ctx->saved_data["divisor"].toInt();
     const bool student_grad = ctx->needs_input_grad(0), teacher_grad = ctx->needs_input_grad(1);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    variable_list grads(9);
+    const auto precomputed = ctx->saved_data.find("student_grad");
+    if (precomputed != ctx->saved_data.end()) {
+      // taken out of the node (the gradient is then this tensor alone, which AccumulateGrad adopts
+      // without a copy; a retained graph's next backward runs the row backward) and completed in place
+      at::Tensor grad_student = precomputed->second.toTensor();
+      ctx->saved_data.erase(precomputed);
+      if (student_grad && !teacher_grad) {
+        const at::Tensor& grad_loss = grad_outputs[0];
+        if (divisor == 0) {
+          grad_student.mul_(grad_loss.unsqueeze(-1));  // the rows' own gradients
+        } else if (grad_loss.item<double>() != 1.0) {  // a CPU scalar: no synchronisation
+          grad_student.mul_(grad_loss);
+        }
+        grads[0] = grad_student;
+        return once_differentiable(grad_outputs, std::move(grads), "snnkd_fast::kd_loss");
+      }
+    }
+    const at::Tensor grad_rows = grad_of_rows(grad_outputs[0], divisor, stats.sym_sizes().slice(0, 2));
     auto [grad_student, grad_teacher] = rows_backward.call(
         grad_rows, saved[0], saved[1], stats, saved[3], ctx->saved_data["loss"].toInt(),
         ctx->saved_data["temperature"].toDouble(), ctx->saved_data["entropy_temperature"].toDouble(),
         ctx->saved_data["entropy_weight"].toDouble(), teacher_grad);
-    variable_list grads(8);
     if (student_grad) grads[0] = grad_student;
     if (teacher_grad) grads[1] = grad_teacher;
     return once_differentiable(grad_outputs, std::move(grads), "snnkd_fast::kd_loss");
@@ -127,7 +183,7 @@ at::Tensor kd_loss_autograd(const at::Tensor& student, const at::Tensor& teacher
                             double entropy_temperature, double entropy_weight, double head_threshold,
                             int64_t divisor) {
   return KdLossFunction::apply(student, teacher, loss, temperature, entropy_temperature, entropy_weight,
-                               head_threshold, divisor);
+                               head_threshold, divisor, precompute_student_grad(student, teacher));
 }
 
 // Below the autograd key (an op call autograd would not record reaches the Function too, which

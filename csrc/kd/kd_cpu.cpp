@@ -10,6 +10,7 @@
 // (kd_cpu_rows.h: at SNN class counts the per-row costs GCC leaves otherwise dominate).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -83,17 +84,19 @@ inline void group_max_step(const acc_t* const (&z)[R], acc_t (&max_lanes)[R][kRo
   }
 }
 
-// One vector of R rows' sums pass (z[r] as above; p and u at the same classes).
-template <int LOSS, int R, typename acc_t>
+// One vector of R rows' sums pass (z[r] as above; p and u at the same classes); STORE_E: also the
+// exps e^{s - m_s} into e[r] (the precomputed gradient's, see forward_kernel).
+template <int LOSS, int R, bool STORE_E, typename acc_t>
 inline void group_sums_step(const acc_t* const (&z)[R], const acc_t* p, const acc_t* u, acc_t inv_tau,
                             const acc_t (&m_s)[R], acc_t (&l_lanes)[R][kRowLanes], acc_t (&kl_lanes)[R][kRowLanes],
-                            acc_t (&qh_lanes)[R][kRowLanes]) {
+                            acc_t (&qh_lanes)[R][kRowLanes], acc_t* const (&e)[R]) {
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
 #pragma omp simd
     for (int j = 0; j < kRowLanes; ++j) {
       const acc_t s = z[r][j] * inv_tau;
       const acc_t e_s = fast_exp(s - m_s[r]);
+      if (STORE_E) e[r][j] = e_s;
       l_lanes[r][j] += e_s;
       kl_lanes[r][j] += xmul(p[j], u[j] - s);
       if (LOSS == kTSER) qh_lanes[r][j] += xmul(e_s, s);
@@ -101,9 +104,9 @@ inline void group_sums_step(const acc_t* const (&z)[R], const acc_t* p, const ac
   }
 }
 
-template <int LOSS, int R, typename acc_t>
+template <int LOSS, int R, bool STORE_E, typename acc_t>
 void row_group_sums(const RowBlocks<acc_t> (&rows)[R], int64_t n, acc_t inv_tau, const acc_t* p, const acc_t* u,
-                    RowSums<acc_t> (&out)[R]) {
+                    RowSums<acc_t> (&out)[R], acc_t* const (&e_rows)[R]) {
   const int64_t full = rows[0].full;  // the same for every row of a group (one layout)
   acc_t max_lanes[R][kRowLanes];
   for (int r = 0; r < R; ++r) {
@@ -124,13 +127,20 @@ void row_group_sums(const RowBlocks<acc_t> (&rows)[R], int64_t n, acc_t inv_tau,
     m_s[r] = out[r].z_max * inv_tau;
   }
   acc_t l_lanes[R][kRowLanes] = {}, kl_lanes[R][kRowLanes] = {}, qh_lanes[R][kRowLanes] = {};
+  acc_t* e[R];
   for (int64_t i = 0; i < full; i += kRowLanes) {
-    for (int r = 0; r < R; ++r) z[r] = rows[r].z + i;
-    group_sums_step<LOSS, R>(z, p + i, u + i, inv_tau, m_s, l_lanes, kl_lanes, qh_lanes);
+    for (int r = 0; r < R; ++r) {
+      z[r] = rows[r].z + i;
+      e[r] = STORE_E ? e_rows[r] + i : nullptr;
+    }
+    group_sums_step<LOSS, R, STORE_E>(z, p + i, u + i, inv_tau, m_s, l_lanes, kl_lanes, qh_lanes, e);
   }
   if (full < n) {
-    for (int r = 0; r < R; ++r) z[r] = rows[r].tail;
-    group_sums_step<LOSS, R>(z, p + full, u + full, inv_tau, m_s, l_lanes, kl_lanes, qh_lanes);
+    for (int r = 0; r < R; ++r) {
+      z[r] = rows[r].tail;
+      e[r] = STORE_E ? e_rows[r] + full : nullptr;
+    }
+    group_sums_step<LOSS, R, STORE_E>(z, p + full, u + full, inv_tau, m_s, l_lanes, kl_lanes, qh_lanes, e);
   }
   for (int r = 0; r < R; ++r) {
     out[r].l_s = lane_sum(l_lanes[r]);
@@ -139,9 +149,33 @@ void row_group_sums(const RowBlocks<acc_t> (&rows)[R], int64_t n, acc_t inv_tau,
   }
 }
 
+// A student row's gradient at grad_rows = row_weight from its forward: q = e * inv_l_s from the sums
+// pass's exps e = e^{s - m_s} (no exp of its own), the teacher's p and u = z_u / tau as the forward
+// loaded them, the row statistics r. kd_math.h's per-element formulas; TSER only with the entropy's
+// softmax the KL's (tau_H = tau). Not inlined, so that the forward kernel's own loops stay as GCC
+// vectorized them (a first version with the gradient loop inlined left the HTA forward 2.7x slower).
+template <int LOSS, typename acc_t>
+SNNKD_NOINLINE void gradient_row_from_exps(const acc_t* z, const acc_t* e, int64_t C, const acc_t* p, const acc_t* u,
+                                           const RowStats<acc_t>& r, acc_t inv_l_s, acc_t inv_tau, acc_t tau,
+                                           acc_t entropy_weight, acc_t row_weight, acc_t* out) {
+  const acc_t lse_s = r.lse_s, lse_u = r.lse_u;
+  row_map(z, C, out, [=](acc_t z_c, int64_t c) {
+    const acc_t q = e[c] * inv_l_s;
+    const acc_t log_q = z_c * inv_tau - lse_s;
+    acc_t g = grad_student_kl<acc_t>(LOSS, log_q, q, u[c] - lse_u, p[c], r, tau);
+    if (LOSS == kTSER) g += grad_student_entropy<acc_t>(log_q, q, r, inv_tau, entropy_weight);
+    return row_weight * g;
+  });
+}
+
+// grad_s (nullptr: none): also the student's gradient at grad_rows = row_weight ([T, B, C], contiguous,
+// in the accumulation type), each row from the exps of its sums pass while they are in cache
+// (gradient_row_from_exps): the eager path's precomputed gradient (kd_rows_forward_student_grad_cpu).
+// Not for TSER at tau_H != tau (the entropy's softmax would need its own exps).
 template <int LOSS, typename s_t, typename u_t, typename acc_t>
 void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool teacher_per_t, int64_t T, int64_t B,
-                    int64_t C, const LossParams& lp, acc_t* rows, acc_t* stats, int32_t* hta_keys) {
+                    int64_t C, const LossParams& lp, acc_t* rows, acc_t* stats, int32_t* hta_keys, acc_t* grad_s,
+                    acc_t row_weight) {
   const acc_t inv_tau = acc_t(1.0 / lp.temperature), inv_tau_h = acc_t(1.0 / lp.entropy_temperature);
   const acc_t tau_sq = acc_t(lp.temperature * lp.temperature), entropy_weight = acc_t(lp.entropy_weight);
   // TSER at its default entropy temperature tau_H = tau: the entropy reuses the KL's softmax
@@ -155,6 +189,16 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
     const acc_t* u = teacher.u.data();
     const acc_t* p = teacher.p.data();
     acc_t* e_s_row = e_buf.data();
+    // the KL/TSER rows' exps for the gradient, kRowGroup rows of n
+    std::vector<acc_t> grad_e_buf(grad_s != nullptr && LOSS != kHTA ? kRowGroup * n : 0);
+    // row (t, b)'s gradient from its exps e (after finish_row stored its statistics)
+    auto gradient_row = [&](int64_t t, int64_t b, const acc_t* z, const acc_t* e, acc_t l_s) {
+      const int64_t row = t * B + b;
+      const acc_t* stat = stats + row * kNumStats;
+      const RowStats<acc_t> r{stat[kLseS], stat[kLseU], stat[kKlF], stat[kAux0], stat[kAux1]};
+      gradient_row_from_exps<LOSS>(z, e, C, p, u, r, acc_t(1) / l_s, inv_tau, acc_t(lp.temperature),
+                                   entropy_weight, row_weight, grad_s + row * C);
+    };
 
     // The rest of row (t, b) from its sums (and, for TSER at tau_H != tau and HTA, its logits z):
     // the loss and the statistics the backward needs.
@@ -230,8 +274,17 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
       RowBlocks<acc_t> z[R];
       for (int r = 0; r < R; ++r) load_row_blocks(S + (t0 + r) * ss.t + b * ss.b, ss.c, C, n, row_bufs[r].data(), z[r]);
       RowSums<acc_t> sums[R];
-      row_group_sums<LOSS, R>(z, n, inv_tau, p, u, sums);
+      acc_t* e[R];
+      for (int r = 0; r < R; ++r) e[r] = grad_s != nullptr ? grad_e_buf.data() + r * n : nullptr;
+      if (grad_s != nullptr) {
+        row_group_sums<LOSS, R, true>(z, n, inv_tau, p, u, sums, e);
+      } else {
+        row_group_sums<LOSS, R, false>(z, n, inv_tau, p, u, sums, e);
+      }
       for (int r = 0; r < R; ++r) finish_row(t0 + r, b, z[r], sums[r], acc_t(0));
+      if (grad_s != nullptr) {
+        for (int r = 0; r < R; ++r) gradient_row(t0 + r, b, z[r].z, e[r], sums[r].l_s);
+      }
     };
 
     for (int64_t b = b_begin; b < b_end; ++b) {
@@ -286,6 +339,7 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
         sums.l_s = lane_sum(l_lanes);
         sums.kl_sum = lane_sum(kl_lanes);
         finish_row(t, b, z_row, sums, lane_sum(rev_lanes));
+        if (grad_s != nullptr) gradient_row(t, b, z_row.z, e_s_row, sums.l_s);
       }
     }
   });
@@ -600,37 +654,55 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, Strides ss, const u_t
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                                   int64_t loss, double temperature,
-                                                                   double entropy_temperature, double entropy_weight,
-                                                                   double head_threshold) {
+// The forward op; with student_grad also the student's gradient at grad_rows = row_weight where the
+// forward can form it from its own exps (kd_cpu_forms_student_grad; forward_kernel), else undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_impl(
+    const at::Tensor& student, const at::Tensor& teacher, int64_t loss, double temperature,
+    double entropy_temperature, double entropy_weight, double head_threshold, bool student_grad,
+    double row_weight) {
   const RowLayout L = row_layout(student, teacher, "snnkd_fast::kd_rows_forward");
   const Strides ss = L.s, us = L.u;
   const bool per_t = L.teacher_per_t;
   TORCH_CHECK(loss >= kKL && loss <= kHTA, "snnkd_fast::kd_rows_forward: unknown loss id");
   const int64_t T = L.T, B = L.B, C = L.C;
-  auto acc_options = student.options().dtype(acc_dtype(student, teacher));
+  const at::ScalarType acc = acc_dtype(student, teacher);
+  auto acc_options = student.options().dtype(acc);
   at::Tensor rows = at::empty({T, B}, acc_options);
   at::Tensor stats = at::empty({T, B, kNumStats}, acc_options);
   at::Tensor keys = at::empty({loss == kHTA ? (per_t ? T : 1) : 0, B, kHtaNum}, student.options().dtype(at::kInt));
-  if (rows.numel() == 0) return {rows, stats, keys};
+  at::Tensor grad;
+  if (rows.numel() == 0) return {rows, stats, keys, grad};
+  const bool row_kernel = loss == kHTA || !lane_rows_pay(C);
+  if (student_grad && kd_cpu_forms_student_grad(student, teacher, loss, temperature, entropy_temperature)) {
+    grad = at::empty(student.sizes(), student.options());
+  }
   const LossParams lp{temperature, entropy_temperature, entropy_weight, head_threshold};
   SNNKD_KD_DISPATCH_PAIR(student, teacher, "snnkd_kd_forward_cpu", [&] {
     with_loss_kind(loss, [&](auto loss_kind) {
       constexpr int kind = decltype(loss_kind)::value;
       if constexpr (kind != kHTA) {
-        if (lane_rows_pay(C)) {
+        if (!row_kernel) {
           forward_kernel_lane_rows<kind, s_t, u_t, acc_t>(student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(), us,
                                                           per_t, T, B, C, lp, rows.data_ptr<acc_t>(),
                                                           stats.data_ptr<acc_t>());
           return;
         }
       }
-      forward_kernel<decltype(loss_kind)::value, s_t, u_t, acc_t>(
-          student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(), us, per_t, T, B, C, lp, rows.data_ptr<acc_t>(),
-          stats.data_ptr<acc_t>(), keys.data_ptr<int32_t>());
+      forward_kernel<kind, s_t, u_t, acc_t>(student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(), us, per_t, T, B, C,
+                                            lp, rows.data_ptr<acc_t>(), stats.data_ptr<acc_t>(),
+                                            keys.data_ptr<int32_t>(), grad.defined() ? grad.data_ptr<acc_t>() : nullptr,
+                                            acc_t(row_weight));
     });
   });
+  return {rows, stats, keys, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                                   int64_t loss, double temperature,
+                                                                   double entropy_temperature, double entropy_weight,
+                                                                   double head_threshold) {
+  auto [rows, stats, keys, grad] = kd_rows_forward_impl(student, teacher, loss, temperature, entropy_temperature,
+                                                        entropy_weight, head_threshold, false, 1.0);
   return {rows, stats, keys};
 }
 
@@ -675,6 +747,21 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_backward_cpu(const at::Tensor& grad_r
 }
 
 }  // namespace
+
+bool kd_cpu_forms_student_grad(const at::Tensor& student, const at::Tensor& teacher, int64_t loss,
+                               double temperature, double entropy_temperature) {
+  return (loss == kHTA || !lane_rows_pay(student.size(-1))) && student.scalar_type() == acc_dtype(student, teacher) &&
+         !(loss == kTSER && entropy_temperature != temperature);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_student_grad_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, int64_t loss, double temperature,
+    double entropy_temperature, double entropy_weight, double head_threshold, double row_weight) {
+  RECORD_FUNCTION("snnkd_fast::kd_rows_forward_student_grad", std::vector<c10::IValue>({student, teacher}));
+  return kd_rows_forward_impl(student, teacher, loss, temperature, entropy_temperature, entropy_weight,
+                              head_threshold, true, row_weight);
+}
+
 }  // namespace kd
 }  // namespace snnkd
 

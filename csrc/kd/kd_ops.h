@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <tuple>
 
 #include "kd_math.h"
 
@@ -40,6 +41,21 @@ inline RowLayout row_layout(const at::Tensor& student, const at::Tensor& teacher
 inline at::ScalarType acc_dtype(const at::Tensor& a, const at::Tensor& b) {
   return a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+// Whether the CPU forward can form the student's gradient from its own exps: where the row kernel runs
+// (HTA; KL and TSER at C = 32 or C >= 48, elsewhere the lane-rows kernels), a student in the
+// accumulation dtype, TSER only at tau_H = tau. csrc/kd/kd_cpu.cpp.
+bool kd_cpu_forms_student_grad(const at::Tensor& student, const at::Tensor& teacher, int64_t loss,
+                               double temperature, double entropy_temperature);
+
+// kd_rows_forward on the CPU that also returns the student's gradient at grad_rows = row_weight
+// ([T, B, C], contiguous; d rows[t, b] / d student[t, b, :] row by row), formed from the forward's
+// own exps while each row is in cache: the eager autograd kernel's (kd_autograd.cpp) precomputed
+// gradient, which its backward completes (row_weight: 1 / the reduction's divisor, so that the
+// gradient is final when the loss's is 1). Undefined unless kd_cpu_forms_student_grad.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_student_grad_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, int64_t loss, double temperature,
+    double entropy_temperature, double entropy_weight, double head_threshold, double row_weight);
 
 }  // namespace kd
 }  // namespace snnkd
