@@ -104,9 +104,12 @@ inline void group_sums_step(const acc_t* const (&z)[R], const acc_t* p, const ac
   }
 }
 
+// STORE_E: the exps of classes [0, C - C % kRowLanes) into e_rows[r], those of the last partial vector
+// into e_tails[r] (kRowLanes entries: e_rows[r] may be the gradient's row, which ends at C).
 template <int LOSS, int R, bool STORE_E, typename acc_t>
-void row_group_sums(const RowBlocks<acc_t> (&rows)[R], int64_t n, acc_t inv_tau, const acc_t* p, const acc_t* u,
-                    RowSums<acc_t> (&out)[R], acc_t* const (&e_rows)[R]) {
+void row_group_sums(const RowBlocks<acc_t> (&rows)[R], int64_t n, int64_t C, acc_t inv_tau, const acc_t* p,
+                    const acc_t* u, RowSums<acc_t> (&out)[R], acc_t* const (&e_rows)[R],
+                    acc_t* const (&e_tails)[R]) {
   const int64_t full = rows[0].full;  // the same for every row of a group (one layout)
   acc_t max_lanes[R][kRowLanes];
   for (int r = 0; r < R; ++r) {
@@ -131,14 +134,14 @@ void row_group_sums(const RowBlocks<acc_t> (&rows)[R], int64_t n, acc_t inv_tau,
   for (int64_t i = 0; i < full; i += kRowLanes) {
     for (int r = 0; r < R; ++r) {
       z[r] = rows[r].z + i;
-      e[r] = STORE_E ? e_rows[r] + i : nullptr;
+      e[r] = !STORE_E ? nullptr : i + kRowLanes <= C ? e_rows[r] + i : e_tails[r];
     }
     group_sums_step<LOSS, R, STORE_E>(z, p + i, u + i, inv_tau, m_s, l_lanes, kl_lanes, qh_lanes, e);
   }
   if (full < n) {
     for (int r = 0; r < R; ++r) {
       z[r] = rows[r].tail;
-      e[r] = STORE_E ? e_rows[r] + full : nullptr;
+      e[r] = STORE_E ? e_tails[r] : nullptr;
     }
     group_sums_step<LOSS, R, STORE_E>(z, p + full, u + full, inv_tau, m_s, l_lanes, kl_lanes, qh_lanes, e);
   }
@@ -149,23 +152,30 @@ void row_group_sums(const RowBlocks<acc_t> (&rows)[R], int64_t n, acc_t inv_tau,
   }
 }
 
-// A student row's gradient at grad_rows = row_weight from its forward: q = e * inv_l_s from the sums
-// pass's exps e = e^{s - m_s} (no exp of its own), the teacher's p and u = z_u / tau as the forward
-// loaded them, the row statistics r. kd_math.h's per-element formulas; TSER only with the entropy's
-// softmax the KL's (tau_H = tau). Not inlined, so that the forward kernel's own loops stay as GCC
-// vectorized them (a first version with the gradient loop inlined left the HTA forward 2.7x slower).
+// A student row's gradient at grad_rows = row_weight from its forward, into out[0, C): q = e * inv_l_s
+// from the sums pass's exps e = e^{s - m_s} (no exp of its own) -- classes [0, C - C % kRowLanes) in
+// e_main, which may be `out` itself (each class read before it is written), the rest in e_tail --, the
+// teacher's p and u = z_u / tau as the forward loaded them, the row statistics r. kd_math.h's
+// per-element formulas; TSER only with the entropy's softmax the KL's (tau_H = tau). Not inlined, so
+// that the forward kernel's own loops stay as GCC vectorized them (a first version with the gradient
+// loop inlined left the HTA forward 2.7x slower).
 template <int LOSS, typename acc_t>
-SNNKD_NOINLINE void gradient_row_from_exps(const acc_t* z, const acc_t* e, int64_t C, const acc_t* p, const acc_t* u,
-                                           const RowStats<acc_t>& r, acc_t inv_l_s, acc_t inv_tau, acc_t tau,
-                                           acc_t entropy_weight, acc_t row_weight, acc_t* out) {
+SNNKD_NOINLINE void gradient_row_from_exps(const acc_t* z, const acc_t* e_main, const acc_t* e_tail, int64_t C,
+                                           const acc_t* p, const acc_t* u, const RowStats<acc_t>& r, acc_t inv_l_s,
+                                           acc_t inv_tau, acc_t tau, acc_t entropy_weight, acc_t row_weight,
+                                           acc_t* out) {
   const acc_t lse_s = r.lse_s, lse_u = r.lse_u;
-  row_map(z, C, out, [=](acc_t z_c, int64_t c) {
-    const acc_t q = e[c] * inv_l_s;
+  auto grad = [=](acc_t z_c, acc_t e_c, int64_t c) {
+    const acc_t q = e_c * inv_l_s;
     const acc_t log_q = z_c * inv_tau - lse_s;
     acc_t g = grad_student_kl<acc_t>(LOSS, log_q, q, u[c] - lse_u, p[c], r, tau);
     if (LOSS == kTSER) g += grad_student_entropy<acc_t>(log_q, q, r, inv_tau, entropy_weight);
     return row_weight * g;
-  });
+  };
+  const int64_t full = C - C % kRowLanes;
+#pragma omp simd
+  for (int64_t c = 0; c < full; ++c) out[c] = grad(z[c], e_main[c], c);
+  for (int64_t c = full; c < C; ++c) out[c] = grad(z[c], e_tail[c - full], c);
 }
 
 // grad_s (nullptr: none): also the student's gradient at grad_rows = row_weight ([T, B, C], contiguous,
@@ -183,20 +193,24 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
   at::parallel_for(0, B, 1, [&](int64_t b_begin, int64_t b_end) {
     TeacherRow<acc_t> teacher(C, LOSS == kHTA);
     const int64_t n = teacher.n;  // the loops' width: C, or C padded to whole vectors (kd_cpu_rows.h)
-    // student rows as acc_t (kd_cpu_rows.h, row_as_acc): kRowGroup of them at a time for KL/TSER
-    std::vector<std::vector<acc_t>> row_bufs(LOSS == kHTA ? 1 : kRowGroup, padded_row_buffer<acc_t>(C));
+    // student rows as acc_t where the input is not (kd_cpu_rows.h, row_as_acc): kRowGroup of them at a
+    // time for KL/TSER
+    const bool rows_in_place = std::is_same<s_t, acc_t>::value && ss.c == 1;
+    std::vector<std::vector<acc_t>> row_bufs(LOSS == kHTA ? 1 : kRowGroup,
+                                             rows_in_place ? std::vector<acc_t>() : padded_row_buffer<acc_t>(C));
     std::vector<acc_t> e_buf(LOSS == kHTA ? n : 0);
     const acc_t* u = teacher.u.data();
     const acc_t* p = teacher.p.data();
     acc_t* e_s_row = e_buf.data();
-    // the KL/TSER rows' exps for the gradient, kRowGroup rows of n
-    std::vector<acc_t> grad_e_buf(grad_s != nullptr && LOSS != kHTA ? kRowGroup * n : 0);
-    // row (t, b)'s gradient from its exps e (after finish_row stored its statistics)
-    auto gradient_row = [&](int64_t t, int64_t b, const acc_t* z, const acc_t* e, acc_t l_s) {
+    // row (t, b)'s gradient from its exps (after finish_row stored its statistics); the KL/TSER rows
+    // keep theirs in the gradient's row itself, but for the last partial vector (grad_e_tails)
+    acc_t grad_e_tails[kRowGroup][kRowLanes];
+    auto gradient_row = [&](int64_t t, int64_t b, const acc_t* z, const acc_t* e_main, const acc_t* e_tail,
+                            acc_t l_s) {
       const int64_t row = t * B + b;
       const acc_t* stat = stats + row * kNumStats;
       const RowStats<acc_t> r{stat[kLseS], stat[kLseU], stat[kKlF], stat[kAux0], stat[kAux1]};
-      gradient_row_from_exps<LOSS>(z, e, C, p, u, r, acc_t(1) / l_s, inv_tau, acc_t(lp.temperature),
+      gradient_row_from_exps<LOSS>(z, e_main, e_tail, C, p, u, r, acc_t(1) / l_s, inv_tau, acc_t(lp.temperature),
                                    entropy_weight, row_weight, grad_s + row * C);
     };
 
@@ -275,15 +289,19 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
       for (int r = 0; r < R; ++r) load_row_blocks(S + (t0 + r) * ss.t + b * ss.b, ss.c, C, n, row_bufs[r].data(), z[r]);
       RowSums<acc_t> sums[R];
       acc_t* e[R];
-      for (int r = 0; r < R; ++r) e[r] = grad_s != nullptr ? grad_e_buf.data() + r * n : nullptr;
+      acc_t* e_tail[R];
+      for (int r = 0; r < R; ++r) {
+        e[r] = grad_s != nullptr ? grad_s + ((t0 + r) * B + b) * C : nullptr;
+        e_tail[r] = grad_e_tails[r];
+      }
       if (grad_s != nullptr) {
-        row_group_sums<LOSS, R, true>(z, n, inv_tau, p, u, sums, e);
+        row_group_sums<LOSS, R, true>(z, n, C, inv_tau, p, u, sums, e, e_tail);
       } else {
-        row_group_sums<LOSS, R, false>(z, n, inv_tau, p, u, sums, e);
+        row_group_sums<LOSS, R, false>(z, n, C, inv_tau, p, u, sums, e, e_tail);
       }
       for (int r = 0; r < R; ++r) finish_row(t0 + r, b, z[r], sums[r], acc_t(0));
       if (grad_s != nullptr) {
-        for (int r = 0; r < R; ++r) gradient_row(t0 + r, b, z[r].z, e[r], sums[r].l_s);
+        for (int r = 0; r < R; ++r) gradient_row(t0 + r, b, z[r].z, e[r], e_tail[r], sums[r].l_s);
       }
     };
 
@@ -339,7 +357,7 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
         sums.l_s = lane_sum(l_lanes);
         sums.kl_sum = lane_sum(kl_lanes);
         finish_row(t, b, z_row, sums, lane_sum(rev_lanes));
-        if (grad_s != nullptr) gradient_row(t, b, z_row.z, e_s_row, sums.l_s);
+        if (grad_s != nullptr) gradient_row(t, b, z_row.z, e_s_row, e_s_row + (C - C % kRowLanes), sums.l_s);
       }
     }
   });
