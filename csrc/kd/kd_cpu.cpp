@@ -191,7 +191,7 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
   // TSER at its default entropy temperature tau_H = tau: the entropy reuses the KL's softmax
   const bool entropy_shares_softmax = lp.entropy_temperature == lp.temperature;
   at::parallel_for(0, B, 1, [&](int64_t b_begin, int64_t b_end) {
-    TeacherRow<acc_t> teacher(C, LOSS == kHTA);
+    TeacherRow<acc_t> teacher(C, LOSS == kHTA, TeacherUse::kUAndP);
     const int64_t n = teacher.n;  // the loops' width: C, or C padded to whole vectors (kd_cpu_rows.h)
     // student rows as acc_t where the input is not (kd_cpu_rows.h, row_as_acc): kRowGroup of them at a
     // time for KL/TSER
@@ -308,10 +308,10 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
     for (int64_t b = b_begin; b < b_end; ++b) {
       if (LOSS != kHTA) {
         // a [B, C] teacher's rows kRowGroup at a time, the rest (and per-timestep teachers') one by one
-        if (!teacher_per_t) teacher.load(U + b * us.b, us.c, C, inv_tau, false, false);
+        if (!teacher_per_t) teacher.load(U + b * us.b, us.c, C, inv_tau, false);
         for (int64_t t = 0; t < T;) {
           if (teacher_per_t) {
-            teacher.load(U + t * us.t + b * us.b, us.c, C, inv_tau, false, false);
+            teacher.load(U + t * us.t + b * us.b, us.c, C, inv_tau, false);
           } else if (t + kRowGroup <= T) {
             kl_rows(b, t, std::integral_constant<int, kRowGroup>{});
             t += kRowGroup;
@@ -325,7 +325,7 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
       for (int64_t t = 0; t < T; ++t) {
         const int64_t tt = teacher_per_t ? t : 0;
         if (t == 0 || teacher_per_t) {
-          teacher.load(U + tt * us.t + b * us.b, us.c, C, inv_tau, true, false);
+          teacher.load(U + tt * us.t + b * us.b, us.c, C, inv_tau, true);
           teacher.select_head(C, lp.head_threshold, hta_keys + (tt * B + b) * kHtaNum);
         }
         RowBlocks<acc_t> z_row;  // in place up to z_row.full, then its padded tail (as the KL rows)
@@ -621,7 +621,7 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, Strides ss, const u_t
   at::parallel_for(0, B, 1, [&](int64_t b_begin, int64_t b_end) {
     // No padding here (loops over C): without row reductions the scalar remainder costs less
     // than copying a padded row in and its gradient out (measured at C = 10 and 1000).
-    TeacherRow<acc_t> teacher(C, false);
+    TeacherRow<acc_t> teacher(C, false, TeacherUse::kLogPAndP);
     std::vector<acc_t> s_buf(C);
     std::vector<acc_t> teacher_sum(grad_u && !teacher_per_t ? C : 0);
     const acc_t* log_p = teacher.log_p.data();

@@ -191,11 +191,16 @@ Item crossing_item(Item* items, int64_t n, double threshold, Before before, Mass
   return items[hi - 1];  // reached only through rounding between the two summation orders
 }
 
+// Which of a TeacherRow's rows a kernel reads, so that only those are allocated (at C = 128,000 each
+// is 0.5 MB per thread, beside a gradient the CPU KD forward may already hold): the KD forward u and p
+// (load() without log_p), NLD's forward all three, the backwards log_p and p (load_from_lse()).
+enum class TeacherUse { kUAndP, kAll, kLogPAndP };
+
 // One sample's teacher row at temperature tau, computed once for its T student rows: u = z_u / tau,
-// log_p and p (log_softmax and softmax of u; the forwards' load() fills log_p only for NLD, which
-// reads it; the backwards' load_from_lse() fills [0, C) of log_p and p alone), and for HTA the sort
-// keys of the logits and the head mask. u, log_p, p and head hold n = padded_width(C) entries; after
-// load() the padding is u = log_p = -inf, p = 0, head = 0.
+// log_p and p (log_softmax and softmax of u; load() fills the rows `use` allocated, load_from_lse()
+// fills [0, C) of log_p and p alone), and for HTA the sort keys of the logits and the head mask. u,
+// log_p, p and head hold n = padded_width(C) entries; after load() the padding is u = log_p = -inf,
+// p = 0, head = 0.
 template <typename acc_t>
 struct TeacherRow {
   int64_t n;
@@ -208,19 +213,20 @@ struct TeacherRow {
   acc_t lse_u = 0;
   acc_t max_u = 0, sum_u = 0;  // lse_u = max_u + log(sum_u)
 
-  TeacherRow(int64_t C, bool hta)
+  // order (double HTA's selection) and packed (float HTA's candidates) are sized when used
+  TeacherRow(int64_t C, bool hta, TeacherUse use)
       : n(padded_width(C)),
         buf(padded_row_buffer<acc_t>(C)),
-        u(n),
-        log_p(n),
+        u(use != TeacherUse::kLogPAndP ? n : 0),
+        log_p(use != TeacherUse::kUAndP ? n : 0),
         p(n),
         keys(hta ? C : 0),
-        order(hta ? C : 0),
         head(hta ? n : 0) {}
 
-  // with_log_p: also fill log_p (NLD's forward; the KD forward reads only u and p)
+  // Fills u, p and, where allocated, log_p (the rows of kUAndP or kAll).
   template <typename u_t>
-  void load(const u_t* src, int64_t stride, int64_t C, acc_t inv_tau, bool hta, bool with_log_p = true) {
+  void load(const u_t* src, int64_t stride, int64_t C, acc_t inv_tau, bool hta) {
+    const bool with_log_p = !log_p.empty();
     const acc_t* zr = row_as_acc(src, stride, C, n, buf.data());
     z = zr;
     acc_t* up = u.data();
@@ -360,8 +366,9 @@ struct TeacherRow {
     }
     // (key, index) packed into one int64 whose descending order is the class order; compacted without
     // a branch (every class written, the count advanced by the test): the push_back behind an
-    // unpredictable test cost more than the sort at C = 100
-    packed.resize(C);
+    // unpredictable test cost more than the sort at C = 100. The range holds count_lo - count_hi
+    // classes; one entry more takes the writes after the last of them.
+    packed.resize(static_cast<size_t>(count_lo - count_hi) + 1);
     int64_t in_range = 0;
     for (int64_t c = 0; c < C; ++c) {
       packed[in_range] = key[c] * (int64_t(1) << 32) + (int64_t(0xFFFFFFFF) - c);

@@ -223,7 +223,7 @@ void forward_kernel(const s_t* S, const u_t* U, uint64_t seed, const RowLayout& 
     const int64_t C = L.C;
     NldRow<acc_t> row(C);
     RowNoise<acc_t> noise(seed, L, b_end);
-    TeacherRow<acc_t> teacher(C, false);
+    TeacherRow<acc_t> teacher(C, false, TeacherUse::kAll);
     const acc_t *log_p = teacher.log_p.data(), *p = teacher.p.data();
     for (int64_t b = b_begin; b < b_end; ++b) {
       for (int64_t t = 0; t < L.T; ++t) {
@@ -301,7 +301,7 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
     const int64_t C = L.C;
     NldRow<acc_t> row(C);
     RowNoise<acc_t> noise(seed, L, b_end);
-    TeacherRow<acc_t> teacher(C, false);
+    TeacherRow<acc_t> teacher(C, false, TeacherUse::kLogPAndP);
     const acc_t *log_p = teacher.log_p.data(), *p = teacher.p.data();
     std::vector<acc_t> teacher_sum(grad_u && !L.teacher_per_t ? C : 0);
     std::vector<acc_t> log_ps_buf(grad_u ? C : 0);
