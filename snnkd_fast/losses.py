@@ -14,8 +14,8 @@ local batch, so DDP's gradient averaging gives the global batch's answer for equ
 
 Gradients flow to the student and, when it requires grad (data-free KD), to the teacher. On the CPU
 ("cpp", eager) a call whose student alone requires grad has its forward form the student's gradient
-(KL and TSER -- at its default entropy temperature -- at C = 32 or C >= 48, HTA-KL at any C), so the backward
-reads nothing again: compute losses you only log under ``torch.no_grad()``.
+(KL and TSER -- at its default entropy temperature -- at C = 32 or C >= 48, HTA-KL and NLD at any C),
+so the backward reads nothing again: compute losses you only log under ``torch.no_grad()``.
 Policy for non-finite logits: -inf marks a masked class (probability 0, handled exactly); +inf or
 NaN makes that row's loss NaN. Nothing is checked on the host (no synchronisation).
 """

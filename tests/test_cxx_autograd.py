@@ -208,70 +208,73 @@ def test_opcheck_cxx_ops(backend, divisor):
 # the CPU forward's precomputed student gradient (csrc/kd/kd_autograd.cpp)
 # --------------------------------------------------------------------------------------------------
 
-PRECOMPUTED_CASES = [c for c in CASES if not c.nld]
-
-
-def _kd_row_ops(run):
-    """run()'s result and the snnkd_fast KD row kernels it ran, as the profiler records them."""
+def _row_ops(run):
+    """run()'s result and the snnkd_fast row kernels (KD's, NLD's) it ran, as the profiler records them."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         result = run()
-    return result, {e.key for e in prof.key_averages() if e.key.startswith("snnkd_fast::kd_rows")}
+    return result, {e.key for e in prof.key_averages() if e.key.startswith("snnkd_fast::") and "_rows_" in e.key}
 
 
 def _precomputes(case, C):
-    """Whether the cpp forward forms the gradient: the row kernel (HTA's, or C >= 32 here), TSER at
-    tau_H = tau."""
+    """Whether the cpp forward forms the gradient: NLD always, HTA in its row kernel (any C), KL and
+    TSER in theirs (C >= 32 here, not the lane rows), TSER at tau_H = tau."""
+    if case.nld:
+        return True
     row_kernel = case.fn is L.hta_kl or C >= 32
     return row_kernel and case.kwargs.get("entropy_temperature", case.kwargs["temperature"]) == \
         case.kwargs["temperature"]
 
 
-@pytest.mark.parametrize("case", PRECOMPUTED_CASES, ids=[c.name for c in PRECOMPUTED_CASES])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("C", [13, 48, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("reduction", ["batchmean", "mean", "none"])
 @pytest.mark.parametrize("grad_scale", [1.0, 0.7])
 def test_cpu_forward_precomputes_the_student_gradient(monkeypatch, case, C, dtype, reduction, grad_scale):
-    """An eager cpp call whose student alone needs a gradient: where the row kernel runs the forward
-    forms it and the backward runs no row kernel -- the loss's gradient 1 (backpropagated alone or as
-    a term of a sum) returns it as it is, any other scales it, "none" weights each row; the loss is
-    bitwise the Python path's, the gradient within a few ulps of its row backward's and the
-    reference's. Few classes (the lane-rows kernels), a bf16 student and TSER at tau_H != tau take
-    the row backward, bitwise the Python path's (HTA's forward is the row kernel at any C; a bf16
-    student's time average is float32)."""
+    """An eager cpp call whose student alone needs a gradient: where the forward can, it forms the
+    gradient and the backward runs no row kernel -- the loss's gradient 1 (backpropagated alone or as a
+    term of a sum) returns it as it is, any other scales it, "none" weights each row; the loss is
+    bitwise the Python path's, the gradient within a few ulps of its row backward's and within the
+    suite's tolerance of the float64 reference. KL and TSER at few classes (the lane-rows kernels), a
+    bf16 student and TSER at tau_H != tau take the row backward, bitwise the Python path's (HTA's
+    forward is the row kernel at any C; NLD forms it at any C; a bf16 student's time average is
+    float32)."""
     _skip_unless("cpp")
     g = torch.Generator().manual_seed(C)
     student = (torch.randn(3, 5, C, generator=g) * 2).to(dtype)
     teacher = (torch.randn(5, C, generator=g) * 2).to(dtype)
 
+    def weighted(loss):  # "none": each row its own weight, so that every row's gradient is checked
+        weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).view(loss.shape)
+        return (loss * (weights if reduction == "none" else grad_scale)).sum()
+
     def run():
         leaf = student.clone().requires_grad_(True)
         loss = case.fn(leaf, teacher, backend="cpp", reduction=reduction, **case.kwargs)
-        weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).view(loss.shape)
-        (loss * (weights if reduction == "none" else grad_scale)).sum().backward()
+        weighted(loss).backward()
         return loss.detach(), leaf.grad
 
     monkeypatch.setattr(_library, "CXX_AUTOGRAD", True)
-    (loss, grad), ops = _kd_row_ops(run)
+    (loss, grad), ops = _row_ops(run)
     monkeypatch.setattr(_library, "CXX_AUTOGRAD", False)
     python_loss, python_grad = run()
     _assert_same(loss, python_loss)
+    family = "nld" if case.nld else "kd"
     # the losses of time-averaged logits average a bf16 student in float32 before the kernel
-    averaged = case.fn is L.kd_kl or case.kwargs.get("time_reduction") == "mean_logits"
+    averaged = case.fn is L.kd_kl or case.kwargs.get("time_reduction") == "mean_logits" or \
+        (case.nld and not case.per_timestep)
     if _precomputes(case, C) and (dtype != torch.bfloat16 or averaged):
-        assert ops == {"snnkd_fast::kd_rows_forward_student_grad"}, ops
+        assert ops == {f"snnkd_fast::{family}_rows_forward_student_grad"}, ops
         if dtype == torch.bfloat16:
             assert_grad_close(grad, python_grad, dtype, "vs the row backward")
         else:
             rtol, atol = (2e-5, 2e-6) if dtype == torch.float32 else (1e-12, 1e-13)
             torch.testing.assert_close(grad, python_grad, rtol=rtol, atol=atol * python_grad.abs().max().item())
     else:
-        assert ops == {"snnkd_fast::kd_rows_forward", "snnkd_fast::kd_rows_backward"}, ops
+        assert ops == {f"snnkd_fast::{family}_rows_forward", f"snnkd_fast::{family}_rows_backward"}, ops
         _assert_same(grad, python_grad)
     reference = student.double().requires_grad_(True)
-    ref_loss = case.fn(reference, teacher.double(), backend="torch", reduction=reduction, **case.kwargs)
-    weights = torch.linspace(0.5, 1.5, ref_loss.numel(), dtype=torch.float64).view(ref_loss.shape)
-    (ref_loss * (weights if reduction == "none" else grad_scale)).sum().backward()
+    weighted(case.reference(reference, teacher.double(), "cpp", reduction)).backward()
     assert_grad_close(grad, reference.grad, dtype, f"{case.name} vs reference")
 
 
@@ -282,10 +285,10 @@ def test_precomputed_gradient_is_used_once():
     student = torch.randn(4, 6, 64, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(6, 64, dtype=torch.float64)
     loss = L.hta_kl(student, teacher, backend="cpp")
-    (_, ops) = _kd_row_ops(lambda: loss.backward(retain_graph=True))
+    (_, ops) = _row_ops(lambda: loss.backward(retain_graph=True))
     assert ops == set(), ops
     first = student.grad.clone()
-    (_, ops) = _kd_row_ops(lambda: loss.backward())
+    (_, ops) = _row_ops(lambda: loss.backward())
     assert ops == {"snnkd_fast::kd_rows_backward"}, ops
     torch.testing.assert_close(student.grad, 2 * first, rtol=1e-12, atol=1e-15)
 
@@ -306,12 +309,12 @@ def test_no_precomputed_gradient_where_it_would_be_unused_or_unseen():
     for name, call in calls.items():
         if name == "no_grad":
             with torch.no_grad():
-                _, ops = _kd_row_ops(call)
+                _, ops = _row_ops(call)
         elif name == "saved_tensor_hooks":
             with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-                _, ops = _kd_row_ops(call)
+                _, ops = _row_ops(call)
         else:
-            _, ops = _kd_row_ops(call)
+            _, ops = _row_ops(call)
         assert ops == {"snnkd_fast::kd_rows_forward"}, (name, ops)
-    _, ops = _kd_row_ops(lambda: L.per_timestep_kl(student, teacher, backend="cpp"))
+    _, ops = _row_ops(lambda: L.per_timestep_kl(student, teacher, backend="cpp"))
     assert ops == {"snnkd_fast::kd_rows_forward_student_grad"}, ops

@@ -6,13 +6,14 @@
 // is bitwise that of the Python path, and so is the gradient except where the CPU forward forms it
 // (below).
 //
-// On the CPU, when the call will be differentiated for the student alone, kd_loss's forward also
-// returns the student's gradient for a loss gradient of 1 (kd_rows_forward_student_grad_cpu: each row
-// from the exps of its own sums pass, while it is in cache, times 1/divisor) and the backward returns
+// On the CPU, when the call will be differentiated for the student alone, kd_loss's and nld_loss's
+// forwards also return the student's gradient for a loss gradient of 1 (kd_rows_forward_student_grad_cpu,
+// nld_rows_forward_student_grad_cpu: each row from the exps of its own forward, while it is in cache,
+// times 1/divisor) and the backward returns
 // it as it is when the loss's gradient is 1 -- a loss backpropagated alone or as a term of a sum --
 // else multiplies it by that gradient in place (by the rows' gradient for "none"). The row backward
-// instead re-reads both inputs and takes one exp per element again: at
-// [4, 512, 100] it was 70 of the ~245 us of a forward+backward. The gradient formed this way differs
+// instead re-reads both inputs and takes one exp per element again (NLD's also draws the noise
+// again): at [4, 512, 100] the KL's was 70 of the ~245 us of a forward+backward. The gradient formed this way differs
 // from the row backward's in its last bits (p = e^{u - m} / l, q = e^{s - m} / l rather than
 // e^{log p}, e^{log q}); tests/test_cxx_autograd.py holds it to ~1e-6 relative. The gradient is
 // allocated by the forward instead of the backward -- either way at the time of a training step's
@@ -77,6 +78,30 @@ bool precompute_student_grad(const at::Tensor& student, const at::Tensor& teache
          !at::SavedTensorDefaultHooks::get_hooks().has_value();
 }
 
+// The backward's use of a gradient the forward precomputed (saved_data "student_grad"), into grads[0]:
+// taken out of the node (the gradient is then this tensor alone, which AccumulateGrad adopts without a
+// copy; a retained graph's next backward runs the row backward) and completed in place. False where
+// the node holds none or the call wants other gradients: the caller runs its row backward.
+bool use_precomputed_student_grad(AutogradContext* ctx, const variable_list& grad_outputs, int64_t divisor,
+                                  bool student_grad, bool teacher_grad, variable_list& grads) {
+  const auto precomputed = ctx->saved_data.find("student_grad");
+  if (precomputed == ctx->saved_data.end()) return false;
+  at::Tensor grad_student = precomputed->second.toTensor();
+  ctx->saved_data.erase(precomputed);
+  if (!student_grad || teacher_grad) return false;
+  const at::Tensor& grad_loss = grad_outputs[0];
+  if (divisor == 0) {
+    grad_student.mul_(grad_loss.unsqueeze(-1));  // the rows' own gradients
+  } else if (grad_loss.item<double>() != 1.0) {  // a CPU scalar: no synchronisation
+    grad_student.mul_(grad_loss);
+  }
+  grads[0] = grad_student;
+  return true;
+}
+
+// The weight of each row's gradient when the loss's gradient is 1.
+double row_weight(int64_t divisor) { return divisor == 0 ? 1.0 : 1.0 / static_cast<double>(divisor); }
+
 struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher, int64_t loss,
                             double temperature, double entropy_temperature, double entropy_weight,
@@ -89,7 +114,7 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
         kd_cpu_forms_student_grad(student, teacher, loss, temperature, entropy_temperature)) {
       std::tie(rows, stats, keys, student_grad) = kd_rows_forward_student_grad_cpu(
           student, teacher, loss, temperature, entropy_temperature, entropy_weight, head_threshold,
-          divisor == 0 ? 1.0 : 1.0 / static_cast<double>(divisor));
+          row_weight(divisor));
     } else {
       std::tie(rows, stats, keys) =
           rows_forward.call(student, teacher, loss, temperature, entropy_temperature, entropy_weight, head_threshold);
@@ -113,22 +138,8 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
     const bool student_grad = ctx->needs_input_grad(0), teacher_grad = ctx->needs_input_grad(1);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     variable_list grads(9);
-    const auto precomputed = ctx->saved_data.find("student_grad");
-    if (precomputed != ctx->saved_data.end()) {
-      // taken out of the node (the gradient is then this tensor alone, which AccumulateGrad adopts
-      // without a copy; a retained graph's next backward runs the row backward) and completed in place
-      at::Tensor grad_student = precomputed->second.toTensor();
-      ctx->saved_data.erase(precomputed);
-      if (student_grad && !teacher_grad) {
-        const at::Tensor& grad_loss = grad_outputs[0];
-        if (divisor == 0) {
-          grad_student.mul_(grad_loss.unsqueeze(-1));  // the rows' own gradients
-        } else if (grad_loss.item<double>() != 1.0) {  // a CPU scalar: no synchronisation
-          grad_student.mul_(grad_loss);
-        }
-        grads[0] = grad_student;
-        return once_differentiable(grad_outputs, std::move(grads), "snnkd_fast::kd_loss");
-      }
+    if (use_precomputed_student_grad(ctx, grad_outputs, divisor, student_grad, teacher_grad, grads)) {
+      return once_differentiable(grad_outputs, std::move(grads), "snnkd_fast::kd_loss");
     }
     const at::Tensor grad_rows = grad_of_rows(grad_outputs[0], divisor, stats.sym_sizes().slice(0, 2));
     auto [grad_student, grad_teacher] = rows_backward.call(
@@ -144,12 +155,19 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
 struct NldLossFunction : public torch::autograd::Function<NldLossFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
                             const at::Tensor& seed, double temperature, double noise_weight, double noise_std,
-                            bool adaptive, bool additive, int64_t divisor) {
+                            bool adaptive, bool additive, int64_t divisor, bool precompute_grad) {
     static const auto rows_forward = find_op<NldForward>("snnkd_fast::nld_rows_forward");
     check_divisor(divisor, "snnkd_fast::nld_loss");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [rows, stats] = rows_forward.call(student, teacher, seed, temperature, noise_weight, noise_std, adaptive,
-                                           additive);
+    at::Tensor rows, stats, student_grad;
+    if (precompute_grad && nld_cpu_forms_student_grad(student, teacher)) {
+      std::tie(rows, stats, student_grad) = nld_rows_forward_student_grad_cpu(
+          student, teacher, seed, temperature, noise_weight, noise_std, adaptive, additive, row_weight(divisor));
+    } else {
+      std::tie(rows, stats) =
+          rows_forward.call(student, teacher, seed, temperature, noise_weight, noise_std, adaptive, additive);
+    }
+    if (student_grad.defined()) ctx->saved_data["student_grad"] = student_grad;
     ctx->save_for_backward({student, teacher, seed, stats});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["noise_weight"] = noise_weight;
@@ -164,15 +182,18 @@ struct NldLossFunction : public torch::autograd::Function<NldLossFunction> {
     static const auto rows_backward = find_op<NldBackward>("snnkd_fast::nld_rows_backward");
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& stats = saved[3];
-    const at::Tensor grad_rows =
-        grad_of_rows(grad_outputs[0], ctx->saved_data["divisor"].toInt(), stats.sym_sizes().slice(0, 2));
+    const int64_t divisor = ctx->saved_data["divisor"].toInt();
     const bool student_grad = ctx->needs_input_grad(0), teacher_grad = ctx->needs_input_grad(1);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    variable_list grads(10);
+    if (use_precomputed_student_grad(ctx, grad_outputs, divisor, student_grad, teacher_grad, grads)) {
+      return once_differentiable(grad_outputs, std::move(grads), "snnkd_fast::nld_loss");
+    }
+    const at::Tensor grad_rows = grad_of_rows(grad_outputs[0], divisor, stats.sym_sizes().slice(0, 2));
     auto [grad_student, grad_teacher] = rows_backward.call(
         grad_rows, saved[0], saved[1], saved[2], stats, ctx->saved_data["temperature"].toDouble(),
         ctx->saved_data["noise_weight"].toDouble(), ctx->saved_data["noise_std"].toDouble(),
         ctx->saved_data["adaptive"].toBool(), ctx->saved_data["additive"].toBool(), teacher_grad);
-    variable_list grads(9);
     if (student_grad) grads[0] = grad_student;
     if (teacher_grad) grads[1] = grad_teacher;
     return once_differentiable(grad_outputs, std::move(grads), "snnkd_fast::nld_loss");
@@ -201,7 +222,7 @@ at::Tensor nld_loss_autograd(const at::Tensor& student, const at::Tensor& teache
                              double temperature, double noise_weight, double noise_std, bool adaptive, bool additive,
                              int64_t divisor) {
   return NldLossFunction::apply(student, teacher, seed, temperature, noise_weight, noise_std, adaptive, additive,
-                                divisor);
+                                divisor, precompute_student_grad(student, teacher));
 }
 
 at::Tensor nld_loss_plain(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& seed,

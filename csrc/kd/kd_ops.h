@@ -57,6 +57,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_stude
     const at::Tensor& student, const at::Tensor& teacher, int64_t loss, double temperature,
     double entropy_temperature, double entropy_weight, double head_threshold, double row_weight);
 
+// NLD's twins of the two above (csrc/kd/nld_cpu.cpp): a student in the accumulation dtype.
+bool nld_cpu_forms_student_grad(const at::Tensor& student, const at::Tensor& teacher);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nld_rows_forward_student_grad_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& seed, double temperature,
+    double noise_weight, double noise_std, bool adaptive, bool additive, double row_weight);
+
 }  // namespace kd
 }  // namespace snnkd
 

@@ -9,6 +9,7 @@
 // underflow (mixture_underflows).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -74,11 +75,13 @@ inline acc_t safe_ratio(acc_t p, acc_t p_s) {
 // logits n, and e^{x - max x}, e^{n - max n} (the forward's softmax numerators; the backward keeps q
 // and r there). Each holds width = padded_width(C) entries; the loops write only [0, C) of z, eps,
 // x and n, whose padding stays neutral: z = eps = 0, x = n = -inf (so e_x = e_n = 0 there).
+// with_p_s: a row for the mixture p_s of its own (the forward that also forms the gradient, which
+// needs e_x after p_s; the plain forward writes p_s over e_x).
 template <typename acc_t>
 struct NldRow {
   int64_t C, width;
-  std::vector<acc_t> z, eps, x, n, e_x, e_n;
-  explicit NldRow(int64_t C_)
+  std::vector<acc_t> z, eps, x, n, e_x, e_n, p_s;
+  explicit NldRow(int64_t C_, bool with_p_s = false)
       : C(C_),
         width(padded_width(C_)),
         z(width),
@@ -86,7 +89,8 @@ struct NldRow {
         x(padded_row_buffer<acc_t>(C_)),
         n(padded_row_buffer<acc_t>(C_)),
         e_x(width),
-        e_n(width) {}
+        e_n(width),
+        p_s(with_p_s ? width : 0) {}
 
   // The row's logits, and its noise from `noise` (RowNoise: drawn here, or copied from a block).
   template <typename s_t, typename Noise>
@@ -215,16 +219,52 @@ void backward_row_log_domain(const NldParams<acc_t>& P, const acc_t* log_p, cons
   }
 }
 
+// The mixture's student gradient of one row in the linear domain, times g_row, into gs: q and r the
+// softmaxes of the student's and the noise logits, p_s = w q + (1 - w) r, p the teacher's, eps the
+// noise, z the logits and mean their mean (the adaptive scale's term). With A = p / p_s: sum_wqa =
+// sum w q A, sum_mra = sum (1-w) r A, sum_mrae = sum (1-w) r A eps, sum_re = sum r eps; then
+// d/dz = -tau (w q A - q sum_wqa) (+ the adaptive scale's term).
+template <typename s_t, typename acc_t>
+void mixture_gradient_row(const NldParams<acc_t>& P, const acc_t* p, const acc_t* q, const acc_t* rr,
+                          const acc_t* p_s, const acc_t* e, const acc_t* z, acc_t mean, acc_t var_coef, acc_t g_row,
+                          int64_t C, s_t* gs) {
+  // (an omp-simd reduction over C, not lanes over the padded row: with the lane loop here GCC left
+  // the gradient loop below scalar, and the backward lost more than it gained)
+  acc_t sum_wqa = 0, sum_mra = 0, sum_mrae = 0, sum_re = 0;
+#pragma omp simd reduction(+ : sum_wqa, sum_mra, sum_mrae, sum_re)
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t ratio = safe_ratio(p[c], p_s[c]);
+    const acc_t mra = (acc_t(1) - P.w) * rr[c] * ratio;
+    sum_wqa += P.w * q[c] * ratio;
+    sum_mra += mra;
+    sum_mrae += mra * e[c];
+    sum_re += rr[c] * e[c];
+  }
+  const acc_t sum_g_eps = -P.tau * (sum_mrae - sum_mra * sum_re);
+  const acc_t adaptive_coef = P.adaptive ? var_coef * sum_g_eps : acc_t(0);
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t ratio = safe_ratio(p[c], p_s[c]);
+    const acc_t g_s = -P.tau * (P.w * q[c] * ratio - q[c] * sum_wqa) + adaptive_coef * (z[c] - mean);
+    gs[c] = static_cast<s_t>(g_s * g_row);
+  }
+}
+
+// grad_s (nullptr: none): also the student's gradient at grad_rows = row_weight ([T, B, C], contiguous,
+// in the accumulation type), each row from the softmax numerators of its forward while the row is in
+// the thread's buffers -- the eager path's precomputed gradient (nld_rows_forward_student_grad_cpu),
+// sparing the backward its second Philox draw and exps.
 template <typename s_t, typename u_t, typename acc_t>
 void forward_kernel(const s_t* S, const u_t* U, uint64_t seed, const RowLayout& L, const NldParams<acc_t>& P,
-                    acc_t* rows, acc_t* stats) {
+                    acc_t* rows, acc_t* stats, acc_t* grad_s, acc_t row_weight) {
   // One sample per task, its T rows in order: the teacher's softmax is computed once per sample.
   at::parallel_for(0, L.B, 1, [&](int64_t b_begin, int64_t b_end) {
     const int64_t C = L.C;
-    NldRow<acc_t> row(C);
+    NldRow<acc_t> row(C, grad_s != nullptr);
     RowNoise<acc_t> noise(seed, L, b_end);
     TeacherRow<acc_t> teacher(C, false, TeacherUse::kAll);
     const acc_t *log_p = teacher.log_p.data(), *p = teacher.p.data();
+    const acc_t var_coef = C > 1 ? acc_t(2) / acc_t(C - 1) : acc_t(0);
     for (int64_t b = b_begin; b < b_end; ++b) {
       for (int64_t t = 0; t < L.T; ++t) {
         const int64_t r = t * L.B + b;
@@ -260,15 +300,23 @@ void forward_kernel(const s_t* S, const u_t* U, uint64_t seed, const RowLayout& 
             for (int j = 0; j < kRowLanes; ++j) kl_lanes[j] += xmul(p[i + j], (u[i + j] - x[i + j]) + lse_diff);
           }
           kl = lane_sum(kl_lanes);
+          if (grad_s != nullptr) {  // tau (q - p), q = softmax of the noisy logits
+            const acc_t inv_l_x = acc_t(1) / l_x;
+            acc_t* gs = grad_s + r * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) gs[c] = row_weight * P.tau * (e_x[c] * inv_l_x - p[c]);
+          }
         } else {
           const acc_t m_n = row_max(n, width);
           const acc_t l_n = exp_sum(n, width, m_n, e_n);
           lse_r = m_n + std::log(l_n);
           const acc_t a = P.w / l_x, a_n = (acc_t(1) - P.w) / l_n;
-          acc_t* p_s = e_x;  // p_s = w q + (1 - w) r, in place (0 in the padding)
+          // p_s = w q + (1 - w) r (0 in the padding), over e_x unless the gradient needs e_x after it
+          acc_t* p_s = grad_s != nullptr ? row.p_s.data() : e_x;
 #pragma omp simd
           for (int64_t c = 0; c < width; ++c) p_s[c] = a * e_x[c] + a_n * e_n[c];
-          if (mixture_underflows(p, p_s, C)) {
+          const bool underflows = mixture_underflows(p, p_s, C);
+          if (underflows) {
             kl = mixture_kl_log_domain(P, log_p, p, x, n, lse_q, lse_r, C);
           } else {
             acc_t kl_lanes[kRowLanes] = {};
@@ -277,6 +325,19 @@ void forward_kernel(const s_t* S, const u_t* U, uint64_t seed, const RowLayout& 
               for (int j = 0; j < kRowLanes; ++j) kl_lanes[j] += xmul(p[i + j], log_p[i + j] - fast_log(p_s[i + j]));
             }
             kl = lane_sum(kl_lanes);
+          }
+          if (grad_s != nullptr && underflows) {
+            backward_row_log_domain(P, log_p, row, mean, lse_q, lse_r, var_coef, row_weight, grad_s + r * C,
+                                    static_cast<acc_t*>(nullptr));
+          } else if (grad_s != nullptr) {
+            const acc_t inv_l_x = acc_t(1) / l_x, inv_l_n = acc_t(1) / l_n;
+#pragma omp simd
+            for (int64_t c = 0; c < width; ++c) {  // the softmaxes q and r, in place of their numerators
+              e_x[c] *= inv_l_x;
+              e_n[c] *= inv_l_n;
+            }
+            mixture_gradient_row(P, p, e_x, e_n, p_s, row.eps.data(), z, mean, var_coef, row_weight, C,
+                                 grad_s + r * C);
           }
         }
         rows[r] = P.tau * P.tau * kl;
@@ -334,8 +395,7 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
             for (int64_t c = 0; c < C; ++c) log_ps[c] = x[c] - lse_q;
           }
         } else {
-          // A = p / p_s: sum_wqa = sum w q A, sum_mra = sum (1-w) r A, sum_mrae = sum (1-w) r A eps,
-          // sum_re = sum r eps; then d/dz = -tau (w q A - q sum_wqa) (+ the adaptive scale's term).
+          // q, r and p_s into the row's buffers, then mixture_gradient_row
           acc_t* p_s = row.x.data();  // x is not needed once q is formed
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
@@ -347,26 +407,7 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
             row.student_logits(P, mean, scale, C);  // x again: the log-domain pass needs it
             backward_row_log_domain(P, log_p, row, mean, lse_q, lse_r, var_coef, g_row, gs, grad_u ? log_ps : nullptr);
           } else {
-            // (an omp-simd reduction over C, not lanes over the padded row: with the lane loop here
-            // GCC left the gradient loop below scalar, and the backward lost more than it gained)
-            acc_t sum_wqa = 0, sum_mra = 0, sum_mrae = 0, sum_re = 0;
-#pragma omp simd reduction(+ : sum_wqa, sum_mra, sum_mrae, sum_re)
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t ratio = safe_ratio(p[c], p_s[c]);
-              const acc_t mra = (acc_t(1) - P.w) * rr[c] * ratio;
-              sum_wqa += P.w * q[c] * ratio;
-              sum_mra += mra;
-              sum_mrae += mra * e[c];
-              sum_re += rr[c] * e[c];
-            }
-            const acc_t sum_g_eps = -P.tau * (sum_mrae - sum_mra * sum_re);
-            const acc_t adaptive_coef = P.adaptive ? var_coef * sum_g_eps : acc_t(0);
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t ratio = safe_ratio(p[c], p_s[c]);
-              const acc_t g_s = -P.tau * (P.w * q[c] * ratio - q[c] * sum_wqa) + adaptive_coef * (z[c] - mean);
-              gs[c] = static_cast<s_t>(g_s * g_row);
-            }
+            mixture_gradient_row(P, p, q, rr, p_s, e, z, mean, var_coef, g_row, C, gs);
             if (grad_u) {
 #pragma omp simd
               for (int64_t c = 0; c < C; ++c) log_ps[c] = fast_log(p_s[c]);
@@ -394,21 +435,34 @@ uint64_t read_seed(const at::Tensor& seed) {
 
 
 
-std::tuple<at::Tensor, at::Tensor> nld_rows_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                        const at::Tensor& seed, double temperature,
-                                                        double noise_weight, double noise_std, bool adaptive,
-                                                        bool additive) {
+// The forward op; with student_grad (a student in the accumulation dtype) also the student's gradient
+// at grad_rows = row_weight (forward_kernel), else an undefined one.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nld_rows_forward_impl(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& seed, double temperature,
+    double noise_weight, double noise_std, bool adaptive, bool additive, bool student_grad, double row_weight) {
   const RowLayout L = row_layout(student, teacher, "snnkd_fast::nld_rows");
   const auto acc = acc_dtype(student, teacher);
   at::Tensor rows = at::empty({L.T, L.B}, student.options().dtype(acc));
   at::Tensor stats = at::empty({L.T, L.B, kNldStats}, student.options().dtype(acc));
-  if (rows.numel() == 0) return {rows, stats};
+  at::Tensor grad;
+  if (rows.numel() == 0) return {rows, stats, grad};
+  if (student_grad && nld_cpu_forms_student_grad(student, teacher)) grad = at::empty(student.sizes(), student.options());
   const uint64_t s = read_seed(seed);
   SNNKD_KD_DISPATCH_PAIR(student, teacher, "snnkd_nld_forward_cpu", [&] {
     const auto P = make_nld_params<acc_t>(temperature, noise_weight, noise_std, adaptive, additive);
     forward_kernel<s_t, u_t, acc_t>(student.data_ptr<s_t>(), teacher.data_ptr<u_t>(), s, L, P,
-                                    rows.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+                                    rows.data_ptr<acc_t>(), stats.data_ptr<acc_t>(),
+                                    grad.defined() ? grad.data_ptr<acc_t>() : nullptr, acc_t(row_weight));
   });
+  return {rows, stats, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> nld_rows_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                        const at::Tensor& seed, double temperature,
+                                                        double noise_weight, double noise_std, bool adaptive,
+                                                        bool additive) {
+  auto [rows, stats, grad] = nld_rows_forward_impl(student, teacher, seed, temperature, noise_weight, noise_std,
+                                                   adaptive, additive, false, 1.0);
   return {rows, stats};
 }
 
@@ -453,6 +507,19 @@ at::Tensor nld_noise_cpu(const at::Tensor& seed, at::IntArrayRef shape) {
 }
 
 }  // namespace
+
+bool nld_cpu_forms_student_grad(const at::Tensor& student, const at::Tensor& teacher) {
+  return student.scalar_type() == acc_dtype(student, teacher);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nld_rows_forward_student_grad_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& seed, double temperature,
+    double noise_weight, double noise_std, bool adaptive, bool additive, double row_weight) {
+  RECORD_FUNCTION("snnkd_fast::nld_rows_forward_student_grad", std::vector<c10::IValue>({student, teacher}));
+  return nld_rows_forward_impl(student, teacher, seed, temperature, noise_weight, noise_std, adaptive, additive,
+                               true, row_weight);
+}
+
 }  // namespace kd
 }  // namespace snnkd
 
