@@ -8,18 +8,17 @@
 //
 // On the CPU, when the call will be differentiated for the student alone, kd_loss's and nld_loss's
 // forwards also return the student's gradient for a loss gradient of 1 (kd_rows_forward_student_grad_cpu,
-// nld_rows_forward_student_grad_cpu: each row from the exps of its own forward, while it is in cache,
-// times 1/divisor) and the backward returns
-// it as it is when the loss's gradient is 1 -- a loss backpropagated alone or as a term of a sum --
-// else multiplies it by that gradient in place (by the rows' gradient for "none"). The row backward
-// instead re-reads both inputs and takes one exp per element again (NLD's also draws the noise
-// again): at [4, 512, 100] the KL's was 70 of the ~245 us of a forward+backward. The gradient formed this way differs
-// from the row backward's in its last bits (p = e^{u - m} / l, q = e^{s - m} / l rather than
-// e^{log p}, e^{log q}); tests/test_cxx_autograd.py holds it to ~1e-6 relative. The gradient is
-// allocated by the forward instead of the backward -- either way at the time of a training step's
-// peak, the loss being its last forward op. Not under saved-tensor hooks (offloading, checkpointing:
-// the precomputed gradient would bypass them); a second backward through a retained graph runs the
-// row backward.
+// nld_rows_forward_student_grad_cpu: each row from the exps of its own forward while it is in cache,
+// times 1/divisor), and the backward returns it as it is when the loss's gradient is 1 -- a loss
+// backpropagated alone or as a term of a sum -- else multiplies it by that gradient in place (by the
+// rows' gradient for "none"). The row backward instead re-reads both inputs and takes one exp per
+// element again (NLD's also draws the noise again): at [4, 512, 100] the KL's was 70 of the ~245 us of
+// a forward+backward. The gradient formed this way differs from the row backward's in its last bits
+// (p = e^{u - m} / l, q = e^{s - m} / l rather than e^{log p}, e^{log q}); tests/test_cxx_autograd.py
+// holds the two within 2e-6 of the gradient's largest element (fp32). The gradient is allocated by the
+// forward instead of the backward -- either way at the time of a training step's peak, the loss being
+// its last forward op. Not under saved-tensor hooks (offloading, checkpointing: the precomputed
+// gradient would bypass them); a second backward through a retained graph runs the row backward.
 #include <ATen/SavedTensorHooks.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/library.h>
@@ -67,10 +66,10 @@ void check_divisor(int64_t divisor, const char* op) {
   TORCH_CHECK(divisor >= 0, op, ": divisor must be >= 0 (0: no reduction)");
 }
 
-// Whether kd_loss's forward precomputes the student's gradient (see the top of the file): plain CPU
-// tensors in an eager call that records the student's gradient alone, with nothing that watches the
-// ops or the saved tensors (a dispatch mode or a tensor subclass would not see the direct kernel call;
-// saved-tensor hooks would not see the gradient held for the backward).
+// Whether kd_loss's and nld_loss's forwards precompute the student's gradient (see the top of the
+// file): plain CPU tensors in an eager call that records the student's gradient alone, with nothing
+// that watches the ops or the saved tensors (a dispatch mode or a tensor subclass would not see the
+// direct kernel call; saved-tensor hooks would not see the gradient held for the backward).
 bool precompute_student_grad(const at::Tensor& student, const at::Tensor& teacher) {
   return student.device().is_cpu() && at::GradMode::is_enabled() && student.requires_grad() &&
          !teacher.requires_grad() && !student.key_set().has(c10::DispatchKey::Python) &&
