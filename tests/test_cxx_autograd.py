@@ -278,24 +278,38 @@ def test_cpu_forward_precomputes_the_student_gradient(monkeypatch, case, C, dtyp
     assert_grad_close(grad, reference.grad, dtype, f"{case.name} vs reference")
 
 
-def test_precomputed_gradient_is_used_once():
+@pytest.mark.parametrize("family", ["kd", "nld"])
+def test_precomputed_gradient_is_used_once(family):
     """A retained graph's second backward runs the row backward (the first completed the precomputed
     gradient in place and handed it over): the same gradient twice, accumulated."""
     _skip_unless("cpp")
     student = torch.randn(4, 6, 64, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(6, 64, dtype=torch.float64)
-    loss = L.hta_kl(student, teacher, backend="cpp")
+    loss = (L.hta_kl(student, teacher, backend="cpp") if family == "kd"
+            else L.nld_loss(student, teacher, seed=3, per_timestep=True, backend="cpp"))
     (_, ops) = _row_ops(lambda: loss.backward(retain_graph=True))
     assert ops == set(), ops
     first = student.grad.clone()
     (_, ops) = _row_ops(lambda: loss.backward())
-    assert ops == {"snnkd_fast::kd_rows_backward"}, ops
+    assert ops == {f"snnkd_fast::{family}_rows_backward"}, ops
     torch.testing.assert_close(student.grad, 2 * first, rtol=1e-12, atol=1e-15)
 
 
 def test_no_precomputed_gradient_where_it_would_be_unused_or_unseen():
     """The forward forms no gradient under no_grad, for a student that needs none, when the teacher
-    needs one (data-free KD), or under saved-tensor hooks (they would not see the held gradient)."""
+    needs one (data-free KD), under saved-tensor hooks (they would not see the held gradient) or a
+    dispatch mode (it would not see the direct kernel call: here it sees the row op)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SeenOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func))
+            return func(*args, **(kwargs or {}))
+
     _skip_unless("cpp")
     student = torch.randn(2, 3, 64, requires_grad=True)
     teacher = torch.randn(3, 64)
@@ -305,6 +319,7 @@ def test_no_precomputed_gradient_where_it_would_be_unused_or_unseen():
         "teacher_with_grad": lambda: L.per_timestep_kl(student, teacher.clone().requires_grad_(True),
                                                        backend="cpp"),
         "saved_tensor_hooks": lambda: L.per_timestep_kl(student, teacher, backend="cpp"),
+        "dispatch_mode": lambda: L.per_timestep_kl(student, teacher, backend="cpp"),
     }
     for name, call in calls.items():
         if name == "no_grad":
@@ -313,6 +328,10 @@ def test_no_precomputed_gradient_where_it_would_be_unused_or_unseen():
         elif name == "saved_tensor_hooks":
             with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
                 _, ops = _row_ops(call)
+        elif name == "dispatch_mode":
+            with SeenOps() as mode:
+                _, ops = _row_ops(call)
+            assert "snnkd_fast.kd_rows_forward.default" in mode.names, mode.names
         else:
             _, ops = _row_ops(call)
         assert ops == {"snnkd_fast::kd_rows_forward"}, (name, ops)
