@@ -58,9 +58,15 @@ struct RowBlocks {
   const acc_t* block(int64_t i) const { return i < full ? z + i : tail; }
 };
 
+// Whether load_row_blocks reads a row of T_in in place (else it converts it into its buffer).
+template <typename T_in, typename acc_t>
+constexpr bool row_blocks_in_place(int64_t stride) {
+  return std::is_same<T_in, acc_t>::value && stride == 1;
+}
+
 template <typename T_in, typename acc_t>
 void load_row_blocks(const T_in* src, int64_t stride, int64_t C, int64_t n, acc_t* buf, RowBlocks<acc_t>& row) {
-  if (std::is_same<T_in, acc_t>::value && stride == 1) {
+  if (row_blocks_in_place<T_in, acc_t>(stride)) {
     row.z = reinterpret_cast<const acc_t*>(src);
     row.full = C - C % kRowLanes;
     if (row.full == C) return;  // whole vectors: no tail
@@ -187,7 +193,8 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
                     int64_t C, const LossParams& lp, acc_t* rows, acc_t* stats, int32_t* hta_keys, acc_t* grad_s,
                     acc_t row_weight) {
   const acc_t inv_tau = acc_t(1.0 / lp.temperature), inv_tau_h = acc_t(1.0 / lp.entropy_temperature);
-  const acc_t tau_sq = acc_t(lp.temperature * lp.temperature), entropy_weight = acc_t(lp.entropy_weight);
+  const acc_t tau = acc_t(lp.temperature), tau_sq = acc_t(lp.temperature * lp.temperature);
+  const acc_t entropy_weight = acc_t(lp.entropy_weight);
   // TSER at its default entropy temperature tau_H = tau: the entropy reuses the KL's softmax
   const bool entropy_shares_softmax = lp.entropy_temperature == lp.temperature;
   at::parallel_for(0, B, 1, [&](int64_t b_begin, int64_t b_end) {
@@ -195,7 +202,7 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
     const int64_t n = teacher.n;  // the loops' width: C, or C padded to whole vectors (kd_cpu_rows.h)
     // student rows as acc_t where the input is not (kd_cpu_rows.h, row_as_acc): kRowGroup of them at a
     // time for KL/TSER
-    const bool rows_in_place = std::is_same<s_t, acc_t>::value && ss.c == 1;
+    const bool rows_in_place = row_blocks_in_place<s_t, acc_t>(ss.c);
     std::vector<std::vector<acc_t>> row_bufs(LOSS == kHTA ? 1 : kRowGroup,
                                              rows_in_place ? std::vector<acc_t>() : padded_row_buffer<acc_t>(C));
     std::vector<acc_t> e_buf(LOSS == kHTA ? n : 0);
@@ -210,8 +217,8 @@ void forward_kernel(const s_t* S, Strides ss, const u_t* U, Strides us, bool tea
       const int64_t row = t * B + b;
       const acc_t* stat = stats + row * kNumStats;
       const RowStats<acc_t> r{stat[kLseS], stat[kLseU], stat[kKlF], stat[kAux0], stat[kAux1]};
-      gradient_row_from_exps<LOSS>(z, e_main, e_tail, C, p, u, r, acc_t(1) / l_s, inv_tau, acc_t(lp.temperature),
-                                   entropy_weight, row_weight, grad_s + row * C);
+      gradient_row_from_exps<LOSS>(z, e_main, e_tail, C, p, u, r, acc_t(1) / l_s, inv_tau, tau, entropy_weight,
+                                   row_weight, grad_s + row * C);
     };
 
     // The rest of row (t, b) from its sums (and, for TSER at tau_H != tau and HTA, its logits z):
