@@ -687,12 +687,14 @@ def add_ratios(case_rows: list[dict[str, Any]], reference: str, peers: Iterable[
         row["mem_ratio_vs_reference"] = ratio(row["peak_mem_bytes"], base and base["peak_mem_bytes"])
 
 
-def device_cells(row: Optional[dict[str, Any]]) -> list[str]:
-    """The DEVICE_PASS columns of a table (device ms, speed-up over the reference, % of the bandwidth
-    peak) from that pass's row, dashes without one."""
+def device_cells(row: Optional[dict[str, Any]], with_peak: bool = True) -> list[str]:
+    """The DEVICE_PASS columns of a table (device ms, speed-up over the reference and, ``with_peak``,
+    % of the bandwidth peak) from that pass's row, dashes without one. A whole training step
+    (bench_train_step) has no roofline: its table leaves the last column out."""
     if row is None:
-        return ["-"] * 3
-    return [fmt_ms(row["median_ms"]), fmt_ratio(row.get("speedup_vs_reference")), f"{row['pct_peak']:.0f}"]
+        return ["-"] * (3 if with_peak else 2)
+    cells = [fmt_ms(row["median_ms"]), fmt_ratio(row.get("speedup_vs_reference"))]
+    return cells + [f"{row['pct_peak']:.0f}"] if with_peak else cells
 
 
 def case_table(case_rows: list[dict[str, Any]], peer_labels: dict[str, str],
@@ -942,13 +944,14 @@ def write_results(out_dir: Path, stem: str, meta: dict[str, Any], rows: list[dic
 
 
 def load_results(results_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """Every benchmark-grid ``*.json`` file directly in ``results_dir`` (rows per case and backend),
-    sorted by name, as (path, data); ab_kernels.py's build-against-build tables are not grids."""
+    """Every benchmark-grid ``*.json`` file directly in ``results_dir`` (rows per case, backend and
+    pass), sorted by name, as (path, data). ab_kernels.py's build-against-build tables and
+    kernel_breakdown.py's per-kernel rows (case and backend, but no pass) are not grids."""
     loaded = []
     for path in sorted(results_dir.glob("*.json")):
         data = json.loads(path.read_text())
         if isinstance(data, dict) and "meta" in data and "results" in data and all(
-                "case" in row and "backend" in row for row in data["results"]):
+                "case" in row and "backend" in row and "pass" in row for row in data["results"]):
             loaded.append((path, data))
     return loaded
 

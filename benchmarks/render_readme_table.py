@@ -85,9 +85,10 @@ def render_table(path: Path, data: dict[str, Any], only_ops: Optional[set[str]] 
     peers, labels = table_peers(meta)
     extra = any(row.get("extra_seq_tensors") is not None for row in data["results"])
     on_device = {(row["case"], row["backend"]): row for row in data["results"] if row["pass"] == DEVICE_PASS}
+    with_peak = any(row.get("pct_peak") is not None for row in on_device.values())
     header = ["case", "backend", meta.get("time_label", "fwd+bwd ms"), "vs reference",
               *(f"vs {labels.get(p, p)}" for p in peers),
-              *(["device ms", "device vs reference", "device % peak"] if on_device else []),
+              *(["device ms", "device vs reference", *(["device % peak"] if with_peak else [])] if on_device else []),
               "memory vs reference", *(["extra [T,B,C]"] if extra else [])]
     lines = [heading, "", f"| {' | '.join(header)} |", "|---|---|" + "---:|" * (len(header) - 2)]
     previous_case = None
@@ -98,7 +99,7 @@ def render_table(path: Path, data: dict[str, Any], only_ops: Optional[set[str]] 
         previous_case = row["case"]
         cells = [case, row["backend"], fmt_ms(row["median_ms"]), fmt_ratio(row.get("speedup_vs_reference")),
                  *(fmt_ratio(row.get(f"speedup_vs_{p}")) for p in peers),
-                 *(device_cells(on_device.get((row["case"], row["backend"]))) if on_device else []),
+                 *(device_cells(on_device.get((row["case"], row["backend"])), with_peak) if on_device else []),
                  fmt_ratio(row.get("mem_ratio_vs_reference"))]
         if extra:
             cells.append(fmt_extra(row.get("extra_seq_tensors")))
@@ -107,8 +108,9 @@ def render_table(path: Path, data: dict[str, Any], only_ops: Optional[set[str]] 
                   f"`{meta.get('reference', 'torch')}` backend. Memory: "
                   f"{meta.get('memory_label', 'fwd+bwd peak')} over the reference's."
                   + (" Device: fwd+bwd timed as device work (back-to-back launches: the host's overhead hidden "
-                     "where it is smaller than the device's), its speed-up and its share of the bandwidth peak for "
-                     "the minimum traffic." if on_device else "")
+                     "where it is smaller than the device's), its speed-up"
+                     + (" and its share of the bandwidth peak for the minimum traffic." if with_peak else ".")
+                     if on_device else "")
                   + (" Extra: fwd+bwd peak memory beyond the student gradient, in [T,B,C] float32 tensors."
                      if extra else "")]
     notes = [note for note in meta.get("notes", []) if note.split(":")[0] in meta.get("peers", [])]
