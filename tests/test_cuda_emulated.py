@@ -203,8 +203,10 @@ KD_DTYPE_PAIRS = {(torch.float32, torch.float32): 0, (torch.float64, torch.float
                   (torch.bfloat16, torch.float32): 2, (torch.bfloat16, torch.bfloat16): 3,
                   (torch.float16, torch.float16): 4}
 KD_PAIR_IDS = ["fp32", "fp64", "bf16-fp32", "bf16", "fp16"]
-# (T, B, C): C below, at and above one block's 256 threads (a thread's stride over the classes)
-KD_SHAPES = [(3, 4, 10), (2, 3, 256), (2, 2, 1000)]
+# (T, B, C): C below, at and above one block's 256 threads (a thread's stride over the classes); the
+# backward's classes per thread: C = 10 one (no pack divides it), C = 12 four (fp32, bf16-fp32) or
+# one (8-wide 16-bit packs), C = 256 and 1000 a full 16-byte pack for every pair
+KD_SHAPES = [(3, 4, 10), (2, 3, 12), (2, 3, 256), (2, 2, 1000)]
 
 
 def _kd_inputs(shape, dtypes, per_t, ties, seed=0):
@@ -259,14 +261,61 @@ def test_emulated_cuda_kd_row_kernels_match_the_cpu_ops(kd_emu, shape, dtypes):
                                             dtype=torch.float64).to(rows.dtype)
                     grad_s, grad_u = ops.kd_rows_backward(grad_rows, student, teacher, stats, keys, loss, tau, tau_h,
                                                           weight, True)
-                    e_grad_s, e_grad_u = torch.full_like(grad_s, -7.0), torch.full_like(grad_u, -7.0)
-                    status = kd_emu.emu_kd_rows_backward(
-                        KD_DTYPE_PAIRS[dtypes], loss, _ptr(grad_rows), _ptr(student), _ptr(teacher), int(per_t),
-                        ctypes.c_int64(T), ctypes.c_int64(B), ctypes.c_int64(C), _ptr(e_stats), ctypes.c_double(tau),
-                        ctypes.c_double(tau_h), ctypes.c_double(weight), _ptr(e_grad_s), _ptr(e_grad_u))
-                    assert status == 0
+                    packed = _kd_emulated_backward(kd_emu, dtypes, loss, grad_rows, student, teacher, per_t, e_stats,
+                                                   (tau, tau_h, weight), grad_u=True, allow_packed=True)
+                    e_grad_s, e_grad_u, vec = packed
+                    assert vec == _kd_expected_pack(dtypes, C), f"classes per thread: {where}"
                     _kd_close(e_grad_s, grad_s, f"grad student: {where}")
                     _kd_close(e_grad_u, grad_u, f"grad teacher: {where}")
+                    # one class per thread, and no teacher gradient: the same bits (each element's
+                    # formula and its teacher sum's order over t do not depend on the pack)
+                    for with_grad_u, allow in ((True, False), (False, True)):
+                        o_grad_s, o_grad_u, _ = _kd_emulated_backward(kd_emu, dtypes, loss, grad_rows, student,
+                                                                      teacher, per_t, e_stats, (tau, tau_h, weight),
+                                                                      grad_u=with_grad_u, allow_packed=allow)
+                        assert torch.equal(o_grad_s, e_grad_s), f"grad student, pack {allow}: {where}"
+                        assert o_grad_u is None or torch.equal(o_grad_u, e_grad_u), where
+
+
+def _kd_expected_pack(dtypes, C):
+    """kd_backward_pack: 16 bytes of the wider dtype per access, where C (and so every row) allows."""
+    vec = 16 // max(dtype.itemsize for dtype in dtypes)
+    return vec if C % vec == 0 else 1
+
+
+def _kd_emulated_backward(kd_emu, dtypes, loss, grad_rows, student, teacher, per_t, stats, scalars, grad_u,
+                          allow_packed):
+    """The emulated CUDA KD backward into poisoned outputs: (grad_s, grad_u or None, classes per thread)."""
+    T, B, C = student.shape
+    tau, tau_h, weight = scalars
+    e_grad_s = torch.full_like(student, -7.0)
+    e_grad_u = torch.full_like(teacher, -7.0) if grad_u else None
+    vec = ctypes.c_int32(0)
+    status = kd_emu.emu_kd_rows_backward(
+        KD_DTYPE_PAIRS[dtypes], loss, _ptr(grad_rows), _ptr(student), _ptr(teacher), int(per_t), ctypes.c_int64(T),
+        ctypes.c_int64(B), ctypes.c_int64(C), _ptr(stats), ctypes.c_double(tau), ctypes.c_double(tau_h),
+        ctypes.c_double(weight), _ptr(e_grad_s), _ptr(e_grad_u), int(allow_packed), ctypes.byref(vec))
+    assert status == 0
+    return e_grad_s, e_grad_u, vec.value
+
+
+def test_emulated_cuda_kd_backward_takes_one_class_per_thread_off_a_pack_boundary(kd_emu):
+    """A student whose data starts 4 bytes off a 16-byte boundary (a view one element into its buffer)
+    gets the one-class-per-thread kernel, with the same gradient as an aligned copy's packed one."""
+    ops = torch.ops.snnkd_fast
+    T, B, C = 2, 3, 256
+    buffer = torch.randn(T * B * C + 1, generator=torch.Generator().manual_seed(4), dtype=torch.float64).float()
+    student = buffer[1:].view(T, B, C)
+    teacher = torch.randn(B, C, generator=torch.Generator().manual_seed(5))
+    _, stats, _ = ops.kd_rows_forward(student, teacher, 0, 4.0, 4.0, 0.0, 0.5)
+    grad_rows = torch.randn(T, B, generator=torch.Generator().manual_seed(6))
+    pair = (torch.float32, torch.float32)
+    off, _, vec_off = _kd_emulated_backward(kd_emu, pair, 0, grad_rows, student, teacher, False, stats,
+                                            (4.0, 4.0, 0.0), grad_u=False, allow_packed=True)
+    aligned, _, vec_aligned = _kd_emulated_backward(kd_emu, pair, 0, grad_rows, student.clone(), teacher, False,
+                                                    stats, (4.0, 4.0, 0.0), grad_u=False, allow_packed=True)
+    assert (vec_off, vec_aligned) == (1, 4)
+    assert torch.equal(off, aligned)
 
 
 @pytest.mark.parametrize("dtypes", list(KD_DTYPE_PAIRS), ids=KD_PAIR_IDS)

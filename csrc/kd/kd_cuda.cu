@@ -85,7 +85,6 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_backward_cuda(const at::Tensor& grad_
     return {grad_student, grad_teacher};
   }
   const char* op = "snnkd_fast::kd_rows_backward";
-  const int64_t grid = element_blocks(op, B * C);
   // The kernels compute in the inputs' accumulation dtype (the forward's stats dtype); statistics in
   // another dtype (a direct call) are converted rather than refused, as the CPU op accepts them.
   const auto acc = acc_dtype(student, teacher);
@@ -95,7 +94,11 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_backward_cuda(const at::Tensor& grad_
   SNNKD_KD_DISPATCH_PAIR(student, teacher, "snnkd_kd_backward_cuda", [&] {
     with_loss_kind(loss, [&](auto loss_c) {
       constexpr int LOSS = decltype(loss_c)::value;
-      kd_backward_kernel<s_t, u_t, LOSS><<<grid, kThreads, 0, stream>>>(
+      constexpr int kVec = kd_backward_pack<s_t, u_t>();
+      const bool packed = kd_backward_packable(kVec, student.data_ptr(), sizeof(s_t), ss, teacher.data_ptr(),
+                                               sizeof(u_t), us, C);
+      const auto kernel = packed ? kd_backward_kernel<s_t, u_t, LOSS, kVec> : kd_backward_kernel<s_t, u_t, LOSS, 1>;
+      kernel<<<element_blocks(op, B * C / (packed ? kVec : 1)), kThreads, 0, stream>>>(
           g_rows.data_ptr<acc_t>(), student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(), us, per_t, T, B, C,
           row_stats.data_ptr<acc_t>(), static_cast<acc_t>(1.0 / temperature), static_cast<acc_t>(temperature),
           static_cast<acc_t>(1.0 / entropy_temperature), static_cast<acc_t>(entropy_weight),

@@ -26,6 +26,7 @@
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
+#include "common/pack.cuh"
 #include "common/philox.h"
 #include "kd_math.h"
 
@@ -508,10 +509,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Backward, one thread per (b, c) (grid ceil(B * C / kThreads)), looping over t: writes
-// grad_student [T, B, C] and grad_teacher ([T, B, C], or [B, C] summed over t in a register),
-// both contiguous; grad_u is null without a teacher gradient. kd_cpu.cpp's backward_kernel.
-template <typename s_t, typename u_t, int LOSS>
+// kd_backward_kernel's teacher gradients: none, one per (t, b, c), or one per (b, c) summed over t.
+enum TeacherGradMode : int { kNoTeacherGrad = 0, kTeacherGradPerStep = 1, kTeacherGradSummed = 2 };
+
+// Backward, one thread per (b, VEC adjacent classes) (grid ceil(B * C / VEC / kThreads)), looping
+// over t: writes grad_student [T, B, C] and grad_teacher ([T, B, C], or [B, C] summed over t in
+// registers), both contiguous; grad_u is null without a teacher gradient. kd_cpu.cpp's
+// backward_kernel. VEC > 1 (kd_backward_pack, where kd_backward_packable holds: unit class strides,
+// C and the row strides multiples of VEC, 16-byte aligned rows) reads VEC classes of s and u and
+// writes VEC gradients with one access each, and loads the row's statistics once for VEC classes:
+// the VEC = 1 kernel is bound by the instructions it issues per element (an H200 ran it no faster
+// in bf16 than in fp32, benchmarks/GPU_NOTES.md, session 15). Each element's formula and the
+// order of its teacher sum over t do not depend on VEC: the same bits either way.
+template <typename s_t, typename u_t, int LOSS, int VEC = 1>
 __global__ void __launch_bounds__(kThreads)
     kd_backward_kernel(const acc_type_t<s_t, u_t>* __restrict__ grad_rows, const s_t* __restrict__ S, Strides ss,
                        const u_t* __restrict__ U, Strides us, bool teacher_per_t, int64_t T, int64_t B, int64_t C,
@@ -520,29 +530,82 @@ __global__ void __launch_bounds__(kThreads)
                        acc_type_t<s_t, u_t> entropy_weight, s_t* __restrict__ grad_s, u_t* __restrict__ grad_u) {
   using acc_t = acc_type_t<s_t, u_t>;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (n >= B * C) return;
-  const int64_t b = n / C, c = n - b * C;
-  const s_t* s = S + b * ss.b + c * ss.c;
+  const int64_t packs_per_row = C / VEC;  // C % VEC == 0 (kd_backward_packable)
+  if (n >= B * packs_per_row) return;
+  const int64_t b = n / packs_per_row, c = (n - b * packs_per_row) * VEC;
+  const s_t* s = S + b * ss.b + c * ss.c;  // ss.c == us.c == 1 when VEC > 1
   const u_t* u = U + b * us.b + c * us.c;
-  acc_t teacher_sum = acc_t(0);
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t row = t * B + b;
-    const acc_t* stat = stats + row * kNumStats;
-    const RowStats<acc_t> r{stat[kLseS], stat[kLseU], stat[kKlF], stat[kAux0], stat[kAux1]};
-    const acc_t g_row = grad_rows[row];
-    const acc_t zs = to_acc<acc_t>(s[t * ss.t]), zu = to_acc<acc_t>(u[t * us.t]);
-    grad_s[row * C + c] =
-        from_acc<s_t>(g_row * grad_student<acc_t>(LOSS, zs, zu, r, inv_tau, tau, inv_tau_h, entropy_weight));
-    if (grad_u) {
-      const acc_t gu = g_row * grad_teacher<acc_t>(LOSS, zs, zu, r, inv_tau, tau);
-      if (teacher_per_t) {
-        grad_u[row * C + c] = from_acc<u_t>(gu);
+  // One loop per teacher-gradient mode -- none, per t, summed over t in registers --, chosen once:
+  // left to itself the compiler keeps the mode's tests inside the unrolled VEC-wide loop.
+  const auto sweep = [&](auto teacher_mode) {
+    constexpr int MODE = decltype(teacher_mode)::value;
+    acc_t teacher_sum[VEC] = {};
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t row = t * B + b;
+      const acc_t* stat = stats + row * kNumStats;
+      const RowStats<acc_t> r{stat[kLseS], stat[kLseU], stat[kKlF], stat[kAux0], stat[kAux1]};
+      const acc_t g_row = grad_rows[row];
+      Pack<s_t, VEC> zs_pack;
+      Pack<u_t, VEC> zu_pack;
+      if constexpr (VEC == 1) {
+        zs_pack.v[0] = s[t * ss.t];
+        zu_pack.v[0] = u[t * us.t];
       } else {
-        teacher_sum += gu;
+        zs_pack = load_pack<s_t, VEC>(s + t * ss.t);
+        zu_pack = load_pack<u_t, VEC>(u + t * us.t);
       }
+      Pack<s_t, VEC> gs_pack;
+      Pack<u_t, VEC> gu_pack;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const acc_t zs = to_acc<acc_t>(zs_pack.v[i]), zu = to_acc<acc_t>(zu_pack.v[i]);
+        gs_pack.v[i] =
+            from_acc<s_t>(g_row * grad_student<acc_t>(LOSS, zs, zu, r, inv_tau, tau, inv_tau_h, entropy_weight));
+        if constexpr (MODE != kNoTeacherGrad) {
+          const acc_t gu = g_row * grad_teacher<acc_t>(LOSS, zs, zu, r, inv_tau, tau);
+          if constexpr (MODE == kTeacherGradPerStep) {
+            gu_pack.v[i] = from_acc<u_t>(gu);
+          } else {
+            teacher_sum[i] += gu;
+          }
+        }
+      }
+      store_pack<s_t, VEC>(grad_s + row * C + c, gs_pack);
+      if constexpr (MODE == kTeacherGradPerStep) store_pack<u_t, VEC>(grad_u + row * C + c, gu_pack);
     }
+    if constexpr (MODE == kTeacherGradSummed) {
+      Pack<u_t, VEC> sum_pack;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) sum_pack.v[i] = from_acc<u_t>(teacher_sum[i]);
+      store_pack<u_t, VEC>(grad_u + b * C + c, sum_pack);
+    }
+  };
+  if (!grad_u) {
+    sweep(std::integral_constant<int, kNoTeacherGrad>{});
+  } else if (teacher_per_t) {
+    sweep(std::integral_constant<int, kTeacherGradPerStep>{});
+  } else {
+    sweep(std::integral_constant<int, kTeacherGradSummed>{});
   }
-  if (grad_u && !teacher_per_t) grad_u[b * C + c] = from_acc<u_t>(teacher_sum);
+}
+
+// The KD backward's classes per thread where the rows allow one 16-byte access per input: 16 bytes
+// of the wider of the two element types (4 fp32, 8 bf16/fp16, 2 double; a bf16 student with an
+// fp32 teacher: 4).
+template <typename s_t, typename u_t>
+constexpr int kd_backward_pack() {
+  return static_cast<int>(16 / (sizeof(s_t) > sizeof(u_t) ? sizeof(s_t) : sizeof(u_t)));
+}
+
+// Whether kd_backward_kernel may take VEC classes per thread: unit class strides, C and every row
+// stride a multiple of VEC (a [B, C] teacher's t stride is 0), and the inputs' starts aligned to a
+// pack (the outputs are fresh contiguous tensors: their rows start at multiples of C).
+inline bool kd_backward_packable(int vec, const void* s, size_t s_size, Strides ss, const void* u, size_t u_size,
+                                 Strides us, int64_t C) {
+  if (vec <= 1) return vec == 1;
+  const auto aligned = [](const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; };
+  return ss.c == 1 && us.c == 1 && C % vec == 0 && ss.b % vec == 0 && ss.t % vec == 0 && us.b % vec == 0 &&
+         us.t % vec == 0 && aligned(s, s_size * vec) && aligned(u, u_size * vec);
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@
 
 #include <cub/block/block_reduce.cuh>
 
+#include "common/pack.cuh"  // Pack, load_pack, store_pack
 #include "lif_math.h"
 
 namespace snnkd {
@@ -26,20 +27,6 @@ constexpr int kThreads = 256;
   extern __shared__ __align__(16) unsigned char NAME##_raw[]; \
   TYPE* const NAME = reinterpret_cast<TYPE*>(NAME##_raw)
 #endif
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-template <typename T, int VEC>
-__device__ __forceinline__ Pack<T, VEC> load_pack(const T* ptr) {
-  return *reinterpret_cast<const Pack<T, VEC>*>(ptr);
-}
-template <typename T, int VEC>
-__device__ __forceinline__ void store_pack(T* ptr, const Pack<T, VEC>& pack) {
-  *reinterpret_cast<Pack<T, VEC>*>(ptr) = pack;
-}
 
 // v_init's VEC values at neuron n: one step of neurons, or (one_v_init) one value for every neuron.
 template <typename acc_t, int VEC>

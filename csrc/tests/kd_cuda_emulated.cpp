@@ -36,16 +36,23 @@ void forward(const s_t* s, const u_t* u, bool per_t, int64_t Tn, int64_t B, int6
       static_cast<acc_t>(entropy_weight), LOSS == kHTA ? static_cast<const int32_t*>(keys) : nullptr, rows, stats);
 }
 
+// kd_cuda.cu's choice of classes per thread (allow_packed = false: one, whatever the rows allow);
+// returns the number it launched with.
 template <typename s_t, typename u_t, int LOSS>
-void backward(const acc_type_t<s_t, u_t>* grad_rows, const s_t* s, const u_t* u, bool per_t, int64_t Tn, int64_t B,
-              int64_t C, const acc_type_t<s_t, u_t>* stats, double temperature, double entropy_temperature,
-              double entropy_weight, s_t* grad_s, u_t* grad_u) {
+int backward(const acc_type_t<s_t, u_t>* grad_rows, const s_t* s, const u_t* u, bool per_t, int64_t Tn, int64_t B,
+             int64_t C, const acc_type_t<s_t, u_t>* stats, double temperature, double entropy_temperature,
+             double entropy_weight, s_t* grad_s, u_t* grad_u, bool allow_packed) {
   using acc_t = acc_type_t<s_t, u_t>;
   const Strides ss{B * C, C, 1}, us{per_t ? B * C : 0, C, 1};
-  cuda_emulation::launch<kThreads>((B * C + kThreads - 1) / kThreads, kd_backward_kernel<s_t, u_t, LOSS>, grad_rows,
-                                   s, ss, u, us, per_t, Tn, B, C, stats, static_cast<acc_t>(1.0 / temperature),
+  constexpr int kVec = kd_backward_pack<s_t, u_t>();
+  const bool packed = allow_packed && kd_backward_packable(kVec, s, sizeof(s_t), ss, u, sizeof(u_t), us, C);
+  const int vec = packed ? kVec : 1;
+  const auto kernel = packed ? kd_backward_kernel<s_t, u_t, LOSS, kVec> : kd_backward_kernel<s_t, u_t, LOSS, 1>;
+  cuda_emulation::launch<kThreads>((B * C / vec + kThreads - 1) / kThreads, kernel, grad_rows, s, ss, u, us, per_t,
+                                   Tn, B, C, stats, static_cast<acc_t>(1.0 / temperature),
                                    static_cast<acc_t>(temperature), static_cast<acc_t>(1.0 / entropy_temperature),
                                    static_cast<acc_t>(entropy_weight), grad_s, grad_u);
+  return vec;
 }
 
 template <typename s_t, typename u_t>
@@ -124,20 +131,22 @@ int emu_kd_rows_forward(int dtype_pair, int loss, const void* s, const void* u, 
   return known ? 0 : 1;
 }
 
-// grad_u null: no teacher gradient.
+// grad_u null: no teacher gradient. allow_packed 0: one class per thread; *vec_used: the classes
+// per thread it ran with.
 int emu_kd_rows_backward(int dtype_pair, int loss, const void* grad_rows, const void* s, const void* u, int per_t,
                          int64_t T, int64_t B, int64_t C, const void* stats, double temperature,
-                         double entropy_temperature, double entropy_weight, void* grad_s, void* grad_u) {
+                         double entropy_temperature, double entropy_weight, void* grad_s, void* grad_u,
+                         int allow_packed, int32_t* vec_used) {
   if (loss < kKL || loss > kHTA) return 1;
   const bool known = with_dtype_pair(dtype_pair, [&](auto pair) {
     using S = typename decltype(pair)::student;
     using U = typename decltype(pair)::teacher;
     using A = typename decltype(pair)::acc;
     with_loss_kind(loss, [&](auto loss_c) {
-      backward<S, U, decltype(loss_c)::value>(static_cast<const A*>(grad_rows), static_cast<const S*>(s),
-                                              static_cast<const U*>(u), per_t != 0, T, B, C,
-                                              static_cast<const A*>(stats), temperature, entropy_temperature,
-                                              entropy_weight, static_cast<S*>(grad_s), static_cast<U*>(grad_u));
+      *vec_used = backward<S, U, decltype(loss_c)::value>(
+          static_cast<const A*>(grad_rows), static_cast<const S*>(s), static_cast<const U*>(u), per_t != 0, T, B, C,
+          static_cast<const A*>(stats), temperature, entropy_temperature, entropy_weight, static_cast<S*>(grad_s),
+          static_cast<U*>(grad_u), allow_packed != 0);
     });
   });
   return known ? 0 : 1;

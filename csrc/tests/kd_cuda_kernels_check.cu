@@ -16,7 +16,12 @@ namespace cuda {
       const s_t*, Strides, const u_t*, Strides, bool, int64_t, int64_t, acc_type_t<s_t, u_t>,                  \
       acc_type_t<s_t, u_t>, acc_type_t<s_t, u_t>, acc_type_t<s_t, u_t>, const int32_t*, acc_type_t<s_t, u_t>*,  \
       acc_type_t<s_t, u_t>*);                                                                                   \
-  template __global__ void kd_backward_kernel<s_t, u_t, LOSS>(                                                  \
+  SNNKD_KD_INSTANTIATE_BACKWARD(s_t, u_t, LOSS, 1)                                                              \
+  SNNKD_KD_INSTANTIATE_BACKWARD(s_t, u_t, LOSS, (kd_backward_pack<s_t, u_t>()))
+
+// the backward at one class per thread and at the pack kd_cuda.cu launches where the rows allow
+#define SNNKD_KD_INSTANTIATE_BACKWARD(s_t, u_t, LOSS, VEC)                                                      \
+  template __global__ void kd_backward_kernel<s_t, u_t, LOSS, VEC>(                                             \
       const acc_type_t<s_t, u_t>*, const s_t*, Strides, const u_t*, Strides, bool, int64_t, int64_t, int64_t,   \
       const acc_type_t<s_t, u_t>*, acc_type_t<s_t, u_t>, acc_type_t<s_t, u_t>, acc_type_t<s_t, u_t>,            \
       acc_type_t<s_t, u_t>, s_t*, u_t*);
