@@ -18,6 +18,7 @@ block-level cooperation. What it does not: the device's exp and cub's reduction 
 match a device run to rounding), the launchers' tensor glue -- the GPU tests run those.
 """
 import ctypes
+import math
 import os
 import shutil
 import subprocess
@@ -245,18 +246,18 @@ def test_emulated_cuda_kd_row_kernels_match_the_cpu_ops(kd_emu, shape, dtypes):
                 for tau, tau_h, weight, threshold in ((4.0, 4.0, 0.1, 0.5), (1.0, 2.0, -0.3, 0.9)):
                     where = f"{loss_name} per_t={per_t} ties={ties} tau={tau} threshold={threshold}"
                     rows, stats, keys = ops.kd_rows_forward(student, teacher, loss, tau, tau_h, weight, threshold)
-                    e_rows, e_stats = torch.full_like(rows, -7.0), torch.full_like(stats, -7.0)
-                    e_keys = torch.full_like(keys, -7)
-                    status = kd_emu.emu_kd_rows_forward(
-                        KD_DTYPE_PAIRS[dtypes], loss, _ptr(student), _ptr(teacher), int(per_t), ctypes.c_int64(T),
-                        ctypes.c_int64(B), ctypes.c_int64(C), ctypes.c_double(tau), ctypes.c_double(tau_h),
-                        ctypes.c_double(weight), ctypes.c_double(threshold), _ptr(e_rows), _ptr(e_stats),
-                        _ptr(e_keys) if keys.numel() else None)
-                    assert status == 0
+                    scalars = (tau, tau_h, weight, threshold)
+                    e_rows, e_stats, e_keys, vec = _kd_emulated_forward(kd_emu, dtypes, loss, student, teacher, per_t,
+                                                                        scalars, keys, allow_packed=True)
+                    assert vec == _kd_expected_pack(dtypes, C, forward=True), f"classes per access: {where}"
                     if loss_name == "hta":
                         assert torch.equal(e_keys, keys), f"HTA keys: {where}\n{e_keys}\n{keys}"
                     _kd_close(e_rows, rows, f"rows: {where}")
                     _kd_close(e_stats, stats, f"stats: {where}")
+                    one_rows, one_stats, _, _ = _kd_emulated_forward(kd_emu, dtypes, loss, student, teacher, per_t,
+                                                                     scalars, keys, allow_packed=False)
+                    _kd_close(one_rows, rows, f"rows, one class per access: {where}")
+                    _kd_close(one_stats, stats, f"stats, one class per access: {where}")
                     grad_rows = torch.randn(T, B, generator=torch.Generator().manual_seed(1),
                                             dtype=torch.float64).to(rows.dtype)
                     grad_s, grad_u = ops.kd_rows_backward(grad_rows, student, teacher, stats, keys, loss, tau, tau_h,
@@ -277,10 +278,58 @@ def test_emulated_cuda_kd_row_kernels_match_the_cpu_ops(kd_emu, shape, dtypes):
                         assert o_grad_u is None or torch.equal(o_grad_u, e_grad_u), where
 
 
-def _kd_expected_pack(dtypes, C):
-    """kd_backward_pack: 16 bytes of the wider dtype per access, where C (and so every row) allows."""
+def _kd_expected_pack(dtypes, C, forward=False):
+    """kd_rows_pack: 16 bytes of the wider dtype per access, where C (and so every row) allows;
+    kd_forward_pack: one class per access in double."""
+    if forward and torch.float64 in dtypes:
+        return 1
     vec = 16 // max(dtype.itemsize for dtype in dtypes)
     return vec if C % vec == 0 else 1
+
+
+def _kd_emulated_forward(kd_emu, dtypes, loss, student, teacher, per_t, scalars, keys, allow_packed):
+    """The emulated CUDA KD forward (HTA's head, then the row kernel) into poisoned outputs:
+    (rows, stats, keys, classes per access)."""
+    T, B, C = student.shape
+    tau, tau_h, weight, threshold = scalars
+    acc = torch.float64 if torch.float64 in dtypes else torch.float32
+    e_rows, e_stats = torch.full((T, B), -7.0, dtype=acc), torch.full((T, B, 5), -7.0, dtype=acc)
+    e_keys = torch.full_like(keys, -7)
+    vec = ctypes.c_int32(0)
+    status = kd_emu.emu_kd_rows_forward(
+        KD_DTYPE_PAIRS[dtypes], loss, _ptr(student), _ptr(teacher), int(per_t), ctypes.c_int64(T), ctypes.c_int64(B),
+        ctypes.c_int64(C), ctypes.c_double(tau), ctypes.c_double(tau_h), ctypes.c_double(weight),
+        ctypes.c_double(threshold), _ptr(e_rows), _ptr(e_stats), _ptr(e_keys) if keys.numel() else None,
+        int(allow_packed), ctypes.byref(vec))
+    assert status == 0
+    return e_rows, e_stats, e_keys, vec.value
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)],
+                         ids=["fp32", "bf16"])
+def test_emulated_cuda_kd_forward_follows_the_non_finite_policy(kd_emu, dtypes):
+    """The packed forward's online update (the pack's maximum first, no per-class branch) keeps the
+    policy for non-finite logits (losses.py): a -inf class in student and teacher drops out exactly,
+    +inf or NaN make that row's loss NaN, the other rows are the CPU op's to rounding."""
+    ops = torch.ops.snnkd_fast
+    T, B, C = 2, 5, 256
+    g = torch.Generator().manual_seed(7)
+    student = torch.randn(T, B, C, generator=g, dtype=torch.float64) * 2
+    teacher = torch.randn(B, C, generator=g, dtype=torch.float64) * 3
+    student[:, 1, 3] = teacher[1, 3] = -math.inf  # masked class: finite loss
+    student[0, 2, 200] = math.inf
+    student[1, 3, 17] = math.nan
+    teacher[4, 100] = math.inf  # every step of sample 4
+    student, teacher = student.to(dtypes[0]), teacher.to(dtypes[1])
+    for loss_name, loss in KD_LOSSES.items():
+        rows, stats, keys = ops.kd_rows_forward(student, teacher, loss, 4.0, 4.0, 0.1, 0.5)
+        e_rows, _, _, vec = _kd_emulated_forward(kd_emu, dtypes, loss, student, teacher, False, (4.0, 4.0, 0.1, 0.5),
+                                                 keys, allow_packed=True)
+        assert vec > 1
+        nan = torch.isnan(rows)
+        assert nan[0, 2] and nan[1, 3] and nan[:, 4].all() and not nan[:, :2].any(), (loss_name, rows)
+        assert torch.equal(torch.isnan(e_rows), nan), (loss_name, e_rows, rows)
+        _kd_close(e_rows[~nan], rows[~nan], f"{loss_name} finite rows")
 
 
 def _kd_emulated_backward(kd_emu, dtypes, loss, grad_rows, student, teacher, per_t, stats, scalars, grad_u,

@@ -51,7 +51,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cuda(const at::Te
             u_ptr, us, B, C, 1.0 / temperature, head_threshold, keys.data_ptr<int32_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      kd_forward_kernel<s_t, u_t, LOSS><<<grid, kThreads, 0, stream>>>(
+      constexpr int kVec = kd_forward_pack<s_t, u_t>();
+      const bool packed = kd_rows_packable(kVec, s_ptr, sizeof(s_t), ss, u_ptr, sizeof(u_t), us, C);
+      const auto kernel = packed ? kd_forward_kernel<s_t, u_t, LOSS, kVec> : kd_forward_kernel<s_t, u_t, LOSS, 1>;
+      kernel<<<grid, kThreads, 0, stream>>>(
           s_ptr, ss, u_ptr, us, per_t, B, C, static_cast<acc_t>(1.0 / temperature),
           static_cast<acc_t>(1.0 / entropy_temperature), static_cast<acc_t>(temperature * temperature),
           static_cast<acc_t>(entropy_weight), LOSS == kHTA ? keys.data_ptr<int32_t>() : nullptr,
@@ -94,8 +97,8 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_backward_cuda(const at::Tensor& grad_
   SNNKD_KD_DISPATCH_PAIR(student, teacher, "snnkd_kd_backward_cuda", [&] {
     with_loss_kind(loss, [&](auto loss_c) {
       constexpr int LOSS = decltype(loss_c)::value;
-      constexpr int kVec = kd_backward_pack<s_t, u_t>();
-      const bool packed = kd_backward_packable(kVec, student.data_ptr(), sizeof(s_t), ss, teacher.data_ptr(),
+      constexpr int kVec = kd_rows_pack<s_t, u_t>();
+      const bool packed = kd_rows_packable(kVec, student.data_ptr(), sizeof(s_t), ss, teacher.data_ptr(),
                                                sizeof(u_t), us, C);
       const auto kernel = packed ? kd_backward_kernel<s_t, u_t, LOSS, kVec> : kd_backward_kernel<s_t, u_t, LOSS, 1>;
       kernel<<<element_blocks(op, B * C / (packed ? kVec : 1)), kThreads, 0, stream>>>(

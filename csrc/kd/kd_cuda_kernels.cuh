@@ -109,6 +109,60 @@ __device__ __forceinline__ void for_each_class(const A* __restrict__ a, int64_t 
 constexpr int kPairChunk = 4;
 constexpr int kTeacherChunk = 8;
 
+// The KD row kernels' classes per access where the rows allow one 16-byte access per input: 16
+// bytes of the wider of the two element types (4 fp32, 8 bf16/fp16, 2 double; a bf16 student with
+// an fp32 teacher: 4).
+template <typename s_t, typename u_t>
+constexpr int kd_rows_pack() {
+  return static_cast<int>(16 / (sizeof(s_t) > sizeof(u_t) ? sizeof(s_t) : sizeof(u_t)));
+}
+
+// The forward's: the same for float accumulation; one class per access in double, whose packed
+// online updates (three of them for TSER) spill registers (ptxas: 912 bytes).
+template <typename s_t, typename u_t>
+constexpr int kd_forward_pack() {
+  return std::is_same<acc_type_t<s_t, u_t>, double>::value ? 1 : kd_rows_pack<s_t, u_t>();
+}
+
+// Whether kd_forward_kernel and kd_backward_kernel may take VEC classes per access: unit class
+// strides, C and every row stride a multiple of VEC (a [B, C] teacher's t stride is 0), and the
+// inputs' starts aligned to a pack (the backward's outputs are fresh contiguous tensors: their rows
+// start at multiples of C). The launchers (kd_cuda.cu, and the emulation's) fall back to VEC = 1.
+inline bool kd_rows_packable(int vec, const void* s, size_t s_size, Strides ss, const void* u, size_t u_size,
+                             Strides us, int64_t C) {
+  if (vec <= 1) return vec == 1;
+  const auto aligned = [](const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; };
+  return ss.c == 1 && us.c == 1 && C % vec == 0 && ss.b % vec == 0 && ss.t % vec == 0 && us.b % vec == 0 &&
+         us.t % vec == 0 && aligned(s, s_size * vec) && aligned(u, u_size * vec);
+}
+
+// The same over two rows with unit class strides, VEC adjacent classes per access (Pack): packs
+// p = tid, tid + kThreads, ... of classes VEC p .. VEC p + VEC - 1, CHUNK packs' loads issued before
+// any is used. C % VEC == 0 and both rows aligned to a pack (kd_rows_packable). f(first class, a
+// pack, b pack).
+constexpr int kPackChunk = 2;
+template <int VEC, typename A, typename B, typename F>
+__device__ __forceinline__ void for_each_pack(const A* __restrict__ a, const B* __restrict__ b, int64_t C, F&& f) {
+  const int64_t packs = C / VEC;
+  for (int64_t p0 = threadIdx.x; p0 < packs; p0 += static_cast<int64_t>(kThreads) * kPackChunk) {
+    Pack<A, VEC> a_packs[kPackChunk];
+    Pack<B, VEC> b_packs[kPackChunk];
+#pragma unroll
+    for (int i = 0; i < kPackChunk; ++i) {
+      const int64_t p = p0 + static_cast<int64_t>(i) * kThreads;
+      if (p < packs) {
+        a_packs[i] = load_pack<A, VEC>(a + p * VEC);
+        b_packs[i] = load_pack<B, VEC>(b + p * VEC);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kPackChunk; ++i) {
+      const int64_t p = p0 + static_cast<int64_t>(i) * kThreads;
+      if (p < packs) f(p * VEC, a_packs[i], b_packs[i]);
+    }
+  }
+}
+
 // A finite stand-in for -inf as the initial running maximum (Triton's NEG_BIG): exp(-inf - NEG_BIG)
 // = 0 and an empty partial (l = 0) merges to nothing, so no lane needs a special case.
 template <typename acc_t>
@@ -159,6 +213,26 @@ __device__ __forceinline__ void online_push(Online<acc_t>& o, acc_t x, acc_t y) 
     o.l += e;
     if (WITH_D) o.d += xmul(e, y);
   }
+}
+
+// VEC values at once: the pack's maximum first, then one rescale of the running sums and one exp
+// per value, without the per-value branch of online_push (the forward's packed path). -inf values
+// add 0 (a masked class); a +inf or NaN value makes l NaN, as the policy for such logits has it.
+template <bool WITH_D, int VEC, typename acc_t>
+__device__ __forceinline__ void online_push_pack(Online<acc_t>& o, const acc_t (&x)[VEC], const acc_t (&y)[VEC]) {
+  acc_t m = o.m;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) m = x[i] > m ? x[i] : m;
+  const acc_t factor = exp(o.m - m);
+  acc_t l = o.l * factor;
+  acc_t d = WITH_D ? rescale(o.d, factor) : acc_t(0);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    const acc_t e = exp(x[i] - m);
+    l += e;
+    if (WITH_D) d += xmul(e, y[i]);
+  }
+  o = Online<acc_t>{m, l, d};
 }
 
 template <typename acc_t>
@@ -431,8 +505,12 @@ __global__ void __launch_bounds__(kThreads)
 // Forward, one block per row (grid T * B): online LSE of s = z_s / tau and u = z_t / tau with
 // sum e^{u - m_u} (u - s) (and sum e^{s - m_s} (s - u) for HTA, the TSER entropy LSE at tau_H with
 // sum e^{s_H - m_h} s_H), one block reduction; HTA then needs a second pass for the head/tail gaps.
-// rows [T, B] and stats [T, B, kNumStats] as kd_cpu.cpp's forward_kernel.
-template <typename s_t, typename u_t, int LOSS>
+// rows [T, B] and stats [T, B, kNumStats] as kd_cpu.cpp's forward_kernel. VEC > 1 (kd_forward_pack,
+// where kd_rows_packable holds): VEC classes per access and per online update (the pack's maximum
+// first, online_push_pack), where one class at a time issued ~55-60 instructions per class and ran
+// no faster in bf16 than in fp32 on an H200 (benchmarks/GPU_NOTES.md, session 15). The sums then
+// round differently from VEC = 1's (the same values to rounding).
+template <typename s_t, typename u_t, int LOSS, int VEC = 1>
 __global__ void __launch_bounds__(kThreads)
     kd_forward_kernel(const s_t* __restrict__ S, Strides ss, const u_t* __restrict__ U, Strides us, bool teacher_per_t,
                       int64_t B, int64_t C, acc_type_t<s_t, u_t> inv_tau, acc_type_t<s_t, u_t> inv_tau_h,
@@ -457,16 +535,34 @@ __global__ void __launch_bounds__(kThreads)
   Acc a;
 #pragma unroll
   for (int i = 0; i < N; ++i) a.o[i] = online_init<acc_t>();
-  for_each_class<kPairChunk>(s, ss.c, u, us.c, C, [&](int64_t, s_t s_value, u_t u_value) {
-    const acc_t zs = to_acc<acc_t>(s_value);
-    const acc_t sv = zs * inv_tau, uv = to_acc<acc_t>(u_value) * inv_tau;
-    online_push<true>(a.o[0], uv, uv - sv);
-    online_push<LOSS == kHTA>(a.o[1], sv, sv - uv);
-    if constexpr (LOSS == kTSER) {
-      const acc_t sh = zs * inv_tau_h;
-      online_push<true>(a.o[N - 1], sh, sh);
-    }
-  });
+  if constexpr (VEC == 1) {
+    for_each_class<kPairChunk>(s, ss.c, u, us.c, C, [&](int64_t, s_t s_value, u_t u_value) {
+      const acc_t zs = to_acc<acc_t>(s_value);
+      const acc_t sv = zs * inv_tau, uv = to_acc<acc_t>(u_value) * inv_tau;
+      online_push<true>(a.o[0], uv, uv - sv);
+      online_push<LOSS == kHTA>(a.o[1], sv, sv - uv);
+      if constexpr (LOSS == kTSER) {
+        const acc_t sh = zs * inv_tau_h;
+        online_push<true>(a.o[N - 1], sh, sh);
+      }
+    });
+  } else {  // unit class strides, VEC classes per access (kd_rows_packable)
+    for_each_pack<VEC>(s, u, C, [&](int64_t, const Pack<s_t, VEC>& s_pack, const Pack<u_t, VEC>& u_pack) {
+      acc_t sv[VEC], uv[VEC], u_minus_s[VEC], s_minus_u[VEC], sh[VEC];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const acc_t zs = to_acc<acc_t>(s_pack.v[i]);
+        sv[i] = zs * inv_tau;
+        uv[i] = to_acc<acc_t>(u_pack.v[i]) * inv_tau;
+        u_minus_s[i] = uv[i] - sv[i];
+        s_minus_u[i] = sv[i] - uv[i];
+        sh[i] = zs * inv_tau_h;
+      }
+      online_push_pack<true>(a.o[0], uv, u_minus_s);
+      online_push_pack<LOSS == kHTA>(a.o[1], sv, s_minus_u);
+      if constexpr (LOSS == kTSER) online_push_pack<true>(a.o[N - 1], sh, sh);
+    });
+  }
   a = block_all_reduce(a, OnlineNMerge(), acc_temp, acc_slot);
   const acc_t lse_u = online_lse(a.o[0]), lse_s = online_lse(a.o[1]);
   const acc_t kl_f = a.o[0].d / a.o[0].l - lse_u + lse_s;
@@ -484,14 +580,22 @@ __global__ void __launch_bounds__(kThreads)
     const bool all_head = cross >= C;  // no crossing: every class is head (kd_cpu.cpp)
     const int64_t key_cross = all_head ? 0 : sort_key(u[cross * us.c]);
     Gaps g{{acc_t(0), acc_t(0)}};  // (gap_head, gap_all)
-    for_each_class<kPairChunk>(u, us.c, s, ss.c, C, [&](int64_t c, u_t z, s_t s_value) {
+    const auto add_gap = [&](int64_t c, u_t z, s_t s_value) {
       const acc_t p = exp(to_acc<acc_t>(z) * inv_tau - lse_u);
       const acc_t gap = fabs(p - exp(to_acc<acc_t>(s_value) * inv_tau - lse_s));
       const int64_t key = sort_key(z);
       const bool head = all_head || key > key_cross || (key == key_cross && c < cross) || c == top;
       g.v[1] += gap;
       if (head) g.v[0] += gap;
-    });
+    };
+    if constexpr (VEC == 1) {
+      for_each_class<kPairChunk>(u, us.c, s, ss.c, C, add_gap);
+    } else {
+      for_each_pack<VEC>(u, s, C, [&](int64_t c0, const Pack<u_t, VEC>& u_pack, const Pack<s_t, VEC>& s_pack) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) add_gap(c0 + i, u_pack.v[i], s_pack.v[i]);
+      });
+    }
     g = block_all_reduce(g, SumNOp(), gap_temp, gap_slot);
     const acc_t w_head = g.v[1] > acc_t(0) ? g.v[0] / g.v[1] : acc_t(0.5);
     loss = tau_sq * (w_head * kl_f + (acc_t(1) - w_head) * kl_r);
@@ -515,7 +619,7 @@ enum TeacherGradMode : int { kNoTeacherGrad = 0, kTeacherGradPerStep = 1, kTeach
 // Backward, one thread per (b, VEC adjacent classes) (grid ceil(B * C / VEC / kThreads)), looping
 // over t: writes grad_student [T, B, C] and grad_teacher ([T, B, C], or [B, C] summed over t in
 // registers), both contiguous; grad_u is null without a teacher gradient. kd_cpu.cpp's
-// backward_kernel. VEC > 1 (kd_backward_pack, where kd_backward_packable holds: unit class strides,
+// backward_kernel. VEC > 1 (kd_rows_pack, where kd_rows_packable holds: unit class strides,
 // C and the row strides multiples of VEC, 16-byte aligned rows) reads VEC classes of s and u and
 // writes VEC gradients with one access each, and loads the row's statistics once for VEC classes:
 // the VEC = 1 kernel is bound by the instructions it issues per element (an H200 ran it no faster
@@ -530,7 +634,7 @@ __global__ void __launch_bounds__(kThreads)
                        acc_type_t<s_t, u_t> entropy_weight, s_t* __restrict__ grad_s, u_t* __restrict__ grad_u) {
   using acc_t = acc_type_t<s_t, u_t>;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t packs_per_row = C / VEC;  // C % VEC == 0 (kd_backward_packable)
+  const int64_t packs_per_row = C / VEC;  // C % VEC == 0 (kd_rows_packable)
   if (n >= B * packs_per_row) return;
   const int64_t b = n / packs_per_row, c = (n - b * packs_per_row) * VEC;
   const s_t* s = S + b * ss.b + c * ss.c;  // ss.c == us.c == 1 when VEC > 1
@@ -587,25 +691,6 @@ __global__ void __launch_bounds__(kThreads)
   } else {
     sweep(std::integral_constant<int, kTeacherGradSummed>{});
   }
-}
-
-// The KD backward's classes per thread where the rows allow one 16-byte access per input: 16 bytes
-// of the wider of the two element types (4 fp32, 8 bf16/fp16, 2 double; a bf16 student with an
-// fp32 teacher: 4).
-template <typename s_t, typename u_t>
-constexpr int kd_backward_pack() {
-  return static_cast<int>(16 / (sizeof(s_t) > sizeof(u_t) ? sizeof(s_t) : sizeof(u_t)));
-}
-
-// Whether kd_backward_kernel may take VEC classes per thread: unit class strides, C and every row
-// stride a multiple of VEC (a [B, C] teacher's t stride is 0), and the inputs' starts aligned to a
-// pack (the outputs are fresh contiguous tensors: their rows start at multiples of C).
-inline bool kd_backward_packable(int vec, const void* s, size_t s_size, Strides ss, const void* u, size_t u_size,
-                                 Strides us, int64_t C) {
-  if (vec <= 1) return vec == 1;
-  const auto aligned = [](const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; };
-  return ss.c == 1 && us.c == 1 && C % vec == 0 && ss.b % vec == 0 && ss.t % vec == 0 && us.b % vec == 0 &&
-         us.t % vec == 0 && aligned(s, s_size * vec) && aligned(u, u_size * vec);
 }
 
 // ------------------------------------------------------------------------------------------------

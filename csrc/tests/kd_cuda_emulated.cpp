@@ -20,20 +20,25 @@ namespace {
 using namespace snnkd::kd;
 using namespace snnkd::kd::cuda;
 
+// kd_cuda.cu's choice of classes per access (allow_packed = false: one); returns the number used.
 template <typename s_t, typename u_t, int LOSS>
-void forward(const s_t* s, const u_t* u, bool per_t, int64_t Tn, int64_t B, int64_t C, double temperature,
-             double entropy_temperature, double entropy_weight, double head_threshold, acc_type_t<s_t, u_t>* rows,
-             acc_type_t<s_t, u_t>* stats, int32_t* keys) {
+int forward(const s_t* s, const u_t* u, bool per_t, int64_t Tn, int64_t B, int64_t C, double temperature,
+            double entropy_temperature, double entropy_weight, double head_threshold, acc_type_t<s_t, u_t>* rows,
+            acc_type_t<s_t, u_t>* stats, int32_t* keys, bool allow_packed) {
   using acc_t = acc_type_t<s_t, u_t>;
   const Strides ss{B * C, C, 1}, us{per_t ? B * C : 0, C, 1};
   if (LOSS == kHTA) {
     cuda_emulation::launch_cooperative<kThreads>((per_t ? Tn : 1) * B, hta_teacher_kernel<u_t>, u, us, B, C,
                                                  1.0 / temperature, head_threshold, keys);
   }
+  constexpr int kVec = kd_forward_pack<s_t, u_t>();
+  const bool packed = allow_packed && kd_rows_packable(kVec, s, sizeof(s_t), ss, u, sizeof(u_t), us, C);
+  const auto kernel = packed ? kd_forward_kernel<s_t, u_t, LOSS, kVec> : kd_forward_kernel<s_t, u_t, LOSS, 1>;
   cuda_emulation::launch_cooperative<kThreads>(
-      Tn * B, kd_forward_kernel<s_t, u_t, LOSS>, s, ss, u, us, per_t, B, C, static_cast<acc_t>(1.0 / temperature),
+      Tn * B, kernel, s, ss, u, us, per_t, B, C, static_cast<acc_t>(1.0 / temperature),
       static_cast<acc_t>(1.0 / entropy_temperature), static_cast<acc_t>(temperature * temperature),
       static_cast<acc_t>(entropy_weight), LOSS == kHTA ? static_cast<const int32_t*>(keys) : nullptr, rows, stats);
+  return packed ? kVec : 1;
 }
 
 // kd_cuda.cu's choice of classes per thread (allow_packed = false: one, whatever the rows allow);
@@ -44,8 +49,8 @@ int backward(const acc_type_t<s_t, u_t>* grad_rows, const s_t* s, const u_t* u, 
              double entropy_weight, s_t* grad_s, u_t* grad_u, bool allow_packed) {
   using acc_t = acc_type_t<s_t, u_t>;
   const Strides ss{B * C, C, 1}, us{per_t ? B * C : 0, C, 1};
-  constexpr int kVec = kd_backward_pack<s_t, u_t>();
-  const bool packed = allow_packed && kd_backward_packable(kVec, s, sizeof(s_t), ss, u, sizeof(u_t), us, C);
+  constexpr int kVec = kd_rows_pack<s_t, u_t>();
+  const bool packed = allow_packed && kd_rows_packable(kVec, s, sizeof(s_t), ss, u, sizeof(u_t), us, C);
   const int vec = packed ? kVec : 1;
   const auto kernel = packed ? kd_backward_kernel<s_t, u_t, LOSS, kVec> : kd_backward_kernel<s_t, u_t, LOSS, 1>;
   cuda_emulation::launch<kThreads>((B * C / vec + kThreads - 1) / kThreads, kernel, grad_rows, s, ss, u, us, per_t,
@@ -114,18 +119,20 @@ extern "C" {
 
 // loss 0 KL, 1 TSER, 2 HTA (kd_math.h). rows [T, B], stats [T, B, 5], keys [Tt, B, 3] (HTA) in the
 // layout of snnkd_fast::kd_rows_forward.
+// allow_packed 0: one class per access; *vec_used: the classes per access it ran with.
 int emu_kd_rows_forward(int dtype_pair, int loss, const void* s, const void* u, int per_t, int64_t T, int64_t B,
                         int64_t C, double temperature, double entropy_temperature, double entropy_weight,
-                        double head_threshold, void* rows, void* stats, int32_t* keys) {
+                        double head_threshold, void* rows, void* stats, int32_t* keys, int allow_packed,
+                        int32_t* vec_used) {
   if (loss < kKL || loss > kHTA) return 1;
   const bool known = with_dtype_pair(dtype_pair, [&](auto pair) {
     using S = typename decltype(pair)::student;
     using U = typename decltype(pair)::teacher;
     using A = typename decltype(pair)::acc;
     with_loss_kind(loss, [&](auto loss_c) {
-      forward<S, U, decltype(loss_c)::value>(static_cast<const S*>(s), static_cast<const U*>(u), per_t != 0, T, B, C,
-                                             temperature, entropy_temperature, entropy_weight, head_threshold,
-                                             static_cast<A*>(rows), static_cast<A*>(stats), keys);
+      *vec_used = forward<S, U, decltype(loss_c)::value>(
+          static_cast<const S*>(s), static_cast<const U*>(u), per_t != 0, T, B, C, temperature, entropy_temperature,
+          entropy_weight, head_threshold, static_cast<A*>(rows), static_cast<A*>(stats), keys, allow_packed != 0);
     });
   });
   return known ? 0 : 1;

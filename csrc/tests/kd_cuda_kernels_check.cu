@@ -11,15 +11,25 @@ namespace snnkd {
 namespace kd {
 namespace cuda {
 
+// The row kernels at one class per access and at the pack kd_cuda.cu launches where the rows allow.
+// The forward's pack is 1 for double, and an explicit instantiation cannot name one specialization
+// twice: its packed kernel is instantiated by taking its address.
+template <typename s_t, typename u_t, int LOSS>
+const void* packed_forward_kernel() {
+  return reinterpret_cast<const void*>(&kd_forward_kernel<s_t, u_t, LOSS, kd_forward_pack<s_t, u_t>()>);
+}
+
 #define SNNKD_KD_INSTANTIATE_LOSS(s_t, u_t, LOSS)                                                               \
-  template __global__ void kd_forward_kernel<s_t, u_t, LOSS>(                                                   \
+  SNNKD_KD_INSTANTIATE_FORWARD(s_t, u_t, LOSS, 1)                                                               \
+  template const void* packed_forward_kernel<s_t, u_t, LOSS>();                                                 \
+  SNNKD_KD_INSTANTIATE_BACKWARD(s_t, u_t, LOSS, 1)                                                              \
+  SNNKD_KD_INSTANTIATE_BACKWARD(s_t, u_t, LOSS, (kd_rows_pack<s_t, u_t>()))
+
+#define SNNKD_KD_INSTANTIATE_FORWARD(s_t, u_t, LOSS, VEC)                                                       \
+  template __global__ void kd_forward_kernel<s_t, u_t, LOSS, VEC>(                                              \
       const s_t*, Strides, const u_t*, Strides, bool, int64_t, int64_t, acc_type_t<s_t, u_t>,                  \
       acc_type_t<s_t, u_t>, acc_type_t<s_t, u_t>, acc_type_t<s_t, u_t>, const int32_t*, acc_type_t<s_t, u_t>*,  \
-      acc_type_t<s_t, u_t>*);                                                                                   \
-  SNNKD_KD_INSTANTIATE_BACKWARD(s_t, u_t, LOSS, 1)                                                              \
-  SNNKD_KD_INSTANTIATE_BACKWARD(s_t, u_t, LOSS, (kd_backward_pack<s_t, u_t>()))
-
-// the backward at one class per thread and at the pack kd_cuda.cu launches where the rows allow
+      acc_type_t<s_t, u_t>*);
 #define SNNKD_KD_INSTANTIATE_BACKWARD(s_t, u_t, LOSS, VEC)                                                      \
   template __global__ void kd_backward_kernel<s_t, u_t, LOSS, VEC>(                                             \
       const acc_type_t<s_t, u_t>*, const s_t*, Strides, const u_t*, Strides, bool, int64_t, int64_t, int64_t,   \
