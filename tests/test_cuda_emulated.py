@@ -252,6 +252,10 @@ def test_emulated_cuda_kd_row_kernels_match_the_cpu_ops(kd_emu, shape, dtypes):
                     assert vec == _kd_expected_pack(dtypes, C, forward=True), f"classes per access: {where}"
                     if loss_name == "hta":
                         assert torch.equal(e_keys, keys), f"HTA keys: {where}\n{e_keys}\n{keys}"
+                        # the head in 512-thread blocks (few rows on a GPU): the same keys
+                        _, _, wide_keys, _ = _kd_emulated_forward(kd_emu, dtypes, loss, student, teacher, per_t,
+                                                                  scalars, keys, allow_packed=True, head_threads=512)
+                        assert torch.equal(wide_keys, keys), f"HTA keys, 512 threads: {where}"
                     _kd_close(e_rows, rows, f"rows: {where}")
                     _kd_close(e_stats, stats, f"stats: {where}")
                     one_rows, one_stats, _, _ = _kd_emulated_forward(kd_emu, dtypes, loss, student, teacher, per_t,
@@ -287,7 +291,8 @@ def _kd_expected_pack(dtypes, C, forward=False):
     return vec if C % vec == 0 else 1
 
 
-def _kd_emulated_forward(kd_emu, dtypes, loss, student, teacher, per_t, scalars, keys, allow_packed):
+def _kd_emulated_forward(kd_emu, dtypes, loss, student, teacher, per_t, scalars, keys, allow_packed,
+                         head_threads=256):
     """The emulated CUDA KD forward (HTA's head, then the row kernel) into poisoned outputs:
     (rows, stats, keys, classes per access)."""
     T, B, C = student.shape
@@ -300,9 +305,18 @@ def _kd_emulated_forward(kd_emu, dtypes, loss, student, teacher, per_t, scalars,
         KD_DTYPE_PAIRS[dtypes], loss, _ptr(student), _ptr(teacher), int(per_t), ctypes.c_int64(T), ctypes.c_int64(B),
         ctypes.c_int64(C), ctypes.c_double(tau), ctypes.c_double(tau_h), ctypes.c_double(weight),
         ctypes.c_double(threshold), _ptr(e_rows), _ptr(e_stats), _ptr(e_keys) if keys.numel() else None,
-        int(allow_packed), ctypes.byref(vec))
+        int(allow_packed), ctypes.byref(vec), head_threads)
     assert status == 0
     return e_rows, e_stats, e_keys, vec.value
+
+
+def test_hta_head_takes_wider_blocks_only_where_rows_are_fewer_than_multiprocessors(kd_emu):
+    """kd_cuda.cu's block size for HTA's teacher head: 512 threads while the rows leave
+    multiprocessors idle (one 86-register block per multiprocessor), 256 from one row per
+    multiprocessor up (two blocks per multiprocessor already fill it)."""
+    for rows, sms, threads in ((1, 132, 512), (64, 132, 512), (131, 132, 512), (132, 132, 256), (256, 132, 256),
+                               (1024, 132, 256), (64, 78, 512)):
+        assert kd_emu.emu_hta_head_threads(ctypes.c_int64(rows), ctypes.c_int64(sms)) == threads, (rows, sms)
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)],

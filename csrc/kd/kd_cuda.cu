@@ -47,8 +47,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cuda(const at::Te
     with_loss_kind(loss, [&](auto loss_c) {
       constexpr int LOSS = decltype(loss_c)::value;
       if constexpr (LOSS == kHTA) {
-        hta_teacher_kernel<u_t><<<row_blocks(op, teacher_rows * B), kThreads, 0, stream>>>(
-            u_ptr, us, B, C, 1.0 / temperature, head_threshold, keys.data_ptr<int32_t>());
+        // (cudaDeviceGetAttribute, not ATen/cuda/CUDAContext.h: that header needs cuSPARSE's, which the
+        // CPU machines' compile check of this file lacks)
+        int multiprocessors = 0;
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, student.get_device()));
+        const int threads = hta_head_threads(teacher_rows * B, multiprocessors);
+        const auto head = threads == kHtaWideThreads ? hta_teacher_kernel<u_t, kHtaWideThreads>
+                                                     : hta_teacher_kernel<u_t, kThreads>;
+        head<<<row_blocks(op, teacher_rows * B), threads, 0, stream>>>(u_ptr, us, B, C, 1.0 / temperature,
+                                                                        head_threshold, keys.data_ptr<int32_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       constexpr int kVec = kd_forward_pack<s_t, u_t>();

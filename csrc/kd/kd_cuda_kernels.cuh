@@ -66,18 +66,19 @@ __device__ __forceinline__ T from_acc(acc_t x) {
 // search's candidate test) keeps one: the compiler does not move a load above an earlier
 // iteration's branch, and a row kernel has one block of 8 warps per row to hide latency with.
 // f(c, value) sees the classes in the plain loop's order, so every per-thread sum is the same bits.
-template <int CHUNK, typename T, typename F>
+// THREADS: the block's size (the HTA head's blocks are larger where rows are few).
+template <int CHUNK, int THREADS = kThreads, typename T, typename F>
 __device__ __forceinline__ void for_each_class(const T* __restrict__ row, int64_t stride, int64_t C, F&& f) {
-  for (int64_t c0 = threadIdx.x; c0 < C; c0 += static_cast<int64_t>(kThreads) * CHUNK) {
+  for (int64_t c0 = threadIdx.x; c0 < C; c0 += static_cast<int64_t>(THREADS) * CHUNK) {
     T values[CHUNK] = {};
 #pragma unroll
     for (int i = 0; i < CHUNK; ++i) {
-      const int64_t c = c0 + static_cast<int64_t>(i) * kThreads;
+      const int64_t c = c0 + static_cast<int64_t>(i) * THREADS;
       if (c < C) values[i] = row[c * stride];
     }
 #pragma unroll
     for (int i = 0; i < CHUNK; ++i) {
-      const int64_t c = c0 + static_cast<int64_t>(i) * kThreads;
+      const int64_t c = c0 + static_cast<int64_t>(i) * THREADS;
       if (c < C) f(c, values[i]);
     }
   }
@@ -302,10 +303,10 @@ struct SumNOp {
 // Block-wide reduction whose result every thread gets. Every thread of the block must call it
 // (the calls sit only in block-uniform control flow). The trailing barrier lets the next call
 // reuse `temp` and `slot` right away.
-template <typename T, typename Op>
-__device__ __forceinline__ T block_all_reduce(T value, Op op, typename cub::BlockReduce<T, kThreads>::TempStorage& temp,
+template <typename T, typename Op, int THREADS = kThreads>
+__device__ __forceinline__ T block_all_reduce(T value, Op op, typename cub::BlockReduce<T, THREADS>::TempStorage& temp,
                                               T& slot) {
-  const T total = cub::BlockReduce<T, kThreads>(temp).Reduce(value, op);
+  const T total = cub::BlockReduce<T, THREADS>(temp).Reduce(value, op);
   if (threadIdx.x == 0) slot = total;
   __syncthreads();
   const T result = slot;
@@ -356,6 +357,12 @@ struct TiedClassesMerge {
   }
 };
 
+constexpr int kHtaWideThreads = 512;
+// hta_teacher_kernel's block size for `rows` teacher rows on a GPU of `multiprocessors`.
+inline int hta_head_threads(int64_t rows, int64_t multiprocessors) {
+  return rows < multiprocessors ? kHtaWideThreads : kThreads;
+}
+
 // p = e^{z / tau - lse} of a teacher logit, the argument in double. A double exp is a long FP64
 // routine, and the bisection takes ~33 per element: in float (single-precision exp, its error far
 // below the 2^-24 resolution a float logit has anyway) for every logit type but double.
@@ -369,21 +376,27 @@ __device__ __forceinline__ double teacher_prob(u_t z, double inv_tau, double lse
   }
 }
 
-template <typename u_t>
-__global__ void __launch_bounds__(kThreads)
+// THREADS per block: kThreads, or kHtaWideThreads where the teacher rows are fewer than the GPU's
+// multiprocessors (hta_head_threads). The head is latency-bound: on an H200 it took 0.50 ms of
+// HTA-KL's 0.84 at 256 rows of 32,000 classes and ~1.4 ms at 64 rows of 128,000, where 64 blocks
+// of 256 threads left half the 132 multiprocessors idle and the rest at 8 warps. A 512-thread block
+// (86 registers per thread: one such block per multiprocessor) halves each thread's classes there;
+// with more rows than multiprocessors the 256-thread blocks already fill them two at a time.
+template <typename u_t, int THREADS = kThreads>
+__global__ void __launch_bounds__(THREADS)
     hta_teacher_kernel(const u_t* __restrict__ U, Strides us, int64_t B, int64_t C, double inv_tau,
                        double head_threshold, int32_t* __restrict__ keys) {
-  __shared__ typename cub::BlockReduce<HtaPass1, kThreads>::TempStorage pass1_temp;
+  __shared__ typename cub::BlockReduce<HtaPass1, THREADS>::TempStorage pass1_temp;
   __shared__ HtaPass1 pass1_slot;
-  __shared__ typename cub::BlockReduce<double, kThreads>::TempStorage sum_temp;
+  __shared__ typename cub::BlockReduce<double, THREADS>::TempStorage sum_temp;
   __shared__ double sum_slot;
-  __shared__ typename cub::BlockReduce<SumN<double, kHtaCandidates>, kThreads>::TempStorage candidates_temp;
+  __shared__ typename cub::BlockReduce<SumN<double, kHtaCandidates>, THREADS>::TempStorage candidates_temp;
   __shared__ SumN<double, kHtaCandidates> candidates_slot;
-  __shared__ typename cub::BlockReduce<int64_t, kThreads>::TempStorage min_temp;
+  __shared__ typename cub::BlockReduce<int64_t, THREADS>::TempStorage min_temp;
   __shared__ int64_t min_slot;
-  __shared__ typename cub::BlockReduce<TiedClasses, kThreads>::TempStorage tied_temp;
+  __shared__ typename cub::BlockReduce<TiedClasses, THREADS>::TempStorage tied_temp;
   __shared__ TiedClasses tied_slot;
-  __shared__ typename cub::BlockScan<double, kThreads>::TempStorage scan_temp;
+  __shared__ typename cub::BlockScan<double, THREADS>::TempStorage scan_temp;
 
   const int64_t row = blockIdx.x;
   const u_t* u = U + (row / B) * us.t + (row % B) * us.b;
@@ -391,7 +404,7 @@ __global__ void __launch_bounds__(kThreads)
 
   // pass 1: log-sum-exp, extreme keys, top-1 (lowest index among equal maxima)
   HtaPass1 p{online_init<double>(), INT64_MIN, INT64_MAX, C};
-  for_each_class<kTeacherChunk>(u, us.c, C, [&](int64_t c, u_t z) {
+  for_each_class<kTeacherChunk, THREADS>(u, us.c, C, [&](int64_t c, u_t z) {
     online_push<false>(p.lse, to_acc<double>(z) * inv_tau, 0.0);
     const int64_t key = sort_key(z);
     if (key > p.key_max) {  // c increases: the first maximum of this thread is its lowest index
@@ -400,7 +413,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     p.key_min = key < p.key_min ? key : p.key_min;
   });
-  p = block_all_reduce(p, HtaPass1Merge(), pass1_temp, pass1_slot);
+  p = block_all_reduce<HtaPass1, HtaPass1Merge, THREADS>(p, HtaPass1Merge(), pass1_temp, pass1_slot);
   const double lse = online_lse(p.lse);
 
   // Threshold search for the largest key k in [key_min, key_max] with mass(key >= k) >= head_threshold
@@ -424,7 +437,7 @@ __global__ void __launch_bounds__(kThreads)
     SumN<double, kHtaCandidates> mass;
 #pragma unroll
     for (int j = 0; j < kHtaCandidates; ++j) mass.v[j] = 0.0;
-    for_each_class<kTeacherChunk>(u, us.c, C, [&](int64_t, u_t z) {
+    for_each_class<kTeacherChunk, THREADS>(u, us.c, C, [&](int64_t, u_t z) {
       const int64_t key = sort_key(z);
       if (key >= candidate[0]) {
         const double prob = teacher_prob(z, inv_tau, lse);
@@ -434,7 +447,8 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     });
-    mass = block_all_reduce(mass, SumNOp(), candidates_temp, candidates_slot);
+    mass = block_all_reduce<SumN<double, kHtaCandidates>, SumNOp, THREADS>(mass, SumNOp(), candidates_temp,
+                                                                           candidates_slot);
     // the candidates that reach the threshold are a prefix (the mass falls as the key rises)
     int64_t new_lo = lo, new_hi = hi;
 #pragma unroll
@@ -453,10 +467,10 @@ __global__ void __launch_bounds__(kThreads)
   // Walk the classes tied at key_cross in index order: the cumulative mass starts at mass(key > key_cross).
   // The same read counts the tied classes: a float logit rarely ties, and one tied class is the
   // crossing itself when running + its probability reaches the threshold -- the walk's test, which
-  // otherwise takes a block scan and reduction per kThreads classes up to the crossing class.
+  // otherwise takes a block scan and reduction per THREADS classes up to the crossing class.
   double running = 0.0;
   TiedClasses tied_classes{0, C, 0.0};
-  for_each_class<kTeacherChunk>(u, us.c, C, [&](int64_t c, u_t z) {
+  for_each_class<kTeacherChunk, THREADS>(u, us.c, C, [&](int64_t c, u_t z) {
     const int64_t key = sort_key(z);
     if (key > key_cross) {
       running += teacher_prob(z, inv_tau, lse);
@@ -467,14 +481,15 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   });
-  running = block_all_reduce(running, SumOp(), sum_temp, sum_slot);
-  tied_classes = block_all_reduce(tied_classes, TiedClassesMerge(), tied_temp, tied_slot);
+  running = block_all_reduce<double, SumOp, THREADS>(running, SumOp(), sum_temp, sum_slot);
+  tied_classes = block_all_reduce<TiedClasses, TiedClassesMerge, THREADS>(tied_classes, TiedClassesMerge(),
+                                                                          tied_temp, tied_slot);
   int64_t idx_cross = C;
   if (tied_classes.count == 1) {
     // the walk's inclusive sum at that class is its probability (the other lanes add +0.0)
     idx_cross = running + tied_classes.first_prob >= head_threshold ? tied_classes.first : C;
   } else {
-    for (int64_t c0 = 0; c0 < C; c0 += kThreads) {  // block-uniform trip count (exits on a block-uniform hit)
+    for (int64_t c0 = 0; c0 < C; c0 += THREADS) {  // block-uniform trip count (exits on a block-uniform hit)
       const int64_t c = c0 + tid;
       bool tied = false;
       double prob = 0.0;
@@ -484,9 +499,10 @@ __global__ void __launch_bounds__(kThreads)
         if (tied) prob = teacher_prob(z, inv_tau, lse);
       }
       double inclusive, chunk_total;
-      cub::BlockScan<double, kThreads>(scan_temp).InclusiveSum(prob, inclusive, chunk_total);
+      cub::BlockScan<double, THREADS>(scan_temp).InclusiveSum(prob, inclusive, chunk_total);
       const int64_t hit = tied && running + inclusive >= head_threshold ? c : C;
-      const int64_t first = block_all_reduce(hit, MinOp(), min_temp, min_slot);  // also fences scan_temp
+      // also fences scan_temp
+      const int64_t first = block_all_reduce<int64_t, MinOp, THREADS>(hit, MinOp(), min_temp, min_slot);
       if (first < C) {
         idx_cross = first;
         break;

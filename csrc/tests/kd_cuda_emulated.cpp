@@ -21,15 +21,23 @@ using namespace snnkd::kd;
 using namespace snnkd::kd::cuda;
 
 // kd_cuda.cu's choice of classes per access (allow_packed = false: one); returns the number used.
+// The HTA head in blocks of head_threads (kThreads or kHtaWideThreads: kd_cuda.cu picks by
+// hta_head_threads).
 template <typename s_t, typename u_t, int LOSS>
 int forward(const s_t* s, const u_t* u, bool per_t, int64_t Tn, int64_t B, int64_t C, double temperature,
             double entropy_temperature, double entropy_weight, double head_threshold, acc_type_t<s_t, u_t>* rows,
-            acc_type_t<s_t, u_t>* stats, int32_t* keys, bool allow_packed) {
+            acc_type_t<s_t, u_t>* stats, int32_t* keys, bool allow_packed, int head_threads) {
   using acc_t = acc_type_t<s_t, u_t>;
   const Strides ss{B * C, C, 1}, us{per_t ? B * C : 0, C, 1};
   if (LOSS == kHTA) {
-    cuda_emulation::launch_cooperative<kThreads>((per_t ? Tn : 1) * B, hta_teacher_kernel<u_t>, u, us, B, C,
-                                                 1.0 / temperature, head_threshold, keys);
+    const int64_t head_rows = (per_t ? Tn : 1) * B;
+    if (head_threads == kHtaWideThreads) {
+      cuda_emulation::launch_cooperative<kHtaWideThreads>(head_rows, hta_teacher_kernel<u_t, kHtaWideThreads>, u,
+                                                          us, B, C, 1.0 / temperature, head_threshold, keys);
+    } else {
+      cuda_emulation::launch_cooperative<kThreads>(head_rows, hta_teacher_kernel<u_t, kThreads>, u, us, B, C,
+                                                   1.0 / temperature, head_threshold, keys);
+    }
   }
   constexpr int kVec = kd_forward_pack<s_t, u_t>();
   const bool packed = allow_packed && kd_rows_packable(kVec, s, sizeof(s_t), ss, u, sizeof(u_t), us, C);
@@ -119,12 +127,13 @@ extern "C" {
 
 // loss 0 KL, 1 TSER, 2 HTA (kd_math.h). rows [T, B], stats [T, B, 5], keys [Tt, B, 3] (HTA) in the
 // layout of snnkd_fast::kd_rows_forward.
-// allow_packed 0: one class per access; *vec_used: the classes per access it ran with.
+// allow_packed 0: one class per access; *vec_used: the classes per access it ran with; head_threads:
+// the HTA head's block size (kThreads or kHtaWideThreads).
 int emu_kd_rows_forward(int dtype_pair, int loss, const void* s, const void* u, int per_t, int64_t T, int64_t B,
                         int64_t C, double temperature, double entropy_temperature, double entropy_weight,
                         double head_threshold, void* rows, void* stats, int32_t* keys, int allow_packed,
-                        int32_t* vec_used) {
-  if (loss < kKL || loss > kHTA) return 1;
+                        int32_t* vec_used, int head_threads) {
+  if (loss < kKL || loss > kHTA || (head_threads != kThreads && head_threads != kHtaWideThreads)) return 1;
   const bool known = with_dtype_pair(dtype_pair, [&](auto pair) {
     using S = typename decltype(pair)::student;
     using U = typename decltype(pair)::teacher;
@@ -132,7 +141,8 @@ int emu_kd_rows_forward(int dtype_pair, int loss, const void* s, const void* u, 
     with_loss_kind(loss, [&](auto loss_c) {
       *vec_used = forward<S, U, decltype(loss_c)::value>(
           static_cast<const S*>(s), static_cast<const U*>(u), per_t != 0, T, B, C, temperature, entropy_temperature,
-          entropy_weight, head_threshold, static_cast<A*>(rows), static_cast<A*>(stats), keys, allow_packed != 0);
+          entropy_weight, head_threshold, static_cast<A*>(rows), static_cast<A*>(stats), keys, allow_packed != 0,
+          head_threads);
     });
   });
   return known ? 0 : 1;
@@ -191,6 +201,9 @@ int emu_nld_rows_backward(int dtype_pair, const void* grad_rows, const void* s, 
 
 // The standard-normal noise of element i of the flattened [rows, C] student (nld_noise_kernel, a
 // grid of `blocks` blocks striding over n elements).
+// hta_head_threads (kd_cuda.cu's choice of the head's block size).
+int emu_hta_head_threads(int64_t rows, int64_t multiprocessors) { return hta_head_threads(rows, multiprocessors); }
+
 int emu_nld_noise(const int64_t* seed, float* out, int64_t n, int64_t C, int64_t blocks) {
   cuda_emulation::launch<kThreads>(blocks, nld_noise_kernel<float>, seed, out, n, C);
   return 0;

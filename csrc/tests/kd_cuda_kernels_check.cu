@@ -58,8 +58,10 @@ const void* packed_forward_kernel() {
   SNNKD_KD_INSTANTIATE_PAIR(s_t, double)                                                                        \
   SNNKD_KD_INSTANTIATE_PAIR(s_t, __half)                                                                        \
   SNNKD_KD_INSTANTIATE_PAIR(s_t, __nv_bfloat16)                                                                 \
-  template __global__ void hta_teacher_kernel<s_t>(const s_t*, Strides, int64_t, int64_t, double, double,      \
-                                                   int32_t*);
+  template __global__ void hta_teacher_kernel<s_t, kThreads>(const s_t*, Strides, int64_t, int64_t, double,    \
+                                                             double, int32_t*);                                \
+  template __global__ void hta_teacher_kernel<s_t, kHtaWideThreads>(const s_t*, Strides, int64_t, int64_t,      \
+                                                                    double, double, int32_t*);
 
 SNNKD_KD_INSTANTIATE_STUDENT(float)
 SNNKD_KD_INSTANTIATE_STUDENT(double)
