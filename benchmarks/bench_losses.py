@@ -160,7 +160,13 @@ class Case:
         return {"fwd": forward, "bwd": backward, "fwdbwd": forward + backward}[pass_]
 
 
-def build_grid(device: torch.device, quick: bool, losses: tuple[str, ...]) -> list[Case]:
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtypes
+
+
+def build_grid(device: torch.device, quick: bool, losses: tuple[str, ...],
+               only_dtypes: Optional[tuple[str, ...]] = None) -> list[Case]:
+    """The grid's cases, dtype-major; ``only_dtypes``: just those of the grid's dtypes (--dtypes, e.g.
+    the bf16 cases a deadline-stopped GPU session did not reach)."""
     if device.type == "cuda":
         dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
         # Full: B=512 up to C=1000, fewer samples at C=32000 and 128000 (the eager reference's [T, B, C]
@@ -177,6 +183,8 @@ def build_grid(device: torch.device, quick: bool, losses: tuple[str, ...]) -> li
         shapes = ([(4, 64, 100), (4, 64, 1000), (4, 16, 32000)] if quick else
                   [(t, b, c) for t in (4, 16) for b, c in ((512, 10), (512, 100), (512, 1000), (16, 32000),
                                                           (4, 128000))])
+    if only_dtypes is not None:
+        dtypes = tuple(dtype for dtype in dtypes if dtype in {DTYPE_NAMES[name] for name in only_dtypes})
     # dtype-major: a run cut short by a deadline has the float32 grid of every loss first
     return [Case(loss, t, b, c, dtype) for dtype in dtypes for loss in losses for t, b, c in shapes]
 
@@ -506,6 +514,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = common.bench_parser(__doc__.split("\n\n")[0], "a small fp32 grid (T=4, three shapes)", PEERS)
     parser.add_argument("--losses", type=lambda text: common.parse_names(text, LOSSES, "loss"), default=LOSSES,
                         help=f"comma-separated losses to measure (default: {','.join(LOSSES)})")
+    parser.add_argument("--dtypes", type=lambda text: common.parse_names(text, tuple(DTYPE_NAMES), "dtype"),
+                        help="comma-separated dtypes of the grid to measure (default: the grid's: float32 on a CPU "
+                             "and in the quick GPU grid, float32 and bfloat16 in the full GPU grid)")
     parser.add_argument("--compile", choices=("all", "smallest", "none"),
                         help="which cases the torch_compile peer compiles (default: 'smallest' with --quick on a "
                              "CPU, where inductor compiles C++ for seconds per loss and shape, else 'all')")
@@ -537,7 +548,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     if compile_policy == "none":
         skipped["torch_compile"] = "--compile none"
     peers = tuple(name for name in names if name in PEERS)
-    grid = build_grid(device, args.quick, args.losses)
+    grid = build_grid(device, args.quick, args.losses, args.dtypes)
     compile_cases = set(grid)
     if compile_policy == "smallest" and grid:
         smallest = min(math.prod(case.shape) for case in grid)

@@ -62,6 +62,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="each benchmark keeps the rows of its JSON already in the output folder from the same "
                              "commit and device and measures only the cases it lacks (a run cut short goes on)")
+    parser.add_argument("--losses", help="bench_losses only: comma-separated losses (its --losses)")
+    parser.add_argument("--dtypes", help="bench_losses only: comma-separated dtypes of its grid (its --dtypes)")
     common.add_default_malloc_option(parser)
     common.add_sample_budget_option(parser)
     args = parser.parse_args(argv)
@@ -79,6 +81,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in (BENCH_NAMES[only] for only in args.only):
         module = importlib.import_module(name)
         argv_for = bench_argv + (["--peers", peers_for(module, args.peers)] if args.peers else [])
+        if name == "bench_losses":
+            argv_for += [arg for option, value in (("--losses", args.losses), ("--dtypes", args.dtypes)) if value
+                         for arg in (option, value)]
         print(f"=== {name} {' '.join(argv_for)}")
         bench_start = time.perf_counter()
         written.append(module.main(argv_for))

@@ -176,6 +176,42 @@ def test_sample_budget_option_overrides_the_scripts_timer(monkeypatch):
     assert forwarded and forwarded[0][-2:] == ["--sample-budget-s", "0.05"]
 
 
+def test_loss_grid_filters_reach_bench_losses(monkeypatch):
+    """run.py --losses/--dtypes go to bench_losses alone (a GPU session measuring what an earlier one
+    did not reach, e.g. the bf16 cases of three losses); bench_losses' grid keeps only those dtypes,
+    and refuses an unknown one."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_losses
+        import run
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    forwarded = {}
+
+    def fake_module(name):
+        class FakeBench:
+            @staticmethod
+            def main(argv):
+                forwarded[name] = argv
+                raise SystemExit(0)
+        return FakeBench
+
+    monkeypatch.setattr(run.importlib, "import_module", fake_module)
+    for only in ("losses", "lif"):
+        with pytest.raises(SystemExit):
+            run.main(["--only", only, "--losses", "hta_kl,nld_loss", "--dtypes", "bfloat16"])
+    assert forwarded["bench_losses"][-4:] == ["--losses", "hta_kl,nld_loss", "--dtypes", "bfloat16"]
+    assert "--losses" not in forwarded["bench_lif"] and "--dtypes" not in forwarded["bench_lif"]
+
+    cuda = torch.device("cuda")
+    full = bench_losses.build_grid(cuda, False, ("hta_kl", "nld_loss"))
+    bf16 = bench_losses.build_grid(cuda, False, ("hta_kl", "nld_loss"), ("bfloat16",))
+    assert {case.dtype for case in full} == {torch.float32, torch.bfloat16}
+    assert bf16 == [case for case in full if case.dtype == torch.bfloat16] and len(bf16) == 20
+    with pytest.raises(SystemExit):
+        bench_losses.parse_args(["--dtypes", "float16"])
+
+
 def test_queued_timer_enqueues_back_to_back(monkeypatch):
     """Timer(queued=True), the device-time mode of benchmarks/tune_triton.py, checked without a GPU
     (fake CUDA events): per repetition setup, flush, start event, run, end event, with no
