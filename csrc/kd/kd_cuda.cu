@@ -50,7 +50,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cuda(const at::Te
         // (cudaDeviceGetAttribute, not ATen/cuda/CUDAContext.h: that header needs cuSPARSE's, which the
         // CPU machines' compile check of this file lacks)
         int multiprocessors = 0;
-        C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, student.get_device()));
+        C10_CUDA_CHECK(
+            cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, student.get_device()));
         const int threads = hta_head_threads(teacher_rows * B, multiprocessors);
         const auto head = threads == kHtaWideThreads ? hta_teacher_kernel<u_t, kHtaWideThreads>
                                                      : hta_teacher_kernel<u_t, kThreads>;
@@ -105,8 +106,8 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_backward_cuda(const at::Tensor& grad_
     with_loss_kind(loss, [&](auto loss_c) {
       constexpr int LOSS = decltype(loss_c)::value;
       constexpr int kVec = kd_rows_pack<s_t, u_t>();
-      const bool packed = kd_rows_packable(kVec, student.data_ptr(), sizeof(s_t), ss, teacher.data_ptr(),
-                                               sizeof(u_t), us, C);
+      const bool packed =
+          kd_rows_packable(kVec, student.data_ptr(), sizeof(s_t), ss, teacher.data_ptr(), sizeof(u_t), us, C);
       const auto kernel = packed ? kd_backward_kernel<s_t, u_t, LOSS, kVec> : kd_backward_kernel<s_t, u_t, LOSS, 1>;
       kernel<<<element_blocks(op, B * C / (packed ? kVec : 1)), kThreads, 0, stream>>>(
           g_rows.data_ptr<acc_t>(), student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(), us, per_t, T, B, C,
