@@ -18,6 +18,7 @@ ops and the aten ops around them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one loss and the neuron (a test)")
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--top", type=int, default=8, help="kernels printed per case (the JSON has all)")
+    parser.add_argument("--variant", help="a name for this run's kernels (e.g. 'unpacked' under "
+                                          "SNNKD_CUDA_KD_UNPACKED=1): writes kernel_breakdown_<variant>.json")
     args = parser.parse_args(argv)
     device = common.resolve_device(args.device)
     shapes = SMOKE_SHAPES if args.smoke else SHAPES[device.type]
@@ -133,10 +136,12 @@ def main(argv: list[str] | None = None) -> Path:
                      for name, (calls, us) in ranked]
     meta = common.run_metadata(device, sys.argv[1:] if argv is None else argv, torch.get_num_threads(),
                                op="kernel_breakdown", grid="smoke" if args.smoke else "breakdown",
-                               iterations=args.iterations,
+                               iterations=args.iterations, variant=args.variant,
+                               cuda_kd_unpacked=os.environ.get("SNNKD_CUDA_KD_UNPACKED"),
                                timing="torch.profiler: CUDA kernels' device time (CUPTI) on a GPU, CPU ops' "
                                       "self time on the CPU; per fwd+bwd iteration after 3 warm-ups")
-    return common.write_result_json(args.out, device, "kernel_breakdown", meta, rows)
+    name = f"kernel_breakdown_{args.variant}" if args.variant else "kernel_breakdown"
+    return common.write_result_json(args.out, device, name, meta, rows)
 
 
 if __name__ == "__main__":

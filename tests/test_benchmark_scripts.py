@@ -104,6 +104,14 @@ def test_kernel_breakdown_smoke(tmp_path):
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     assert load_results(tmp_path) == []
+    # --variant (run_gpu.sh's second, SNNKD_CUDA_KD_UNPACKED=1 run): its own file, named in the meta
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_breakdown.py"), "--smoke",
+                             "--iterations", "1", "--out", str(tmp_path), "--variant", "unpacked"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "SNNKD_CUDA_KD_UNPACKED": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    meta = json.loads((tmp_path / "kernel_breakdown_unpacked.json").read_text())["meta"]
+    assert meta["variant"] == "unpacked" and meta["cuda_kd_unpacked"] == "1"
 
 
 def test_bench_resume_keeps_measured_cases(tmp_path):

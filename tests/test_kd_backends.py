@@ -2,6 +2,8 @@
 teacher), over class counts from 1 to a row that needs streaming, T in {1, 4}, odd B, dtypes,
 teacher layouts (ANN [B, C], SNN [T, B, C], expanded, non-contiguous), extreme and masked logits,
 and the HTA tie rule."""
+import os
+
 import pytest
 import torch
 
@@ -412,3 +414,47 @@ def test_triton_launch_shapes_change_no_result(kd_target, case, monkeypatch):
             same(variant.grad_teacher, baseline.grad_teacher, (block_t, split_c, "grad_teacher"))
         else:
             torch.testing.assert_close(variant.grad_teacher, baseline.grad_teacher, rtol=1e-6, atol=1e-7)
+
+
+_UNPACKED_SCRIPT = """
+import sys, torch
+import snnkd_fast.losses as L
+out = {}
+for name in ("per_timestep_kl", "tser_loss", "hta_kl"):
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in ((4, 8, 1000), (3, 4, 64000)):  # the second: HTA's wide head (4 rows)
+            g = torch.Generator(device="cuda").manual_seed(0)
+            teacher = 3 * torch.randn(shape[1:], device="cuda", generator=g)
+            student = (teacher + 2 * torch.randn(shape, device="cuda", generator=g)).to(dtype).requires_grad_()
+            loss = getattr(L, name)(student, teacher.to(dtype), backend="cuda")
+            loss.backward()
+            out[f"{name} {dtype} {shape}"] = (loss.detach().float().cpu(), student.grad.float().cpu())
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.cuda_tensors
+def test_cuda_unpacked_switch_changes_no_result(tmp_path):
+    """SNNKD_CUDA_KD_UNPACKED=1 (read once per process; run_gpu.sh --breakdown's A/B) runs the CUDA
+    loss row kernels one class per access and the HTA head in 256-thread blocks: the losses and
+    gradients of the packed, wide default to rounding (two processes, one with the switch)."""
+    import subprocess
+    import sys
+
+    if not torch.cuda.is_available() or not snnkd_fast.backends("kd")["cuda"]:
+        pytest.skip("needs a CUDA device and the cuda backend")
+    results = {}
+    for label, switch in (("default", None), ("unpacked", "1")):
+        env = {key: value for key, value in os.environ.items() if key != "SNNKD_CUDA_KD_UNPACKED"}
+        if switch:
+            env["SNNKD_CUDA_KD_UNPACKED"] = switch
+        path = tmp_path / f"{label}.pt"
+        run = subprocess.run([sys.executable, "-c", _UNPACKED_SCRIPT, str(path)], env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-4000:]
+        results[label] = torch.load(path)
+    for key, (loss, grad) in results["default"].items():
+        other_loss, other_grad = results["unpacked"][key]
+        tol = dict(rtol=1e-5, atol=1e-6) if "float32" in key else dict(rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(loss, other_loss, **tol, msg=key)
+        torch.testing.assert_close(grad, other_grad, **tol, msg=key)

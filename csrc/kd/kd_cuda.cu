@@ -9,6 +9,8 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -20,6 +22,18 @@ namespace snnkd {
 namespace kd {
 namespace cuda {
 namespace {
+
+// SNNKD_CUDA_KD_UNPACKED=1 (read once per process): the loss row kernels one class per access and
+// the HTA head in 256-thread blocks whatever the rows allow -- the kernels before their packed and
+// wide forms, for an A/B of the two in one build (run_gpu.sh --breakdown). Same results to
+// rounding (the backward's bit for bit).
+bool packing_disabled() {
+  static const bool disabled = [] {
+    const char* value = std::getenv("SNNKD_CUDA_KD_UNPACKED");
+    return value != nullptr && value[0] != '\0' && std::string(value) != "0";
+  }();
+  return disabled;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cuda(const at::Tensor& student,
                                                                     const at::Tensor& teacher, int64_t loss,
@@ -52,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cuda(const at::Te
         int multiprocessors = 0;
         C10_CUDA_CHECK(
             cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, student.get_device()));
-        const int threads = hta_head_threads(teacher_rows * B, multiprocessors);
+        const int threads = packing_disabled() ? kThreads : hta_head_threads(teacher_rows * B, multiprocessors);
         const auto head = threads == kHtaWideThreads ? hta_teacher_kernel<u_t, kHtaWideThreads>
                                                      : hta_teacher_kernel<u_t, kThreads>;
         head<<<row_blocks(op, teacher_rows * B), threads, 0, stream>>>(u_ptr, us, B, C, 1.0 / temperature,
@@ -60,7 +74,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cuda(const at::Te
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       constexpr int kVec = kd_forward_pack<s_t, u_t>();
-      const bool packed = kd_rows_packable(kVec, s_ptr, sizeof(s_t), ss, u_ptr, sizeof(u_t), us, C);
+      const bool packed =
+          !packing_disabled() && kd_rows_packable(kVec, s_ptr, sizeof(s_t), ss, u_ptr, sizeof(u_t), us, C);
       const auto kernel = packed ? kd_forward_kernel<s_t, u_t, LOSS, kVec> : kd_forward_kernel<s_t, u_t, LOSS, 1>;
       kernel<<<grid, kThreads, 0, stream>>>(
           s_ptr, ss, u_ptr, us, per_t, B, C, static_cast<acc_t>(1.0 / temperature),
@@ -106,8 +121,8 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_backward_cuda(const at::Tensor& grad_
     with_loss_kind(loss, [&](auto loss_c) {
       constexpr int LOSS = decltype(loss_c)::value;
       constexpr int kVec = kd_rows_pack<s_t, u_t>();
-      const bool packed =
-          kd_rows_packable(kVec, student.data_ptr(), sizeof(s_t), ss, teacher.data_ptr(), sizeof(u_t), us, C);
+      const bool packed = !packing_disabled() && kd_rows_packable(kVec, student.data_ptr(), sizeof(s_t), ss,
+                                                                  teacher.data_ptr(), sizeof(u_t), us, C);
       const auto kernel = packed ? kd_backward_kernel<s_t, u_t, LOSS, kVec> : kd_backward_kernel<s_t, u_t, LOSS, 1>;
       kernel<<<element_blocks(op, B * C / (packed ? kVec : 1)), kThreads, 0, stream>>>(
           g_rows.data_ptr<acc_t>(), student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(), us, per_t, T, B, C,
