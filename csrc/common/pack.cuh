@@ -5,7 +5,13 @@
 // (csrc/tests/cuda_emulation/), which defines __device__ and __forceinline__ first.
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
+
 namespace snnkd {
+
+// Host side: whether ptr may carry packs of `bytes` (the launchers' check before VEC > 1).
+inline bool pack_aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {

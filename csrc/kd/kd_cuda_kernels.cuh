@@ -132,9 +132,8 @@ constexpr int kd_forward_pack() {
 inline bool kd_rows_packable(int vec, const void* s, size_t s_size, Strides ss, const void* u, size_t u_size,
                              Strides us, int64_t C) {
   if (vec <= 1) return vec == 1;
-  const auto aligned = [](const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; };
   return ss.c == 1 && us.c == 1 && C % vec == 0 && ss.b % vec == 0 && ss.t % vec == 0 && us.b % vec == 0 &&
-         us.t % vec == 0 && aligned(s, s_size * vec) && aligned(u, u_size * vec);
+         us.t % vec == 0 && pack_aligned(s, s_size * vec) && pack_aligned(u, u_size * vec);
 }
 
 // The same over two rows with unit class strides, VEC adjacent classes per access (Pack): packs

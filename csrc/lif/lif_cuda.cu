@@ -17,8 +17,6 @@ namespace snnkd {
 namespace lif {
 namespace {
 
-bool aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
-
 constexpr int kVec = 4;
 
 // VEC-wide accesses need N % VEC == 0 and every row start aligned to the pack size.
@@ -27,9 +25,9 @@ bool can_vectorize(int64_t N, std::initializer_list<const void*> scalar_ptrs,
                    std::initializer_list<const void*> acc_ptrs) {
   if (N % kVec != 0) return false;
   for (const void* ptr : scalar_ptrs)
-    if (ptr && !aligned(ptr, sizeof(scalar_t) * kVec)) return false;
+    if (ptr && !pack_aligned(ptr, sizeof(scalar_t) * kVec)) return false;
   for (const void* ptr : acc_ptrs)
-    if (ptr && !aligned(ptr, sizeof(acc_t) * kVec)) return false;
+    if (ptr && !pack_aligned(ptr, sizeof(acc_t) * kVec)) return false;
   return true;
 }
 
