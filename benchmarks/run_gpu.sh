@@ -55,7 +55,7 @@
 #               loss and the neuron at the grids' large shapes under torch.profiler, each kernel's device
 #               time per fwd+bwd (cuda and triton, fp32 and bf16); kernel_breakdown.json (~20 s), then
 #               again under SNNKD_CUDA_KD_UNPACKED=1 (the CUDA loss kernels one class per access, the HTA
-#               head's 256-thread blocks): kernel_breakdown_unpacked.json, an A/B in one build.
+#               head one 256-thread block per row): kernel_breakdown_unpacked.json, an A/B in one build.
 #
 #   5b. resume  (--resume) the results of this machine's previous run (kept in build/run_gpu/, since
 #               the device tool empties $OUT before each call) are put back in the results folder and
@@ -286,8 +286,8 @@ run_ab() {
 
 run_breakdown() {
   "$PY" benchmarks/kernel_breakdown.py --device cuda --out "$RESULTS" || return 1
-  # the same cases with the loss row kernels one class per access and the HTA head in 256-thread
-  # blocks (their forms before 4fbf389/14514f6/f42f117): an A/B of the packed kernels in one build
+  # the same cases with the loss row kernels one class per access and the HTA head in one 256-thread
+  # block per row (their forms before 4fbf389/14514f6/f42f117 and the split head): an A/B in one build
   SNNKD_CUDA_KD_UNPACKED=1 "$PY" benchmarks/kernel_breakdown.py --device cuda --out "$RESULTS" --variant unpacked
 }
 

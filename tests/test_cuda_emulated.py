@@ -319,6 +319,101 @@ def test_hta_head_takes_wider_blocks_only_where_rows_are_fewer_than_multiprocess
         assert kd_emu.emu_hta_head_threads(ctypes.c_int64(rows), ctypes.c_int64(sms)) == threads, (rows, sms)
 
 
+# (teacher dtype) -> kd_cuda_emulated.cpp's emu_hta_head index
+HTA_TEACHER_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+def _hta_teachers(dtype):
+    """Teachers of every kind for the head: spread, tied in groups, all equal (C = 257: no
+    cumulative sum k / C lands on a tested threshold, where a float exp's rounding may take either
+    side), per timestep [T, B, C], and rows whose keys span the whole range (the largest and
+    smallest finite logits of the dtype: the search's every read)."""
+    g = torch.Generator().manual_seed(5)
+    big = torch.finfo(dtype).max
+    extremes = torch.randn(3, 2000, generator=g, dtype=torch.float64) * 3
+    extremes[0, 5], extremes[0, 17], extremes[1, 3], extremes[1, 1999] = big, -big, -big, 1e-30
+    extremes[2] = torch.linspace(-1, 1, 2000, dtype=torch.float64)
+    teachers = [torch.randn(3, 1000, generator=g, dtype=torch.float64) * 3,
+                torch.randint(-3, 4, (2, 700), generator=g).double(), torch.full((2, 257), 1.5, dtype=torch.float64),
+                torch.randn(2, 2, 900, generator=g, dtype=torch.float64), extremes]
+    return [teacher.to(dtype) for teacher in teachers]
+
+
+def _hta_emulated_head(kd_emu, teacher, head_threshold, splits, threads=256, temperature=4.0):
+    """The emulated CUDA head's keys [Tt, B, 3] (poisoned first) and the slices it launched."""
+    per_t = teacher.dim() == 3
+    T = teacher.shape[0] if per_t else 1
+    B, C = teacher.shape[-2:]
+    keys = torch.full((T, B, 3), -7, dtype=torch.int32)
+    slices = ctypes.c_int64(0)
+    status = kd_emu.emu_hta_head(HTA_TEACHER_DTYPES[teacher.dtype], _ptr(teacher.contiguous()), int(per_t),
+                                 ctypes.c_int64(T), ctypes.c_int64(B), ctypes.c_int64(C),
+                                 ctypes.c_double(temperature), ctypes.c_double(head_threshold), threads,
+                                 ctypes.c_int64(splits), _ptr(keys), ctypes.byref(slices))
+    assert status == 0
+    return keys, slices.value
+
+
+@pytest.mark.parametrize("dtype", list(HTA_TEACHER_DTYPES), ids=["fp32", "fp64", "bf16", "fp16"])
+def test_emulated_cuda_hta_head_split_or_not_gives_the_cpu_keys(kd_emu, dtype):
+    """HTA's teacher head in every form kd_cuda.cu launches -- one block per row (256 or 512
+    threads), or each row cut into slices of one block, one launch per read of the search -- gives
+    the CPU op's (key_cross, idx_cross, idx_top) exactly, slices narrower than a block's threads and
+    a last slice shorter than the others included."""
+    ops = torch.ops.snnkd_fast
+    teachers, fp32 = _hta_teachers(dtype), dtype == torch.float32
+    for teacher in teachers:
+        student = torch.zeros((teacher.shape[0] if teacher.dim() == 3 else 1, *teacher.shape[-2:]), dtype=dtype)
+        C = teacher.shape[-1]
+        # 1.5: above the whole mass, every class head
+        for head_threshold in (0.05, 0.5, 0.999) + ((1.5,) if teacher is teachers[0] else ()):
+            _, _, expected = ops.kd_rows_forward(student, teacher, 2, 4.0, 4.0, 0.0, head_threshold)
+            for splits, threads in ((1, 256), (2, 256), (7, 256)) + (((1, 512), (3, 256)) if fp32 else ()):
+                where = f"{tuple(teacher.shape)} threshold={head_threshold} splits={splits} threads={threads}"
+                keys, slices = _hta_emulated_head(kd_emu, teacher, head_threshold, splits, threads)
+                slice_ = kd_emu.emu_hta_head_slice(ctypes.c_int64(C), ctypes.c_int64(splits))
+                assert slices == (1 if splits == 1 else -(-C // slice_)), where
+                assert torch.equal(keys, expected), f"{where}\n{keys}\n{expected}"
+
+
+def test_hta_head_splits_rows_only_where_they_leave_the_gpu_idle(kd_emu):
+    """kd_cuda.cu's split of HTA's head: rows fewer than three blocks per multiprocessor (the split
+    kernels' occupancy) are cut into as many slices as fill those slots, each at least 4,096
+    classes; slices start at multiples of 64 classes."""
+    splits = kd_emu.emu_hta_head_splits
+    splits.restype = ctypes.c_int64
+    for rows, C, sms, expected in ((64, 128000, 132, 6), (4, 64000, 132, 15), (2, 20000, 132, 4),
+                                   (198, 100000, 132, 2), (199, 100000, 132, 1), (256, 32000, 132, 1),
+                                   (1, 8191, 132, 1), (1, 8192, 132, 2), (64, 128000, 78, 3), (0, 1000, 132, 1)):
+        assert splits(ctypes.c_int64(rows), ctypes.c_int64(C), ctypes.c_int64(sms)) == expected, (rows, C, sms)
+    slice_ = kd_emu.emu_hta_head_slice
+    slice_.restype = ctypes.c_int64
+    for C, n, expected in ((128000, 6, 21376), (1000, 7, 192), (64, 2, 64), (8192, 2, 4096)):
+        assert slice_(ctypes.c_int64(C), ctypes.c_int64(n)) == expected, (C, n)
+
+
+def _widest_interval_after_a_read(span):
+    """The widest interval hta_candidates / hta_narrow can leave of one `span` (hi - lo) wide:
+    [lo, c0 - 1], [c_j, c_{j+1} - 1] or [c_15, hi] for the 16 candidates c_j = lo + min((j + 1) step,
+    span), step = ceil(span / 17)."""
+    step = -(-span // 17)
+    candidates = [min((j + 1) * step, span) for j in range(16)]
+    widths = [candidates[0] - 1] + [b - 1 - a for a, b in zip(candidates, candidates[1:])] + [span - candidates[-1]]
+    return max(width for width in widths if width >= 0)
+
+
+def test_hta_search_reads_cover_every_interval(kd_emu):
+    """The split head launches a fixed number of reads (hta_search_reads: 8 for the float types'
+    32-bit keys, 17 for double's 64-bit ones); the interval arithmetic of the search, taken at its
+    widest every read, reaches a single key within them."""
+    for is_double, span in ((0, 2**32 - 1), (1, 2**64 - 1)):
+        reads = 0
+        while span > 0:
+            span = _widest_interval_after_a_read(span)
+            reads += 1
+        assert kd_emu.emu_hta_search_reads(is_double) == reads
+
+
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)],
                          ids=["fp32", "bf16"])
 def test_emulated_cuda_kd_forward_follows_the_non_finite_policy(kd_emu, dtypes):

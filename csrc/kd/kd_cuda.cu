@@ -24,15 +24,49 @@ namespace cuda {
 namespace {
 
 // SNNKD_CUDA_KD_UNPACKED=1 (read once per process): the loss row kernels one class per access and
-// the HTA head in 256-thread blocks whatever the rows allow -- the kernels before their packed and
-// wide forms, for an A/B of the two in one build (run_gpu.sh --breakdown). Same results to
-// rounding (the backward's bit for bit).
+// the HTA head in one 256-thread block per row whatever the rows allow -- the kernels' forms before
+// packing, wide and split heads, for an A/B of the two in one build (run_gpu.sh --breakdown). Same
+// results to rounding (the backward's bit for bit).
 bool packing_disabled() {
   static const bool disabled = [] {
     const char* value = std::getenv("SNNKD_CUDA_KD_UNPACKED");
     return value != nullptr && value[0] != '\0' && std::string(value) != "0";
   }();
   return disabled;
+}
+
+// HTA's teacher head into keys [rows, 3]: one block per row (hta_teacher_kernel, in 512-thread
+// blocks where rows are fewer than multiprocessors) or, where the rows leave the GPU's head slots
+// empty and are long enough to cut, the split head's launches (hta_head_splits). Under
+// SNNKD_CUDA_KD_UNPACKED: one 256-thread block per row, whatever the rows.
+template <typename u_t>
+void launch_hta_head(const u_t* u, Strides us, int64_t rows, int64_t B, int64_t C, double inv_tau,
+                     double head_threshold, int32_t* keys, const at::Tensor& like, cudaStream_t stream) {
+  const char* op = "snnkd_fast::kd_rows_forward";
+  // (cudaDeviceGetAttribute, not ATen/cuda/CUDAContext.h: that header needs cuSPARSE's, which the
+  // CPU machines' compile check of this file lacks)
+  int multiprocessors = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, like.get_device()));
+  const int64_t splits = packing_disabled() ? 1 : hta_head_splits(rows, C, multiprocessors);
+  if (splits > 1) {
+    const int64_t slice = hta_head_slice(C, splits);
+    const HtaSplit split{rows, (C + slice - 1) / slice, slice};
+    row_blocks(op, split.rows * split.slices);
+    // freed to the caching allocator on return: later work on this stream alone can reuse it
+    at::Tensor scratch =
+        at::empty({hta_split_scratch(split.rows, split.slices).bytes}, like.options().dtype(at::kByte));
+    const auto launch = [&](auto kernel, int64_t blocks, auto... args) {
+      kernel<<<blocks, kThreads, 0, stream>>>(args...);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    hta_split_head(launch, u, us, B, C, split, inv_tau, head_threshold, scratch.data_ptr<uint8_t>(), keys);
+    return;
+  }
+  const int threads = packing_disabled() ? kThreads : hta_head_threads(rows, multiprocessors);
+  const auto head =
+      threads == kHtaWideThreads ? hta_teacher_kernel<u_t, kHtaWideThreads> : hta_teacher_kernel<u_t, kThreads>;
+  head<<<row_blocks(op, rows), threads, 0, stream>>>(u, us, B, C, inv_tau, head_threshold, keys);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cuda(const at::Tensor& student,
@@ -61,17 +95,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cuda(const at::Te
     with_loss_kind(loss, [&](auto loss_c) {
       constexpr int LOSS = decltype(loss_c)::value;
       if constexpr (LOSS == kHTA) {
-        // (cudaDeviceGetAttribute, not ATen/cuda/CUDAContext.h: that header needs cuSPARSE's, which the
-        // CPU machines' compile check of this file lacks)
-        int multiprocessors = 0;
-        C10_CUDA_CHECK(
-            cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, student.get_device()));
-        const int threads = packing_disabled() ? kThreads : hta_head_threads(teacher_rows * B, multiprocessors);
-        const auto head = threads == kHtaWideThreads ? hta_teacher_kernel<u_t, kHtaWideThreads>
-                                                     : hta_teacher_kernel<u_t, kThreads>;
-        head<<<row_blocks(op, teacher_rows * B), threads, 0, stream>>>(u_ptr, us, B, C, 1.0 / temperature,
-                                                                        head_threshold, keys.data_ptr<int32_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_hta_head(u_ptr, us, teacher_rows * B, B, C, 1.0 / temperature, head_threshold,
+                        keys.data_ptr<int32_t>(), student, stream);
       }
       constexpr int kVec = kd_forward_pack<s_t, u_t>();
       const bool packed =

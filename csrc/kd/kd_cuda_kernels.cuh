@@ -318,15 +318,26 @@ __device__ __forceinline__ T block_all_reduce(T value, Op op, typename cub::Bloc
 // KL / TSER / HTA-KL (kd_cpu.cpp)
 // ------------------------------------------------------------------------------------------------
 
-// HTA head of each teacher row (grid Tt * B, one block per row): keys[row] = (key_cross, idx_cross,
-// idx_top), the CPU's rule (TeacherRow::select_head, kd_cpu_rows.h) without a sort. The crossing
-// class's key is the largest key k whose mass(key >= k) reaches head_threshold (a search over the
-// order-preserving keys testing kHtaCandidates of them per read of the row, as the Triton kernel;
-// 8 reads for float logits);
-// among the classes tied at that key, the index-order walk then finds the first one where the
+// HTA head of each teacher row: keys[row] = (key_cross, idx_cross, idx_top), the CPU's rule
+// (TeacherRow::select_head, kd_cpu_rows.h) without a sort. The crossing class's key is the largest
+// key k whose mass(key >= k) reaches head_threshold: a search over the order-preserving keys that
+// tests kHtaCandidates of them per read of the row (as the Triton kernel), each read shrinking an
+// interval [lo, hi] that holds the crossing key ~17-fold (at most hta_search_reads: 8 for float
+// logits). The mass above the interval, mass(key > hi), is carried from read to read -- it is a
+// candidate's mass of the read before --, so a read sums only the classes inside the interval:
+// after the first reads these are few, and every other class costs a load and two compares, no exp
+// and no candidate compares (on an H200 the head took 0.50 ms of HTA-KL's 0.84 at 256 rows of
+// 32,000 classes when each read took both for every class above the interval's lower end). Among
+// the classes tied at the crossing key, the index-order walk then finds the first one where the
 // inclusive cumulative probability reaches the threshold. The masses are summed in double; each
-// probability is a float exp for float, half and bf16 logits (teacher_prob), as in the Triton kernel,
-// so the head differs from the CPU's only for a cumulative mass within ~1e-7 of the threshold.
+// probability is a float exp for float, half and bf16 logits (teacher_prob), as in the Triton
+// kernel, so the head differs from the CPU's only for a cumulative mass within ~1e-7 of the
+// threshold.
+//
+// Two forms of one algorithm: hta_teacher_kernel, one block per row, where the rows fill the GPU;
+// and the split head (hta_split_*_kernel) where they are too few (hta_head_splits): each row's
+// classes are cut into slices of one block each, and every read is one launch whose blocks first
+// merge the slices' sums of the launch before, in slice order (deterministic, no atomics).
 constexpr int kHtaCandidates = 16;  // keys tested per read of the row by the threshold search
 
 struct HtaPass1 {
@@ -356,10 +367,77 @@ struct TiedClassesMerge {
   }
 };
 
+// A row's search: the interval [lo, hi] of keys holding the crossing key, the mass above it
+// (mass(key > hi)), the row's log-sum-exp of z / tau and its top-1 class.
+struct HtaSearch {
+  int64_t lo, hi;
+  double above, lse;
+  int64_t top;
+};
+
+// Reads of the row the search takes at most for keys spanning `span` (hi - lo): a read of step
+// ceil(span / 17) leaves an interval at most max(step - 1, span - 16 step) wide (hta_candidates,
+// hta_narrow). 8 for the 2^32 keys of a float logit, 17 for a double's 2^64.
+inline constexpr int hta_search_reads(uint64_t span) {
+  int reads = 0;
+  while (span > 0) {
+    const uint64_t step = span / (kHtaCandidates + 1) + (span % (kHtaCandidates + 1) != 0);
+    const uint64_t last = span > kHtaCandidates * step ? span - kHtaCandidates * step : 0;
+    span = step - 1 > last ? step - 1 : last;
+    ++reads;
+  }
+  return reads;
+}
+template <typename u_t>
+inline constexpr int hta_search_reads() {
+  return hta_search_reads(std::is_same<u_t, double>::value ? ~uint64_t(0) : uint64_t(0xFFFFFFFFu));
+}
+
 constexpr int kHtaWideThreads = 512;
 // hta_teacher_kernel's block size for `rows` teacher rows on a GPU of `multiprocessors`.
 inline int hta_head_threads(int64_t rows, int64_t multiprocessors) {
   return rows < multiprocessors ? kHtaWideThreads : kThreads;
+}
+
+// The split head's geometry. Its kernels hold <= 80 registers per thread in 256-thread blocks
+// (ptxas, sm_90): three blocks per multiprocessor. Rows fewer than those slots are cut into as many
+// slices as fill them (at 64 rows on 132 multiprocessors: 6 slices, 384 blocks for 396 slots,
+// where one block per row left 68 multiprocessors idle and 8 warps on each of the others), each at
+// least kHtaSliceMin classes (16 per thread: the per-read merge and the launches cost more than a
+// shorter slice saves). 1: one block per row (hta_teacher_kernel), as from 198 rows up.
+constexpr int kHtaSplitBlocksPerMultiprocessor = 3;
+constexpr int64_t kHtaSliceMin = 4096;
+constexpr int64_t kHtaSliceAlign = 64;  // slices start at multiples of 64 classes (256-byte lines of fp32)
+inline int64_t hta_head_splits(int64_t rows, int64_t C, int64_t multiprocessors) {
+  const int64_t slots = kHtaSplitBlocksPerMultiprocessor * multiprocessors;
+  if (rows <= 0 || rows >= slots) return 1;
+  const int64_t by_slots = slots / rows, by_classes = C / kHtaSliceMin;
+  const int64_t splits = by_slots < by_classes ? by_slots : by_classes;
+  return splits > 1 ? splits : 1;
+}
+// Classes per slice for `splits` slices (rounded up to kHtaSliceAlign; the slices actually launched
+// are ceil(C / slice), which may be fewer than `splits`).
+inline int64_t hta_head_slice(int64_t C, int64_t splits) {
+  const int64_t slice = (C + splits - 1) / splits;
+  return (slice + kHtaSliceAlign - 1) / kHtaSliceAlign * kHtaSliceAlign;
+}
+
+// The split head's scratch, one allocation: pass-1 partials [rows * slices], the search states
+// [2][rows] and the interval sums [2][rows * slices] (by the parity of the read that writes them:
+// a read's blocks take the read before's while the row's first block writes its own), the tied
+// classes' partials [rows * slices]. Byte offsets; every section a multiple of 16 bytes.
+struct HtaSplitScratch {
+  int64_t pass1, search, inside, tied, bytes;
+};
+inline int64_t hta_round16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+inline HtaSplitScratch hta_split_scratch(int64_t rows, int64_t slices) {
+  HtaSplitScratch s{};
+  s.pass1 = 0;
+  s.search = s.pass1 + hta_round16(rows * slices * static_cast<int64_t>(sizeof(HtaPass1)));
+  s.inside = s.search + hta_round16(2 * rows * static_cast<int64_t>(sizeof(HtaSearch)));
+  s.tied = s.inside + hta_round16(2 * rows * slices * static_cast<int64_t>(sizeof(SumN<double, kHtaCandidates>)));
+  s.bytes = s.tied + hta_round16(rows * slices * static_cast<int64_t>(sizeof(TiedClasses)));
+  return s;
 }
 
 // p = e^{z / tau - lse} of a teacher logit, the argument in double. A double exp is a long FP64
@@ -375,146 +453,354 @@ __device__ __forceinline__ double teacher_prob(u_t z, double inv_tau, double lse
   }
 }
 
-// THREADS per block: kThreads, or kHtaWideThreads where the teacher rows are fewer than the GPU's
-// multiprocessors (hta_head_threads). The head is latency-bound: on an H200 it took 0.50 ms of
-// HTA-KL's 0.84 at 256 rows of 32,000 classes and ~1.4 ms at 64 rows of 128,000, where 64 blocks
-// of 256 threads left half the 132 multiprocessors idle and the rest at 8 warps. A 512-thread block
-// (86 registers per thread: one such block per multiprocessor) halves each thread's classes there;
-// with more rows than multiprocessors the 256-thread blocks already fill them two at a time.
+// This thread's part of pass 1 over `count` classes of a row starting at class `first`:
+// log-sum-exp, extreme keys, top-1 (lowest index among equal maxima).
+template <int THREADS, typename u_t>
+__device__ __forceinline__ HtaPass1 hta_pass1(const u_t* __restrict__ u, int64_t stride, int64_t first, int64_t count,
+                                              int64_t C, double inv_tau) {
+  HtaPass1 p{online_init<double>(), INT64_MIN, INT64_MAX, C};
+  for_each_class<kTeacherChunk, THREADS>(u + first * stride, stride, count, [&](int64_t c, u_t z) {
+    online_push<false>(p.lse, to_acc<double>(z) * inv_tau, 0.0);
+    const int64_t key = sort_key(z);
+    if (key > p.key_max) {  // c increases: the first maximum of this thread is its lowest index
+      p.key_max = key;
+      p.top = first + c;
+    }
+    p.key_min = key < p.key_min ? key : p.key_min;
+  });
+  return p;
+}
+
+// The type the search compares a logit's key in: int32 for the float types (float_key's image),
+// int64 for double -- the candidates of a read then take 16 registers, not 32, and one compare each.
+template <typename u_t>
+using hta_key_t = typename std::conditional<std::is_same<u_t, double>::value, int64_t, int32_t>::type;
+
+__device__ __forceinline__ HtaSearch hta_search_start(const HtaPass1& p) {
+  return HtaSearch{p.key_min, p.key_max, 0.0, online_lse(p.lse), p.top};
+}
+
+// The keys a read tests: kHtaCandidates keys splitting (lo, hi] evenly, increasing (several equal
+// to hi when the interval is narrower than the candidates).
+template <typename key_t>
+__device__ __forceinline__ void hta_candidates(const HtaSearch& s, key_t (&candidate)[kHtaCandidates]) {
+  const uint64_t span = static_cast<uint64_t>(s.hi) - static_cast<uint64_t>(s.lo);
+  const uint64_t step = span / (kHtaCandidates + 1) + (span % (kHtaCandidates + 1) != 0);  // >= 1
+#pragma unroll
+  for (int j = 0; j < kHtaCandidates; ++j) {
+    const uint64_t offset = static_cast<uint64_t>(j + 1) * step;  // < 2^64: step <= 2^64 / 17 + 1
+    candidate[j] = static_cast<key_t>(static_cast<int64_t>(static_cast<uint64_t>(s.lo) + (offset < span ? offset : span)));
+  }
+}
+
+// This thread's sums of p over its classes with candidate[j] <= key <= hi, per candidate, over
+// `count` classes from `first`. The classes above hi are in s.above already; those below
+// candidate[0] count for no candidate.
+template <int THREADS, typename u_t>
+__device__ __forceinline__ SumN<double, kHtaCandidates> hta_inside_masses(const u_t* __restrict__ u, int64_t stride,
+                                                                          int64_t first, int64_t count,
+                                                                          const HtaSearch& s,
+                                                                          const hta_key_t<u_t> (&candidate)[kHtaCandidates],
+                                                                          double inv_tau) {
+  SumN<double, kHtaCandidates> mass;
+#pragma unroll
+  for (int j = 0; j < kHtaCandidates; ++j) mass.v[j] = 0.0;
+  const hta_key_t<u_t> hi = static_cast<hta_key_t<u_t>>(s.hi);
+  for_each_class<kTeacherChunk, THREADS>(u + first * stride, stride, count, [&](int64_t, u_t z) {
+    const hta_key_t<u_t> key = static_cast<hta_key_t<u_t>>(sort_key(z));
+    if (key >= candidate[0] && key <= hi) {
+      const double prob = teacher_prob(z, inv_tau, s.lse);
+#pragma unroll
+      for (int j = 0; j < kHtaCandidates; ++j) {
+        if (key >= candidate[j]) mass.v[j] += prob;
+      }
+    }
+  });
+  return mass;
+}
+
+// One read's outcome from the row's interval sums `inside` (hta_inside_masses summed over the
+// row): mass(key >= candidate[j]) = s.above + inside[j]. The candidates that reach the threshold are
+// a prefix (the mass falls as the key rises); the crossing key lies from the last of them (lo when
+// none) up to the next candidate - 1 (hi when none), whose mass is the new interval's mass above.
+template <typename key_t>
+__device__ __forceinline__ void hta_narrow(HtaSearch& s, const key_t (&candidate)[kHtaCandidates],
+                                           const SumN<double, kHtaCandidates>& inside, double head_threshold) {
+  int64_t new_lo = s.lo, new_hi = s.hi;
+  double new_above = s.above;
+#pragma unroll
+  for (int j = kHtaCandidates - 1; j >= 0; --j) {
+    const double mass = s.above + inside.v[j];
+    if (mass >= head_threshold) {
+      new_lo = candidate[j];
+      break;
+    }
+    new_hi = static_cast<int64_t>(candidate[j]) - 1;
+    new_above = mass;
+  }
+  s.lo = new_lo;
+  s.hi = new_hi;
+  s.above = new_above;
+}
+
+// This thread's classes tied at the crossing key among `count` from `first`.
+template <int THREADS, typename u_t>
+__device__ __forceinline__ TiedClasses hta_tied_classes(const u_t* __restrict__ u, int64_t stride, int64_t first,
+                                                        int64_t count, int64_t C, int64_t key_cross, double inv_tau,
+                                                        double lse) {
+  TiedClasses tied{0, C, 0.0};
+  for_each_class<kTeacherChunk, THREADS>(u + first * stride, stride, count, [&](int64_t c, u_t z) {
+    if (sort_key(z) == key_cross && tied.count++ == 0) {  // c increases: this thread's first tied class
+      tied.first = first + c;
+      tied.first_prob = teacher_prob(z, inv_tau, lse);
+    }
+  });
+  return tied;
+}
+
+// The crossing class from the converged search (s.lo == s.hi, the crossing key; s.above its
+// cumulative mass before the tied classes) and the row's tied classes: the first tied class, in
+// index order, where s.above plus the tied classes' inclusive cumulative probability reaches the
+// threshold; C when none does (every class is head). One tied class (a float logit rarely ties) is
+// the crossing itself when its probability brings the mass to the threshold -- the walk's test,
+// which otherwise takes a block scan and reduction per THREADS classes up to the crossing class.
+// Every thread of the block calls it (block-uniform arguments).
+template <int THREADS, typename u_t>
+__device__ __forceinline__ int64_t hta_crossing_class(const u_t* __restrict__ u, int64_t stride, int64_t C,
+                                                      const HtaSearch& s, const TiedClasses& tied,
+                                                      double head_threshold, double inv_tau,
+                                                      typename cub::BlockScan<double, THREADS>::TempStorage& scan_temp,
+                                                      typename cub::BlockReduce<int64_t, THREADS>::TempStorage& min_temp,
+                                                      int64_t& min_slot) {
+  double running = s.above;
+  if (tied.count == 1) {
+    // the walk's inclusive sum at that class is its probability (the other lanes add +0.0)
+    return running + tied.first_prob >= head_threshold ? tied.first : C;
+  }
+  for (int64_t c0 = 0; c0 < C; c0 += THREADS) {  // block-uniform trip count (exits on a block-uniform hit)
+    const int64_t c = c0 + threadIdx.x;
+    bool is_tied = false;
+    double prob = 0.0;
+    if (c < C) {
+      const u_t z = u[c * stride];
+      is_tied = sort_key(z) == s.lo;
+      if (is_tied) prob = teacher_prob(z, inv_tau, s.lse);
+    }
+    double inclusive, chunk_total;
+    cub::BlockScan<double, THREADS>(scan_temp).InclusiveSum(prob, inclusive, chunk_total);
+    const int64_t hit = is_tied && running + inclusive >= head_threshold ? c : C;
+    // also fences scan_temp
+    const int64_t crossing = block_all_reduce<int64_t, MinOp, THREADS>(hit, MinOp(), min_temp, min_slot);
+    if (crossing < C) return crossing;
+    running += chunk_total;
+  }
+  return C;
+}
+
+template <typename u_t>
+__device__ __forceinline__ void hta_store_keys(int32_t* __restrict__ out, const u_t* __restrict__ u, int64_t stride,
+                                               int64_t C, int64_t top, int64_t idx_cross) {
+  out[kIdxTop] = static_cast<int32_t>(top < C ? top : 0);
+  out[kIdxCross] = static_cast<int32_t>(idx_cross);
+  out[kKeyCross] = idx_cross < C ? float_key(static_cast<float>(u[idx_cross * stride])) : INT32_MIN;
+}
+
+// One block per teacher row (grid Tt * B). THREADS per block: kThreads, or kHtaWideThreads where
+// the teacher rows are fewer than the GPU's multiprocessors and too short to split
+// (hta_head_threads, hta_head_splits).
 template <typename u_t, int THREADS = kThreads>
 __global__ void __launch_bounds__(THREADS)
     hta_teacher_kernel(const u_t* __restrict__ U, Strides us, int64_t B, int64_t C, double inv_tau,
                        double head_threshold, int32_t* __restrict__ keys) {
   __shared__ typename cub::BlockReduce<HtaPass1, THREADS>::TempStorage pass1_temp;
   __shared__ HtaPass1 pass1_slot;
-  __shared__ typename cub::BlockReduce<double, THREADS>::TempStorage sum_temp;
-  __shared__ double sum_slot;
   __shared__ typename cub::BlockReduce<SumN<double, kHtaCandidates>, THREADS>::TempStorage candidates_temp;
   __shared__ SumN<double, kHtaCandidates> candidates_slot;
-  __shared__ typename cub::BlockReduce<int64_t, THREADS>::TempStorage min_temp;
-  __shared__ int64_t min_slot;
   __shared__ typename cub::BlockReduce<TiedClasses, THREADS>::TempStorage tied_temp;
   __shared__ TiedClasses tied_slot;
   __shared__ typename cub::BlockScan<double, THREADS>::TempStorage scan_temp;
+  __shared__ typename cub::BlockReduce<int64_t, THREADS>::TempStorage min_temp;
+  __shared__ int64_t min_slot;
 
   const int64_t row = blockIdx.x;
   const u_t* u = U + (row / B) * us.t + (row % B) * us.b;
-  const int tid = threadIdx.x;
 
-  // pass 1: log-sum-exp, extreme keys, top-1 (lowest index among equal maxima)
-  HtaPass1 p{online_init<double>(), INT64_MIN, INT64_MAX, C};
-  for_each_class<kTeacherChunk, THREADS>(u, us.c, C, [&](int64_t c, u_t z) {
-    online_push<false>(p.lse, to_acc<double>(z) * inv_tau, 0.0);
-    const int64_t key = sort_key(z);
-    if (key > p.key_max) {  // c increases: the first maximum of this thread is its lowest index
-      p.key_max = key;
-      p.top = c;
-    }
-    p.key_min = key < p.key_min ? key : p.key_min;
-  });
+  HtaPass1 p = hta_pass1<THREADS>(u, us.c, 0, C, C, inv_tau);
   p = block_all_reduce<HtaPass1, HtaPass1Merge, THREADS>(p, HtaPass1Merge(), pass1_temp, pass1_slot);
-  const double lse = online_lse(p.lse);
-
-  // Threshold search for the largest key k in [key_min, key_max] with mass(key >= k) >= head_threshold
-  // (mass(key >= key_min) is the whole mass; when even that stays below the threshold, the walk
-  // below finds no crossing and every class is head, as on the CPU). Each read of the row tests
-  // kHtaCandidates keys splitting [lo, hi] evenly -- one exp per element at most, then a compare and
-  // an add per candidate -- so the interval shrinks (kHtaCandidates + 1)-fold per read: 8 reads for
-  // the 2^32 keys of a float logit (a bisection took 33), 16 for a double's 2^64. A candidate's mass
-  // is summed as a bisection would sum it (per thread in class order, then one block reduction), so
-  // the crossing key is the bisection's. lo and hi are block-uniform.
-  int64_t lo = p.key_min, hi = p.key_max;
-  while (lo < hi) {
-    const uint64_t span = static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo);
-    const uint64_t step = span / (kHtaCandidates + 1) + (span % (kHtaCandidates + 1) != 0);  // >= 1
-    int64_t candidate[kHtaCandidates];  // increasing, in (lo, hi]
-#pragma unroll
-    for (int j = 0; j < kHtaCandidates; ++j) {
-      const uint64_t offset = static_cast<uint64_t>(j + 1) * step;  // < 2^64: step <= 2^64 / 17 + 1
-      candidate[j] = static_cast<int64_t>(static_cast<uint64_t>(lo) + (offset < span ? offset : span));
-    }
-    SumN<double, kHtaCandidates> mass;
-#pragma unroll
-    for (int j = 0; j < kHtaCandidates; ++j) mass.v[j] = 0.0;
-    for_each_class<kTeacherChunk, THREADS>(u, us.c, C, [&](int64_t, u_t z) {
-      const int64_t key = sort_key(z);
-      if (key >= candidate[0]) {
-        const double prob = teacher_prob(z, inv_tau, lse);
-#pragma unroll
-        for (int j = 0; j < kHtaCandidates; ++j) {
-          if (key >= candidate[j]) mass.v[j] += prob;
-        }
-      }
-    });
-    mass = block_all_reduce<SumN<double, kHtaCandidates>, SumNOp, THREADS>(mass, SumNOp(), candidates_temp,
-                                                                           candidates_slot);
-    // the candidates that reach the threshold are a prefix (the mass falls as the key rises)
-    int64_t new_lo = lo, new_hi = hi;
-#pragma unroll
-    for (int j = kHtaCandidates - 1; j >= 0; --j) {
-      if (mass.v[j] >= head_threshold) {
-        new_lo = candidate[j];
-        break;
-      }
-      new_hi = candidate[j] - 1;
-    }
-    lo = new_lo;
-    hi = new_hi;
+  HtaSearch s = hta_search_start(p);  // block-uniform, and so is every step below
+  while (s.lo < s.hi) {
+    hta_key_t<u_t> candidate[kHtaCandidates];
+    hta_candidates(s, candidate);
+    SumN<double, kHtaCandidates> inside = hta_inside_masses<THREADS>(u, us.c, 0, C, s, candidate, inv_tau);
+    inside = block_all_reduce<SumN<double, kHtaCandidates>, SumNOp, THREADS>(inside, SumNOp(), candidates_temp,
+                                                                             candidates_slot);
+    hta_narrow(s, candidate, inside, head_threshold);
   }
-  const int64_t key_cross = lo;
+  TiedClasses tied = hta_tied_classes<THREADS>(u, us.c, 0, C, C, s.lo, inv_tau, s.lse);
+  tied = block_all_reduce<TiedClasses, TiedClassesMerge, THREADS>(tied, TiedClassesMerge(), tied_temp, tied_slot);
+  const int64_t idx_cross =
+      hta_crossing_class<THREADS>(u, us.c, C, s, tied, head_threshold, inv_tau, scan_temp, min_temp, min_slot);
+  if (threadIdx.x == 0) hta_store_keys(keys + row * kHtaNum, u, us.c, C, s.top, idx_cross);
+}
 
-  // Walk the classes tied at key_cross in index order: the cumulative mass starts at mass(key > key_cross).
-  // The same read counts the tied classes: a float logit rarely ties, and one tied class is the
-  // crossing itself when running + its probability reaches the threshold -- the walk's test, which
-  // otherwise takes a block scan and reduction per THREADS classes up to the crossing class.
-  double running = 0.0;
-  TiedClasses tied_classes{0, C, 0.0};
-  for_each_class<kTeacherChunk, THREADS>(u, us.c, C, [&](int64_t c, u_t z) {
-    const int64_t key = sort_key(z);
-    if (key > key_cross) {
-      running += teacher_prob(z, inv_tau, lse);
-    } else if (key == key_cross) {
-      if (tied_classes.count++ == 0) {  // c increases: this thread's first tied class
-        tied_classes.first = c;
-        tied_classes.first_prob = teacher_prob(z, inv_tau, lse);
-      }
+// The split head (hta_head_splits > 1): grid rows * slices, block (row, slice) = blockIdx.x
+// (row-major), slice j over classes [j * slice, min(C, (j + 1) * slice)). Launched in this order on
+// one stream: hta_split_pass1_kernel; hta_split_search_kernel for read = 0 .. reads - 1
+// (hta_search_reads<u_t>()); hta_split_tied_kernel with read = reads; hta_split_finish_kernel
+// (grid rows) with read = reads. Each launch's block merges the partials of the launch before in
+// slice order (thread 0: a few dozen at most), so every block of a row holds the same state.
+struct HtaSplit {
+  int64_t rows, slices, slice;
+};
+
+template <typename u_t>
+__device__ __forceinline__ const u_t* hta_row(const u_t* U, Strides us, int64_t B, int64_t row) {
+  return U + (row / B) * us.t + (row % B) * us.b;
+}
+
+template <typename u_t, int THREADS = kThreads>
+__global__ void __launch_bounds__(THREADS)
+    hta_split_pass1_kernel(const u_t* __restrict__ U, Strides us, int64_t B, int64_t C, HtaSplit split,
+                           double inv_tau, HtaPass1* __restrict__ pass1) {
+  __shared__ typename cub::BlockReduce<HtaPass1, THREADS>::TempStorage pass1_temp;
+  __shared__ HtaPass1 pass1_slot;
+  const int64_t row = blockIdx.x / split.slices, first = (blockIdx.x % split.slices) * split.slice;
+  const int64_t count = C - first < split.slice ? C - first : split.slice;
+  HtaPass1 p = hta_pass1<THREADS>(hta_row(U, us, B, row), us.c, first, count, C, inv_tau);
+  p = block_all_reduce<HtaPass1, HtaPass1Merge, THREADS>(p, HtaPass1Merge(), pass1_temp, pass1_slot);
+  if (threadIdx.x == 0) pass1[blockIdx.x] = p;
+}
+
+// The row's search state before this launch's read, block-uniform (every thread calls it): read 0
+// starts it from the pass-1 partials; a later read narrows the state of the read before with that
+// read's interval sums, each candidate's summed over the slices in slice order by one thread. The
+// row's first block records it for the next launch (into the other parity's slot).
+template <typename u_t>
+__device__ __forceinline__ HtaSearch hta_split_state(HtaSplit split, int read, double head_threshold,
+                                                     const HtaPass1* __restrict__ pass1, HtaSearch* search,
+                                                     const SumN<double, kHtaCandidates>* inside, HtaSearch& state,
+                                                     SumN<double, kHtaCandidates>& merged) {
+  const int64_t row = blockIdx.x / split.slices;
+  if (read == 0) {
+    if (threadIdx.x == 0) {
+      HtaPass1 p = pass1[row * split.slices];
+      for (int64_t j = 1; j < split.slices; ++j) p = HtaPass1Merge()(p, pass1[row * split.slices + j]);
+      state = hta_search_start(p);
     }
-  });
-  running = block_all_reduce<double, SumOp, THREADS>(running, SumOp(), sum_temp, sum_slot);
-  tied_classes = block_all_reduce<TiedClasses, TiedClassesMerge, THREADS>(tied_classes, TiedClassesMerge(),
-                                                                          tied_temp, tied_slot);
-  int64_t idx_cross = C;
-  if (tied_classes.count == 1) {
-    // the walk's inclusive sum at that class is its probability (the other lanes add +0.0)
-    idx_cross = running + tied_classes.first_prob >= head_threshold ? tied_classes.first : C;
   } else {
-    for (int64_t c0 = 0; c0 < C; c0 += THREADS) {  // block-uniform trip count (exits on a block-uniform hit)
-      const int64_t c = c0 + tid;
-      bool tied = false;
-      double prob = 0.0;
-      if (c < C) {
-        const u_t z = u[c * us.c];
-        tied = sort_key(z) == key_cross;
-        if (tied) prob = teacher_prob(z, inv_tau, lse);
+    const int before = (read - 1) & 1;
+    const HtaSearch s = search[before * split.rows + row];
+    const bool narrow = s.lo < s.hi;
+    if (narrow && threadIdx.x < kHtaCandidates) {
+      const SumN<double, kHtaCandidates>* sums = inside + (before * split.rows + row) * split.slices;
+      double total = sums[0].v[threadIdx.x];
+      for (int64_t j = 1; j < split.slices; ++j) total += sums[j].v[threadIdx.x];
+      merged.v[threadIdx.x] = total;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      HtaSearch next = s;
+      if (narrow) {
+        hta_key_t<u_t> candidate[kHtaCandidates];
+        hta_candidates(next, candidate);
+        hta_narrow(next, candidate, merged, head_threshold);
       }
-      double inclusive, chunk_total;
-      cub::BlockScan<double, THREADS>(scan_temp).InclusiveSum(prob, inclusive, chunk_total);
-      const int64_t hit = tied && running + inclusive >= head_threshold ? c : C;
-      // also fences scan_temp
-      const int64_t first = block_all_reduce<int64_t, MinOp, THREADS>(hit, MinOp(), min_temp, min_slot);
-      if (first < C) {
-        idx_cross = first;
-        break;
-      }
-      running += chunk_total;
+      state = next;
     }
   }
-  if (tid == 0) {
-    int32_t* out = keys + row * kHtaNum;
-    out[kIdxTop] = static_cast<int32_t>(p.top < C ? p.top : 0);
-    out[kIdxCross] = static_cast<int32_t>(idx_cross);
-    out[kKeyCross] = idx_cross < C ? float_key(static_cast<float>(u[idx_cross * us.c])) : INT32_MIN;
+  __syncthreads();
+  const HtaSearch s = state;
+  if (threadIdx.x == 0 && blockIdx.x % split.slices == 0) search[(read & 1) * split.rows + row] = s;
+  return s;
+}
+
+template <typename u_t, int THREADS = kThreads>
+__global__ void __launch_bounds__(THREADS)
+    hta_split_search_kernel(const u_t* __restrict__ U, Strides us, int64_t B, int64_t C, HtaSplit split,
+                            double inv_tau, double head_threshold, int read, const HtaPass1* __restrict__ pass1,
+                            HtaSearch* search, SumN<double, kHtaCandidates>* inside) {
+  __shared__ typename cub::BlockReduce<SumN<double, kHtaCandidates>, THREADS>::TempStorage candidates_temp;
+  __shared__ SumN<double, kHtaCandidates> candidates_slot;
+  __shared__ HtaSearch state;
+  const HtaSearch s =
+      hta_split_state<u_t>(split, read, head_threshold, pass1, search, inside, state, candidates_slot);
+  if (s.lo >= s.hi) return;  // converged (block-uniform): no sums for the next launch to merge
+  const int64_t row = blockIdx.x / split.slices, first = (blockIdx.x % split.slices) * split.slice;
+  const int64_t count = C - first < split.slice ? C - first : split.slice;
+  hta_key_t<u_t> candidate[kHtaCandidates];
+  hta_candidates(s, candidate);
+  SumN<double, kHtaCandidates> sums =
+      hta_inside_masses<THREADS>(hta_row(U, us, B, row), us.c, first, count, s, candidate, inv_tau);
+  sums = block_all_reduce<SumN<double, kHtaCandidates>, SumNOp, THREADS>(sums, SumNOp(), candidates_temp,
+                                                                         candidates_slot);
+  if (threadIdx.x == 0) inside[((read & 1) * split.rows + row) * split.slices + blockIdx.x % split.slices] = sums;
+}
+
+// The last narrowing (read = hta_search_reads: the search has converged after it) and each slice's
+// classes tied at the crossing key.
+template <typename u_t, int THREADS = kThreads>
+__global__ void __launch_bounds__(THREADS)
+    hta_split_tied_kernel(const u_t* __restrict__ U, Strides us, int64_t B, int64_t C, HtaSplit split,
+                          double inv_tau, double head_threshold, int read, HtaSearch* search,
+                          const SumN<double, kHtaCandidates>* __restrict__ inside, TiedClasses* __restrict__ tied) {
+  __shared__ typename cub::BlockReduce<TiedClasses, THREADS>::TempStorage tied_temp;
+  __shared__ TiedClasses tied_slot;
+  __shared__ HtaSearch state;
+  __shared__ SumN<double, kHtaCandidates> merged;
+  const HtaSearch s = hta_split_state<u_t>(split, read, head_threshold, nullptr, search, inside, state, merged);
+  const int64_t row = blockIdx.x / split.slices, first = (blockIdx.x % split.slices) * split.slice;
+  const int64_t count = C - first < split.slice ? C - first : split.slice;
+  TiedClasses t = hta_tied_classes<THREADS>(hta_row(U, us, B, row), us.c, first, count, C, s.lo, inv_tau, s.lse);
+  t = block_all_reduce<TiedClasses, TiedClassesMerge, THREADS>(t, TiedClassesMerge(), tied_temp, tied_slot);
+  if (threadIdx.x == 0) tied[blockIdx.x] = t;
+}
+
+// One block per row: the crossing class from the converged search and the slices' tied classes.
+template <typename u_t, int THREADS = kThreads>
+__global__ void __launch_bounds__(THREADS)
+    hta_split_finish_kernel(const u_t* __restrict__ U, Strides us, int64_t B, int64_t C, HtaSplit split,
+                            double inv_tau, double head_threshold, int read, const HtaSearch* __restrict__ search,
+                            const TiedClasses* __restrict__ tied, int32_t* __restrict__ keys) {
+  __shared__ typename cub::BlockScan<double, THREADS>::TempStorage scan_temp;
+  __shared__ typename cub::BlockReduce<int64_t, THREADS>::TempStorage min_temp;
+  __shared__ int64_t min_slot;
+  __shared__ TiedClasses row_tied;
+  const int64_t row = blockIdx.x;
+  if (threadIdx.x == 0) {
+    TiedClasses t = tied[row * split.slices];
+    for (int64_t j = 1; j < split.slices; ++j) t = TiedClassesMerge()(t, tied[row * split.slices + j]);
+    row_tied = t;
   }
+  __syncthreads();
+  const HtaSearch s = search[(read & 1) * split.rows + row];
+  const u_t* u = hta_row(U, us, B, row);
+  const int64_t idx_cross =
+      hta_crossing_class<THREADS>(u, us.c, C, s, row_tied, head_threshold, inv_tau, scan_temp, min_temp, min_slot);
+  if (threadIdx.x == 0) hta_store_keys(keys + row * kHtaNum, u, us.c, C, s.top, idx_cross);
+}
+
+// The split head's launches, in order, for kd_cuda.cu and the CPU emulation alike: launch(kernel,
+// blocks, args...) runs `kernel` in blocks of kThreads threads on one stream. `scratch`: at least
+// hta_split_scratch(split.rows, split.slices).bytes, 16-byte aligned.
+template <typename u_t, typename Launch>
+void hta_split_head(Launch&& launch, const u_t* U, Strides us, int64_t B, int64_t C, HtaSplit split, double inv_tau,
+                    double head_threshold, unsigned char* scratch, int32_t* keys) {
+  const HtaSplitScratch layout = hta_split_scratch(split.rows, split.slices);
+  auto* pass1 = reinterpret_cast<HtaPass1*>(scratch + layout.pass1);
+  auto* search = reinterpret_cast<HtaSearch*>(scratch + layout.search);
+  auto* inside = reinterpret_cast<SumN<double, kHtaCandidates>*>(scratch + layout.inside);
+  auto* tied = reinterpret_cast<TiedClasses*>(scratch + layout.tied);
+  const int64_t blocks = split.rows * split.slices;
+  launch(hta_split_pass1_kernel<u_t, kThreads>, blocks, U, us, B, C, split, inv_tau, pass1);
+  constexpr int reads = hta_search_reads<u_t>();
+  for (int read = 0; read < reads; ++read) {
+    launch(hta_split_search_kernel<u_t, kThreads>, blocks, U, us, B, C, split, inv_tau, head_threshold, read,
+           static_cast<const HtaPass1*>(pass1), search, inside);
+  }
+  launch(hta_split_tied_kernel<u_t, kThreads>, blocks, U, us, B, C, split, inv_tau, head_threshold, reads, search,
+         static_cast<const SumN<double, kHtaCandidates>*>(inside), tied);
+  launch(hta_split_finish_kernel<u_t, kThreads>, split.rows, U, us, B, C, split, inv_tau, head_threshold, reads,
+         static_cast<const HtaSearch*>(search), static_cast<const TiedClasses*>(tied), keys);
 }
 
 // Forward, one block per row (grid T * B): online LSE of s = z_s / tau and u = z_t / tau with

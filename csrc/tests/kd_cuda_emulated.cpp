@@ -9,6 +9,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstddef>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -20,6 +22,39 @@ namespace {
 using namespace snnkd::kd;
 using namespace snnkd::kd::cuda;
 
+// HTA's teacher head alone into keys [rows, 3]: splits <= 1 one block per row of head_threads
+// threads (hta_teacher_kernel), else the split head's launches for that many slices asked for
+// (hta_head_slice; kd_cuda.cu asks for hta_head_splits). Returns the slices launched (1: one block
+// per row).
+template <typename u_t>
+int64_t hta_head(const u_t* u, bool per_t, int64_t Tn, int64_t B, int64_t C, double temperature,
+                 double head_threshold, int head_threads, int64_t splits, int32_t* keys) {
+  const Strides us{per_t ? B * C : 0, C, 1};
+  const int64_t rows = (per_t ? Tn : 1) * B;
+  if (splits > 1) {
+    const int64_t slice = hta_head_slice(C, splits);
+    const HtaSplit split{rows, (C + slice - 1) / slice, slice};
+    const HtaSplitScratch layout = hta_split_scratch(split.rows, split.slices);
+    // filled with 0xff (NaN doubles, -1 integers): a slot read before any block wrote it shows
+    std::vector<std::max_align_t> scratch(layout.bytes / sizeof(std::max_align_t) + 1);
+    std::memset(scratch.data(), 0xff, scratch.size() * sizeof(std::max_align_t));
+    const auto launch = [](auto kernel, int64_t blocks, auto... args) {
+      cuda_emulation::launch_cooperative<kThreads>(blocks, kernel, args...);
+    };
+    hta_split_head(launch, u, us, B, C, split, 1.0 / temperature, head_threshold,
+                   reinterpret_cast<unsigned char*>(scratch.data()), keys);
+    return split.slices;
+  }
+  if (head_threads == kHtaWideThreads) {
+    cuda_emulation::launch_cooperative<kHtaWideThreads>(rows, hta_teacher_kernel<u_t, kHtaWideThreads>, u, us, B, C,
+                                                        1.0 / temperature, head_threshold, keys);
+  } else {
+    cuda_emulation::launch_cooperative<kThreads>(rows, hta_teacher_kernel<u_t, kThreads>, u, us, B, C,
+                                                 1.0 / temperature, head_threshold, keys);
+  }
+  return 1;
+}
+
 // kd_cuda.cu's choice of classes per access (allow_packed = false: one); returns the number used.
 // The HTA head in blocks of head_threads (kThreads or kHtaWideThreads: kd_cuda.cu picks by
 // hta_head_threads).
@@ -29,16 +64,7 @@ int forward(const s_t* s, const u_t* u, bool per_t, int64_t Tn, int64_t B, int64
             acc_type_t<s_t, u_t>* stats, int32_t* keys, bool allow_packed, int head_threads) {
   using acc_t = acc_type_t<s_t, u_t>;
   const Strides ss{B * C, C, 1}, us{per_t ? B * C : 0, C, 1};
-  if (LOSS == kHTA) {
-    const int64_t head_rows = (per_t ? Tn : 1) * B;
-    if (head_threads == kHtaWideThreads) {
-      cuda_emulation::launch_cooperative<kHtaWideThreads>(head_rows, hta_teacher_kernel<u_t, kHtaWideThreads>, u,
-                                                          us, B, C, 1.0 / temperature, head_threshold, keys);
-    } else {
-      cuda_emulation::launch_cooperative<kThreads>(head_rows, hta_teacher_kernel<u_t, kThreads>, u, us, B, C,
-                                                   1.0 / temperature, head_threshold, keys);
-    }
-  }
+  if (LOSS == kHTA) hta_head(u, per_t, Tn, B, C, temperature, head_threshold, head_threads, 1, keys);
   constexpr int kVec = kd_forward_pack<s_t, u_t>();
   const bool packed = allow_packed && kd_rows_packable(kVec, s, sizeof(s_t), ss, u, sizeof(u_t), us, C);
   const auto kernel = packed ? kd_forward_kernel<s_t, u_t, LOSS, kVec> : kd_forward_kernel<s_t, u_t, LOSS, 1>;
@@ -201,6 +227,33 @@ int emu_nld_rows_backward(int dtype_pair, const void* grad_rows, const void* s, 
 
 // The standard-normal noise of element i of the flattened [rows, C] student (nld_noise_kernel, a
 // grid of `blocks` blocks striding over n elements).
+// HTA's teacher head alone (hta_head above), the teacher [Tt, B, C] (per_t) or [B, C] in
+// teacher_dtype 0 float, 1 double, 2 bfloat16, 3 half; *slices_used: the slices it launched.
+int emu_hta_head(int teacher_dtype, const void* u, int per_t, int64_t T, int64_t B, int64_t C, double temperature,
+                 double head_threshold, int head_threads, int64_t splits, int32_t* keys, int64_t* slices_used) {
+  if (head_threads != kThreads && head_threads != kHtaWideThreads) return 1;
+  const auto run = [&](auto* typed) {
+    *slices_used = hta_head(typed, per_t != 0, T, B, C, temperature, head_threshold, head_threads, splits, keys);
+  };
+  switch (teacher_dtype) {
+    case 0: run(static_cast<const float*>(u)); return 0;
+    case 1: run(static_cast<const double*>(u)); return 0;
+    case 2: run(static_cast<const c10::BFloat16*>(u)); return 0;
+    case 3: run(static_cast<const c10::Half*>(u)); return 0;
+    default: return 1;
+  }
+}
+
+// kd_cuda.cu's split head geometry (hta_head_splits, hta_head_slice) and the reads its search
+// launches (hta_search_reads: for double logits if is_double, else for the float types').
+int64_t emu_hta_head_splits(int64_t rows, int64_t C, int64_t multiprocessors) {
+  return hta_head_splits(rows, C, multiprocessors);
+}
+int64_t emu_hta_head_slice(int64_t C, int64_t splits) { return hta_head_slice(C, splits); }
+int emu_hta_search_reads(int is_double) {
+  return is_double ? hta_search_reads<double>() : hta_search_reads<float>();
+}
+
 // hta_head_threads (kd_cuda.cu's choice of the head's block size).
 int emu_hta_head_threads(int64_t rows, int64_t multiprocessors) { return hta_head_threads(rows, multiprocessors); }
 

@@ -61,7 +61,21 @@ const void* packed_forward_kernel() {
   template __global__ void hta_teacher_kernel<s_t, kThreads>(const s_t*, Strides, int64_t, int64_t, double,    \
                                                              double, int32_t*);                                \
   template __global__ void hta_teacher_kernel<s_t, kHtaWideThreads>(const s_t*, Strides, int64_t, int64_t,      \
-                                                                    double, double, int32_t*);
+                                                                    double, double, int32_t*);                 \
+  template __global__ void hta_split_pass1_kernel<s_t, kThreads>(const s_t*, Strides, int64_t, int64_t,         \
+                                                                 HtaSplit, double, HtaPass1*);                 \
+  template __global__ void hta_split_search_kernel<s_t, kThreads>(const s_t*, Strides, int64_t, int64_t,        \
+                                                                  HtaSplit, double, double, int,               \
+                                                                  const HtaPass1*, HtaSearch*,                 \
+                                                                  SumN<double, kHtaCandidates>*);              \
+  template __global__ void hta_split_tied_kernel<s_t, kThreads>(const s_t*, Strides, int64_t, int64_t,          \
+                                                                HtaSplit, double, double, int, HtaSearch*,     \
+                                                                const SumN<double, kHtaCandidates>*,           \
+                                                                TiedClasses*);                                 \
+  template __global__ void hta_split_finish_kernel<s_t, kThreads>(const s_t*, Strides, int64_t, int64_t,        \
+                                                                  HtaSplit, double, double, int,               \
+                                                                  const HtaSearch*, const TiedClasses*,        \
+                                                                  int32_t*);
 
 SNNKD_KD_INSTANTIATE_STUDENT(float)
 SNNKD_KD_INSTANTIATE_STUDENT(double)
