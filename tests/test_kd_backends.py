@@ -273,7 +273,8 @@ def _hta_teacher_keys(backend, teacher, head_threshold, temperature=4.0):
 def test_hta_head_selection_matches_cpp(kd_target, head_threshold):
     """The head (crossing key and index, top-1) each GPU/Triton teacher kernel selects equals the cpp
     kernel's (each a sort-free search over the same keys) on teachers of every kind: spread,
-    confident, flat, with tied values, and long rows that take every search pass."""
+    confident, flat, with tied values, long rows, and rows whose keys span the whole range (every
+    read of the search)."""
     backend, device = kd_target
     if backend == "cpp":
         pytest.skip("the cpp selection is the baseline")
@@ -283,6 +284,9 @@ def test_hta_head_selection_matches_cpp(kd_target, head_threshold):
     teachers = [torch.randn(8, 37, generator=g) * 3, torch.randn(4, 1000, generator=g) * 0.01,
                 torch.randn(4, 1000, generator=g) * 30, torch.randint(-3, 4, (6, 50), generator=g).float(),
                 torch.randn(2, 20000, generator=g) * 4, torch.full((2, 9), 1.5)]
+    extremes = torch.randn(2, 500, generator=g) * 3  # keys spanning the whole range: every read of the search
+    extremes[0, 5], extremes[0, 17], extremes[1, 3], extremes[1, 499] = 3e38, -3e38, -3e38, 1e-30
+    teachers.append(extremes)
     if backend == "cuda":  # few long rows: the split head (kd_cuda.cu), its tied-class walk included
         teachers += [torch.randn(3, 64000, generator=g) * 3, torch.randint(-3, 4, (3, 64000), generator=g).float()]
     for teacher in teachers:

@@ -71,50 +71,56 @@ def _hta_teacher_kernel(u_ptr, keys_ptr, B, C, u_st, u_sb, u_sc, inv_tau, head_t
     lse = m + tl.log(l)
     # Threshold search: the largest key k with mass(key >= k) >= head_threshold is the crossing
     # class's key. Invariant: mass(key >= lo) reaches the threshold, mass(key >= hi) does not. Each
-    # pass over the row tests NUM_CANDIDATES keys splitting [lo, hi) evenly (one exp per element), so
-    # the 2^32-wide key range shrinks 17-fold per pass: 8 passes reach width 1 (9 for margin), where
-    # bisection needed 33 reads of the row. The per-candidate masses accumulate in a
-    # [NUM_CANDIDATES, SEARCH_BLOCK] register tile reduced once per pass, not once per chunk: the
-    # loop body is then independent loads, compares and adds, with no cross-warp reduction (and
-    # its barriers) per chunk. Candidates are clamped into [lo, hi - 1] (testing any key in the
-    # interval keeps the invariant), which also keeps them, and the compares, in int32.
+    # pass over the row tests NUM_CANDIDATES keys splitting [lo, hi) evenly, so the 2^32-wide key
+    # range shrinks 17-fold per pass: 8 passes reach width 1 (9 for margin), where bisection needed
+    # 33 reads of the row. mass(key >= hi) is carried from pass to pass (a candidate's mass of the
+    # pass before), so a pass sums only the classes inside [candidates[0], hi), and a block of the
+    # row with none inside -- after the first passes, nearly all -- costs its load and keys alone,
+    # no exp and no candidate compares (as the CUDA kernel). The per-candidate masses accumulate in a
+    # [NUM_CANDIDATES, SEARCH_BLOCK] register tile reduced once per pass, not once per chunk.
+    # Candidates are clamped into [lo, hi - 1] (testing any key in the interval keeps the
+    # invariant), which also keeps them, and the compares, in int32.
     lo = key_min.to(tl.int64)
     hi = key_max.to(tl.int64) + 1
+    above = 0.0  # mass(key >= hi)
     for _ in range(9):
         step = (hi - lo + NUM_CANDIDATES) // (NUM_CANDIDATES + 1)  # ceil((hi - lo) / 17) >= 1
         candidates = tl.minimum(lo + step * (1 + tl.arange(0, NUM_CANDIDATES)).to(tl.int64), hi - 1)
         candidates32 = candidates.to(tl.int32)
+        lowest = tl.min(candidates32, axis=0)
+        top_key = (hi - 1).to(tl.int32)  # <= key_max
         mass_tile = tl.zeros([NUM_CANDIDATES, SEARCH_BLOCK], dtype=tl.float32)
         for c0 in range(0, C, SEARCH_BLOCK):
             c = c0 + tl.arange(0, SEARCH_BLOCK)
             cmask = c < C
             z = tl.load(base + c.to(tl.int64) * u_sc, mask=cmask, other=float("-inf")).to(tl.float32)
-            p = tl.where(cmask, tl.exp(z * inv_tau - lse), 0.0)
-            above = _float_key(z)[None, :] >= candidates32[:, None]
-            mass_tile += tl.where(above, p[None, :], 0.0)
-        mass = tl.sum(mass_tile, axis=1)
+            key = _float_key(z)
+            inside = cmask & (key >= lowest) & (key <= top_key)
+            if tl.max(inside.to(tl.int32), axis=0) > 0:
+                p = tl.where(inside, tl.exp(z * inv_tau - lse), 0.0)
+                mass_tile += tl.where(key[None, :] >= candidates32[:, None], p[None, :], 0.0)
+        mass = above + tl.sum(mass_tile, axis=1)
         reached = mass >= head_threshold  # true for a prefix of the candidates (mass falls with the key)
         lo = tl.maximum(lo, tl.max(tl.where(reached, candidates, lo), axis=0))
         hi = tl.minimum(hi, tl.min(tl.where(reached, hi, candidates), axis=0))
+        # the new hi's mass: the largest of the candidates' that fall short (each >= above)
+        above = tl.max(tl.where(reached, above, mass), axis=0)
     key_cross = lo.to(tl.int32)
-    # among classes tied at the crossing key, walk in index order until the cumulative mass reaches it
-    running = 0.0
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        cmask = c < C
-        z = tl.load(base + c.to(tl.int64) * u_sc, mask=cmask, other=float("-inf")).to(tl.float32)
-        running += tl.sum(tl.where(cmask & (_float_key(z) > key_cross), tl.exp(z * inv_tau - lse), 0.0), axis=0)
+    # among classes tied at the crossing key, walk in index order until the cumulative mass reaches
+    # it, from mass(key > key_cross): the carried mass above the converged interval [lo, lo + 1)
+    running = above
     idx_cross = C
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < C
         z = tl.load(base + c.to(tl.int64) * u_sc, mask=cmask, other=float("-inf")).to(tl.float32)
         tied = cmask & (_float_key(z) == key_cross)
-        p_tied = tl.where(tied, tl.exp(z * inv_tau - lse), 0.0)
-        cumulative = running + tl.cumsum(p_tied, axis=0)
-        hit = tl.min(tl.where(tied & (cumulative >= head_threshold), c, C), axis=0)
-        idx_cross = tl.minimum(idx_cross, hit)
-        running += tl.sum(p_tied, axis=0)
+        if tl.max(tied.to(tl.int32), axis=0) > 0:
+            p_tied = tl.where(tied, tl.exp(z * inv_tau - lse), 0.0)
+            cumulative = running + tl.cumsum(p_tied, axis=0)
+            hit = tl.min(tl.where(tied & (cumulative >= head_threshold), c, C), axis=0)
+            idx_cross = tl.minimum(idx_cross, hit)
+            running += tl.sum(p_tied, axis=0)
     # The whole mass below the threshold (head_threshold ~ 1 and rounding): every class is head.
     total_reached = running >= head_threshold
     key_cross = tl.where(total_reached | (idx_cross < C), key_cross, INT32_MIN)
