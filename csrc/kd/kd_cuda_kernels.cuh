@@ -489,7 +489,8 @@ __device__ __forceinline__ void hta_candidates(const HtaSearch& s, key_t (&candi
 #pragma unroll
   for (int j = 0; j < kHtaCandidates; ++j) {
     const uint64_t offset = static_cast<uint64_t>(j + 1) * step;  // < 2^64: step <= 2^64 / 17 + 1
-    candidate[j] = static_cast<key_t>(static_cast<int64_t>(static_cast<uint64_t>(s.lo) + (offset < span ? offset : span)));
+    const uint64_t key = static_cast<uint64_t>(s.lo) + (offset < span ? offset : span);
+    candidate[j] = static_cast<key_t>(static_cast<int64_t>(key));
   }
 }
 
@@ -497,11 +498,9 @@ __device__ __forceinline__ void hta_candidates(const HtaSearch& s, key_t (&candi
 // `count` classes from `first`. The classes above hi are in s.above already; those below
 // candidate[0] count for no candidate.
 template <int THREADS, typename u_t>
-__device__ __forceinline__ SumN<double, kHtaCandidates> hta_inside_masses(const u_t* __restrict__ u, int64_t stride,
-                                                                          int64_t first, int64_t count,
-                                                                          const HtaSearch& s,
-                                                                          const hta_key_t<u_t> (&candidate)[kHtaCandidates],
-                                                                          double inv_tau) {
+__device__ __forceinline__ SumN<double, kHtaCandidates> hta_inside_masses(
+    const u_t* __restrict__ u, int64_t stride, int64_t first, int64_t count, const HtaSearch& s,
+    const hta_key_t<u_t> (&candidate)[kHtaCandidates], double inv_tau) {
   SumN<double, kHtaCandidates> mass;
 #pragma unroll
   for (int j = 0; j < kHtaCandidates; ++j) mass.v[j] = 0.0;
@@ -566,12 +565,10 @@ __device__ __forceinline__ TiedClasses hta_tied_classes(const u_t* __restrict__ 
 // which otherwise takes a block scan and reduction per THREADS classes up to the crossing class.
 // Every thread of the block calls it (block-uniform arguments).
 template <int THREADS, typename u_t>
-__device__ __forceinline__ int64_t hta_crossing_class(const u_t* __restrict__ u, int64_t stride, int64_t C,
-                                                      const HtaSearch& s, const TiedClasses& tied,
-                                                      double head_threshold, double inv_tau,
-                                                      typename cub::BlockScan<double, THREADS>::TempStorage& scan_temp,
-                                                      typename cub::BlockReduce<int64_t, THREADS>::TempStorage& min_temp,
-                                                      int64_t& min_slot) {
+__device__ __forceinline__ int64_t hta_crossing_class(
+    const u_t* __restrict__ u, int64_t stride, int64_t C, const HtaSearch& s, const TiedClasses& tied,
+    double head_threshold, double inv_tau, typename cub::BlockScan<double, THREADS>::TempStorage& scan_temp,
+    typename cub::BlockReduce<int64_t, THREADS>::TempStorage& min_temp, int64_t& min_slot) {
   double running = s.above;
   if (tied.count == 1) {
     // the walk's inclusive sum at that class is its probability (the other lanes add +0.0)
@@ -605,6 +602,12 @@ __device__ __forceinline__ void hta_store_keys(int32_t* __restrict__ out, const 
   out[kKeyCross] = idx_cross < C ? float_key(static_cast<float>(u[idx_cross * stride])) : INT32_MIN;
 }
 
+// Teacher row `row` (= t * B + b) of U.
+template <typename u_t>
+__device__ __forceinline__ const u_t* hta_row(const u_t* U, Strides us, int64_t B, int64_t row) {
+  return U + (row / B) * us.t + (row % B) * us.b;
+}
+
 // One block per teacher row (grid Tt * B). THREADS per block: kThreads, or kHtaWideThreads where
 // the teacher rows are fewer than the GPU's multiprocessors and too short to split
 // (hta_head_threads, hta_head_splits).
@@ -623,7 +626,7 @@ __global__ void __launch_bounds__(THREADS)
   __shared__ int64_t min_slot;
 
   const int64_t row = blockIdx.x;
-  const u_t* u = U + (row / B) * us.t + (row % B) * us.b;
+  const u_t* u = hta_row(U, us, B, row);
 
   HtaPass1 p = hta_pass1<THREADS>(u, us.c, 0, C, C, inv_tau);
   p = block_all_reduce<HtaPass1, HtaPass1Merge, THREADS>(p, HtaPass1Merge(), pass1_temp, pass1_slot);
@@ -653,9 +656,13 @@ struct HtaSplit {
   int64_t rows, slices, slice;
 };
 
-template <typename u_t>
-__device__ __forceinline__ const u_t* hta_row(const u_t* U, Strides us, int64_t B, int64_t row) {
-  return U + (row / B) * us.t + (row % B) * us.b;
+// This block's row, slice index and classes [first, first + count).
+struct HtaBlockSlice {
+  int64_t row, index, first, count;
+};
+__device__ __forceinline__ HtaBlockSlice hta_block_slice(HtaSplit split, int64_t C) {
+  const int64_t row = blockIdx.x / split.slices, index = blockIdx.x % split.slices, first = index * split.slice;
+  return HtaBlockSlice{row, index, first, C - first < split.slice ? C - first : split.slice};
 }
 
 template <typename u_t, int THREADS = kThreads>
@@ -664,9 +671,8 @@ __global__ void __launch_bounds__(THREADS)
                            double inv_tau, HtaPass1* __restrict__ pass1) {
   __shared__ typename cub::BlockReduce<HtaPass1, THREADS>::TempStorage pass1_temp;
   __shared__ HtaPass1 pass1_slot;
-  const int64_t row = blockIdx.x / split.slices, first = (blockIdx.x % split.slices) * split.slice;
-  const int64_t count = C - first < split.slice ? C - first : split.slice;
-  HtaPass1 p = hta_pass1<THREADS>(hta_row(U, us, B, row), us.c, first, count, C, inv_tau);
+  const HtaBlockSlice part = hta_block_slice(split, C);
+  HtaPass1 p = hta_pass1<THREADS>(hta_row(U, us, B, part.row), us.c, part.first, part.count, C, inv_tau);
   p = block_all_reduce<HtaPass1, HtaPass1Merge, THREADS>(p, HtaPass1Merge(), pass1_temp, pass1_slot);
   if (threadIdx.x == 0) pass1[blockIdx.x] = p;
 }
@@ -725,15 +731,15 @@ __global__ void __launch_bounds__(THREADS)
   const HtaSearch s =
       hta_split_state<u_t>(split, read, head_threshold, pass1, search, inside, state, candidates_slot);
   if (s.lo >= s.hi) return;  // converged (block-uniform): no sums for the next launch to merge
-  const int64_t row = blockIdx.x / split.slices, first = (blockIdx.x % split.slices) * split.slice;
-  const int64_t count = C - first < split.slice ? C - first : split.slice;
+  const HtaBlockSlice part = hta_block_slice(split, C);
   hta_key_t<u_t> candidate[kHtaCandidates];
   hta_candidates(s, candidate);
+  const u_t* u = hta_row(U, us, B, part.row);
   SumN<double, kHtaCandidates> sums =
-      hta_inside_masses<THREADS>(hta_row(U, us, B, row), us.c, first, count, s, candidate, inv_tau);
+      hta_inside_masses<THREADS>(u, us.c, part.first, part.count, s, candidate, inv_tau);
   sums = block_all_reduce<SumN<double, kHtaCandidates>, SumNOp, THREADS>(sums, SumNOp(), candidates_temp,
                                                                          candidates_slot);
-  if (threadIdx.x == 0) inside[((read & 1) * split.rows + row) * split.slices + blockIdx.x % split.slices] = sums;
+  if (threadIdx.x == 0) inside[((read & 1) * split.rows + part.row) * split.slices + part.index] = sums;
 }
 
 // The last narrowing (read = hta_search_reads: the search has converged after it) and each slice's
@@ -748,9 +754,9 @@ __global__ void __launch_bounds__(THREADS)
   __shared__ HtaSearch state;
   __shared__ SumN<double, kHtaCandidates> merged;
   const HtaSearch s = hta_split_state<u_t>(split, read, head_threshold, nullptr, search, inside, state, merged);
-  const int64_t row = blockIdx.x / split.slices, first = (blockIdx.x % split.slices) * split.slice;
-  const int64_t count = C - first < split.slice ? C - first : split.slice;
-  TiedClasses t = hta_tied_classes<THREADS>(hta_row(U, us, B, row), us.c, first, count, C, s.lo, inv_tau, s.lse);
+  const HtaBlockSlice part = hta_block_slice(split, C);
+  TiedClasses t =
+      hta_tied_classes<THREADS>(hta_row(U, us, B, part.row), us.c, part.first, part.count, C, s.lo, inv_tau, s.lse);
   t = block_all_reduce<TiedClasses, TiedClassesMerge, THREADS>(t, TiedClassesMerge(), tied_temp, tied_slot);
   if (threadIdx.x == 0) tied[blockIdx.x] = t;
 }
