@@ -378,13 +378,13 @@ def test_emulated_cuda_hta_head_split_or_not_gives_the_cpu_keys(kd_emu, dtype):
 
 def test_hta_head_splits_rows_only_where_they_leave_the_gpu_idle(kd_emu):
     """kd_cuda.cu's split of HTA's head: rows fewer than three blocks per multiprocessor (the split
-    kernels' occupancy) are cut into as many slices as fill those slots, each at least 4,096
+    kernels' occupancy) are cut into as many slices as fill those slots, each at least 16,384
     classes; slices start at multiples of 64 classes."""
     splits = kd_emu.emu_hta_head_splits
     splits.restype = ctypes.c_int64
-    for rows, C, sms, expected in ((64, 128000, 132, 6), (4, 64000, 132, 15), (2, 20000, 132, 4),
+    for rows, C, sms, expected in ((64, 128000, 132, 6), (4, 64000, 132, 3), (2, 20000, 132, 1),
                                    (198, 100000, 132, 2), (199, 100000, 132, 1), (256, 32000, 132, 1),
-                                   (1, 8191, 132, 1), (1, 8192, 132, 2), (64, 128000, 78, 3), (0, 1000, 132, 1)):
+                                   (1, 32767, 132, 1), (1, 32768, 132, 2), (64, 128000, 78, 3), (0, 1000, 132, 1)):
         assert splits(ctypes.c_int64(rows), ctypes.c_int64(C), ctypes.c_int64(sms)) == expected, (rows, C, sms)
     slice_ = kd_emu.emu_hta_head_slice
     slice_.restype = ctypes.c_int64

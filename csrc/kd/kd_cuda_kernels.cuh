@@ -403,10 +403,11 @@ inline int hta_head_threads(int64_t rows, int64_t multiprocessors) {
 // (ptxas, sm_90): three blocks per multiprocessor. Rows fewer than those slots are cut into as many
 // slices as fill them (at 64 rows on 132 multiprocessors: 6 slices, 384 blocks for 396 slots,
 // where one block per row left 68 multiprocessors idle and 8 warps on each of the others), each at
-// least kHtaSliceMin classes (16 per thread: the per-read merge and the launches cost more than a
-// shorter slice saves). 1: one block per row (hta_teacher_kernel), as from 198 rows up.
+// least kHtaSliceMin classes (64 per thread: a read of a shorter row takes a few microseconds in one
+// block, about what each of the split head's 11 launches costs the host). 1: one block per row
+// (hta_teacher_kernel), as from 198 rows up or below 32,768 classes.
 constexpr int kHtaSplitBlocksPerMultiprocessor = 3;
-constexpr int64_t kHtaSliceMin = 4096;
+constexpr int64_t kHtaSliceMin = 16384;
 constexpr int64_t kHtaSliceAlign = 64;  // slices start at multiples of 64 classes (256-byte lines of fp32)
 inline int64_t hta_head_splits(int64_t rows, int64_t C, int64_t multiprocessors) {
   const int64_t slots = kHtaSplitBlocksPerMultiprocessor * multiprocessors;
