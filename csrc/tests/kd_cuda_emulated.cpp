@@ -56,8 +56,8 @@ int64_t hta_head(const u_t* u, bool per_t, int64_t Tn, int64_t B, int64_t C, dou
 }
 
 // kd_cuda.cu's choice of classes per access (allow_packed = false: one); returns the number used.
-// The HTA head in blocks of head_threads (kThreads or kHtaWideThreads: kd_cuda.cu picks by
-// hta_head_threads).
+// The HTA head one block per row, of head_threads (kThreads or kHtaWideThreads: kd_cuda.cu picks by
+// hta_head_threads; its split form is tested alone, emu_hta_head).
 template <typename s_t, typename u_t, int LOSS>
 int forward(const s_t* s, const u_t* u, bool per_t, int64_t Tn, int64_t B, int64_t C, double temperature,
             double entropy_temperature, double entropy_weight, double head_threshold, acc_type_t<s_t, u_t>* rows,
@@ -225,8 +225,6 @@ int emu_nld_rows_backward(int dtype_pair, const void* grad_rows, const void* s, 
   return known ? 0 : 1;
 }
 
-// The standard-normal noise of element i of the flattened [rows, C] student (nld_noise_kernel, a
-// grid of `blocks` blocks striding over n elements).
 // HTA's teacher head alone (hta_head above), the teacher [Tt, B, C] (per_t) or [B, C] in
 // teacher_dtype 0 float, 1 double, 2 bfloat16, 3 half; *slices_used: the slices it launched.
 int emu_hta_head(int teacher_dtype, const void* u, int per_t, int64_t T, int64_t B, int64_t C, double temperature,
@@ -257,6 +255,8 @@ int emu_hta_search_reads(int is_double) {
 // hta_head_threads (kd_cuda.cu's choice of the head's block size).
 int emu_hta_head_threads(int64_t rows, int64_t multiprocessors) { return hta_head_threads(rows, multiprocessors); }
 
+// The standard-normal noise of element i of the flattened [rows, C] student (nld_noise_kernel, a
+// grid of `blocks` blocks striding over n elements).
 int emu_nld_noise(const int64_t* seed, float* out, int64_t n, int64_t C, int64_t blocks) {
   cuda_emulation::launch<kThreads>(blocks, nld_noise_kernel<float>, seed, out, n, C);
   return 0;
