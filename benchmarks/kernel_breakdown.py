@@ -39,7 +39,8 @@ SHAPES = {"cuda": {"loss": (4, 256, 32000), "lif": (8, 64, 128, 32, 32)},
           "cpu": {"loss": (4, 16, 1000), "lif": (4, 8, 64, 16, 16)}}
 SMOKE_SHAPES = {"loss": (2, 3, 40), "lif": (2, 3, 70)}
 # (loss, (T, B, C)) beyond the large case, fp32: HTA-KL where its teacher rows are fewer than a GPU's
-# multiprocessors (the head's 512-thread blocks; behind torch.compile there at 45b47ca)
+# multiprocessors (the CUDA head split over 6 blocks per row on an H200 since session 16, one
+# 256-thread block per row under SNNKD_CUDA_KD_UNPACKED; behind torch.compile there at 45b47ca)
 EXTRA_LOSS_CASES = {"cuda": (("hta_kl", (4, 64, 128000)),), "cpu": ()}
 LOSS_KWARGS = {"nld_loss": {"per_timestep": True}}  # as bench_losses measures it
 BACKENDS = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
