@@ -49,8 +49,7 @@ void launch_hta_head(const u_t* u, Strides us, int64_t rows, int64_t B, int64_t 
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, like.get_device()));
   const int64_t splits = packing_disabled() ? 1 : hta_head_splits(rows, C, multiprocessors);
   if (splits > 1) {
-    const int64_t slice = hta_head_slice(C, splits);
-    const HtaSplit split{rows, (C + slice - 1) / slice, slice};
+    const HtaSplit split = hta_split(rows, C, splits);
     row_blocks(op, split.rows * split.slices);
     // freed to the caching allocator on return: later work on this stream alone can reuse it
     at::Tensor scratch =

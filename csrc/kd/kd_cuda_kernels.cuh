@@ -657,6 +657,13 @@ struct HtaSplit {
   int64_t rows, slices, slice;
 };
 
+// The slices of `rows` rows of C classes for `splits` asked for (hta_head_splits): hta_head_slice's
+// classes each, ceil(C / slice) of them.
+inline HtaSplit hta_split(int64_t rows, int64_t C, int64_t splits) {
+  const int64_t slice = hta_head_slice(C, splits);
+  return HtaSplit{rows, (C + slice - 1) / slice, slice};
+}
+
 // This block's row, slice index and classes [first, first + count).
 struct HtaBlockSlice {
   int64_t row, index, first, count;

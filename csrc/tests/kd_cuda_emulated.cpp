@@ -32,8 +32,7 @@ int64_t hta_head(const u_t* u, bool per_t, int64_t Tn, int64_t B, int64_t C, dou
   const Strides us{per_t ? B * C : 0, C, 1};
   const int64_t rows = (per_t ? Tn : 1) * B;
   if (splits > 1) {
-    const int64_t slice = hta_head_slice(C, splits);
-    const HtaSplit split{rows, (C + slice - 1) / slice, slice};
+    const HtaSplit split = hta_split(rows, C, splits);
     const HtaSplitScratch layout = hta_split_scratch(split.rows, split.slices);
     // filled with 0xff (NaN doubles, -1 integers): a slot read before any block wrote it shows
     std::vector<std::max_align_t> scratch(layout.bytes / sizeof(std::max_align_t) + 1);
