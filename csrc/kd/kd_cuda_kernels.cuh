@@ -685,6 +685,14 @@ __global__ void __launch_bounds__(THREADS)
   if (threadIdx.x == 0) pass1[blockIdx.x] = p;
 }
 
+// A row's partials of its `slices` slices merged in slice order (the split head's fixed order).
+template <typename T, typename Op>
+__device__ __forceinline__ T hta_merge_slices(const T* __restrict__ partials, int64_t slices, Op op) {
+  T merged = partials[0];
+  for (int64_t j = 1; j < slices; ++j) merged = op(merged, partials[j]);
+  return merged;
+}
+
 // The row's search state before this launch's read, block-uniform (every thread calls it): read 0
 // starts it from the pass-1 partials; a later read narrows the state of the read before with that
 // read's interval sums, each candidate's summed over the slices in slice order by one thread. The
@@ -697,9 +705,7 @@ __device__ __forceinline__ HtaSearch hta_split_state(HtaSplit split, int read, d
   const int64_t row = blockIdx.x / split.slices;
   if (read == 0) {
     if (threadIdx.x == 0) {
-      HtaPass1 p = pass1[row * split.slices];
-      for (int64_t j = 1; j < split.slices; ++j) p = HtaPass1Merge()(p, pass1[row * split.slices + j]);
-      state = hta_search_start(p);
+      state = hta_search_start(hta_merge_slices(pass1 + row * split.slices, split.slices, HtaPass1Merge()));
     }
   } else {
     const int before = (read - 1) & 1;
@@ -780,11 +786,7 @@ __global__ void __launch_bounds__(THREADS)
   __shared__ int64_t min_slot;
   __shared__ TiedClasses row_tied;
   const int64_t row = blockIdx.x;
-  if (threadIdx.x == 0) {
-    TiedClasses t = tied[row * split.slices];
-    for (int64_t j = 1; j < split.slices; ++j) t = TiedClassesMerge()(t, tied[row * split.slices + j]);
-    row_tied = t;
-  }
+  if (threadIdx.x == 0) row_tied = hta_merge_slices(tied + row * split.slices, split.slices, TiedClassesMerge());
   __syncthreads();
   const HtaSearch s = search[(read & 1) * split.rows + row];
   const u_t* u = hta_row(U, us, B, row);
