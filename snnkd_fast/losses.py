@@ -94,13 +94,14 @@ def _check_reduction(reduction, op: str, student: Tensor) -> str:
     return reduction
 
 
-def _time_mean(x: Tensor) -> Tensor:
-    # Averaged in float32 (float64 stays float64): the mean of bf16 logits in bf16 would round.
-    # mean(dtype=) rather than .to(float32).mean(): on a GPU the reduction reads 16-bit logits in
-    # place (a 2T*B*C-byte read instead of a cast writing a float32 [T, B, C] copy and reading it
-    # back; 0.095 ms of Hinton KD's 0.40 at bf16 4x256x32000 on an H200). The CPU casts inside
-    # either way; the values are the same.
-    return x.mean(0, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+def _time_mean(x: Tensor, other: Tensor) -> Tensor:
+    # Averaged in the call's compute dtype: float64 if x or the other logits are float64 (the
+    # reference averages after casting both to it), else float32 -- the mean of bf16 logits in bf16
+    # would round. mean(dtype=) rather than .to(float32).mean(): on a GPU the reduction reads 16-bit
+    # logits in place (a 2T*B*C-byte read instead of a cast writing a float32 [T, B, C] copy and
+    # reading it back; 0.095 ms of Hinton KD's 0.40 at bf16 4x256x32000 on an H200). The CPU casts
+    # inside either way; the values are the same.
+    return x.mean(0, dtype=torch.float64 if torch.float64 in (x.dtype, other.dtype) else torch.float32)
 
 
 def _kernel_backend(student: Tensor, teacher: Tensor, backend: str, op: str) -> str:
@@ -140,8 +141,8 @@ def kd_kl(student: Tensor, teacher: Tensor, *, temperature: float = 4.0, reducti
     backend = _kernel_backend(student, teacher, backend, op)
     if backend == "torch":
         return ref.kd_kl_reference(student, teacher, temperature=temperature, reduction=reduction)
-    s = _time_mean(student) if student.dim() == 3 else student
-    u = _time_mean(teacher) if teacher.dim() == 3 else teacher
+    s = _time_mean(student, teacher) if student.dim() == 3 else student
+    u = _time_mean(teacher, student) if teacher.dim() == 3 else teacher
     return kd_loss(s.unsqueeze(0), u, LOSS_KL, backend, temperature, temperature, 0.0, 0.5, reduction,
                    student.shape[-1], time_averaged=True)
 
@@ -184,6 +185,13 @@ def hta_kl(student_seq: Tensor, teacher: Tensor, *, temperature: float = 4.0, he
     carry no gradient. ``time_reduction="per_timestep"`` (default) applies the loss at every t;
     ``"mean_logits"`` once to the time-averaged student (the review's description of the paper).
     Kernels order by the teacher logit (equal logits tie exactly as equal probabilities do).
+
+    A class whose cumulative probability equals ``head_threshold`` to within rounding is head or tail
+    by the last bits of the sum, which differ between backends and dtypes: the one realistic case is
+    a flat teacher row (all logits equal) with ``C * head_threshold`` an integer, e.g. C = 10 at 0.5,
+    where the float64 reference's ``exp(log_softmax)`` probabilities sum to just below 0.5 after five
+    classes (five head classes) and the cpp kernel's to exactly 0.5 (four); that row's loss then
+    differs by a few percent.
     """
     op = "hta_kl"
     _check_pair(student_seq, teacher, op)
@@ -198,8 +206,8 @@ def hta_kl(student_seq: Tensor, teacher: Tensor, *, temperature: float = 4.0, he
         return ref.hta_kl_reference(student_seq, teacher, temperature=temperature, head_threshold=head_threshold,
                                     time_reduction=time_reduction, reduction=reduction)
     if time_reduction == "mean_logits":
-        s = _time_mean(student_seq).unsqueeze(0)
-        u = _time_mean(teacher) if teacher.dim() == 3 else teacher
+        s = _time_mean(student_seq, teacher).unsqueeze(0)
+        u = _time_mean(teacher, student_seq) if teacher.dim() == 3 else teacher
         return kd_loss(s, u, LOSS_HTA, backend, temperature, temperature, 0.0, float(head_threshold), reduction,
                        student_seq.shape[-1], time_averaged=True)
     return kd_loss(student_seq, teacher, LOSS_HTA, backend, temperature, temperature, 0.0, float(head_threshold),
@@ -259,8 +267,9 @@ def nld_loss(student_seq: Tensor, teacher: Tensor, *, temperature: float = 2.0, 
         # broadcasts (the row kernels would otherwise read only the teacher's first timestep).
         student3 = student3.expand(teacher.shape[0], -1, -1)
     if not per_timestep:
-        student3 = _time_mean(student3).unsqueeze(0)
-        teacher = _time_mean(teacher) if teacher.dim() == 3 else teacher
+        # one assignment: each mean sees the other tensor as it came (its dtype decides the mean's)
+        teacher, student3 = (_time_mean(teacher, student3) if teacher.dim() == 3 else teacher,
+                             _time_mean(student3, teacher).unsqueeze(0))
     if backend == "torch":
         noise = torch.randn(student3.shape, generator=generator, device=student3.device, dtype=torch.float32)
         rows = ref.nld_loss_reference(student3, teacher, temperature=temperature, noise_weight=noise_weight,

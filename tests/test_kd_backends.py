@@ -198,6 +198,32 @@ def test_dtypes(kd_target, case, dtype):
     compare(case, student, teacher, backend, dtype)
 
 
+TIME_AVERAGED = [c for c in CASES if c.name in ("kd_kl", "hta_mean_logits", "nld")]
+
+
+@pytest.mark.parametrize("case", TIME_AVERAGED, ids=[c.name for c in TIME_AVERAGED])
+@pytest.mark.parametrize("float64_side", ["student", "teacher"])
+def test_time_average_of_a_mixed_pair_in_float64(kd_target, case, float64_side):
+    """A float64 student with a float32 [T, B, C] teacher (or the reverse) computes in float64, the
+    time-average of the float32 side included, as the reference does (averaged in float32, the
+    losses were ~1e-8 relative off)."""
+    backend, device = kd_target
+    if backend == "triton":
+        pytest.skip("triton takes no float64 (test_dtypes)")
+    student_dtype, teacher_dtype = ((torch.float64, torch.float32) if float64_side == "student"
+                                    else (torch.float32, torch.float64))
+    student = logits((4, 3, 50), dtype=student_dtype, device=device)
+    teacher = logits((4, 3, 50), seed=1, dtype=teacher_dtype, device=device)
+    kernel = run_loss(case, student, teacher, backend, seed_backend=backend)
+    reference = run_loss(case, student.double(), teacher.double(), "torch", seed_backend=backend)
+    # the loss in float64; each gradient in its input's dtype, so the float32 side's to float32 rounding
+    for name, dtype in (("loss", torch.float64), ("grad_student", student_dtype), ("grad_teacher", teacher_dtype)):
+        got, expected = getattr(kernel, name).double(), getattr(reference, name)
+        rtol, atol = KD_TOL[dtype]
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=atol * max(1.0, expected.abs().max().item()),
+                                   msg=lambda m, name=name: f"{case.name} {name}: {m}")
+
+
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("layout", ["student_transposed", "teacher_expanded_over_t", "teacher_column_slice",
                                     "teacher_broadcast_rows"])
