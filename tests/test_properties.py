@@ -7,7 +7,8 @@ configurations, not just the hand-picked grids of test_lif_backends.py / test_kd
   and the gradients of x, v_init and w within tests/tolerances.py.
 * Losses (every row of kd_helpers.CASES): random T, B, C (1..300), temperature, head_threshold, an ANN
   ``[B, C]`` or SNN ``[T, B, C]`` teacher and logits of scale up to 50: the loss and the student and
-  teacher gradients against the float64 reference on the same values (as test_kd_backends.compare).
+  teacher gradients against the float64 reference on the same values (as test_kd_backends.compare);
+  on cpp also with one side float64 (the call then computes in float64, time averages included).
 
 Examples are derandomized (no example database), so a given command draws the same examples on every
 run and CI is reproducible. (Hypothesis >= 6.13x also mixes literals harvested from the project modules
@@ -125,7 +126,7 @@ def test_neuron_triton_matches_reference(cfg):
 # losses
 # --------------------------------------------------------------------------------------------------
 
-KD_TOL = {torch.float32: (1e-5, 5e-6)}  # as test_kd_backends.KD_TOL
+KD_TOL = {torch.float32: (1e-5, 5e-6), torch.float64: (1e-9, 1e-11)}  # as test_kd_backends.KD_TOL
 
 
 @st.composite
@@ -178,27 +179,38 @@ def _check_loss(backend: str, cfg: dict) -> None:
     student = (torch.randn(T, B, C, generator=g, dtype=torch.float64) * cfg["scale"]).float()
     t_shape = (T, B, C) if cfg["teacher_3d"] else (B, C)
     teacher = (torch.randn(t_shape, generator=g, dtype=torch.float64) * cfg["teacher_scale"]).float()
+    # a float64 side (the other float32): the call computes in float64, so the loss and that side's
+    # gradient are exact to float64 rounding, the float32 side's gradient to its own
+    float64_side = cfg.get("float64_side")
+    if float64_side == "student":
+        student = student.double()
+    elif float64_side == "teacher":
+        teacher = teacher.double()
+    compute = torch.float64 if float64_side else torch.float32
     device = device_for(backend)
     kernel = run_loss(case, student.to(device), teacher.to(device), backend, reduction=cfg["reduction"],
                       seed_backend=backend)
     kernel = _on_cpu(kernel)
     reference = run_loss(case, student.double(), teacher.double(), "torch", reduction=cfg["reduction"],
                          seed_backend=backend)
-    assert kernel.loss.dtype == torch.float32 and kernel.loss.shape == reference.loss.shape
-    rtol, atol = KD_TOL[torch.float32]
+    assert kernel.loss.dtype == compute and kernel.loss.shape == reference.loss.shape
     tau = case.kwargs["temperature"]
     cond = _condition(case, student, teacher)
-    # log-probabilities off by cond float32 ulps: the loss carries tau^2 of them, the gradients tau
-    grad_tol = (rtol * cond, atol * cond * max(1.0, tau))
-    loss_tol = grad_tol
+
+    def tolerance(dtype):  # log-probabilities off by cond ulps: the loss carries tau^2 of them, gradients tau
+        rtol, atol = KD_TOL[dtype]
+        return rtol * cond, atol * cond * max(1.0, tau)
+
     what = f"{case.name} {backend} cond={cond:.3g} {cfg}"
+    loss_tol = tolerance(compute)
     scale = max(1.0, reference.loss.abs().max().item())
     torch.testing.assert_close(kernel.loss.double(), reference.loss.double(), rtol=loss_tol[0],
                                atol=loss_tol[1] * scale, msg=lambda m: f"{what} loss: {m}")
-    for name in ("grad_student", "grad_teacher"):
+    for name, side in (("grad_student", student), ("grad_teacher", teacher)):
         a, b = getattr(kernel, name), getattr(reference, name)
         assert a is not None and b is not None, name
-        assert a.shape == b.shape
+        assert a.shape == b.shape and a.dtype == side.dtype
+        grad_tol = tolerance(torch.float64 if side.dtype == torch.float64 else torch.float32)
         torch.testing.assert_close(a.double(), b.double(), rtol=grad_tol[0],
                                    atol=grad_tol[1] * max(1.0, b.abs().max().item()),
                                    msg=lambda m: f"{what} {name}: {m}")
@@ -207,6 +219,19 @@ def _check_loss(backend: str, cfg: dict) -> None:
 @PROPERTY_SETTINGS
 @given(cfg=loss_configs())
 def test_loss_cpp_matches_float64_reference(cfg):
+    _require("cpp", "kd")
+    _check_loss("cpp", cfg)
+
+
+@st.composite
+def mixed_float64_loss_configs(draw):
+    return dict(draw(loss_configs()), float64_side=draw(st.sampled_from(["student", "teacher"])))
+
+
+@PROPERTY_SETTINGS
+@given(cfg=mixed_float64_loss_configs())
+def test_loss_cpp_with_a_float64_side_matches_float64_reference(cfg):
+    """A float64 student with a float32 teacher or the reverse (the Triton kernels take no float64)."""
     _require("cpp", "kd")
     _check_loss("cpp", cfg)
 
