@@ -31,7 +31,7 @@ from torch import nn
 from ._backends import resolve_backend
 from .kd import reference as ref
 from .kd.op import kd_loss, nld_loss as _nld_loss
-from .kd.params import LOSS_HTA, LOSS_KL, LOSS_TSER
+from .kd.params import HTA_THRESHOLD_MARGIN, LOSS_HTA, LOSS_KL, LOSS_TSER
 
 Tensor = torch.Tensor
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -186,12 +186,13 @@ def hta_kl(student_seq: Tensor, teacher: Tensor, *, temperature: float = 4.0, he
     ``"mean_logits"`` once to the time-averaged student (the review's description of the paper).
     Kernels order by the teacher logit (equal logits tie exactly as equal probabilities do).
 
-    A class whose cumulative probability equals ``head_threshold`` to within rounding is head or tail
-    by the last bits of the sum, which differ between backends and dtypes: the one realistic case is
-    a flat teacher row (all logits equal) with ``C * head_threshold`` an integer, e.g. C = 10 at 0.5,
-    where the float64 reference's ``exp(log_softmax)`` probabilities sum to just below 0.5 after five
-    classes (five head classes) and the cpp kernel's to exactly 0.5 (four); that row's loss then
-    differs by a few percent.
+    [ours] "Below" means below ``head_threshold - 2^-20`` (``kd.params.HTA_THRESHOLD_MARGIN``): a
+    cumulative probability equal to the threshold in exact arithmetic -- a flat teacher row (all
+    logits equal, e.g. a zero-initialised head) with ``C * head_threshold`` an integer -- is then tail
+    in every backend and dtype, as exact arithmetic says, instead of head or tail by the last bits of
+    each one's rounding (C = 10 at 0.5 gave the float64 reference five head classes and the cpp
+    kernel four: that row's loss differed by a few percent). Sums within ~1e-7 of the shifted
+    threshold still round either way, but no structured input lands there.
     """
     op = "hta_kl"
     _check_pair(student_seq, teacher, op)
@@ -205,12 +206,14 @@ def hta_kl(student_seq: Tensor, teacher: Tensor, *, temperature: float = 4.0, he
     if backend == "torch":
         return ref.hta_kl_reference(student_seq, teacher, temperature=temperature, head_threshold=head_threshold,
                                     time_reduction=time_reduction, reduction=reduction)
+    # the ops compare the cumulative probability with the threshold they get: the reference's margin
+    kernel_threshold = float(head_threshold) - HTA_THRESHOLD_MARGIN
     if time_reduction == "mean_logits":
         s = _time_mean(student_seq, teacher).unsqueeze(0)
         u = _time_mean(teacher, student_seq) if teacher.dim() == 3 else teacher
-        return kd_loss(s, u, LOSS_HTA, backend, temperature, temperature, 0.0, float(head_threshold), reduction,
+        return kd_loss(s, u, LOSS_HTA, backend, temperature, temperature, 0.0, kernel_threshold, reduction,
                        student_seq.shape[-1], time_averaged=True)
-    return kd_loss(student_seq, teacher, LOSS_HTA, backend, temperature, temperature, 0.0, float(head_threshold),
+    return kd_loss(student_seq, teacher, LOSS_HTA, backend, temperature, temperature, 0.0, kernel_threshold,
                    reduction, student_seq.shape[-1])
 
 

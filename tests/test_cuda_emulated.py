@@ -376,6 +376,22 @@ def test_emulated_cuda_hta_head_split_or_not_gives_the_cpu_keys(kd_emu, dtype):
                 assert torch.equal(keys, expected), f"{where}\n{keys}\n{expected}"
 
 
+@pytest.mark.parametrize("dtype", list(HTA_TEACHER_DTYPES), ids=["fp32", "fp64", "bf16", "fp16"])
+def test_emulated_cuda_hta_head_of_flat_rows_is_exact_arithmetic(kd_emu, dtype):
+    """Flat teacher rows whose cumulative probability reaches head_threshold exactly at class
+    k = C * head_threshold: with the threshold hta_kl hands the ops (minus HTA_THRESHOLD_MARGIN) the
+    CUDA head, in every launch form, crosses at class k - 1 (index), as exact arithmetic and the CPU
+    op do -- not by its float sums' last bits."""
+    from snnkd_fast.kd.params import HTA_THRESHOLD_MARGIN
+
+    for C, head_threshold in ((10, 0.5), (100, 0.9), (1000, 0.25), (3000, 0.3), (20000, 0.5)):
+        teacher = torch.stack([torch.zeros(C), torch.full((C,), 1.5)]).to(dtype)
+        threshold = head_threshold - HTA_THRESHOLD_MARGIN
+        for splits, threads in ((1, 256), (3, 256), (1, 512)):
+            keys, _ = _hta_emulated_head(kd_emu, teacher, threshold, splits, threads)
+            assert keys[0, :, 1].tolist() == [round(C * head_threshold) - 1] * 2, (C, head_threshold, splits, keys)
+
+
 def test_hta_head_splits_rows_only_where_they_leave_the_gpu_idle(kd_emu):
     """kd_cuda.cu's split of HTA's head: rows fewer than three blocks per multiprocessor (the split
     kernels' occupancy) are cut into as many slices as fill those slots, each at least 16,384

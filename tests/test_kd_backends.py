@@ -361,6 +361,38 @@ def test_hta_tie_rule_matches_reference(kd_target):
             hta.kwargs["head_threshold"] = 0.6
 
 
+@pytest.mark.parametrize("C, head_threshold", [(10, 0.5), (4, 0.5), (20, 0.1), (100, 0.9), (100, 0.5),
+                                               (1000, 0.25), (3000, 0.3)])
+def test_hta_flat_teacher_rows_head_as_exact_arithmetic(kd_target, C, head_threshold):
+    """Flat teacher rows (all logits equal): the cumulative probability reaches head_threshold exactly
+    at the k-th class, k = C * head_threshold, which is therefore tail -- k - 1 head classes -- in the
+    reference (float32 and float64) and in every kernel: the threshold margin
+    (kd.params.HTA_THRESHOLD_MARGIN). Without it, at C = 10 and 0.5 the float64 reference's sum of
+    exp(log_softmax) fell just below 0.5 (five head classes) where the cpp kernel's was exactly 0.5
+    (four), and the losses differed by ~5%."""
+    from snnkd_fast.kd.params import HTA_THRESHOLD_MARGIN
+    from snnkd_fast.kd.reference import hta_head_mask_reference
+
+    backend, device = kd_target
+    head_classes = round(C * head_threshold) - 1
+    teacher = torch.stack([torch.zeros(C), torch.full((C,), 1.5), torch.full((C,), -40.0)])
+    for dtype in (torch.float32, torch.float64):
+        p = torch.log_softmax(teacher.to(dtype) / 2.0, dim=-1).exp()  # as hta_kl_reference forms p
+        assert hta_head_mask_reference(p, head_threshold).sum(-1).tolist() == [head_classes] * 3, dtype
+    keys = _hta_teacher_keys(backend, teacher.to(device), head_threshold - HTA_THRESHOLD_MARGIN)[0]
+    assert keys[:, 1].tolist() == [head_classes] * 3, keys  # the crossing class: index k - 1
+    hta = next(c for c in CASES if c.name == "hta")
+    student = logits((2, 3, C), device=device)
+    saved = hta.kwargs["head_threshold"]
+    hta.kwargs["head_threshold"] = head_threshold
+    try:
+        compare(hta, student, teacher.to(device), backend, torch.float32)
+        if backend != "triton":
+            compare(hta, student.double(), teacher.double().to(device), backend, torch.float64)
+    finally:
+        hta.kwargs["head_threshold"] = saved
+
+
 def test_nld_noise_is_reproducible_and_fresh(kd_target):
     backend, device = kd_target
     student, teacher = logits((4, 3, 20), device=device), logits((3, 20), seed=1, device=device)

@@ -19,6 +19,16 @@ NUM_STATS = 5
 #   key(z_i) > KEY_CROSS, or key(z_i) == KEY_CROSS and i < IDX_CROSS, or i == IDX_TOP,
 # where key() maps a float32 logit to an order-preserving int32 and (KEY_CROSS, IDX_CROSS) is the
 # class at which the teacher's sorted inclusive cumulative probability first reaches head_threshold.
+# [ours] The head is the classes whose cumulative probability is below head_threshold minus this
+# margin: a sum equal to the threshold in exact arithmetic -- a flat teacher row (all logits equal,
+# e.g. a zero-initialised teacher head) with C * head_threshold an integer -- then falls in the tail in
+# every backend and dtype, as exact arithmetic says, instead of by the last bits of each one's
+# rounding (C = 10 at 0.5: the float64 reference had five head classes, the cpp kernel four). It
+# exceeds the float32 rounding of a cumulative sum and stays below 1/C for C < 2^20, so only those
+# exact ties move. The ops (kd_rows_forward, ...) compare with the threshold they are given; the
+# public hta_kl hands them head_threshold - HTA_THRESHOLD_MARGIN.
+HTA_THRESHOLD_MARGIN = 2.0 ** -20
+
 HTA_KEY_CROSS = 0
 HTA_IDX_CROSS = 1
 HTA_IDX_TOP = 2

@@ -44,6 +44,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .params import HTA_THRESHOLD_MARGIN
+
 REDUCTIONS = ("none", "sum", "batchmean", "mean")
 
 
@@ -162,14 +164,16 @@ def hta_head_mask_reference(teacher_probs: torch.Tensor, head_threshold: float) 
     """HTA head mask ``bool [..., C]`` in *class* order.
 
     Classes sorted by p descending, ties by the lower class index first (a stable sort keeps equal
-    values in index order); ``S`` = inclusive cumulative sum in that order. Head = ``S < mu`` plus the
+    values in index order); ``S`` = inclusive cumulative sum in that order. Head =
+    ``S < mu - HTA_THRESHOLD_MARGIN`` ([ours]: 2^-20, so that a sum equal to mu in exact arithmetic,
+    as on a flat teacher row, is tail whatever the rounding; see snnkd_fast/kd/params.py) plus the
     top-1 class always (otherwise a confident teacher, ``p_max >= mu``, has an empty head); the class
-    whose cumsum crosses mu is tail. The mask is built in sorted order and scattered back to class
+    whose cumsum crosses is tail. The mask is built in sorted order and scattered back to class
     order -- applying the sorted-order mask to class-order tensors (SakanaAI/TAID ``adaptive_kl.py``)
     is the bug this avoids.
     """
     sorted_p, order = torch.sort(teacher_probs.detach(), dim=-1, descending=True, stable=True)
-    head_sorted = sorted_p.cumsum(-1) < head_threshold
+    head_sorted = sorted_p.cumsum(-1) < head_threshold - HTA_THRESHOLD_MARGIN
     head_sorted[..., 0] = True
     return torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
 
