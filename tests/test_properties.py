@@ -7,7 +7,8 @@ configurations, not just the hand-picked grids of test_lif_backends.py / test_kd
   and the gradients of x, v_init and w within tests/tolerances.py.
 * Losses (every row of kd_helpers.CASES): random T, B, C (1..300), temperature, head_threshold, an ANN
   ``[B, C]`` or SNN ``[T, B, C]`` teacher and logits of scale up to 50: the loss and the student and
-  teacher gradients against the float64 reference on the same values (as test_kd_backends.compare);
+  teacher gradients against the float64 reference on the same values (as test_kd_backends.compare),
+  teachers of integer logits too (ties; flat rows, where HTA's threshold margin decides the head);
   on cpp also with one side float64 (the call then computes in float64, time averages included).
 
 Examples are derandomized (no example database), so a given command draws the same examples on every
@@ -149,6 +150,8 @@ def loss_configs(draw):
         "teacher_3d": draw(st.booleans()),
         "scale": draw(st.floats(0.01, 50.0)),
         "teacher_scale": draw(st.floats(0.01, 50.0)),
+        # integer logits: tied teacher classes, flat rows where the scale rounds them all to 0
+        "teacher_rounded": draw(st.booleans()),
         "reduction": draw(st.sampled_from(["batchmean", "sum", "mean", "none"])),
         "seed": draw(st.integers(0, 2 ** 31 - 1)),
     }
@@ -179,6 +182,8 @@ def _check_loss(backend: str, cfg: dict) -> None:
     student = (torch.randn(T, B, C, generator=g, dtype=torch.float64) * cfg["scale"]).float()
     t_shape = (T, B, C) if cfg["teacher_3d"] else (B, C)
     teacher = (torch.randn(t_shape, generator=g, dtype=torch.float64) * cfg["teacher_scale"]).float()
+    if cfg.get("teacher_rounded"):
+        teacher = teacher.round()
     # a float64 side (the other float32): the call computes in float64, so the loss and that side's
     # gradient are exact to float64 rounding, the float32 side's gradient to its own
     float64_side = cfg.get("float64_side")
