@@ -393,6 +393,27 @@ def test_hta_flat_teacher_rows_head_as_exact_arithmetic(kd_target, C, head_thres
         hta.kwargs["head_threshold"] = saved
 
 
+@pytest.mark.parametrize("noise_weight, dtype", [(1e-12, torch.float64), (1e-9, torch.float32), (1e-3, torch.float32)])
+def test_nld_small_noise_weight_is_kept(kd_target, noise_weight, dtype):
+    """A small noise weight where the student's q of a class is smaller still, so that the noise term
+    decides p_s there: the cpp kernel's linear-domain mixture took (1 - noise_weight)'s complement,
+    1 - (1 - noise_weight), which loses the weight's low bits (all of them below 2^-53, 2^-24 in
+    float32): rows off by ~1e-6 relative in float64, the noise dropped in float32."""
+    backend, device = kd_target
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("triton takes no float64")
+    nld = next(c for c in CASES if c.name == "nld")
+    student = torch.tensor([[[16.951, -3.2277], [-23.9667, 6.2527]]], dtype=dtype, device=device)
+    teacher = torch.tensor([[-1.0845, -1.3986], [0.4033, 0.8380]], dtype=dtype, device=device)
+    saved = dict(nld.kwargs)
+    nld.kwargs.update(noise_weight=noise_weight, temperature=1.0, seed=0)
+    try:
+        compare(nld, student, teacher, backend, dtype, reduction="none")
+    finally:
+        nld.kwargs.clear()
+        nld.kwargs.update(saved)
+
+
 def test_nld_noise_is_reproducible_and_fresh(kd_target):
     backend, device = kd_target
     student, teacher = logits((4, 3, 20), device=device), logits((3, 20), seed=1, device=device)

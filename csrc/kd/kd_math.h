@@ -138,7 +138,9 @@ SNNKD_HD acc_t grad_teacher(int loss, acc_t z_s, acc_t z_u, const RowStats<acc_t
 // snnkd_fast/kd/nld_triton.py's docstring): the CPU (nld_cpu.cpp) and CUDA kernels build it alike.
 template <typename acc_t>
 struct NldParams {
-  acc_t inv_tau, tau, w, log_w, log_1mw, noise_std;
+  // w = 1 - noise_weight (the student's share of the mixture) and noise_weight itself: 1 - w would
+  // lose noise_weight's low bits (all of them below 2^-53, or 2^-24 in float)
+  acc_t inv_tau, tau, w, noise_weight, log_w, log_1mw, noise_std;
   bool adaptive, additive;
 };
 
@@ -147,8 +149,9 @@ inline NldParams<acc_t> make_nld_params(double temperature, double noise_weight,
                                         bool additive) {
   const double w = 1.0 - noise_weight;
   const double neg_inf = -std::numeric_limits<double>::infinity();
-  return {acc_t(1.0 / temperature), acc_t(temperature), acc_t(w), acc_t(w > 0 ? std::log(w) : neg_inf),
-          acc_t(noise_weight > 0 ? std::log(noise_weight) : neg_inf), acc_t(noise_std), adaptive, additive};
+  return {acc_t(1.0 / temperature), acc_t(temperature), acc_t(w), acc_t(noise_weight),
+          acc_t(w > 0 ? std::log(w) : neg_inf), acc_t(noise_weight > 0 ? std::log(noise_weight) : neg_inf),
+          acc_t(noise_std), adaptive, additive};
 }
 
 }  // namespace kd

@@ -234,7 +234,7 @@ void mixture_gradient_row(const NldParams<acc_t>& P, const acc_t* p, const acc_t
 #pragma omp simd reduction(+ : sum_wqa, sum_mra, sum_mrae, sum_re)
   for (int64_t c = 0; c < C; ++c) {
     const acc_t ratio = safe_ratio(p[c], p_s[c]);
-    const acc_t mra = (acc_t(1) - P.w) * rr[c] * ratio;
+    const acc_t mra = P.noise_weight * rr[c] * ratio;
     sum_wqa += P.w * q[c] * ratio;
     sum_mra += mra;
     sum_mrae += mra * e[c];
@@ -310,7 +310,7 @@ void forward_kernel(const s_t* S, const u_t* U, uint64_t seed, const RowLayout& 
           const acc_t m_n = row_max(n, width);
           const acc_t l_n = exp_sum(n, width, m_n, e_n);
           lse_r = m_n + std::log(l_n);
-          const acc_t a = P.w / l_x, a_n = (acc_t(1) - P.w) / l_n;
+          const acc_t a = P.w / l_x, a_n = P.noise_weight / l_n;
           // p_s = w q + (1 - w) r (0 in the padding), over e_x unless the gradient needs e_x after it
           acc_t* p_s = grad_s != nullptr ? row.p_s.data() : e_x;
 #pragma omp simd
@@ -401,7 +401,7 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
           for (int64_t c = 0; c < C; ++c) {
             q[c] = fast_exp(x[c] - lse_q);
             rr[c] = fast_exp(n[c] - lse_r);
-            p_s[c] = P.w * q[c] + (acc_t(1) - P.w) * rr[c];
+            p_s[c] = P.w * q[c] + P.noise_weight * rr[c];
           }
           if (mixture_underflows(p, p_s, C)) {
             row.student_logits(P, mean, scale, C);  // x again: the log-domain pass needs it
