@@ -94,14 +94,14 @@ def _check_reduction(reduction, op: str, student: Tensor) -> str:
     return reduction
 
 
-def _time_mean(x: Tensor, other: Tensor) -> Tensor:
-    # Averaged in the call's compute dtype: float64 if x or the other logits are float64 (the
-    # reference averages after casting both to it), else float32 -- the mean of bf16 logits in bf16
+def _time_mean(x: Tensor, acc: torch.dtype) -> Tensor:
+    # Averaged in the call's compute dtype `acc` (ref.acc_dtype of the student and teacher: float64 if
+    # either is, as the reference averages after casting both), never in a half type, whose mean
     # would round. mean(dtype=) rather than .to(float32).mean(): on a GPU the reduction reads 16-bit
     # logits in place (a 2T*B*C-byte read instead of a cast writing a float32 [T, B, C] copy and
     # reading it back; 0.095 ms of Hinton KD's 0.40 at bf16 4x256x32000 on an H200). The CPU casts
     # inside either way; the values are the same.
-    return x.mean(0, dtype=torch.float64 if torch.float64 in (x.dtype, other.dtype) else torch.float32)
+    return x.mean(0, dtype=acc)
 
 
 def _kernel_backend(student: Tensor, teacher: Tensor, backend: str, op: str) -> str:
@@ -141,8 +141,9 @@ def kd_kl(student: Tensor, teacher: Tensor, *, temperature: float = 4.0, reducti
     backend = _kernel_backend(student, teacher, backend, op)
     if backend == "torch":
         return ref.kd_kl_reference(student, teacher, temperature=temperature, reduction=reduction)
-    s = _time_mean(student, teacher) if student.dim() == 3 else student
-    u = _time_mean(teacher, student) if teacher.dim() == 3 else teacher
+    acc = ref.acc_dtype(student, teacher)
+    s = _time_mean(student, acc) if student.dim() == 3 else student
+    u = _time_mean(teacher, acc) if teacher.dim() == 3 else teacher
     return kd_loss(s.unsqueeze(0), u, LOSS_KL, backend, temperature, temperature, 0.0, 0.5, reduction,
                    student.shape[-1], time_averaged=True)
 
@@ -209,8 +210,9 @@ def hta_kl(student_seq: Tensor, teacher: Tensor, *, temperature: float = 4.0, he
     # the ops compare the cumulative probability with the threshold they get: the reference's margin
     kernel_threshold = float(head_threshold) - HTA_THRESHOLD_MARGIN
     if time_reduction == "mean_logits":
-        s = _time_mean(student_seq, teacher).unsqueeze(0)
-        u = _time_mean(teacher, student_seq) if teacher.dim() == 3 else teacher
+        acc = ref.acc_dtype(student_seq, teacher)
+        s = _time_mean(student_seq, acc).unsqueeze(0)
+        u = _time_mean(teacher, acc) if teacher.dim() == 3 else teacher
         return kd_loss(s, u, LOSS_HTA, backend, temperature, temperature, 0.0, kernel_threshold, reduction,
                        student_seq.shape[-1], time_averaged=True)
     return kd_loss(student_seq, teacher, LOSS_HTA, backend, temperature, temperature, 0.0, kernel_threshold,
@@ -270,9 +272,9 @@ def nld_loss(student_seq: Tensor, teacher: Tensor, *, temperature: float = 2.0, 
         # broadcasts (the row kernels would otherwise read only the teacher's first timestep).
         student3 = student3.expand(teacher.shape[0], -1, -1)
     if not per_timestep:
-        # one assignment: each mean sees the other tensor as it came (its dtype decides the mean's)
-        teacher, student3 = (_time_mean(teacher, student3) if teacher.dim() == 3 else teacher,
-                             _time_mean(student3, teacher).unsqueeze(0))
+        acc = ref.acc_dtype(student3, teacher)
+        student3 = _time_mean(student3, acc).unsqueeze(0)
+        teacher = _time_mean(teacher, acc) if teacher.dim() == 3 else teacher
     if backend == "torch":
         noise = torch.randn(student3.shape, generator=generator, device=student3.device, dtype=torch.float32)
         rows = ref.nld_loss_reference(student3, teacher, temperature=temperature, noise_weight=noise_weight,

@@ -2,6 +2,7 @@
 teacher), over class counts from 1 to a row that needs streaming, T in {1, 4}, odd B, dtypes,
 teacher layouts (ANN [B, C], SNN [T, B, C], expanded, non-contiguous), extreme and masked logits,
 and the HTA tie rule."""
+import dataclasses
 import os
 
 import pytest
@@ -382,15 +383,11 @@ def test_hta_flat_teacher_rows_head_as_exact_arithmetic(kd_target, C, head_thres
     keys = _hta_teacher_keys(backend, teacher.to(device), head_threshold - HTA_THRESHOLD_MARGIN)[0]
     assert keys[:, 1].tolist() == [head_classes] * 3, keys  # the crossing class: index k - 1
     hta = next(c for c in CASES if c.name == "hta")
+    hta = dataclasses.replace(hta, kwargs=dict(hta.kwargs, head_threshold=head_threshold))
     student = logits((2, 3, C), device=device)
-    saved = hta.kwargs["head_threshold"]
-    hta.kwargs["head_threshold"] = head_threshold
-    try:
-        compare(hta, student, teacher.to(device), backend, torch.float32)
-        if backend != "triton":
-            compare(hta, student.double(), teacher.double().to(device), backend, torch.float64)
-    finally:
-        hta.kwargs["head_threshold"] = saved
+    compare(hta, student, teacher.to(device), backend, torch.float32)
+    if backend != "triton":
+        compare(hta, student.double(), teacher.double().to(device), backend, torch.float64)
 
 
 @pytest.mark.parametrize("noise_weight, dtype", [(1e-12, torch.float64), (1e-9, torch.float32), (1e-3, torch.float32)])
@@ -403,15 +400,10 @@ def test_nld_small_noise_weight_is_kept(kd_target, noise_weight, dtype):
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("triton takes no float64")
     nld = next(c for c in CASES if c.name == "nld")
+    nld = dataclasses.replace(nld, kwargs=dict(nld.kwargs, noise_weight=noise_weight, temperature=1.0, seed=0))
     student = torch.tensor([[[16.951, -3.2277], [-23.9667, 6.2527]]], dtype=dtype, device=device)
     teacher = torch.tensor([[-1.0845, -1.3986], [0.4033, 0.8380]], dtype=dtype, device=device)
-    saved = dict(nld.kwargs)
-    nld.kwargs.update(noise_weight=noise_weight, temperature=1.0, seed=0)
-    try:
-        compare(nld, student, teacher, backend, dtype, reduction="none")
-    finally:
-        nld.kwargs.clear()
-        nld.kwargs.update(saved)
+    compare(nld, student, teacher, backend, dtype, reduction="none")
 
 
 def test_nld_noise_is_reproducible_and_fresh(kd_target):
