@@ -347,6 +347,27 @@ def test_cpp_hta_crossing_class_on_long_rows(head_threshold):
             assert int(keys[row, 1]) == expected_cross, (tuple(teacher.shape), row, keys[row], expected_cross)
 
 
+@pytest.mark.parametrize("head_threshold", [0.5, 0.9, 0.999])
+def test_cpp_hta_crossing_class_on_rows_of_64000_classes(head_threshold):
+    """The cpp head on rows of 64,000 classes against the float64 order, spread and tied (integer
+    logits: 7 values, ~9,000 classes each). The teacher row's normalizer is summed in double: summed in
+    float lanes, each adding 4,000 equal terms rounding the same way, it was ~5e-5 relative off and
+    the crossing class missed the exact one by 3-20 classes (the GPU kernels, a double log-sum-exp,
+    had it: test_hta_head_selection_matches_cpp compares them with cpp on these rows)."""
+    if not snnkd_fast.backends("kd")["cpp"]:
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(7)
+    for teacher in (torch.randn(3, 64000, generator=g) * 3, torch.randint(-3, 4, (3, 64000), generator=g).float()):
+        keys = _hta_teacher_keys("cpp", teacher, head_threshold)[0]
+        p = torch.softmax(teacher.double() / 4.0, dim=-1)
+        order = torch.sort(teacher, dim=-1, descending=True, stable=True).indices
+        cumulative = p.gather(-1, order).cumsum(-1)
+        for row in range(teacher.shape[0]):
+            crossing = int((cumulative[row] >= head_threshold).nonzero()[0])
+            assert int(keys[row, 1]) == int(order[row, crossing]), (head_threshold, tuple(teacher.shape), row, keys[row],
+                                                                    int(order[row, crossing]))
+
+
 def test_hta_tie_rule_matches_reference(kd_target):
     """Equal teacher logits: the head takes the lower class index first, as the reference does."""
     backend, device = kd_target

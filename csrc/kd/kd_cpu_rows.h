@@ -233,24 +233,30 @@ struct TeacherRow {
     acc_t* lp = log_p.data();
     acc_t* pp = p.data();
     const acc_t m = row_max(zr, n) * inv_tau;  // rounding is monotone: max(z) / tau = max(z / tau)
-    acc_t lanes[kRowLanes] = {};
+    // The normalizer is summed in double lanes, also for float rows: a float lane adds C / 16 terms,
+    // and where they repeat (a teacher of few distinct logits, e.g. tied integer logits) every add
+    // rounds the same way -- at C = 64,000 l came out ~5e-5 relative off, every p with it, and HTA's
+    // head missed the exact one by 3-20 classes where the GPU kernels (a double log-sum-exp) had it.
+    double lanes[kRowLanes] = {};
     for (int64_t i = 0; i < n; i += kRowLanes) {
 #pragma omp simd
       for (int j = 0; j < kRowLanes; ++j) {
         up[i + j] = zr[i + j] * inv_tau;
         pp[i + j] = fast_exp(up[i + j] - m);
-        lanes[j] += pp[i + j];
+        lanes[j] += static_cast<double>(pp[i + j]);
       }
     }
-    const acc_t l = lane_sum(lanes);
-    const acc_t lse = m + std::log(l);  // a local: GCC did not vectorize the loop below reading the member
+    const double l_exact = lane_sum(lanes);
+    const acc_t l = static_cast<acc_t>(l_exact);
+    // a local: GCC did not vectorize the loop below reading the member
+    const acc_t lse = static_cast<acc_t>(static_cast<double>(m) + std::log(l_exact));
     lse_u = lse;
     max_u = m;
     sum_u = l;
     // p = e^{u - m} / l from the exps above: one exp per class, not two (a second exp(log p) was ~15%
     // of a KL forward at C = 100, T = 4), and closer to the true p -- exp(u - lse) carries lse's
     // rounding, |lse| ulps of it, into every p.
-    const acc_t inv_l = acc_t(1) / l;
+    const acc_t inv_l = static_cast<acc_t>(1.0 / l_exact);
     if (with_log_p) {
 #pragma omp simd
       for (int64_t c = 0; c < n; ++c) {
