@@ -74,12 +74,15 @@ def _hta_teacher_kernel(u_ptr, keys_ptr, B, C, u_st, u_sb, u_sc, inv_tau, head_t
     # pass over the row tests NUM_CANDIDATES keys splitting [lo, hi) evenly, so the 2^32-wide key
     # range shrinks 17-fold per pass: 8 passes reach width 1 (9 for margin), where bisection needed
     # 33 reads of the row. mass(key >= hi) is carried from pass to pass (a candidate's mass of the
-    # pass before), so a pass sums only the classes inside [candidates[0], hi), and a block of the
-    # row with none inside -- after the first passes, nearly all -- costs its load and keys alone,
-    # no exp and no candidate compares (as the CUDA kernel). The per-candidate masses accumulate in a
-    # [NUM_CANDIDATES, SEARCH_BLOCK] register tile reduced once per pass, not once per chunk.
-    # Candidates are clamped into [lo, hi - 1] (testing any key in the interval keeps the
-    # invariant), which also keeps them, and the compares, in int32.
+    # pass before), so a pass sums only the classes inside [candidates[0], hi) and the tied-class
+    # walk below starts from it. The per-candidate masses accumulate in a [NUM_CANDIDATES,
+    # SEARCH_BLOCK] register tile reduced once per pass, not once per chunk: the loop body is
+    # independent loads, compares and adds, with no cross-warp reduction (and its barriers) per
+    # chunk. Skipping a chunk with no class inside the interval (as the CUDA kernel does per class)
+    # takes such a reduction to decide: measured on an H200 (benchmarks/GPU_NOTES.md, session 18)
+    # that made the head 1.3x slower (4x256x32000: 0.355 -> 0.465 ms), so every chunk takes its
+    # exps and compares. Candidates are clamped into [lo, hi - 1] (testing any key in the interval
+    # keeps the invariant), which also keeps them, and the compares, in int32.
     lo = key_min.to(tl.int64)
     hi = key_max.to(tl.int64) + 1
     above = 0.0  # mass(key >= hi)
@@ -96,9 +99,8 @@ def _hta_teacher_kernel(u_ptr, keys_ptr, B, C, u_st, u_sb, u_sc, inv_tau, head_t
             z = tl.load(base + c.to(tl.int64) * u_sc, mask=cmask, other=float("-inf")).to(tl.float32)
             key = _float_key(z)
             inside = cmask & (key >= lowest) & (key <= top_key)
-            if tl.max(inside.to(tl.int32), axis=0) > 0:
-                p = tl.where(inside, tl.exp(z * inv_tau - lse), 0.0)
-                mass_tile += tl.where(key[None, :] >= candidates32[:, None], p[None, :], 0.0)
+            p = tl.where(inside, tl.exp(z * inv_tau - lse), 0.0)
+            mass_tile += tl.where(key[None, :] >= candidates32[:, None], p[None, :], 0.0)
         mass = above + tl.sum(mass_tile, axis=1)
         reached = mass >= head_threshold  # true for a prefix of the candidates (mass falls with the key)
         lo = tl.maximum(lo, tl.max(tl.where(reached, candidates, lo), axis=0))
