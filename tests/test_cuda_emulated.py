@@ -392,6 +392,25 @@ def test_emulated_cuda_hta_head_of_flat_rows_is_exact_arithmetic(kd_emu, dtype):
             assert keys[0, :, 1].tolist() == [round(C * head_threshold) - 1] * 2, (C, head_threshold, splits, keys)
 
 
+def test_emulated_cuda_hta_head_resolves_a_threshold_1e7_from_a_cumulative_sum(kd_emu):
+    """As test_kd_backends' test of the same name, for the CUDA head in each launch form: thresholds
+    1e-7 below and above the float64 cumulative probability of a class inside a tied group (integer
+    logits, C = 4,000) cross at that class, resp. the next."""
+    g = torch.Generator().manual_seed(3)
+    teacher = torch.randint(-3, 4, (2, 4000), generator=g).float() * 1.7 + 0.3
+    p = torch.softmax(teacher.double() / 4.0, dim=-1)
+    order = torch.sort(teacher, dim=-1, descending=True, stable=True).indices
+    cumulative = p.gather(-1, order).cumsum(-1)
+    for fraction in (0.5, 0.9):
+        for row in range(teacher.shape[0]):
+            k = int((cumulative[row] < fraction).sum())
+            for offset, expected in ((-1e-7, order[row, k]), (1e-7, order[row, k + 1])):
+                threshold = float(cumulative[row, k]) + offset
+                for splits, threads in ((1, 256), (3, 256), (1, 512)):
+                    keys, _ = _hta_emulated_head(kd_emu, teacher[row:row + 1], threshold, splits, threads)
+                    assert int(keys[0, 0, 1]) == int(expected), (row, fraction, offset, splits, threads, keys)
+
+
 def test_hta_head_splits_rows_only_where_they_leave_the_gpu_idle(kd_emu):
     """kd_cuda.cu's split of HTA's head: rows fewer than three blocks per multiprocessor (the split
     kernels' occupancy) are cut into as many slices as fill those slots, each at least 16,384

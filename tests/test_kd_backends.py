@@ -314,7 +314,8 @@ def test_hta_head_selection_matches_cpp(kd_target, head_threshold):
     extremes = torch.randn(2, 500, generator=g) * 3  # keys spanning the whole range: every read of the search
     extremes[0, 5], extremes[0, 17], extremes[1, 3], extremes[1, 499] = 3e38, -3e38, -3e38, 1e-30
     teachers.append(extremes)
-    if backend == "cuda":  # few long rows: the split head (kd_cuda.cu), its tied-class walk included
+    if device == "cuda":  # few long rows: the split CUDA head (kd_cuda.cu), its tied-class walk included;
+        # the Triton head's float64 sums (not under the interpreter: ~10 s per call there)
         teachers += [torch.randn(3, 64000, generator=g) * 3, torch.randint(-3, 4, (3, 64000), generator=g).float()]
     for teacher in teachers:
         expected = _hta_teacher_keys("cpp", teacher, head_threshold)
@@ -366,6 +367,28 @@ def test_cpp_hta_crossing_class_on_rows_of_64000_classes(head_threshold):
             crossing = int((cumulative[row] >= head_threshold).nonzero()[0])
             assert int(keys[row, 1]) == int(order[row, crossing]), (head_threshold, tuple(teacher.shape), row, keys[row],
                                                                     int(order[row, crossing]))
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9])
+def test_hta_head_resolves_a_threshold_1e7_from_a_cumulative_sum(kd_target, fraction):
+    """Thresholds 1e-7 below and above the float64 cumulative probability of a class inside a tied
+    group (integer logits, C = 4,000): the crossing class is that class, resp. the next. Every kernel
+    carries its masses in float64 against threshold * sum(e^{u - max}) (the Triton head once
+    compared float32 sums with a float32 lse: 13 of 32 such thresholds missed)."""
+    backend, device = kd_target
+    if backend == "torch":
+        pytest.skip("the reference's head is the float64 order itself")
+    g = torch.Generator().manual_seed(3)
+    teacher = torch.randint(-3, 4, (2, 4000), generator=g).float() * 1.7 + 0.3
+    p = torch.softmax(teacher.double() / 4.0, dim=-1)
+    order = torch.sort(teacher, dim=-1, descending=True, stable=True).indices
+    cumulative = p.gather(-1, order).cumsum(-1)
+    for row in range(teacher.shape[0]):
+        k = int((cumulative[row] < fraction).sum())
+        for offset, expected in ((-1e-7, order[row, k]), (1e-7, order[row, k + 1])):
+            threshold = float(cumulative[row, k]) + offset
+            keys = _hta_teacher_keys(backend, teacher[row:row + 1].to(device), threshold)[0]
+            assert int(keys[0, 1]) == int(expected), (row, fraction, offset, keys[0], int(expected))
 
 
 def test_hta_tie_rule_matches_reference(kd_target):

@@ -1,6 +1,6 @@
 """Compile every Triton kernel of snnkd_fast for a real GPU target, on a machine without a GPU.
 
-Run as a script in a fresh process (tests/test_triton_gpu_compile.py does): TRITON_INTERPRET must be
+Run as a script in a fresh process (tests/test_triton_kernels_compile.py does): TRITON_INTERPRET must be
 unset when triton is first imported, so the kernels are real ``JITFunction`` objects and not the
 interpreter's. A stand-in driver reports the target (default sm_90, ``--arch``), and every launch is
 turned into Triton's ``warmup`` (compile, do not launch), so the public ops run end to end on CPU

@@ -17,6 +17,8 @@ exact. A +inf or NaN logit gives a NaN loss (documented policy).
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -40,17 +42,29 @@ def _float_key(x):
 
 
 @triton.jit
-def _hta_teacher_kernel(u_ptr, keys_ptr, B, C, u_st, u_sb, u_sc, inv_tau, head_threshold,
-                        BLOCK_C: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NUM_CANDIDATES: tl.constexpr):
+def _hta_teacher_kernel(u_ptr, keys_ptr, B, C, u_st, u_sb, u_sc, inv_tau, threshold_hi, threshold_lo,
+                        BLOCK_C: tl.constexpr, SEARCH_BLOCK: tl.constexpr, WALK_BLOCK: tl.constexpr,
+                        NUM_CANDIDATES: tl.constexpr):
     """Per teacher row: the class where the sorted inclusive cumulative probability first reaches
-    head_threshold (as (key, index)) and the top-1 class, found by a threshold search on the
+    the head threshold (threshold_hi + threshold_lo: a double as two floats, scalar kernel arguments
+    being float32) as (key, index), and the top-1 class, found by a threshold search on the
     order-preserving keys (16 candidate keys per read of the row; no sort, works for any C, one row
-    per program). Masses are summed in float32."""
+    per program).
+
+    Precision: the masses are of e = exp(u - max u) in float32 against threshold * sum(e), the sum
+    and every mass carried between reads in float64 -- as the cpp kernel's p = e / l, where
+    p = exp(u - lse) would carry lse's float32 rounding (|lse| ~ 11 at C = 64,000: ~5e-7 relative)
+    into every p alike (the tests found the head 1-2 tied classes off the float64 order at
+    C = 64,000 that way, and thresholds 1e-7 from a cumulative sum on the wrong side at C = 4,000).
+    Within a read each column of the [16, SEARCH_BLOCK] tile still sums its C / SEARCH_BLOCK values
+    in float32 (in float64 it would take 16 more registers per thread, or a cross-warp reduction per
+    chunk); the columns are summed in float64."""
     row = tl.program_id(0)
     base = u_ptr + (row // B).to(tl.int64) * u_st + (row % B).to(tl.int64) * u_sb
-    # pass 1: log-sum-exp, extreme keys, top-1 (lowest index among equal maxima)
+    # pass 1: max and sum of exp(u - max) (float64), extreme keys, top-1 (lowest index among equal maxima)
     m = NEG_BIG
-    l = 0.0
+    zero64 = tl.full((), 0.0, tl.float64)
+    l = zero64
     key_max = INT32_MIN
     key_min = 2147483647
     top = 0
@@ -60,7 +74,7 @@ def _hta_teacher_kernel(u_ptr, keys_ptr, B, C, u_st, u_sb, u_sc, inv_tau, head_t
         z = tl.load(base + c.to(tl.int64) * u_sc, mask=cmask, other=float("-inf")).to(tl.float32)
         u = z * inv_tau
         m_new = tl.maximum(m, tl.max(tl.where(cmask, u, NEG_BIG), axis=0))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.where(cmask, tl.exp(u - m_new), 0.0), axis=0)
+        l = l * tl.exp(m - m_new).to(tl.float64) + tl.sum(tl.where(cmask, tl.exp(u - m_new), 0.0), axis=0).to(tl.float64)
         m = m_new
         key = _float_key(z)
         chunk_max = tl.max(tl.where(cmask, key, INT32_MIN), axis=0)
@@ -68,8 +82,8 @@ def _hta_teacher_kernel(u_ptr, keys_ptr, B, C, u_st, u_sb, u_sc, inv_tau, head_t
         top = tl.where(chunk_max > key_max, chunk_top, top)  # strict: earlier chunks keep ties
         key_max = tl.maximum(key_max, chunk_max)
         key_min = tl.minimum(key_min, tl.min(tl.where(cmask, key, 2147483647), axis=0))
-    lse = m + tl.log(l)
-    # Threshold search: the largest key k with mass(key >= k) >= head_threshold is the crossing
+    threshold_mass = (zero64 + threshold_hi + threshold_lo) * l  # float64 from the first add on
+    # Threshold search: the largest key k with mass(key >= k) reaches the threshold is the crossing
     # class's key. Invariant: mass(key >= lo) reaches the threshold, mass(key >= hi) does not. Each
     # pass over the row tests NUM_CANDIDATES keys splitting [lo, hi) evenly, so the 2^32-wide key
     # range shrinks 17-fold per pass: 8 passes reach width 1 (9 for margin), where bisection needed
@@ -85,7 +99,7 @@ def _hta_teacher_kernel(u_ptr, keys_ptr, B, C, u_st, u_sb, u_sc, inv_tau, head_t
     # keeps the invariant), which also keeps them, and the compares, in int32.
     lo = key_min.to(tl.int64)
     hi = key_max.to(tl.int64) + 1
-    above = 0.0  # mass(key >= hi)
+    above = zero64  # mass(key >= hi)
     for _ in range(9):
         step = (hi - lo + NUM_CANDIDATES) // (NUM_CANDIDATES + 1)  # ceil((hi - lo) / 17) >= 1
         candidates = tl.minimum(lo + step * (1 + tl.arange(0, NUM_CANDIDATES)).to(tl.int64), hi - 1)
@@ -99,10 +113,10 @@ def _hta_teacher_kernel(u_ptr, keys_ptr, B, C, u_st, u_sb, u_sc, inv_tau, head_t
             z = tl.load(base + c.to(tl.int64) * u_sc, mask=cmask, other=float("-inf")).to(tl.float32)
             key = _float_key(z)
             inside = cmask & (key >= lowest) & (key <= top_key)
-            p = tl.where(inside, tl.exp(z * inv_tau - lse), 0.0)
-            mass_tile += tl.where(key[None, :] >= candidates32[:, None], p[None, :], 0.0)
-        mass = above + tl.sum(mass_tile, axis=1)
-        reached = mass >= head_threshold  # true for a prefix of the candidates (mass falls with the key)
+            e = tl.where(inside, tl.exp(z * inv_tau - m), 0.0)
+            mass_tile += tl.where(key[None, :] >= candidates32[:, None], e[None, :], 0.0)
+        mass = above + tl.sum(mass_tile.to(tl.float64), axis=1)
+        reached = mass >= threshold_mass  # true for a prefix of the candidates (mass falls with the key)
         lo = tl.maximum(lo, tl.max(tl.where(reached, candidates, lo), axis=0))
         hi = tl.minimum(hi, tl.min(tl.where(reached, hi, candidates), axis=0))
         # the new hi's mass: the largest of the candidates' that fall short (each >= above)
@@ -110,21 +124,23 @@ def _hta_teacher_kernel(u_ptr, keys_ptr, B, C, u_st, u_sb, u_sc, inv_tau, head_t
     key_cross = lo.to(tl.int32)
     # among classes tied at the crossing key, walk in index order until the cumulative mass reaches
     # it, from mass(key > key_cross): the carried mass above the converged interval [lo, lo + 1)
+    # WALK_BLOCK classes at a time (<= 1024): its scan is in float64, which over BLOCK_C = 4096
+    # classes took the kernel to 146-154 registers (ptxas, sm_90; 64-89 with 1,024).
     running = above
     idx_cross = C
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, WALK_BLOCK):
+        c = c0 + tl.arange(0, WALK_BLOCK)
         cmask = c < C
         z = tl.load(base + c.to(tl.int64) * u_sc, mask=cmask, other=float("-inf")).to(tl.float32)
         tied = cmask & (_float_key(z) == key_cross)
         if tl.max(tied.to(tl.int32), axis=0) > 0:
-            p_tied = tl.where(tied, tl.exp(z * inv_tau - lse), 0.0)
-            cumulative = running + tl.cumsum(p_tied, axis=0)
-            hit = tl.min(tl.where(tied & (cumulative >= head_threshold), c, C), axis=0)
+            e_tied = tl.where(tied, tl.exp(z * inv_tau - m), 0.0)
+            cumulative = running + tl.cumsum(e_tied.to(tl.float64), axis=0)
+            hit = tl.min(tl.where(tied & (cumulative >= threshold_mass), c, C), axis=0)
             idx_cross = tl.minimum(idx_cross, hit)
-            running += tl.sum(p_tied, axis=0)
+            running += tl.sum(e_tied.to(tl.float64), axis=0)
     # The whole mass below the threshold (head_threshold ~ 1 and rounding): every class is head.
-    total_reached = running >= head_threshold
+    total_reached = running >= threshold_mass
     key_cross = tl.where(total_reached | (idx_cross < C), key_cross, INT32_MIN)
     tl.store(keys_ptr + row * 3 + 0, key_cross)
     tl.store(keys_ptr + row * 3 + 1, idx_cross)
@@ -321,6 +337,7 @@ KD_BWD_SPLIT_C = True
 KD_MIN_PROGRAMS_PER_SM = 4
 HTA_TEACHER_WARPS = 8
 HTA_SEARCH_BLOCK = 256
+HTA_WALK_BLOCK = 1024  # the tied-class walk's chunk (its float64 scan's registers)
 
 
 def _blocks(T: int, C: int, block_t: int = 0) -> tuple[int, int]:
@@ -342,6 +359,13 @@ def forward_block_t(T: int, B: int, sm_count: int) -> int:
 
 
 _SM_COUNTS: dict[int, int] = {}
+
+
+def _as_two_floats(value: float) -> tuple[float, float]:
+    """value as hi + lo, each exactly a float32 (Triton passes Python floats as float32 scalars):
+    hi + lo is value to ~2^-48 relative, which a kernel adds up in float64."""
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    return hi, struct.unpack("f", struct.pack("f", value - hi))[0]
 
 
 def _sm_count(device: torch.device) -> int:
@@ -377,8 +401,9 @@ def kd_rows_forward(student: torch.Tensor, teacher: torch.Tensor, loss: int, tem
     if loss == LOSS_HTA:
         _hta_teacher_kernel[(teacher3.shape[0] * B,)](
             teacher3, keys, B, C, u_st, teacher3.stride(1), teacher3.stride(2), 1.0 / temperature,
-            float(head_threshold), BLOCK_C=max(16, min(triton.next_power_of_2(C), 4096)),
-            SEARCH_BLOCK=max(16, min(triton.next_power_of_2(C), HTA_SEARCH_BLOCK)), NUM_CANDIDATES=16,
+            *_as_two_floats(float(head_threshold)), BLOCK_C=max(16, min(triton.next_power_of_2(C), 4096)),
+            SEARCH_BLOCK=max(16, min(triton.next_power_of_2(C), HTA_SEARCH_BLOCK)),
+            WALK_BLOCK=max(16, min(triton.next_power_of_2(C), HTA_WALK_BLOCK)), NUM_CANDIDATES=16,
             **triton_launch_options(num_warps=HTA_TEACHER_WARPS))
     _kd_forward_kernel[(B, triton.cdiv(T, block_t))](
         student, teacher3, keys, rows, stats, T, B, C, *student.stride(), u_st, teacher3.stride(1),
