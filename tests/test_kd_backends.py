@@ -296,6 +296,14 @@ def _hta_teacher_keys(backend, teacher, head_threshold, temperature=4.0):
     return keys.cpu()
 
 
+def _float64_head_order(teacher, temperature=4.0):
+    """The reference's class order of each teacher row (logit descending, ties to the lower index)
+    and the inclusive cumulative probability along it, in float64."""
+    p = torch.softmax(teacher.double() / temperature, dim=-1)
+    order = torch.sort(teacher, dim=-1, descending=True, stable=True).indices
+    return order, p.gather(-1, order).cumsum(-1)
+
+
 @pytest.mark.parametrize("head_threshold", [0.05, 0.5, 0.9, 0.999])
 def test_hta_head_selection_matches_cpp(kd_target, head_threshold):
     """The head (crossing key and index, top-1) each GPU/Triton teacher kernel selects equals the cpp
@@ -337,9 +345,7 @@ def test_cpp_hta_crossing_class_on_long_rows(head_threshold):
                 torch.full((2, 301), 0.25), torch.randn(2, 70, generator=g)]  # 301: no cumulative sum lands on a threshold
     for teacher in teachers:
         keys = _hta_teacher_keys("cpp", teacher, head_threshold)[0]  # [B, 3] of the one timestep
-        p = torch.softmax(teacher.double() / 4.0, dim=-1)
-        order = torch.sort(teacher, dim=-1, descending=True, stable=True).indices
-        cumulative = p.gather(-1, order).cumsum(-1)
+        order, cumulative = _float64_head_order(teacher)
         for row in range(teacher.shape[0]):
             crossing = int((cumulative[row] >= head_threshold).nonzero()[0])
             expected_top, expected_cross = int(order[row, 0]), int(order[row, crossing])
@@ -360,9 +366,7 @@ def test_cpp_hta_crossing_class_on_rows_of_64000_classes(head_threshold):
     g = torch.Generator().manual_seed(7)
     for teacher in (torch.randn(3, 64000, generator=g) * 3, torch.randint(-3, 4, (3, 64000), generator=g).float()):
         keys = _hta_teacher_keys("cpp", teacher, head_threshold)[0]
-        p = torch.softmax(teacher.double() / 4.0, dim=-1)
-        order = torch.sort(teacher, dim=-1, descending=True, stable=True).indices
-        cumulative = p.gather(-1, order).cumsum(-1)
+        order, cumulative = _float64_head_order(teacher)
         for row in range(teacher.shape[0]):
             crossing = int((cumulative[row] >= head_threshold).nonzero()[0])
             assert int(keys[row, 1]) == int(order[row, crossing]), (head_threshold, tuple(teacher.shape), row, keys[row],
@@ -372,17 +376,13 @@ def test_cpp_hta_crossing_class_on_rows_of_64000_classes(head_threshold):
 @pytest.mark.parametrize("fraction", [0.5, 0.9])
 def test_hta_head_resolves_a_threshold_1e7_from_a_cumulative_sum(kd_target, fraction):
     """Thresholds 1e-7 below and above the float64 cumulative probability of a class inside a tied
-    group (integer logits, C = 4,000): the crossing class is that class, resp. the next. Every kernel
-    carries its masses in float64 against threshold * sum(e^{u - max}) (the Triton head once
-    compared float32 sums with a float32 lse: 13 of 32 such thresholds missed)."""
+    group (integer logits, C = 4,000): the crossing class is that class, resp. the next. Every
+    kernel's head sums its masses and its row's normalizer in float64 (the Triton head once compared
+    float32 sums with a float32 log-sum-exp: 13 of 32 such thresholds missed)."""
     backend, device = kd_target
-    if backend == "torch":
-        pytest.skip("the reference's head is the float64 order itself")
     g = torch.Generator().manual_seed(3)
     teacher = torch.randint(-3, 4, (2, 4000), generator=g).float() * 1.7 + 0.3
-    p = torch.softmax(teacher.double() / 4.0, dim=-1)
-    order = torch.sort(teacher, dim=-1, descending=True, stable=True).indices
-    cumulative = p.gather(-1, order).cumsum(-1)
+    order, cumulative = _float64_head_order(teacher)
     for row in range(teacher.shape[0]):
         k = int((cumulative[row] < fraction).sum())
         for offset, expected in ((-1e-7, order[row, k]), (1e-7, order[row, k + 1])):
