@@ -192,8 +192,8 @@ def hta_kl(student_seq: Tensor, teacher: Tensor, *, temperature: float = 4.0, he
     logits equal, e.g. a zero-initialised head) with ``C * head_threshold`` an integer -- is then tail
     in every backend and dtype, as exact arithmetic says, instead of head or tail by the last bits of
     each one's rounding (C = 10 at 0.5 gave the float64 reference five head classes and the cpp
-    kernel four: that row's loss differed by a few percent). Sums within ~1e-7 of the shifted
-    threshold still round either way, but no structured input lands there.
+    kernel four: that row's loss differed by a few percent). Sums within a few 1e-7 of the shifted
+    threshold still round either way (the kernels' float exps), but no structured input lands there.
     """
     op = "hta_kl"
     _check_pair(student_seq, teacher, op)

@@ -330,9 +330,10 @@ __device__ __forceinline__ T block_all_reduce(T value, Op op, typename cub::Bloc
 // 32,000 classes when each read took both for every class above the interval's lower end). Among
 // the classes tied at the crossing key, the index-order walk then finds the first one where the
 // inclusive cumulative probability reaches the threshold. The masses are summed in double; each
-// probability is a float exp for float, half and bf16 logits (teacher_prob), as in the Triton
-// kernel, so the head differs from the CPU's only for a cumulative mass within ~1e-7 of the
-// threshold.
+// probability is a float exp for float, half and bf16 logits (teacher_prob), its double argument
+// z / tau - lse rounded to float first (|arg| ~ 10: ~5e-7 relative at most, alike over the classes
+// of one logit value), so the head differs from the float64 order only for a cumulative mass within
+// a few 1e-7 of the threshold.
 //
 // Two forms of one algorithm: hta_teacher_kernel, one block per row, where the rows fill the GPU;
 // and the split head (hta_split_*_kernel) where they are too few (hta_head_splits): each row's
