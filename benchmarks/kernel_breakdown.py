@@ -61,12 +61,13 @@ def loss_case(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: tor
     return step
 
 
-def lif_case(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, backend: str) -> Callable[[], None]:
+def lif_case(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, backend: str,
+             **lif_kwargs: Any) -> Callable[[], None]:
     x = torch.randn(shape, device=device).add_(0.5).to(dtype).requires_grad_()
 
     def step() -> None:
         x.grad = None
-        snnkd_fast.lif_multistep(x, tau=2.0, backend=backend).sum().backward()
+        snnkd_fast.lif_multistep(x, tau=2.0, backend=backend, **lif_kwargs).sum().backward()
     return step
 
 

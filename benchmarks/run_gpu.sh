@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/run_gpu.sh [--quick | --full] [--out DIR] [--skip-wheels] [--skip-build]
 #                              [--skip-tests] [--skip-bench] [--deadline-s N] [--tune] [--ab] [--breakdown]
+#                              [--ncu]
 #                              [--resume]
 #                              [-- RUN_PY_ARGS...]
 #
@@ -57,6 +58,13 @@
 #               again under SNNKD_CUDA_KD_UNPACKED=1 (the CUDA loss kernels one class per access, the HTA
 #               head one 256-thread block per row): kernel_breakdown_unpacked.json, an A/B in one build.
 #
+#   4e. ncu     (--ncu, before the benchmark) Nsight Compute on benchmarks/ncu_cases.py's cases (the HTA head
+#               one block per row and split, the bf16 saved-H and fp32 lean neuron pairs, NLD's forward):
+#               one fwd+bwd each, our kernels only (-k), --clock-control none; ncu_<case>.csv (details page)
+#               and ncu_summary.json (instructions per element, issue rate, occupancy, top stalls) in
+#               the results folder. Skipped with a message where ncu is missing or cannot read the counters
+#               (gVisor machines); NCU_CASE_TIMEOUT_S (default 150) bounds each case.
+#
 #   5b. resume  (--resume) the results of this machine's previous run (kept in build/run_gpu/, since
 #               the device tool empties $OUT before each call) are put back in the results folder and
 #               run.py gets --resume: each benchmark keeps its rows from the same commit and measures
@@ -87,7 +95,7 @@ PEERS=(spikingjelly snntorch liger_kernel loguru)  # import names of the peers .
 GRID=--quick
 DEADLINE_S=${DEADLINE_S:-}
 RESULTS=""
-SKIP_WHEELS=0 SKIP_BUILD=0 SKIP_TESTS=0 SKIP_BENCH=0 TUNE=0 AB=0 BREAKDOWN=0 RESUME=0
+SKIP_WHEELS=0 SKIP_BUILD=0 SKIP_TESTS=0 SKIP_BENCH=0 TUNE=0 AB=0 BREAKDOWN=0 NCU=0 RESUME=0
 RUN_PY_ARGS=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -101,6 +109,7 @@ while [ $# -gt 0 ]; do
     --tune) TUNE=1 ;;
     --ab) AB=1 ;;
     --breakdown) BREAKDOWN=1 ;;
+    --ncu) NCU=1 ;;
     --resume) RESUME=1 ;;
     --) shift; RUN_PY_ARGS=("$@"); break ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -291,6 +300,29 @@ run_breakdown() {
   SNNKD_CUDA_KD_UNPACKED=1 "$PY" benchmarks/kernel_breakdown.py --device cuda --out "$RESULTS" --variant unpacked
 }
 
+run_ncu() {
+  local ncu line name regex rc=0 reps ncu_args
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
+  [ -n "$ncu" ] || { echo "ncu not found: skipped"; return 0; }
+  reps=$(mktemp -d)
+  read -ra ncu_args <<<"$("$PY" benchmarks/ncu_cases.py --ncu-args)"  # split on blanks, no globbing
+  while IFS= read -r line; do
+    name=${line%%=*} regex=${line#*=}
+    echo "ncu: $name (kernels matching $regex)"
+    if timeout "${NCU_CASE_TIMEOUT_S:-150}" "$ncu" --clock-control none --profile-from-start off -k "regex:$regex" \
+        "${ncu_args[@]}" -o "$reps/$name" -f "$PY" benchmarks/ncu_cases.py --case "$name" \
+        >"$LOG_DIR/ncu_$name.log" 2>&1 \
+      && "$ncu" --import "$reps/$name.ncu-rep" --csv --page details --print-units base >"$RESULTS/ncu_$name.csv"; then
+      :
+    else
+      echo "ncu failed on $name: the end of $LOG_DIR/ncu_$name.log --"; tail -5 "$LOG_DIR/ncu_$name.log"; rc=1
+    fi
+  done < <("$PY" benchmarks/ncu_cases.py --list)
+  rm -rf "$reps"
+  "$PY" benchmarks/ncu_cases.py --summarize "$RESULTS" || rc=1
+  return $rc
+}
+
 run_tune() {
   unset TRITON_INTERPRET
   "$PY" benchmarks/tune_triton.py --out "$RESULTS"
@@ -312,7 +344,8 @@ main() {
   [ $SKIP_WHEELS -eq 1 ] || step wheels install_wheels
   [ $SKIP_BUILD -eq 1 ] || step build build_extension
   [ $SKIP_TESTS -eq 1 ] || step tests run_tests
-  if [ -z "$RESULTS" ] && { [ $SKIP_BENCH -eq 0 ] || [ $TUNE -eq 1 ] || [ $AB -eq 1 ] || [ $BREAKDOWN -eq 1 ]; }; then
+  if [ -z "$RESULTS" ] && { [ $SKIP_BENCH -eq 0 ] || [ $TUNE -eq 1 ] || [ $AB -eq 1 ] || [ $BREAKDOWN -eq 1 ] \
+                           || [ $NCU -eq 1 ]; }; then
     local slug
     slug=$(gpu_slug)
     RESULTS=${OUT:+$OUT/$slug}
@@ -322,6 +355,7 @@ main() {
   [ $TUNE -eq 0 ] || step tune run_tune  # before the benchmark, which --deadline-s can cut short
   [ $AB -eq 0 ] || step ab run_ab
   [ $BREAKDOWN -eq 0 ] || step breakdown run_breakdown
+  [ $NCU -eq 0 ] || { mkdir -p "$RESULTS" && step ncu run_ncu; }
   [ $SKIP_BENCH -eq 1 ] || step bench run_bench
   pack_results
   echo

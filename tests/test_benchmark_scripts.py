@@ -431,3 +431,44 @@ def test_record_case_error_fails_ours_and_skips_peers(capsys):
     assert meta["failures"] == {"cpp @ case 1": "RuntimeError: boom"}
     assert meta["skipped"] == {"spikingjelly @ case 1": "ValueError: no cupy"}
     assert "cpp FAILED on case 1" in capsys.readouterr().out
+
+
+def test_ncu_cases_run_and_summarize(tmp_path):
+    """benchmarks/ncu_cases.py (run_gpu.sh --ncu): every case's fwd+bwd runs (tiny shapes, CPU), and the
+    summary reads Nsight Compute's details CSV (``ncu --import R --csv --page details --print-units
+    base``: ==PROF== lines first, one row per kernel and metric) into per-kernel figures: instructions
+    per element of the case, the largest stall reasons first."""
+    import snnkd_fast
+
+    if not (snnkd_fast.backends()["cpp"] and snnkd_fast.backends("kd")["cpp"]):
+        pytest.skip("the C++ extension is not built")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import ncu_cases
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for name in ncu_cases.CASES:
+        ncu_cases.run_case(name, torch.device("cpu"), smoke=True)
+    header = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+              '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
+    rows = [("0", "hta_split_search_kernel(float)", "Command line profiler metrics", "smsp__thread_inst_executed.sum",
+             "1,024,000,000"),
+            ("0", "hta_split_search_kernel(float)", "Command line profiler metrics", "gpu__time_duration.sum", "32000"),
+            ("0", "hta_split_search_kernel(float)", "Command line profiler metrics",
+             "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio", "3.5"),
+            ("0", "hta_split_search_kernel(float)", "Command line profiler metrics",
+             "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio", "7.25"),
+            ("0", "hta_split_search_kernel(float)", "Occupancy", "Achieved Occupancy", "61.5"),
+            ("1", "kd_forward_kernel(float)", "LaunchStats", "Registers Per Thread", "64")]
+    lines = ["==PROF== Connected to process 1", header] + [
+        ",".join(f'"{v}"' for v in (kid, "1", "python3", "host", kname, "1", "7", "(256, 1, 1)", "(384, 1, 1)",
+                                    "0", "9.0", section, metric, "", value)) for kid, kname, section, metric, value in rows]
+    (tmp_path / "ncu_hta_head_64x128000.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "ncu_not_a_case.csv").write_text(header + "\n")
+    summary = ncu_cases.summarize(tmp_path)
+    assert list(summary) == ["hta_head_64x128000"]
+    search, forward = summary["hta_head_64x128000"]
+    assert search["kernel"] == "hta_split_search_kernel" and forward["registers"] == 64
+    assert search["us"] == 32.0 and search["achieved_occupancy_pct"] == 61.5
+    assert search["thread_inst_per_element"] == 1_024_000_000 / (4 * 64 * 128000)
+    assert search["top_stalls"] == [("barrier", 7.25), ("long_scoreboard", 3.5)]
