@@ -233,18 +233,27 @@ struct TeacherRow {
     acc_t* lp = log_p.data();
     acc_t* pp = p.data();
     const acc_t m = row_max(zr, n) * inv_tau;  // rounding is monotone: max(z) / tau = max(z / tau)
-    // The normalizer is summed in double lanes, also for float rows: a float lane adds C / 16 terms,
-    // and where they repeat (a teacher of few distinct logits, e.g. tied integer logits) every add
-    // rounds the same way -- at C = 64,000 l came out ~5e-5 relative off, every p with it, and HTA's
-    // head missed the exact one by 3-20 classes where the GPU kernels (a double log-sum-exp) had it.
+    // The normalizer is summed in double lanes, also for float rows: a float lane adding all its
+    // C / 16 terms, where they repeat (a teacher of few distinct logits, e.g. tied integer logits),
+    // rounds the same way on every add -- at C = 64,000 l came out ~5e-5 relative off, every p with
+    // it, and HTA's head missed the exact one by 3-20 classes where the GPU kernels (a double
+    // log-sum-exp) had it. Each float lane takes kLaneChunk terms before it is added into its double
+    // lane: converting every term cost the float forwards 5-7% at C >= 1,000 (ab_kernels.py).
+    constexpr int64_t kLaneChunk = 16;
     double lanes[kRowLanes] = {};
-    for (int64_t i = 0; i < n; i += kRowLanes) {
+    for (int64_t i0 = 0; i0 < n; i0 += kLaneChunk * kRowLanes) {
+      const int64_t i_end = std::min(n, i0 + kLaneChunk * kRowLanes);
+      acc_t chunk[kRowLanes] = {};
+      for (int64_t i = i0; i < i_end; i += kRowLanes) {
 #pragma omp simd
-      for (int j = 0; j < kRowLanes; ++j) {
-        up[i + j] = zr[i + j] * inv_tau;
-        pp[i + j] = fast_exp(up[i + j] - m);
-        lanes[j] += static_cast<double>(pp[i + j]);
+        for (int j = 0; j < kRowLanes; ++j) {
+          up[i + j] = zr[i + j] * inv_tau;
+          pp[i + j] = fast_exp(up[i + j] - m);
+          chunk[j] += pp[i + j];
+        }
       }
+#pragma omp simd
+      for (int j = 0; j < kRowLanes; ++j) lanes[j] += static_cast<double>(chunk[j]);
     }
     const double l_exact = lane_sum(lanes);
     const acc_t l = static_cast<acc_t>(l_exact);
