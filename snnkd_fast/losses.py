@@ -94,14 +94,17 @@ def _check_reduction(reduction, op: str, student: Tensor) -> str:
     return reduction
 
 
-def _time_mean(x: Tensor, acc: torch.dtype) -> Tensor:
-    # Averaged in the call's compute dtype `acc` (ref.acc_dtype of the student and teacher: float64 if
-    # either is, as the reference averages after casting both), never in a half type, whose mean
-    # would round. mean(dtype=) rather than .to(float32).mean(): on a GPU the reduction reads 16-bit
-    # logits in place (a 2T*B*C-byte read instead of a cast writing a float32 [T, B, C] copy and
-    # reading it back; 0.095 ms of Hinton KD's 0.40 at bf16 4x256x32000 on an H200). The CPU casts
-    # inside either way; the values are the same.
-    return x.mean(0, dtype=acc)
+def _time_averaged(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """(student [1, B, C], teacher [B, C]): each side that is a [T, B, C] sequence averaged over time."""
+    # Averaged in the call's compute dtype (ref.acc_dtype: float64 if either side is, as the reference
+    # averages after casting both), never in a half type, whose mean would round. mean(dtype=) rather
+    # than .to(float32).mean(): on a GPU the reduction reads 16-bit logits in place (a 2T*B*C-byte
+    # read instead of a cast writing a float32 [T, B, C] copy and reading it back; 0.095 ms of Hinton
+    # KD's 0.40 at bf16 4x256x32000 on an H200). The CPU casts inside either way; the values are the same.
+    acc = ref.acc_dtype(student, teacher)
+    s = student.mean(0, dtype=acc) if student.dim() == 3 else student
+    u = teacher.mean(0, dtype=acc) if teacher.dim() == 3 else teacher
+    return s.unsqueeze(0), u
 
 
 def _kernel_backend(student: Tensor, teacher: Tensor, backend: str, op: str) -> str:
@@ -141,10 +144,8 @@ def kd_kl(student: Tensor, teacher: Tensor, *, temperature: float = 4.0, reducti
     backend = _kernel_backend(student, teacher, backend, op)
     if backend == "torch":
         return ref.kd_kl_reference(student, teacher, temperature=temperature, reduction=reduction)
-    acc = ref.acc_dtype(student, teacher)
-    s = _time_mean(student, acc) if student.dim() == 3 else student
-    u = _time_mean(teacher, acc) if teacher.dim() == 3 else teacher
-    return kd_loss(s.unsqueeze(0), u, LOSS_KL, backend, temperature, temperature, 0.0, 0.5, reduction,
+    s, u = _time_averaged(student, teacher)
+    return kd_loss(s, u, LOSS_KL, backend, temperature, temperature, 0.0, 0.5, reduction,
                    student.shape[-1], time_averaged=True)
 
 
@@ -210,9 +211,7 @@ def hta_kl(student_seq: Tensor, teacher: Tensor, *, temperature: float = 4.0, he
     # the ops compare the cumulative probability with the threshold they get: the reference's margin
     kernel_threshold = float(head_threshold) - HTA_THRESHOLD_MARGIN
     if time_reduction == "mean_logits":
-        acc = ref.acc_dtype(student_seq, teacher)
-        s = _time_mean(student_seq, acc).unsqueeze(0)
-        u = _time_mean(teacher, acc) if teacher.dim() == 3 else teacher
+        s, u = _time_averaged(student_seq, teacher)
         return kd_loss(s, u, LOSS_HTA, backend, temperature, temperature, 0.0, kernel_threshold, reduction,
                        student_seq.shape[-1], time_averaged=True)
     return kd_loss(student_seq, teacher, LOSS_HTA, backend, temperature, temperature, 0.0, kernel_threshold,
@@ -272,9 +271,7 @@ def nld_loss(student_seq: Tensor, teacher: Tensor, *, temperature: float = 2.0, 
         # broadcasts (the row kernels would otherwise read only the teacher's first timestep).
         student3 = student3.expand(teacher.shape[0], -1, -1)
     if not per_timestep:
-        acc = ref.acc_dtype(student3, teacher)
-        student3 = _time_mean(student3, acc).unsqueeze(0)
-        teacher = _time_mean(teacher, acc) if teacher.dim() == 3 else teacher
+        student3, teacher = _time_averaged(student3, teacher)
     if backend == "torch":
         noise = torch.randn(student3.shape, generator=generator, device=student3.device, dtype=torch.float32)
         rows = ref.nld_loss_reference(student3, teacher, temperature=temperature, noise_weight=noise_weight,
