@@ -72,3 +72,23 @@ def run_loss(case: LossCase, student, teacher, backend: str, reduction="batchmea
     weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).view(loss.shape)
     (loss * weights).sum().backward()
     return LossRun(loss.detach(), s_leaf.grad, t_leaf.grad)
+
+
+def float64_head_order(teacher, temperature=4.0):
+    """HTA's class order of each teacher row (logit descending, ties to the lower index) and the
+    inclusive cumulative probability along it, in float64: (order, cumulative), both [rows, C]."""
+    p = torch.softmax(teacher.double() / temperature, dim=-1)
+    order = torch.sort(teacher, dim=-1, descending=True, stable=True).indices
+    return order, p.gather(-1, order).cumsum(-1)
+
+
+def thresholds_beside_a_cumulative_sum(teacher, fractions, margin):
+    """(row, threshold, expected crossing class) for thresholds `margin` below and above the float64
+    cumulative probability of the class where each row's cumulative sum first reaches each fraction:
+    that class crosses, resp. the next."""
+    order, cumulative = float64_head_order(teacher)
+    for fraction in fractions:
+        for row in range(teacher.shape[0]):
+            k = int((cumulative[row] < fraction).sum())
+            for offset, expected in ((-margin, order[row, k]), (margin, order[row, k + 1])):
+                yield row, float(cumulative[row, k]) + offset, int(expected)

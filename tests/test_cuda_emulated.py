@@ -29,6 +29,8 @@ import torch
 import snnkd_fast
 from snnkd_fast.lif.surrogates import SURROGATES
 
+from kd_helpers import thresholds_beside_a_cumulative_sum
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 FORWARD_MODES = {"save_h": 0, "rate": 1, "lean": 2, "recharge": 3}  # ForwardMode in the .cuh
@@ -398,17 +400,10 @@ def test_emulated_cuda_hta_head_resolves_a_threshold_1e7_from_a_cumulative_sum(k
     logits, C = 4,000) cross at that class, resp. the next."""
     g = torch.Generator().manual_seed(3)
     teacher = torch.randint(-3, 4, (2, 4000), generator=g).float() * 1.7 + 0.3
-    p = torch.softmax(teacher.double() / 4.0, dim=-1)
-    order = torch.sort(teacher, dim=-1, descending=True, stable=True).indices
-    cumulative = p.gather(-1, order).cumsum(-1)
-    for fraction in (0.5, 0.9):
-        for row in range(teacher.shape[0]):
-            k = int((cumulative[row] < fraction).sum())
-            for offset, expected in ((-1e-7, order[row, k]), (1e-7, order[row, k + 1])):
-                threshold = float(cumulative[row, k]) + offset
-                for splits, threads in ((1, 256), (3, 256), (1, 512)):
-                    keys, _ = _hta_emulated_head(kd_emu, teacher[row:row + 1], threshold, splits, threads)
-                    assert int(keys[0, 0, 1]) == int(expected), (row, fraction, offset, splits, threads, keys)
+    for row, threshold, expected in thresholds_beside_a_cumulative_sum(teacher, (0.5, 0.9), 1e-7):
+        for splits, threads in ((1, 256), (3, 256), (1, 512)):
+            keys, _ = _hta_emulated_head(kd_emu, teacher[row:row + 1], threshold, splits, threads)
+            assert int(keys[0, 0, 1]) == expected, (row, threshold, splits, threads, keys)
 
 
 def test_hta_head_splits_rows_only_where_they_leave_the_gpu_idle(kd_emu):

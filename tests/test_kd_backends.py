@@ -12,7 +12,7 @@ import snnkd_fast
 from snnkd_fast.losses import per_timestep_kl
 
 from conftest import skip_unless_runnable
-from kd_helpers import CASE_IDS, CASES, run_loss
+from kd_helpers import CASE_IDS, CASES, float64_head_order, run_loss, thresholds_beside_a_cumulative_sum
 
 KD_TOL = {  # (rtol, atol) for loss values and gradients vs the reference
     torch.float64: (1e-9, 1e-11),
@@ -296,14 +296,6 @@ def _hta_teacher_keys(backend, teacher, head_threshold, temperature=4.0):
     return keys.cpu()
 
 
-def _float64_head_order(teacher, temperature=4.0):
-    """The reference's class order of each teacher row (logit descending, ties to the lower index)
-    and the inclusive cumulative probability along it, in float64."""
-    p = torch.softmax(teacher.double() / temperature, dim=-1)
-    order = torch.sort(teacher, dim=-1, descending=True, stable=True).indices
-    return order, p.gather(-1, order).cumsum(-1)
-
-
 @pytest.mark.parametrize("head_threshold", [0.05, 0.5, 0.9, 0.999])
 def test_hta_head_selection_matches_cpp(kd_target, head_threshold):
     """The head (crossing key and index, top-1) each GPU/Triton teacher kernel selects equals the cpp
@@ -345,7 +337,7 @@ def test_cpp_hta_crossing_class_on_long_rows(head_threshold):
                 torch.full((2, 301), 0.25), torch.randn(2, 70, generator=g)]  # 301: no cumulative sum lands on a threshold
     for teacher in teachers:
         keys = _hta_teacher_keys("cpp", teacher, head_threshold)[0]  # [B, 3] of the one timestep
-        order, cumulative = _float64_head_order(teacher)
+        order, cumulative = float64_head_order(teacher)
         for row in range(teacher.shape[0]):
             crossing = int((cumulative[row] >= head_threshold).nonzero()[0])
             expected_top, expected_cross = int(order[row, 0]), int(order[row, crossing])
@@ -366,7 +358,7 @@ def test_cpp_hta_crossing_class_on_rows_of_64000_classes(head_threshold):
     g = torch.Generator().manual_seed(7)
     for teacher in (torch.randn(3, 64000, generator=g) * 3, torch.randint(-3, 4, (3, 64000), generator=g).float()):
         keys = _hta_teacher_keys("cpp", teacher, head_threshold)[0]
-        order, cumulative = _float64_head_order(teacher)
+        order, cumulative = float64_head_order(teacher)
         for row in range(teacher.shape[0]):
             crossing = int((cumulative[row] >= head_threshold).nonzero()[0])
             assert int(keys[row, 1]) == int(order[row, crossing]), (head_threshold, tuple(teacher.shape), row, keys[row],
@@ -385,13 +377,9 @@ def test_hta_head_resolves_a_threshold_1e7_from_a_cumulative_sum(kd_target, frac
     margin = 1e-7 if device == "cpu" else 1e-6
     g = torch.Generator().manual_seed(3)
     teacher = torch.randint(-3, 4, (2, 4000), generator=g).float() * 1.7 + 0.3
-    order, cumulative = _float64_head_order(teacher)
-    for row in range(teacher.shape[0]):
-        k = int((cumulative[row] < fraction).sum())
-        for offset, expected in ((-margin, order[row, k]), (margin, order[row, k + 1])):
-            threshold = float(cumulative[row, k]) + offset
-            keys = _hta_teacher_keys(backend, teacher[row:row + 1].to(device), threshold)[0]
-            assert int(keys[0, 1]) == int(expected), (row, fraction, offset, keys[0], int(expected))
+    for row, threshold, expected in thresholds_beside_a_cumulative_sum(teacher, (fraction,), margin):
+        keys = _hta_teacher_keys(backend, teacher[row:row + 1].to(device), threshold)[0]
+        assert int(keys[0, 1]) == expected, (row, fraction, threshold, keys[0], expected)
 
 
 def test_hta_tie_rule_matches_reference(kd_target):
