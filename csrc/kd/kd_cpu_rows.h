@@ -255,17 +255,16 @@ struct TeacherRow {
 #pragma omp simd
       for (int j = 0; j < kRowLanes; ++j) lanes[j] += static_cast<double>(chunk[j]);
     }
-    const double l_exact = lane_sum(lanes);
-    const acc_t l = static_cast<acc_t>(l_exact);
+    const double l = lane_sum(lanes);
     // a local: GCC did not vectorize the loop below reading the member
-    const acc_t lse = static_cast<acc_t>(static_cast<double>(m) + std::log(l_exact));
+    const acc_t lse = static_cast<acc_t>(static_cast<double>(m) + std::log(l));
     lse_u = lse;
     max_u = m;
-    sum_u = l;
+    sum_u = static_cast<acc_t>(l);
     // p = e^{u - m} / l from the exps above: one exp per class, not two (a second exp(log p) was ~15%
     // of a KL forward at C = 100, T = 4), and closer to the true p -- exp(u - lse) carries lse's
     // rounding, |lse| ulps of it, into every p.
-    const acc_t inv_l = static_cast<acc_t>(1.0 / l_exact);
+    const acc_t inv_l = static_cast<acc_t>(1.0 / l);
     if (with_log_p) {
 #pragma omp simd
       for (int64_t c = 0; c < n; ++c) {
