@@ -549,6 +549,11 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
         skipped["torch_compile"] = "--compile none"
     peers = tuple(name for name in names if name in PEERS)
     grid = build_grid(device, args.quick, args.losses, args.dtypes)
+    grid_dtypes = [name for name, dtype in DTYPE_NAMES.items()
+                   if any(case.dtype == dtype for case in build_grid(device, args.quick, args.losses))]
+    measured_dtypes = [name for name in grid_dtypes if any(case.dtype == DTYPE_NAMES[name] for case in grid)]
+    # Some of the grid's dtypes only (--dtypes): the file is named after them (common.result_name)
+    dtype_subset = measured_dtypes if measured_dtypes != grid_dtypes else None
     compile_cases = set(grid)
     if compile_policy == "smallest" and grid:
         smallest = min(math.prod(case.shape) for case in grid)
@@ -574,7 +579,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
         memory_method=common.memory_method(device),
         extra_seq_tensors="(fwd+bwd peak - student gradient bytes) / bytes of one [T,B,C] float32 tensor",
         memory_resolution=CPU_MEMORY_RESOLUTION if device.type == "cpu" else None, failures={},
-        sample_budget_s=timer.budget_s)
+        sample_budget_s=timer.budget_s, dtype_subset=dtype_subset)
     common.print_run_header(meta)
     if "torch_compile" in peers and compile_policy == "smallest":
         print(f"torch_compile: compiled for the smallest case(s) only ({len(compile_cases)} of {len(grid)}): on a "

@@ -892,19 +892,27 @@ def interrupted_note(rows_kept: int) -> str:
     return note
 
 
+def result_name(stem: str, meta: dict[str, Any]) -> str:
+    """A grid's file name without suffix: ``<stem>_<grid>``, and ``_<dtype>...`` where the run measured
+    only some of the grid's dtypes (``meta["dtype_subset"]``, bench_losses.py --dtypes): a bf16-only GPU
+    run then sits beside the fp32 grid of an earlier commit instead of replacing it."""
+    subset = meta.get("dtype_subset")
+    return f"{stem}_{meta['grid']}" + "".join(f"_{name}" for name in subset or ())
+
+
 def resumed_rows(out_dir: Path, stem: str, meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """``--resume``: the rows of ``<stem>_<grid>.json`` in ``out_dir`` from an earlier run of the same
+    """``--resume``: the rows of ``<stem>_<grid>[_<dtype>].json`` in ``out_dir`` from an earlier run of the same
     grid at the same commit on the same device (a run stopped by a deadline: every case in it is
     complete, since a case interrupted half-way is dropped), for the caller to keep and skip. No file:
     none. A file from another commit, device or grid is refused (mixing builds in one table would
     compare them). ``meta["resumed"]`` records the earlier run; its failures and skips carry over."""
-    path = out_dir / f"{stem}_{meta['grid']}.json"
+    path = out_dir / f"{result_name(stem, meta)}.json"
     if not path.exists():
         print(f"--resume: no {path}, measuring the whole grid")
         return []
     earlier = json.loads(path.read_text())
     earlier_meta = earlier.get("meta", {})
-    for key in ("op", "grid", "device_name", "git_commit"):
+    for key in ("op", "grid", "device_name", "git_commit", "dtype_subset"):
         if earlier_meta.get(key) != meta.get(key):
             raise SystemExit(f"--resume: {path} has {key}={earlier_meta.get(key)!r}, this run {meta.get(key)!r}: "
                              "not resuming across runs of different builds or devices (move the file away)")
@@ -932,11 +940,11 @@ def exit_status(result_files: Iterable[Path]) -> int:
 
 def write_results(out_dir: Path, stem: str, meta: dict[str, Any], rows: list[dict[str, Any]],
                   csv_columns: Iterable[str], start: float) -> Path:
-    """``<stem>_<grid>.json`` and ``.csv`` in ``out_dir``, with the end-of-run load and the wall time
-    since ``start`` (``time.perf_counter()``) in the metadata; returns the JSON file."""
+    """``<stem>_<grid>[_<dtype>].json`` (``result_name``) and ``.csv`` in ``out_dir``, with the end-of-run
+    load and the wall time since ``start`` (``time.perf_counter()``) in the metadata; returns the JSON file."""
     meta["load_average_1min_end"] = load_average()  # with the start value: was the machine quiet?
     meta["wall_s"] = time.perf_counter() - start
-    json_path = out_dir / f"{stem}_{meta['grid']}.json"
+    json_path = out_dir / f"{result_name(stem, meta)}.json"
     write_json(json_path, meta, rows)
     write_csv(json_path.with_suffix(".csv"), rows, csv_columns)
     print(f"\nwrote {json_path} and {json_path.with_suffix('.csv').name} ({meta['wall_s']:.0f} s)")

@@ -46,12 +46,15 @@ def _grid_rank(data: dict[str, Any]) -> int:
 def select_results(results_root: Path) -> list[tuple[Path, dict[str, Any], Optional[set[str]]]]:
     """Per device folder and op, the result file of the most complete grid, devices in name order,
     as (path, data, rows' ops to show or None for all). Where that grid is partial (a deadline cut
-    it short), a coarser grid follows with the rows of the ops (losses) the partial one lacks."""
+    it short), a coarser grid follows with the rows of the ops (losses) the partial one lacks. A run
+    of some of the grid's dtypes only (``meta["dtype_subset"]``: its own file, e.g. a bf16 run at a
+    later commit than the fp32 grid) is selected on its own, beside the whole grid's file."""
     selected = []
     for device_dir in sorted(path for path in results_root.iterdir() if path.is_dir()):
-        by_op: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+        by_op: dict[tuple[str, tuple[str, ...]], list[tuple[Path, dict[str, Any]]]] = {}
         for path, data in load_results(device_dir):
-            by_op.setdefault(data["meta"].get("op", path.stem), []).append((path, data))
+            key = (data["meta"].get("op", path.stem), tuple(data["meta"].get("dtype_subset") or ()))
+            by_op.setdefault(key, []).append((path, data))
         for op in sorted(by_op):
             ranked = sorted(by_op[op], key=lambda item: _grid_rank(item[1]))
             best_path, best = ranked[0]
@@ -76,8 +79,9 @@ def render_table(path: Path, data: dict[str, Any], only_ops: Optional[set[str]] 
     finer grid lacks)."""
     meta = data["meta"]
     versions = meta.get("versions", {})
+    subset = meta.get("dtype_subset")
     heading = (f"**{meta['device_name']}** ({meta['device']}, {meta['threads']} threads): `{meta['op']}`, "
-               f"{meta['grid']} grid, commit `{meta['git_commit'][:10]}`, torch {versions.get('torch')}, "
+               f"{meta['grid']} grid{' (' + ', '.join(subset) + ' only)' if subset else ''}, commit `{meta['git_commit'][:10]}`, torch {versions.get('torch')}, "
                f"`{path.parent.name}/{path.name}`"
                + (" — **partial grid** (the run hit its deadline; the cases below are complete)"
                   if meta.get("interrupted") else "")
@@ -140,7 +144,8 @@ def summary_rows(path: Path, data: dict[str, Any], only_ops: Optional[set[str]] 
         op = row.get("op", meta["op"])
         if row["pass"] == "fwdbwd" and row.get("kind") == "ours" and (only_ops is None or op in only_ops):
             grouped.setdefault((op, row.get("dtype", "float32"), row["backend"]), []).append(row)
-    grid = meta["grid"] + (" (partial)" if meta.get("interrupted") and only_ops is None else "")
+    grid = (meta["grid"] + "".join(f" {name}" for name in meta.get("dtype_subset") or ())
+            + (" (partial)" if meta.get("interrupted") and only_ops is None else ""))
     lines = []
     for (op, dtype, backend), rows in grouped.items():
         cases = len({row["case"] for row in rows})

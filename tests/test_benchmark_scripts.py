@@ -417,6 +417,48 @@ def test_readme_summary_and_full_tables(tmp_path):
     assert "| a | torch | 4.000 | 1.00x |" in full and "|  | cuda | 1.000 | 4.00x | 2.00x |" in full
 
 
+def test_a_run_of_some_dtypes_sits_beside_the_whole_grid(tmp_path):
+    """bench_losses.py --dtypes bfloat16 on a GPU (the bf16 half of a grid a deadline cut short, at a
+    later commit): its file is losses_full_bfloat16.json, not losses_full.json (which it would have
+    replaced), --resume reads that file only, and the README gets both tables."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import common
+        import render_readme_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert common.result_name("losses", {"grid": "full"}) == "losses_full"
+    assert common.result_name("losses", {"grid": "full", "dtype_subset": None}) == "losses_full"
+    assert common.result_name("losses", {"grid": "full", "dtype_subset": ["bfloat16"]}) == "losses_full_bfloat16"
+
+    def result(commit, dtype, subset):
+        meta = {"device_name": "GPU", "device": "cuda", "threads": 1, "op": "kd_losses", "grid": "full",
+                "git_commit": commit * 40, "dtype_subset": subset}
+        rows = [{"op": "kl", "case": f"kl {dtype}", "backend": backend, "kind": kind, "pass": "fwdbwd",
+                 "dtype": dtype, "median_ms": ms, "speedup_vs_reference": 2.0 / ms}
+                for backend, kind, ms in (("torch", "reference", 2.0), ("cuda", "ours", 0.5))]
+        return {"meta": meta, "results": rows}
+
+    device_dir = tmp_path / "results" / "gpu"
+    device_dir.mkdir(parents=True)
+    whole, bf16 = result("a", "float32", None), result("b", "bfloat16", ["bfloat16"])
+    common.write_results(device_dir, "losses", whole["meta"], whole["results"], ["case"], 0.0)
+    common.write_results(device_dir, "losses", bf16["meta"], bf16["results"], ["case"], 0.0)
+    assert sorted(path.name for path in device_dir.glob("*.json")) == ["losses_full.json",
+                                                                       "losses_full_bfloat16.json"]
+    selected = render_readme_table.select_results(tmp_path / "results")
+    assert [(path.name, only_ops) for path, _, only_ops in selected] == [("losses_full.json", None),
+                                                                         ("losses_full_bfloat16.json", None)]
+    summary = render_readme_table.render_summary(tmp_path / "results")
+    assert "| GPU | kl | float32 | cuda | 1, full | 4.00x |" in summary
+    assert "| GPU | kl | bfloat16 | cuda | 1, full bfloat16 | 4.00x |" in summary
+    assert "full grid (bfloat16 only), commit `bbbbbbbbbb`" in render_readme_table.render(tmp_path / "results")
+
+    for run in (whole, bf16):  # --resume of each run keeps its own file's rows
+        kept = common.resumed_rows(device_dir, "losses", {**run["meta"], "failures": {}, "skipped": {}})
+        assert kept == run["results"]
+
+
 def test_record_case_error_fails_ours_and_skips_peers(capsys):
     """A benchmark's implementation that raises on a case: ours is a recorded failure (the run then
     exits 1), a peer's is skipped with its reason."""
