@@ -1015,11 +1015,14 @@ __global__ void __launch_bounds__(kThreads)
 // NLD (nld_cpu.cpp; the formulas are in snnkd_fast/kd/nld_triton.py's docstring)
 // ------------------------------------------------------------------------------------------------
 
+// log(e^a + e^b) = m + log(1 + e^{lo - m}), m the larger: the larger term's exp is exp(0) = 1, so one
+// exp per call instead of two and the same sum, bit for bit, for every argument but +inf (the
+// kernels' are differences with a log-sum-exp, NaN where a logit is +inf). NaN stays NaN.
 template <typename acc_t>
 __device__ __forceinline__ acc_t logaddexp(acc_t a, acc_t b) {
-  const acc_t m = a > b ? a : b;
+  const acc_t m = a > b ? a : b, lo = a > b ? b : a;
   if (m == -INFINITY) return m;
-  return m + log(exp(a - m) + exp(b - m));
+  return m + log(acc_t(1) + exp(lo - m));
 }
 
 __device__ __forceinline__ uint64_t load_seed(const int64_t* seed) { return static_cast<uint64_t>(*seed); }
@@ -1069,12 +1072,22 @@ __device__ __forceinline__ void for_each_quad(const s_t* __restrict__ s, int64_t
   }
 }
 
+// Blocks per multiprocessor the NLD row kernels ask ptxas to fit (__launch_bounds__' second argument),
+// for float accumulation; double accumulation asks for none (held to the same registers it spills).
+// Without it, the exact sincospif of the noise (philox.h) took the forward from 64 to 80 registers and
+// the row sums from 48 to 74 (4 -> 3 and 5 -> 3 blocks of 256 threads per SM); held to 64 and 48 they
+// do not spill (ptxas, sm_90).
+template <typename acc_t>
+constexpr int nld_min_blocks(int for_float) {
+  return std::is_same<acc_t, double>::value ? 1 : for_float;
+}
+
 // Forward, one block per row r = t * B + b (grid T * B), passes as nld_cpu.cpp: (1) sum of z, LSE of
 // the teacher and of the student logits (noisy ones with `additive`); (2) adaptive: the unbiased
 // variance about the mean; (3) mixture: LSE of the noise logits; (4) the KL. rows [T, B], stats
 // [T, B, kNldStats]. eps = nld_eps(seed, nld_row_counter(r, C), c), drawn again in each pass.
 template <typename s_t, typename u_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, nld_min_blocks<acc_type_t<s_t, u_t>>(4))
     nld_forward_kernel(const s_t* __restrict__ S, Strides ss, const u_t* __restrict__ U, Strides us, int64_t B,
                        int64_t C, const int64_t* __restrict__ seed_ptr, NldParams<acc_type_t<s_t, u_t>> P,
                        acc_type_t<s_t, u_t> tau_sq, acc_type_t<s_t, u_t>* __restrict__ rows,
@@ -1160,7 +1173,7 @@ __global__ void __launch_bounds__(kThreads)
 // the weighted products formed in the log domain (each is at most p_t; q * exp(log A) would be
 // 0 * inf = NaN once q underflows).
 template <typename s_t, typename u_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, nld_min_blocks<acc_type_t<s_t, u_t>>(5))
     nld_row_sums_kernel(const s_t* __restrict__ S, Strides ss, const u_t* __restrict__ U, Strides us, int64_t B,
                         int64_t C, const int64_t* __restrict__ seed_ptr, NldParams<acc_type_t<s_t, u_t>> P,
                         const acc_type_t<s_t, u_t>* __restrict__ stats, acc_type_t<s_t, u_t>* __restrict__ sums) {
