@@ -390,11 +390,8 @@ def test_hta_tie_rule_matches_reference(kd_target):
                             [5.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0]], device=device)
     student = logits((2, 3, 7), device=device)
     for threshold in (0.2, 0.5, 0.6, 0.9):
-        hta.kwargs["head_threshold"] = threshold
-        try:
-            compare(hta, student, teacher, backend, torch.float32)
-        finally:
-            hta.kwargs["head_threshold"] = 0.6
+        case = dataclasses.replace(hta, kwargs=dict(hta.kwargs, head_threshold=threshold))
+        compare(case, student, teacher, backend, torch.float32)
 
 
 @pytest.mark.parametrize("C, head_threshold", [(10, 0.5), (4, 0.5), (20, 0.1), (100, 0.9), (100, 0.5),
