@@ -48,15 +48,19 @@ def select_results(results_root: Path) -> list[tuple[Path, dict[str, Any], Optio
     as (path, data, rows' ops to show or None for all). Where that grid is partial (a deadline cut
     it short), a coarser grid follows with the rows of the ops (losses) the partial one lacks. A run
     of some of the grid's dtypes only (``meta["dtype_subset"]``: its own file, e.g. a bf16 run at a
-    later commit than the fp32 grid) is selected on its own, beside the whole grid's file."""
+    later commit than the fp32 grid) is selected as well, and the whole grid's rows of those dtypes
+    are left out of the tables (its data is a copy without them)."""
     selected = []
     for device_dir in sorted(path for path in results_root.iterdir() if path.is_dir()):
-        by_op: dict[tuple[str, tuple[str, ...]], list[tuple[Path, dict[str, Any]]]] = {}
+        by_kind: dict[tuple[str, tuple[str, ...]], list[tuple[Path, dict[str, Any]]]] = {}
         for path, data in load_results(device_dir):
-            key = (data["meta"].get("op", path.stem), tuple(data["meta"].get("dtype_subset") or ()))
-            by_op.setdefault(key, []).append((path, data))
-        for op in sorted(by_op):
-            ranked = sorted(by_op[op], key=lambda item: _grid_rank(item[1]))
+            kind = (data["meta"].get("op", path.stem), tuple(data["meta"].get("dtype_subset") or ()))
+            by_kind.setdefault(kind, []).append((path, data))
+        for op, subset in sorted(by_kind):
+            ranked = sorted(by_kind[op, subset], key=lambda item: _grid_rank(item[1]))
+            if not subset:  # the dtypes that runs of their own measured again
+                redone = {dtype for other_op, other in by_kind if other_op == op for dtype in other}
+                ranked = [(path, _without_dtypes(data, redone)) for path, data in ranked]
             best_path, best = ranked[0]
             selected.append((best_path, best, None))
             if best["meta"].get("interrupted"):
@@ -69,6 +73,14 @@ def select_results(results_root: Path) -> list[tuple[Path, dict[str, Any], Optio
     return selected
 
 
+def _without_dtypes(data: dict[str, Any], dtypes: set[str]) -> dict[str, Any]:
+    """``data`` without its rows of ``dtypes`` (itself when it has none), the meta saying so."""
+    if not any(row.get("dtype", "float32") in dtypes for row in data["results"]):
+        return data
+    meta = {**data["meta"], "dtypes_elsewhere": sorted(dtypes)}
+    return {"meta": meta, "results": [row for row in data["results"] if row.get("dtype", "float32") not in dtypes]}
+
+
 def table_peers(meta: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
     """(the peers a result file compares with in its tables, {peer: label})."""
     return list(meta.get("table_peers", DEFAULT_TABLE_PEERS)), {**PEER_LABELS, **meta.get("peer_labels", {})}
@@ -79,9 +91,11 @@ def render_table(path: Path, data: dict[str, Any], only_ops: Optional[set[str]] 
     finer grid lacks)."""
     meta = data["meta"]
     versions = meta.get("versions", {})
-    subset = meta.get("dtype_subset")
+    subset, elsewhere = meta.get("dtype_subset"), meta.get("dtypes_elsewhere")
+    grid = (f"{meta['grid']} grid" + (f" ({', '.join(subset)} only)" if subset else "")
+            + (f" (its {', '.join(elsewhere)} rows: see the {', '.join(elsewhere)}-only file)" if elsewhere else ""))
     heading = (f"**{meta['device_name']}** ({meta['device']}, {meta['threads']} threads): `{meta['op']}`, "
-               f"{meta['grid']} grid{' (' + ', '.join(subset) + ' only)' if subset else ''}, commit `{meta['git_commit'][:10]}`, torch {versions.get('torch')}, "
+               f"{grid}, commit `{meta['git_commit'][:10]}`, torch {versions.get('torch')}, "
                f"`{path.parent.name}/{path.name}`"
                + (" — **partial grid** (the run hit its deadline; the cases below are complete)"
                   if meta.get("interrupted") else "")

@@ -420,7 +420,8 @@ def test_readme_summary_and_full_tables(tmp_path):
 def test_a_run_of_some_dtypes_sits_beside_the_whole_grid(tmp_path):
     """bench_losses.py --dtypes bfloat16 on a GPU (the bf16 half of a grid a deadline cut short, at a
     later commit): its file is losses_full_bfloat16.json, not losses_full.json (which it would have
-    replaced), --resume reads that file only, and the README gets both tables."""
+    replaced), --resume reads that file only, and the README gets both tables, the whole grid's
+    without its bf16 rows (the cases the deadline let it reach)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import common
@@ -431,17 +432,17 @@ def test_a_run_of_some_dtypes_sits_beside_the_whole_grid(tmp_path):
     assert common.result_name("losses", {"grid": "full", "dtype_subset": None}) == "losses_full"
     assert common.result_name("losses", {"grid": "full", "dtype_subset": ["bfloat16"]}) == "losses_full_bfloat16"
 
-    def result(commit, dtype, subset):
+    def result(commit, dtypes, subset, ours_ms=0.5):
         meta = {"device_name": "GPU", "device": "cuda", "threads": 1, "op": "kd_losses", "grid": "full",
                 "git_commit": commit * 40, "dtype_subset": subset}
         rows = [{"op": "kl", "case": f"kl {dtype}", "backend": backend, "kind": kind, "pass": "fwdbwd",
                  "dtype": dtype, "median_ms": ms, "speedup_vs_reference": 2.0 / ms}
-                for backend, kind, ms in (("torch", "reference", 2.0), ("cuda", "ours", 0.5))]
+                for dtype in dtypes for backend, kind, ms in (("torch", "reference", 2.0), ("cuda", "ours", ours_ms))]
         return {"meta": meta, "results": rows}
 
     device_dir = tmp_path / "results" / "gpu"
     device_dir.mkdir(parents=True)
-    whole, bf16 = result("a", "float32", None), result("b", "bfloat16", ["bfloat16"])
+    whole, bf16 = result("a", ["float32", "bfloat16"], None), result("b", ["bfloat16"], ["bfloat16"], 0.25)
     common.write_results(device_dir, "losses", whole["meta"], whole["results"], ["case"], 0.0)
     common.write_results(device_dir, "losses", bf16["meta"], bf16["results"], ["case"], 0.0)
     assert sorted(path.name for path in device_dir.glob("*.json")) == ["losses_full.json",
@@ -449,10 +450,15 @@ def test_a_run_of_some_dtypes_sits_beside_the_whole_grid(tmp_path):
     selected = render_readme_table.select_results(tmp_path / "results")
     assert [(path.name, only_ops) for path, _, only_ops in selected] == [("losses_full.json", None),
                                                                          ("losses_full_bfloat16.json", None)]
+    assert [row["dtype"] for row in selected[0][1]["results"]] == ["float32"] * 2  # a copy: the file keeps all
+    assert len(json.loads((device_dir / "losses_full.json").read_text())["results"]) == 4
     summary = render_readme_table.render_summary(tmp_path / "results")
     assert "| GPU | kl | float32 | cuda | 1, full | 4.00x |" in summary
-    assert "| GPU | kl | bfloat16 | cuda | 1, full bfloat16 | 4.00x |" in summary
-    assert "full grid (bfloat16 only), commit `bbbbbbbbbb`" in render_readme_table.render(tmp_path / "results")
+    assert "| GPU | kl | bfloat16 | cuda | 1, full bfloat16 | 8.00x |" in summary
+    assert "| GPU | kl | bfloat16 | cuda | 1, full |" not in summary
+    tables = render_readme_table.render(tmp_path / "results")
+    assert "full grid (its bfloat16 rows: see the bfloat16-only file), commit `aaaaaaaaaa`" in tables
+    assert "full grid (bfloat16 only), commit `bbbbbbbbbb`" in tables
 
     for run in (whole, bf16):  # --resume of each run keeps its own file's rows
         kept = common.resumed_rows(device_dir, "losses", {**run["meta"], "failures": {}, "skipped": {}})
