@@ -50,13 +50,18 @@
 #   4c. ab      (--ab, before the benchmark) benchmarks/ab_neuron_pairs.py --device cuda: the neurons'
 #               saved-H kernel pair against the lean pair (H recharged from x in the backward), device
 #               time, fp32 and bf16; ab_neuron_pairs.json in the results folder (~20-40 s). The cuda
-#               backend runs the saved-H pair until this shows the lean pair's gain on a GPU.
+#               backend runs the saved-H pair until this shows the lean pair's gain on a GPU. Then
+#               benchmarks/ab_env.py --device cuda: the losses' fwd+bwd wall time with the forward
+#               forming the student's gradient and without (SNNKD_CUDA_KD_NO_FORWARD_GRAD=1), fp32
+#               and bf16, alternating processes; ab_env.json (~1 min).
 #
 #   4d. breakdown (--breakdown, before the benchmark) benchmarks/kernel_breakdown.py --device cuda: each
 #               loss and the neuron at the grids' large shapes under torch.profiler, each kernel's device
 #               time per fwd+bwd (cuda and triton, fp32 and bf16); kernel_breakdown.json (~20 s), then
 #               again under SNNKD_CUDA_KD_UNPACKED=1 (the CUDA loss kernels one class per access, the HTA
-#               head one 256-thread block per row): kernel_breakdown_unpacked.json, an A/B in one build.
+#               head one 256-thread block per row): kernel_breakdown_unpacked.json, an A/B in one build,
+#               and under SNNKD_CUDA_KD_NO_FORWARD_GRAD=1 (the row backward instead of the gradient formed
+#               by the forward): kernel_breakdown_row_backward.json.
 #
 #   4e. ncu     (--ncu, before the benchmark) Nsight Compute on benchmarks/ncu_cases.py's cases (the HTA head
 #               one block per row and split, the bf16 saved-H and fp32 lean neuron pairs, NLD's forward):
@@ -290,14 +295,19 @@ run_bench() {
 }
 
 run_ab() {
-  "$PY" benchmarks/ab_neuron_pairs.py --device cuda --out "$RESULTS"
+  "$PY" benchmarks/ab_neuron_pairs.py --device cuda --out "$RESULTS" || return 1
+  "$PY" benchmarks/ab_env.py --device cuda --out "$RESULTS"
 }
 
 run_breakdown() {
   "$PY" benchmarks/kernel_breakdown.py --device cuda --out "$RESULTS" || return 1
   # the same cases with the loss row kernels one class per access and the HTA head in one 256-thread
   # block per row (their forms before 4fbf389/14514f6/f42f117 and the split head): an A/B in one build
-  SNNKD_CUDA_KD_UNPACKED=1 "$PY" benchmarks/kernel_breakdown.py --device cuda --out "$RESULTS" --variant unpacked
+  SNNKD_CUDA_KD_UNPACKED=1 "$PY" benchmarks/kernel_breakdown.py --device cuda --out "$RESULTS" --variant unpacked \
+    || return 1
+  # the row backward instead of the student's gradient formed by the forward (before session 19)
+  SNNKD_CUDA_KD_NO_FORWARD_GRAD=1 "$PY" benchmarks/kernel_breakdown.py --device cuda --out "$RESULTS" \
+    --variant row_backward
 }
 
 run_ncu() {

@@ -2,7 +2,8 @@
 every path (each sweep, the result check, the JSON) on the CPU through Triton's interpreter, so the
 script a GPU session relies on cannot rot between GPU sessions; benchmarks/ab_kernels.py --smoke
 compares the built extension with itself; benchmarks/ab_neuron_pairs.py --quick times the two
-neuron kernel pairs."""
+neuron kernel pairs; benchmarks/ab_env.py --smoke times one loss with and without an environment
+setting."""
 import importlib.util
 import json
 import os
@@ -75,6 +76,25 @@ def test_ab_neuron_pairs_smoke(tmp_path):
         assert row["lean_bytes_min"] < row["saved_h_bytes_min"] or row["pass"] == "bwd"
         assert row["lean_kept_bytes"] == 0 < row["saved_h_kept_bytes"]
     assert (tmp_path / "ab_neuron_pairs.csv").exists()
+
+
+def test_ab_env_smoke(tmp_path):
+    """benchmarks/ab_env.py --smoke (what run_gpu.sh --ab runs with --device cuda): the two paths'
+    processes in turn, the aggregation and the result files."""
+    import snnkd_fast
+
+    if not snnkd_fast.backends("kd")["cpp"]:
+        pytest.skip("the C++ extension is not built")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab_env.py"), "--smoke", "--rounds", "1",
+                             "--budget-s", "0.02", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "base (SNNKD_CUDA_KD_NO_FORWARD_GRAD=1)" in result.stdout and "new (as built)" in result.stdout
+    data = json.loads((tmp_path / "ab_env.json").read_text())
+    assert data["meta"]["base_env"] == "SNNKD_CUDA_KD_NO_FORWARD_GRAD=1"
+    assert [row["case"] for row in data["results"]] == ["per_timestep_kl 2x3x40 float32"]
+    assert all(row["base_ms"] > 0 and row["new_ms"] > 0 for row in data["results"])
+    assert (tmp_path / "ab_env.csv").exists()
 
 
 def test_kernel_breakdown_smoke(tmp_path):

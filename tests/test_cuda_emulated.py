@@ -294,22 +294,25 @@ def _kd_expected_pack(dtypes, C, forward=False):
 
 
 def _kd_emulated_forward(kd_emu, dtypes, loss, student, teacher, per_t, scalars, keys, allow_packed,
-                         head_threads=256):
+                         head_threads=256, grad_weight=None):
     """The emulated CUDA KD forward (HTA's head, then the row kernel) into poisoned outputs:
-    (rows, stats, keys, classes per access)."""
+    (rows, stats, keys, classes per access), and with grad_weight the forward that also forms the
+    student's gradient at that row gradient (kd_forward_student_grad_kernel), its gradient last."""
     T, B, C = student.shape
     tau, tau_h, weight, threshold = scalars
     acc = torch.float64 if torch.float64 in dtypes else torch.float32
     e_rows, e_stats = torch.full((T, B), -7.0, dtype=acc), torch.full((T, B, 5), -7.0, dtype=acc)
     e_keys = torch.full_like(keys, -7)
+    e_grad = None if grad_weight is None else torch.full_like(student, -7.0)
     vec = ctypes.c_int32(0)
-    status = kd_emu.emu_kd_rows_forward(
+    status = kd_emu.emu_kd_rows_forward_student_grad(
         KD_DTYPE_PAIRS[dtypes], loss, _ptr(student), _ptr(teacher), int(per_t), ctypes.c_int64(T), ctypes.c_int64(B),
         ctypes.c_int64(C), ctypes.c_double(tau), ctypes.c_double(tau_h), ctypes.c_double(weight),
         ctypes.c_double(threshold), _ptr(e_rows), _ptr(e_stats), _ptr(e_keys) if keys.numel() else None,
-        int(allow_packed), ctypes.byref(vec), head_threads)
+        int(allow_packed), ctypes.byref(vec), head_threads, _ptr(e_grad),
+        ctypes.c_double(0.0 if grad_weight is None else grad_weight))
     assert status == 0
-    return e_rows, e_stats, e_keys, vec.value
+    return (e_rows, e_stats, e_keys, vec.value) + (() if grad_weight is None else (e_grad,))
 
 
 def test_hta_head_takes_wider_blocks_only_where_rows_are_fewer_than_multiprocessors(kd_emu):
@@ -504,6 +507,55 @@ def test_emulated_cuda_kd_backward_takes_one_class_per_thread_off_a_pack_boundar
                                                     stats, (4.0, 4.0, 0.0), grad_u=False, allow_packed=True)
     assert (vec_off, vec_aligned) == (1, 4)
     assert torch.equal(off, aligned)
+
+
+@pytest.mark.parametrize("dtypes", list(KD_DTYPE_PAIRS), ids=KD_PAIR_IDS)
+@pytest.mark.parametrize("shape", KD_SHAPES, ids=[f"T{t}xB{b}xC{c}" for t, b, c in KD_SHAPES])
+def test_emulated_cuda_forward_forms_the_row_backwards_student_gradient(kd_emu, shape, dtypes):
+    """kd_forward_student_grad_kernel, the eager GPU path's precomputed gradient (kd_autograd.cpp):
+    its rows, statistics and keys are the forward kernel's bit for bit, and its student gradient at a
+    row gradient of w is the row backward's at grad_rows = w bit for bit (the backward's formula with
+    the same statistics), packed or one class per access, for every loss and dtype pair."""
+    ops = torch.ops.snnkd_fast
+    T, B, C = shape
+    acc = torch.float64 if torch.float64 in dtypes else torch.float32
+    for loss_name, loss in KD_LOSSES.items():
+        for per_t in (False, True):
+            student, teacher = _kd_inputs(shape, dtypes, per_t, ties=loss_name == "hta", seed=loss)
+            for scalars, w in (((4.0, 4.0, 0.1, 0.5), 1 / (T * B)), ((1.0, 2.0, -0.3, 0.9), 1.0)):
+                keys = ops.kd_rows_forward(student, teacher, loss, *scalars)[2]
+                where = f"{loss_name} per_t={per_t} scalars={scalars}"
+                for allow in (True, False):
+                    rows, stats, e_keys, vec = _kd_emulated_forward(kd_emu, dtypes, loss, student, teacher, per_t,
+                                                                    scalars, keys, allow)
+                    g_rows, g_stats, g_keys, g_vec, grad = _kd_emulated_forward(
+                        kd_emu, dtypes, loss, student, teacher, per_t, scalars, keys, allow, grad_weight=w)
+                    assert g_vec == vec and torch.equal(g_keys, e_keys), where
+                    assert torch.equal(g_rows, rows) and torch.equal(g_stats, stats), where
+                    grad_rows = torch.full((T, B), w, dtype=acc)
+                    expected, _, _ = _kd_emulated_backward(kd_emu, dtypes, loss, grad_rows, student, teacher, per_t,
+                                                           stats, scalars[:3], grad_u=False, allow_packed=allow)
+                    assert torch.equal(grad, expected), f"{where} packed={allow}"
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float64], ids=str)
+def test_emulated_cuda_scale_unless_one(kd_emu, grad_dtype, scale_dtype):
+    """scale_unless_one_kernel: a scale of 1 leaves the gradient untouched (every block returns at
+    once), any other multiplies every element -- over a grid-stride loop of fewer blocks than it needs,
+    and a block of the last, partial stride -- in float (double for a double gradient), then rounds,
+    as grad.mul_(scale) does."""
+    codes = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+    grad = torch.randn(1000, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(grad_dtype)
+    for value in (1.0, 0.7, -3.0):
+        scale = torch.tensor(value, dtype=scale_dtype)
+        for blocks in (1, 3):
+            got = grad.clone()
+            assert kd_emu.emu_scale_unless_one(codes[grad_dtype], _ptr(got), ctypes.c_int64(got.numel()), _ptr(scale),
+                                               int(scale_dtype == torch.float64), ctypes.c_int64(blocks)) == 0
+            compute = torch.float64 if grad_dtype == torch.float64 else torch.float32
+            expected = grad if value == 1.0 else (grad.to(compute) * scale.to(compute)).to(grad_dtype)
+            assert torch.equal(got, expected) and torch.equal(got, grad.clone().mul_(scale)), (value, blocks)
 
 
 @pytest.mark.parametrize("dtypes", list(KD_DTYPE_PAIRS), ids=KD_PAIR_IDS)

@@ -4,7 +4,8 @@ give (the torch.library formulas' autograd.Function, which torch.compile and tor
 and their reductions, gradients of every input, the first-order-only rule, and the torch.library
 contract (opcheck). One exception, tested on its own below: on the CPU, kd_loss's forward forms the
 student's gradient from its own exps when only the student needs one (csrc/kd/kd_autograd.cpp), a
-gradient equal to the row backward's within a few float32 ulps."""
+gradient equal to the row backward's within a few float32 ulps; on a GPU its forward kernel forms it
+with the row backward's formula, bit for bit the row backward's at a loss gradient of 1."""
 import pytest
 import torch
 
@@ -278,15 +279,61 @@ def test_cpu_forward_precomputes_the_student_gradient(monkeypatch, case, C, dtyp
     assert_grad_close(grad, reference.grad, dtype, f"{case.name} vs reference")
 
 
-@pytest.mark.parametrize("family", ["kd", "nld"])
-def test_precomputed_gradient_is_used_once(family):
+@pytest.mark.parametrize("case", [case for case in CASES if not case.nld], ids=[i for case, i in zip(CASES, CASE_IDS)
+                                                                              if not case.nld])
+@pytest.mark.parametrize("C", [13, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+@pytest.mark.parametrize("grad_scale", [1.0, 0.7])
+def test_cuda_forward_precomputes_the_student_gradient(monkeypatch, case, C, dtype, reduction, grad_scale):
+    """The eager cuda call whose student alone needs a gradient (csrc/kd/kd_autograd.cpp): the forward
+    kernel forms it (kd_forward_student_grad_kernel, any loss and dtype) and the backward runs no row
+    kernel. At a loss gradient of 1 the gradient is the row backward's (the Python path's) bit for
+    bit; scaled (0.7, or "none"'s per-row weights) it is rounded once more than the row backward's;
+    the loss is bitwise the Python path's. NLD keeps its row backward on the GPU."""
+    _skip_unless("cuda")
+    g = torch.Generator().manual_seed(C)
+    student = (torch.randn(3, 5, C, generator=g) * 2).to(dtype).cuda()
+    teacher = (torch.randn(5, C, generator=g) * 2).to(dtype).cuda()
+
+    def weighted(loss):
+        weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).view(loss.shape)
+        return (loss * (weights if reduction == "none" else grad_scale)).sum()
+
+    def run():
+        leaf = student.clone().requires_grad_(True)
+        loss = case.fn(leaf, teacher, backend="cuda", reduction=reduction, **case.kwargs)
+        weighted(loss).backward()
+        return loss.detach(), leaf.grad
+
+    monkeypatch.setattr(_library, "CXX_AUTOGRAD", True)
+    (loss, grad), ops = _row_ops(run)
+    monkeypatch.setattr(_library, "CXX_AUTOGRAD", False)
+    python_loss, python_grad = run()
+    _assert_same(loss, python_loss)
+    assert ops == {"snnkd_fast::kd_rows_forward_student_grad"}, ops
+    if grad_scale == 1.0 and reduction != "none":
+        _assert_same(grad, python_grad)
+    elif dtype == torch.bfloat16:
+        assert_grad_close(grad, python_grad, dtype, "vs the row backward")
+    else:
+        rtol = 4e-7 if dtype == torch.float32 else 1e-15
+        torch.testing.assert_close(grad, python_grad, rtol=rtol, atol=rtol * python_grad.abs().max().item())
+    reference = student.double().requires_grad_(True)
+    weighted(case.reference(reference, teacher.double(), "cuda", reduction)).backward()
+    assert_grad_close(grad, reference.grad, dtype, f"{case.name} vs reference")
+
+
+@pytest.mark.parametrize("family, backend", [("kd", "cpp"), ("nld", "cpp"), ("kd", "cuda")])
+def test_precomputed_gradient_is_used_once(family, backend):
     """A retained graph's second backward runs the row backward (the first completed the precomputed
     gradient in place and handed it over): the same gradient twice, accumulated."""
-    _skip_unless("cpp")
-    student = torch.randn(4, 6, 64, dtype=torch.float64, requires_grad=True)
-    teacher = torch.randn(6, 64, dtype=torch.float64)
-    loss = (L.hta_kl(student, teacher, backend="cpp") if family == "kd"
-            else L.nld_loss(student, teacher, seed=3, per_timestep=True, backend="cpp"))
+    _skip_unless(backend)
+    device = device_for(backend)
+    student = torch.randn(4, 6, 64, dtype=torch.float64, device=device, requires_grad=True)
+    teacher = torch.randn(6, 64, dtype=torch.float64, device=device)
+    loss = (L.hta_kl(student, teacher, backend=backend) if family == "kd"
+            else L.nld_loss(student, teacher, seed=3, per_timestep=True, backend=backend))
     (_, ops) = _row_ops(lambda: loss.backward(retain_graph=True))
     assert ops == set(), ops
     first = student.grad.clone()

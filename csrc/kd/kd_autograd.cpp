@@ -19,6 +19,16 @@
 // forward instead of the backward -- either way at the time of a training step's peak, the loss being
 // its last forward op. Not under saved-tensor hooks (offloading, checkpointing: the precomputed
 // gradient would bypass them); a second backward through a retained graph runs the row backward.
+//
+// On a GPU kd_loss does the same (kd_forward_student_grad_kernel: the forward kernel's block writes
+// its row's gradient with the row backward's formula, bit for bit the row backward's at a loss
+// gradient of 1), for its traffic and its launches: the row backward reads the student and teacher
+// again and writes the gradient (3 [T, B, C] passes over a step, 2 here), and costs the host a
+// division, a broadcast copy and its own launch, where the backward here is one launch that returns
+// at once when the loss's gradient -- read on the device, never synchronised -- is 1
+// (scale_unless_one). A 16-bit student's gradient scaled by another value rounds twice (once in the
+// forward, once scaled) where the row backward's rounds once. NLD keeps its row backward on the GPU
+// (its noise, not its bytes, bounds it). SNNKD_CUDA_KD_NO_FORWARD_GRAD=1 turns it off (an A/B).
 #include <ATen/SavedTensorHooks.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/library.h>
@@ -66,15 +76,25 @@ void check_divisor(int64_t divisor, const char* op) {
   TORCH_CHECK(divisor >= 0, op, ": divisor must be >= 0 (0: no reduction)");
 }
 
+}  // namespace
+
+CudaStudentGrad& cuda_student_grad() {
+  static CudaStudentGrad kernels;  // filled by kd_cuda.cu's static initializer in a CUDA build
+  return kernels;
+}
+
+namespace {
+
 // Whether kd_loss's and nld_loss's forwards precompute the student's gradient (see the top of the
-// file): plain CPU tensors in an eager call that records the student's gradient alone, with nothing
-// that watches the ops or the saved tensors (a dispatch mode or a tensor subclass would not see the
-// direct kernel call; saved-tensor hooks would not see the gradient held for the backward).
-bool precompute_student_grad(const at::Tensor& student, const at::Tensor& teacher) {
-  return student.device().is_cpu() && at::GradMode::is_enabled() && student.requires_grad() &&
-         !teacher.requires_grad() && !student.key_set().has(c10::DispatchKey::Python) &&
-         !teacher.key_set().has(c10::DispatchKey::Python) && !c10::impl::TorchDispatchModeTLS::any_modes_set() &&
-         !at::SavedTensorDefaultHooks::get_hooks().has_value();
+// file): plain tensors in an eager call that records the student's gradient alone, with nothing that
+// watches the ops or the saved tensors (a dispatch mode or a tensor subclass would not see the direct
+// kernel call; saved-tensor hooks would not see the gradient held for the backward); on the CPU, or
+// (kd_loss only) on a GPU where the CUDA kernels for it are built (cuda_student_grad).
+bool precompute_student_grad(const at::Tensor& student, const at::Tensor& teacher, bool on_cuda) {
+  const bool device = student.device().is_cpu() || (on_cuda && student.is_cuda());
+  return device && at::GradMode::is_enabled() && student.requires_grad() && !teacher.requires_grad() &&
+         !student.key_set().has(c10::DispatchKey::Python) && !teacher.key_set().has(c10::DispatchKey::Python) &&
+         !c10::impl::TorchDispatchModeTLS::any_modes_set() && !at::SavedTensorDefaultHooks::get_hooks().has_value();
 }
 
 // The backward's use of a gradient the forward precomputed (saved_data "student_grad"), into grads[0]:
@@ -91,6 +111,8 @@ bool use_precomputed_student_grad(AutogradContext* ctx, const variable_list& gra
   const at::Tensor& grad_loss = grad_outputs[0];
   if (divisor == 0) {
     grad_student.mul_(grad_loss.unsqueeze(-1));  // the rows' own gradients
+  } else if (grad_student.is_cuda()) {  // decided on the device: .item() would synchronise
+    cuda_student_grad().scale_unless_one(grad_student, grad_loss);
   } else if (grad_loss.item<double>() != 1.0) {  // a CPU scalar: no synchronisation
     grad_student.mul_(grad_loss);
   }
@@ -109,8 +131,12 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
     check_divisor(divisor, "snnkd_fast::kd_loss");
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // the device kernel, not the op's Python formula
     at::Tensor rows, stats, keys, student_grad;
-    if (precompute_grad &&
-        kd_cpu_forms_student_grad(student, teacher, loss, temperature, entropy_temperature)) {
+    if (precompute_grad && student.is_cuda()) {  // any loss and dtypes (kd_forward_student_grad_kernel)
+      std::tie(rows, stats, keys, student_grad) = cuda_student_grad().forward(
+          student, teacher, loss, temperature, entropy_temperature, entropy_weight, head_threshold,
+          row_weight(divisor));
+    } else if (precompute_grad &&
+               kd_cpu_forms_student_grad(student, teacher, loss, temperature, entropy_temperature)) {
       std::tie(rows, stats, keys, student_grad) = kd_rows_forward_student_grad_cpu(
           student, teacher, loss, temperature, entropy_temperature, entropy_weight, head_threshold,
           row_weight(divisor));
@@ -203,7 +229,8 @@ at::Tensor kd_loss_autograd(const at::Tensor& student, const at::Tensor& teacher
                             double entropy_temperature, double entropy_weight, double head_threshold,
                             int64_t divisor) {
   return KdLossFunction::apply(student, teacher, loss, temperature, entropy_temperature, entropy_weight,
-                               head_threshold, divisor, precompute_student_grad(student, teacher));
+                               head_threshold, divisor,
+                               precompute_student_grad(student, teacher, cuda_student_grad().forward != nullptr));
 }
 
 // Below the autograd key (an op call autograd would not record reaches the Function too, which
@@ -221,7 +248,7 @@ at::Tensor nld_loss_autograd(const at::Tensor& student, const at::Tensor& teache
                              double temperature, double noise_weight, double noise_std, bool adaptive, bool additive,
                              int64_t divisor) {
   return NldLossFunction::apply(student, teacher, seed, temperature, noise_weight, noise_std, adaptive, additive,
-                                divisor, precompute_student_grad(student, teacher));
+                                divisor, precompute_student_grad(student, teacher, false));
 }
 
 at::Tensor nld_loss_plain(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& seed,

@@ -3,16 +3,19 @@
 // that the build compiles them in parallel). Same argument checks, output shapes, dtypes and
 // empty-input handling as the CPU ops (kd_cpu.cpp), plus a same-device check.
 #include <ATen/Dispatch.h>
+#include <ATen/record_function.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "kd_cuda_kernels.cuh"
 #include "kd_cuda_launch.h"
@@ -68,10 +71,12 @@ void launch_hta_head(const u_t* u, Strides us, int64_t rows, int64_t B, int64_t 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cuda(const at::Tensor& student,
-                                                                    const at::Tensor& teacher, int64_t loss,
-                                                                    double temperature, double entropy_temperature,
-                                                                    double entropy_weight, double head_threshold) {
+// kd_rows_forward, and with student_grad the student's gradient [T, B, C] (contiguous) at a row
+// gradient of row_weight (kd_forward_student_grad_kernel; else undefined).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_impl(
+    const at::Tensor& student, const at::Tensor& teacher, int64_t loss, double temperature,
+    double entropy_temperature, double entropy_weight, double head_threshold, bool student_grad,
+    double row_weight) {
   const RowLayout L = row_layout(student, teacher, "snnkd_fast::kd_rows_forward");
   const Strides ss = L.s, us = L.u;
   const bool per_t = L.teacher_per_t;
@@ -84,7 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cuda(const at::Te
   at::Tensor stats = at::empty({T, B, kNumStats}, acc_options);
   const int64_t teacher_rows = per_t ? T : 1;
   at::Tensor keys = at::empty({loss == kHTA ? teacher_rows : 0, B, kHtaNum}, student.options().dtype(at::kInt));
-  if (rows.numel() == 0) return {rows, stats, keys};
+  at::Tensor grad = student_grad ? at::empty({T, B, C}, student.options()) : at::Tensor();
+  if (rows.numel() == 0) return {rows, stats, keys, grad};
   const char* op = "snnkd_fast::kd_rows_forward";
   const int64_t grid = row_blocks(op, T * B);
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -100,16 +106,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cuda(const at::Te
       constexpr int kVec = kd_forward_pack<s_t, u_t>();
       const bool packed =
           !packing_disabled() && kd_rows_packable(kVec, s_ptr, sizeof(s_t), ss, u_ptr, sizeof(u_t), us, C);
-      const auto kernel = packed ? kd_forward_kernel<s_t, u_t, LOSS, kVec> : kd_forward_kernel<s_t, u_t, LOSS, 1>;
-      kernel<<<grid, kThreads, 0, stream>>>(
-          s_ptr, ss, u_ptr, us, per_t, B, C, static_cast<acc_t>(1.0 / temperature),
-          static_cast<acc_t>(1.0 / entropy_temperature), static_cast<acc_t>(temperature * temperature),
-          static_cast<acc_t>(entropy_weight), LOSS == kHTA ? keys.data_ptr<int32_t>() : nullptr,
-          rows.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+      const acc_t inv_tau = static_cast<acc_t>(1.0 / temperature), inv_tau_h = static_cast<acc_t>(1.0 / entropy_temperature);
+      const acc_t tau_sq = static_cast<acc_t>(temperature * temperature);
+      const int32_t* hta_keys = LOSS == kHTA ? keys.data_ptr<int32_t>() : nullptr;
+      if (student_grad) {
+        const auto kernel = packed ? kd_forward_student_grad_kernel<s_t, u_t, LOSS, kVec>
+                                   : kd_forward_student_grad_kernel<s_t, u_t, LOSS, 1>;
+        kernel<<<grid, kThreads, 0, stream>>>(s_ptr, ss, u_ptr, us, per_t, B, C, inv_tau, inv_tau_h, tau_sq,
+                                              static_cast<acc_t>(entropy_weight), hta_keys, rows.data_ptr<acc_t>(),
+                                              stats.data_ptr<acc_t>(), static_cast<acc_t>(temperature),
+                                              static_cast<acc_t>(row_weight), grad.data_ptr<s_t>());
+      } else {
+        const auto kernel = packed ? kd_forward_kernel<s_t, u_t, LOSS, kVec> : kd_forward_kernel<s_t, u_t, LOSS, 1>;
+        kernel<<<grid, kThreads, 0, stream>>>(s_ptr, ss, u_ptr, us, per_t, B, C, inv_tau, inv_tau_h, tau_sq,
+                                              static_cast<acc_t>(entropy_weight), hta_keys, rows.data_ptr<acc_t>(),
+                                              stats.data_ptr<acc_t>());
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+  return {rows, stats, keys, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_cuda(const at::Tensor& student,
+                                                                    const at::Tensor& teacher, int64_t loss,
+                                                                    double temperature, double entropy_temperature,
+                                                                    double entropy_weight, double head_threshold) {
+  auto [rows, stats, keys, grad] = kd_rows_forward_impl(student, teacher, loss, temperature, entropy_temperature,
+                                                        entropy_weight, head_threshold, false, 0.0);
   return {rows, stats, keys};
+}
+
+// kd_ops.h's CudaStudentGrad::forward: the eager autograd kernel's forward that also forms the
+// student's gradient (kd_autograd.cpp), as kd_rows_forward_student_grad_cpu on the CPU.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_student_grad_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, int64_t loss, double temperature,
+    double entropy_temperature, double entropy_weight, double head_threshold, double row_weight) {
+  RECORD_FUNCTION("snnkd_fast::kd_rows_forward_student_grad", std::vector<c10::IValue>({student, teacher}));
+  return kd_rows_forward_impl(student, teacher, loss, temperature, entropy_temperature, entropy_weight,
+                              head_threshold, true, row_weight);
+}
+
+// kd_ops.h's CudaStudentGrad::scale_unless_one: grad *= scale (one element, on grad's device) unless
+// it is 1, decided on the device (scale_unless_one_kernel).
+void scale_unless_one_cuda(at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK(grad.is_contiguous() && scale.numel() == 1 && scale.device() == grad.device() &&
+                  (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble),
+              "snnkd_fast: scale_unless_one needs a contiguous gradient and a float or double scale on its device");
+  if (grad.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(grad.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  // enough blocks to scale at bandwidth when it must (a grid-stride loop), few to return from when not
+  const int64_t blocks = std::min<int64_t>((grad.numel() + kThreads - 1) / kThreads, 1024);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "snnkd_scale_unless_one", [&] {
+    using g_t = scalar_t;
+    g_t* g = grad.data_ptr<g_t>();
+    if (scale.scalar_type() == at::kDouble) {
+      scale_unless_one_kernel<g_t, double><<<blocks, kThreads, 0, stream>>>(g, grad.numel(), scale.data_ptr<double>());
+    } else {
+      scale_unless_one_kernel<g_t, float><<<blocks, kThreads, 0, stream>>>(g, grad.numel(), scale.data_ptr<float>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_rows_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& student,
@@ -158,6 +216,18 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_backward_cuda(const at::Tensor& grad_
   });
   return {grad_student, grad_teacher};
 }
+
+// SNNKD_CUDA_KD_NO_FORWARD_GRAD=1 (read once per process): the CUDA forward forms no student gradient
+// and the backward runs the row kernel, as before the precomputed gradient -- for an A/B of the two in
+// one build (the benchmarks' and the breakdown's `--variant`).
+const bool kStudentGradRegistered = [] {
+  const char* value = std::getenv("SNNKD_CUDA_KD_NO_FORWARD_GRAD");
+  if (value != nullptr && value[0] != '\0' && std::string(value) != "0") return false;
+  CudaStudentGrad& kernels = cuda_student_grad();
+  kernels.forward = &kd_rows_forward_student_grad_cuda;
+  kernels.scale_unless_one = &scale_unless_one_cuda;
+  return true;
+}();
 
 }  // namespace
 }  // namespace cuda

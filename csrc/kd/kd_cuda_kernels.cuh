@@ -828,13 +828,21 @@ void hta_split_head(Launch&& launch, const u_t* U, Strides us, int64_t B, int64_
 // first, online_push_pack), where one class at a time issued ~55-60 instructions per class and ran
 // no faster in bf16 than in fp32 on an H200 (benchmarks/GPU_NOTES.md, session 15). The sums then
 // round differently from VEC = 1's (the same values to rounding).
-template <typename s_t, typename u_t, int LOSS, int VEC = 1>
-__global__ void __launch_bounds__(kThreads)
-    kd_forward_kernel(const s_t* __restrict__ S, Strides ss, const u_t* __restrict__ U, Strides us, bool teacher_per_t,
-                      int64_t B, int64_t C, acc_type_t<s_t, u_t> inv_tau, acc_type_t<s_t, u_t> inv_tau_h,
-                      acc_type_t<s_t, u_t> tau_sq, acc_type_t<s_t, u_t> entropy_weight,
-                      const int32_t* __restrict__ hta_keys, acc_type_t<s_t, u_t>* __restrict__ rows,
-                      acc_type_t<s_t, u_t>* __restrict__ stats) {
+//
+// WITH_GRAD (kd_forward_student_grad_kernel): the block then also writes its row of the student's
+// gradient at a row gradient of grad_weight, grad_s [T, B, C] contiguous -- kd_backward_kernel's
+// formula with the statistics still in registers, the row read again from L2 (the eager autograd
+// kernel's precomputed gradient, csrc/kd/kd_autograd.cpp): the same bits as the row backward's at
+// grad_rows = grad_weight.
+template <typename s_t, typename u_t, int LOSS, int VEC, bool WITH_GRAD>
+__device__ __forceinline__ void kd_forward_row(const s_t* __restrict__ S, Strides ss, const u_t* __restrict__ U,
+                                               Strides us, bool teacher_per_t, int64_t B, int64_t C,
+                                               acc_type_t<s_t, u_t> inv_tau, acc_type_t<s_t, u_t> inv_tau_h,
+                                               acc_type_t<s_t, u_t> tau_sq, acc_type_t<s_t, u_t> entropy_weight,
+                                               const int32_t* __restrict__ hta_keys,
+                                               acc_type_t<s_t, u_t>* __restrict__ rows,
+                                               acc_type_t<s_t, u_t>* __restrict__ stats, acc_type_t<s_t, u_t> tau,
+                                               acc_type_t<s_t, u_t> grad_weight, s_t* __restrict__ grad_s) {
   using acc_t = acc_type_t<s_t, u_t>;
   constexpr int N = LOSS == kTSER ? 3 : 2;  // o[0]: teacher (d = sum p (u - s)), o[1]: student, o[2]: tau_H
   using Acc = OnlineN<acc_t, N>;
@@ -928,6 +936,68 @@ __global__ void __launch_bounds__(kThreads)
     stat[kKlF] = kl_f;
     stat[kAux0] = aux0;
     stat[kAux1] = aux1;
+  }
+  if constexpr (WITH_GRAD) {
+    const RowStats<acc_t> r{lse_s, lse_u, kl_f, aux0, aux1};
+    s_t* g = grad_s + row * C;
+    const auto grad_of = [&](s_t s_value, u_t u_value) {
+      return from_acc<s_t>(grad_weight * grad_student<acc_t>(LOSS, to_acc<acc_t>(s_value), to_acc<acc_t>(u_value), r,
+                                                             inv_tau, tau, inv_tau_h, entropy_weight));
+    };
+    if constexpr (VEC == 1) {
+      for_each_class<kPairChunk>(s, ss.c, u, us.c, C, [&](int64_t c, s_t s_value, u_t u_value) {
+        g[c] = grad_of(s_value, u_value);
+      });
+    } else {
+      for_each_pack<VEC>(s, u, C, [&](int64_t c0, const Pack<s_t, VEC>& s_pack, const Pack<u_t, VEC>& u_pack) {
+        Pack<s_t, VEC> g_pack;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) g_pack.v[i] = grad_of(s_pack.v[i], u_pack.v[i]);
+        store_pack<s_t, VEC>(g + c0, g_pack);
+      });
+    }
+  }
+}
+
+template <typename s_t, typename u_t, int LOSS, int VEC = 1>
+__global__ void __launch_bounds__(kThreads)
+    kd_forward_kernel(const s_t* __restrict__ S, Strides ss, const u_t* __restrict__ U, Strides us, bool teacher_per_t,
+                      int64_t B, int64_t C, acc_type_t<s_t, u_t> inv_tau, acc_type_t<s_t, u_t> inv_tau_h,
+                      acc_type_t<s_t, u_t> tau_sq, acc_type_t<s_t, u_t> entropy_weight,
+                      const int32_t* __restrict__ hta_keys, acc_type_t<s_t, u_t>* __restrict__ rows,
+                      acc_type_t<s_t, u_t>* __restrict__ stats) {
+  using acc_t = acc_type_t<s_t, u_t>;
+  kd_forward_row<s_t, u_t, LOSS, VEC, false>(S, ss, U, us, teacher_per_t, B, C, inv_tau, inv_tau_h, tau_sq,
+                                             entropy_weight, hta_keys, rows, stats, acc_t(0), acc_t(0), nullptr);
+}
+
+// kd_forward_kernel that also writes the student's gradient [T, B, C] (contiguous) at a row gradient of
+// grad_weight (kd_forward_row's WITH_GRAD); tau: the temperature (kd_backward_kernel's).
+template <typename s_t, typename u_t, int LOSS, int VEC = 1>
+__global__ void __launch_bounds__(kThreads)
+    kd_forward_student_grad_kernel(const s_t* __restrict__ S, Strides ss, const u_t* __restrict__ U, Strides us,
+                                   bool teacher_per_t, int64_t B, int64_t C, acc_type_t<s_t, u_t> inv_tau,
+                                   acc_type_t<s_t, u_t> inv_tau_h, acc_type_t<s_t, u_t> tau_sq,
+                                   acc_type_t<s_t, u_t> entropy_weight, const int32_t* __restrict__ hta_keys,
+                                   acc_type_t<s_t, u_t>* __restrict__ rows, acc_type_t<s_t, u_t>* __restrict__ stats,
+                                   acc_type_t<s_t, u_t> tau, acc_type_t<s_t, u_t> grad_weight,
+                                   s_t* __restrict__ grad_s) {
+  kd_forward_row<s_t, u_t, LOSS, VEC, true>(S, ss, U, us, teacher_per_t, B, C, inv_tau, inv_tau_h, tau_sq,
+                                            entropy_weight, hta_keys, rows, stats, tau, grad_weight, grad_s);
+}
+
+// grad *= *scale unless *scale is 1, read on the device (no host synchronisation): the backward's
+// completion of the precomputed gradient when the loss's gradient is a scalar (kd_autograd.cpp). At
+// 1 -- a loss backpropagated alone or as a term of a sum -- every block returns at once.
+template <typename g_t, typename scale_t>
+__global__ void __launch_bounds__(kThreads)
+    scale_unless_one_kernel(g_t* __restrict__ grad, int64_t n, const scale_t* __restrict__ scale) {
+  const scale_t factor = *scale;
+  if (factor == scale_t(1)) return;
+  using acc_t = typename std::conditional<std::is_same<g_t, double>::value, double, float>::type;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    grad[i] = from_acc<g_t>(to_acc<acc_t>(grad[i]) * static_cast<acc_t>(factor));
   }
 }
 

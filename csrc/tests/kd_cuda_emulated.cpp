@@ -57,20 +57,33 @@ int64_t hta_head(const u_t* u, bool per_t, int64_t Tn, int64_t B, int64_t C, dou
 // kd_cuda.cu's choice of classes per access (allow_packed = false: one); returns the number used.
 // The HTA head one block per row, of head_threads (kThreads or kHtaWideThreads: kd_cuda.cu picks by
 // hta_head_threads; its split form is tested alone, emu_hta_head).
+// grad_s (kd_cuda.cu's kd_rows_forward_student_grad_cuda): kd_forward_student_grad_kernel, which also
+// writes the student's gradient [T, B, C] at a row gradient of grad_weight.
 template <typename s_t, typename u_t, int LOSS>
 int forward(const s_t* s, const u_t* u, bool per_t, int64_t Tn, int64_t B, int64_t C, double temperature,
             double entropy_temperature, double entropy_weight, double head_threshold, acc_type_t<s_t, u_t>* rows,
-            acc_type_t<s_t, u_t>* stats, int32_t* keys, bool allow_packed, int head_threads) {
+            acc_type_t<s_t, u_t>* stats, int32_t* keys, bool allow_packed, int head_threads,
+            s_t* grad_s = nullptr, double grad_weight = 0.0) {
   using acc_t = acc_type_t<s_t, u_t>;
   const Strides ss{B * C, C, 1}, us{per_t ? B * C : 0, C, 1};
   if (LOSS == kHTA) hta_head(u, per_t, Tn, B, C, temperature, head_threshold, head_threads, 1, keys);
   constexpr int kVec = kd_forward_pack<s_t, u_t>();
   const bool packed = allow_packed && kd_rows_packable(kVec, s, sizeof(s_t), ss, u, sizeof(u_t), us, C);
-  const auto kernel = packed ? kd_forward_kernel<s_t, u_t, LOSS, kVec> : kd_forward_kernel<s_t, u_t, LOSS, 1>;
-  cuda_emulation::launch_cooperative<kThreads>(
-      Tn * B, kernel, s, ss, u, us, per_t, B, C, static_cast<acc_t>(1.0 / temperature),
-      static_cast<acc_t>(1.0 / entropy_temperature), static_cast<acc_t>(temperature * temperature),
-      static_cast<acc_t>(entropy_weight), LOSS == kHTA ? static_cast<const int32_t*>(keys) : nullptr, rows, stats);
+  const acc_t inv_tau = static_cast<acc_t>(1.0 / temperature), inv_tau_h = static_cast<acc_t>(1.0 / entropy_temperature);
+  const acc_t tau_sq = static_cast<acc_t>(temperature * temperature);
+  const int32_t* hta_keys = LOSS == kHTA ? static_cast<const int32_t*>(keys) : nullptr;
+  if (grad_s != nullptr) {
+    const auto kernel = packed ? kd_forward_student_grad_kernel<s_t, u_t, LOSS, kVec>
+                               : kd_forward_student_grad_kernel<s_t, u_t, LOSS, 1>;
+    cuda_emulation::launch_cooperative<kThreads>(Tn * B, kernel, s, ss, u, us, per_t, B, C, inv_tau, inv_tau_h, tau_sq,
+                                                 static_cast<acc_t>(entropy_weight), hta_keys, rows, stats,
+                                                 static_cast<acc_t>(temperature), static_cast<acc_t>(grad_weight),
+                                                 grad_s);
+  } else {
+    const auto kernel = packed ? kd_forward_kernel<s_t, u_t, LOSS, kVec> : kd_forward_kernel<s_t, u_t, LOSS, 1>;
+    cuda_emulation::launch_cooperative<kThreads>(Tn * B, kernel, s, ss, u, us, per_t, B, C, inv_tau, inv_tau_h, tau_sq,
+                                                 static_cast<acc_t>(entropy_weight), hta_keys, rows, stats);
+  }
   return packed ? kVec : 1;
 }
 
@@ -154,10 +167,13 @@ extern "C" {
 // layout of snnkd_fast::kd_rows_forward.
 // allow_packed 0: one class per access; *vec_used: the classes per access it ran with; head_threads:
 // the HTA head's block size (kThreads or kHtaWideThreads).
-int emu_kd_rows_forward(int dtype_pair, int loss, const void* s, const void* u, int per_t, int64_t T, int64_t B,
-                        int64_t C, double temperature, double entropy_temperature, double entropy_weight,
-                        double head_threshold, void* rows, void* stats, int32_t* keys, int allow_packed,
-                        int32_t* vec_used, int head_threads) {
+// grad_s non-null: also the student's gradient [T, B, C] at a row gradient of grad_weight (in the
+// student's dtype; kd_forward_student_grad_kernel).
+int emu_kd_rows_forward_student_grad(int dtype_pair, int loss, const void* s, const void* u, int per_t, int64_t T,
+                                     int64_t B, int64_t C, double temperature, double entropy_temperature,
+                                     double entropy_weight, double head_threshold, void* rows, void* stats,
+                                     int32_t* keys, int allow_packed, int32_t* vec_used, int head_threads,
+                                     void* grad_s, double grad_weight) {
   if (loss < kKL || loss > kHTA || (head_threads != kThreads && head_threads != kHtaWideThreads)) return 1;
   const bool known = with_dtype_pair(dtype_pair, [&](auto pair) {
     using S = typename decltype(pair)::student;
@@ -167,10 +183,41 @@ int emu_kd_rows_forward(int dtype_pair, int loss, const void* s, const void* u, 
       *vec_used = forward<S, U, decltype(loss_c)::value>(
           static_cast<const S*>(s), static_cast<const U*>(u), per_t != 0, T, B, C, temperature, entropy_temperature,
           entropy_weight, head_threshold, static_cast<A*>(rows), static_cast<A*>(stats), keys, allow_packed != 0,
-          head_threads);
+          head_threads, static_cast<S*>(grad_s), grad_weight);
     });
   });
   return known ? 0 : 1;
+}
+
+int emu_kd_rows_forward(int dtype_pair, int loss, const void* s, const void* u, int per_t, int64_t T, int64_t B,
+                        int64_t C, double temperature, double entropy_temperature, double entropy_weight,
+                        double head_threshold, void* rows, void* stats, int32_t* keys, int allow_packed,
+                        int32_t* vec_used, int head_threads) {
+  return emu_kd_rows_forward_student_grad(dtype_pair, loss, s, u, per_t, T, B, C, temperature, entropy_temperature,
+                                          entropy_weight, head_threshold, rows, stats, keys, allow_packed, vec_used,
+                                          head_threads, nullptr, 0.0);
+}
+
+// scale_unless_one_kernel over n elements of grad (grad_dtype 0 float, 1 double, 2 bfloat16, 3 half)
+// with one scale (float, or double if scale_double), in a grid of `blocks` blocks.
+int emu_scale_unless_one(int grad_dtype, void* grad, int64_t n, const void* scale, int scale_double, int64_t blocks) {
+  const auto run = [&](auto* typed) {
+    using G = std::remove_pointer_t<decltype(typed)>;
+    if (scale_double) {
+      cuda_emulation::launch<kThreads>(blocks, scale_unless_one_kernel<G, double>, typed, n,
+                                       static_cast<const double*>(scale));
+    } else {
+      cuda_emulation::launch<kThreads>(blocks, scale_unless_one_kernel<G, float>, typed, n,
+                                       static_cast<const float*>(scale));
+    }
+  };
+  switch (grad_dtype) {
+    case 0: run(static_cast<float*>(grad)); return 0;
+    case 1: run(static_cast<double*>(grad)); return 0;
+    case 2: run(static_cast<c10::BFloat16*>(grad)); return 0;
+    case 3: run(static_cast<c10::Half*>(grad)); return 0;
+    default: return 1;
+  }
 }
 
 // grad_u null: no teacher gradient. allow_packed 0: one class per thread; *vec_used: the classes

@@ -18,10 +18,19 @@ template <typename s_t, typename u_t, int LOSS>
 const void* packed_forward_kernel() {
   return reinterpret_cast<const void*>(&kd_forward_kernel<s_t, u_t, LOSS, kd_forward_pack<s_t, u_t>()>);
 }
+// The forward that also writes the student's gradient, at both class counts per access alike.
+template <typename s_t, typename u_t, int LOSS>
+const void* student_grad_forward_kernels() {
+  static const void* kernels[] = {
+      reinterpret_cast<const void*>(&kd_forward_student_grad_kernel<s_t, u_t, LOSS, 1>),
+      reinterpret_cast<const void*>(&kd_forward_student_grad_kernel<s_t, u_t, LOSS, kd_forward_pack<s_t, u_t>()>)};
+  return kernels;
+}
 
 #define SNNKD_KD_INSTANTIATE_LOSS(s_t, u_t, LOSS)                                                               \
   SNNKD_KD_INSTANTIATE_FORWARD(s_t, u_t, LOSS, 1)                                                               \
   template const void* packed_forward_kernel<s_t, u_t, LOSS>();                                                 \
+  template const void* student_grad_forward_kernels<s_t, u_t, LOSS>();                                          \
   SNNKD_KD_INSTANTIATE_BACKWARD(s_t, u_t, LOSS, 1)                                                              \
   SNNKD_KD_INSTANTIATE_BACKWARD(s_t, u_t, LOSS, (kd_rows_pack<s_t, u_t>()))
 
@@ -82,6 +91,13 @@ SNNKD_KD_INSTANTIATE_STUDENT(double)
 SNNKD_KD_INSTANTIATE_STUDENT(__half)
 SNNKD_KD_INSTANTIATE_STUDENT(__nv_bfloat16)
 template __global__ void nld_noise_kernel<float>(const int64_t*, float*, int64_t, int64_t);
+#define SNNKD_KD_INSTANTIATE_SCALE(g_t)                                                                         \
+  template __global__ void scale_unless_one_kernel<g_t, float>(g_t*, int64_t, const float*);                   \
+  template __global__ void scale_unless_one_kernel<g_t, double>(g_t*, int64_t, const double*);
+SNNKD_KD_INSTANTIATE_SCALE(float)
+SNNKD_KD_INSTANTIATE_SCALE(double)
+SNNKD_KD_INSTANTIATE_SCALE(__half)
+SNNKD_KD_INSTANTIATE_SCALE(__nv_bfloat16)
 
 }  // namespace cuda
 }  // namespace kd
