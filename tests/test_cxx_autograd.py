@@ -216,6 +216,32 @@ def _row_ops(run):
     return result, {e.key for e in prof.key_averages() if e.key.startswith("snnkd_fast::") and "_rows_" in e.key}
 
 
+def _weighting(reduction, grad_scale):
+    """The loss's gradient: grad_scale, or for "none" each row its own weight (every row's gradient
+    checked)."""
+    def weighted(loss):
+        weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).view(loss.shape)
+        return (loss * (weights if reduction == "none" else grad_scale)).sum()
+    return weighted
+
+
+def _student_grad_both_paths(monkeypatch, case, student, teacher, backend, reduction, weighted):
+    """The student's gradient of ``weighted(loss)`` through the C++ autograd kernel and through the
+    Python path (the row backward), and the row ops the first ran; the losses bitwise equal."""
+    def run():
+        leaf = student.clone().requires_grad_(True)
+        loss = case.fn(leaf, teacher, backend=backend, reduction=reduction, **case.kwargs)
+        weighted(loss).backward()
+        return loss.detach(), leaf.grad
+
+    monkeypatch.setattr(_library, "CXX_AUTOGRAD", True)
+    (loss, grad), ops = _row_ops(run)
+    monkeypatch.setattr(_library, "CXX_AUTOGRAD", False)
+    python_loss, python_grad = run()
+    _assert_same(loss, python_loss)
+    return grad, python_grad, ops
+
+
 def _precomputes(case, C):
     """Whether the cpp forward forms the gradient: NLD always, HTA in its row kernel (any C), KL and
     TSER in theirs (C >= 32 here, not the lane rows), TSER at tau_H = tau."""
@@ -245,21 +271,9 @@ def test_cpu_forward_precomputes_the_student_gradient(monkeypatch, case, C, dtyp
     student = (torch.randn(3, 5, C, generator=g) * 2).to(dtype)
     teacher = (torch.randn(5, C, generator=g) * 2).to(dtype)
 
-    def weighted(loss):  # "none": each row its own weight, so that every row's gradient is checked
-        weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).view(loss.shape)
-        return (loss * (weights if reduction == "none" else grad_scale)).sum()
-
-    def run():
-        leaf = student.clone().requires_grad_(True)
-        loss = case.fn(leaf, teacher, backend="cpp", reduction=reduction, **case.kwargs)
-        weighted(loss).backward()
-        return loss.detach(), leaf.grad
-
-    monkeypatch.setattr(_library, "CXX_AUTOGRAD", True)
-    (loss, grad), ops = _row_ops(run)
-    monkeypatch.setattr(_library, "CXX_AUTOGRAD", False)
-    python_loss, python_grad = run()
-    _assert_same(loss, python_loss)
+    weighted = _weighting(reduction, grad_scale)
+    grad, python_grad, ops = _student_grad_both_paths(monkeypatch, case, student, teacher, "cpp", reduction,
+                                                     weighted)
     family = "nld" if case.nld else "kd"
     # the losses of time-averaged logits average a bf16 student in float32 before the kernel
     averaged = case.fn is L.kd_kl or case.kwargs.get("time_reduction") == "mean_logits" or \
@@ -296,21 +310,9 @@ def test_cuda_forward_precomputes_the_student_gradient(monkeypatch, case, C, dty
     student = (torch.randn(3, 5, C, generator=g) * 2).to(dtype).cuda()
     teacher = (torch.randn(5, C, generator=g) * 2).to(dtype).cuda()
 
-    def weighted(loss):
-        weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).view(loss.shape)
-        return (loss * (weights if reduction == "none" else grad_scale)).sum()
-
-    def run():
-        leaf = student.clone().requires_grad_(True)
-        loss = case.fn(leaf, teacher, backend="cuda", reduction=reduction, **case.kwargs)
-        weighted(loss).backward()
-        return loss.detach(), leaf.grad
-
-    monkeypatch.setattr(_library, "CXX_AUTOGRAD", True)
-    (loss, grad), ops = _row_ops(run)
-    monkeypatch.setattr(_library, "CXX_AUTOGRAD", False)
-    python_loss, python_grad = run()
-    _assert_same(loss, python_loss)
+    weighted = _weighting(reduction, grad_scale)
+    grad, python_grad, ops = _student_grad_both_paths(monkeypatch, case, student, teacher, "cuda", reduction,
+                                                     weighted)
     assert ops == {"snnkd_fast::kd_rows_forward_student_grad"}, ops
     if grad_scale == 1.0 and reduction != "none":
         _assert_same(grad, python_grad)
