@@ -23,10 +23,10 @@
 // On a GPU kd_loss does the same (kd_forward_student_grad_kernel: the forward kernel's block writes
 // its row's gradient with the row backward's formula, bit for bit the row backward's at a loss
 // gradient of 1), for its traffic and its launches: the row backward reads the student and teacher
-// again and writes the gradient (3 [T, B, C] passes over a step, 2 here), and costs the host a
-// division, a broadcast copy and its own launch, where the backward here is one launch that returns
-// at once when the loss's gradient -- read on the device, never synchronised -- is 1
-// (scale_unless_one). A 16-bit student's gradient scaled by another value rounds twice (once in the
+// again and writes the gradient (3 [T, B, C] passes over a step; here 2 where the forward's second
+// read of each row hits L2), and costs the host a division, a broadcast copy and its own launch,
+// where the backward here is one launch that returns at once when the loss's gradient -- read on
+// the device, never synchronised -- is 1 (scale_unless_one). A 16-bit student's gradient scaled by another value rounds twice (once in the
 // forward, once scaled) where the row backward's rounds once. NLD keeps its row backward on the GPU
 // (its noise, not its bytes, bounds it). SNNKD_CUDA_KD_NO_FORWARD_GRAD=1 turns it off (an A/B).
 #include <ATen/SavedTensorHooks.h>
