@@ -829,11 +829,12 @@ void hta_split_head(Launch&& launch, const u_t* U, Strides us, int64_t B, int64_
 // no faster in bf16 than in fp32 on an H200 (benchmarks/GPU_NOTES.md, session 15). The sums then
 // round differently from VEC = 1's (the same values to rounding).
 //
-// WITH_GRAD (kd_forward_student_grad_kernel): the block then also writes its row of the student's
-// gradient at a row gradient of grad_weight, grad_s [T, B, C] contiguous -- kd_backward_kernel's
-// formula with the statistics still in registers, the row read again from L2 (the eager autograd
-// kernel's precomputed gradient, csrc/kd/kd_autograd.cpp): the same bits as the row backward's at
-// grad_rows = grad_weight.
+// WITH_GRAD (kd_forward_student_grad_kernel; the eager autograd kernel's precomputed gradient,
+// csrc/kd/kd_autograd.cpp): the block then also writes its row of the student's gradient at a row
+// gradient of grad_weight, grad_s [T, B, C] contiguous -- kd_backward_kernel's formula with the
+// statistics still in registers, the same bits as the row backward's at grad_rows = grad_weight.
+// The row is read again: from L2 where the rows in flight fit, from HBM at C = 32,000+
+// (GPU_NOTES.md, session 19).
 template <typename s_t, typename u_t, int LOSS, int VEC, bool WITH_GRAD>
 __device__ __forceinline__ void kd_forward_row(const s_t* __restrict__ S, Strides ss, const u_t* __restrict__ U,
                                                Strides us, bool teacher_per_t, int64_t B, int64_t C,
