@@ -538,6 +538,40 @@ def test_emulated_cuda_forward_forms_the_row_backwards_student_gradient(kd_emu, 
                     assert torch.equal(grad, expected), f"{where} packed={allow}"
 
 
+@pytest.mark.parametrize("dtypes", list(KD_DTYPE_PAIRS), ids=KD_PAIR_IDS)
+@pytest.mark.parametrize("shape", KD_SHAPES, ids=[f"T{t}xB{b}xC{c}" for t, b, c in KD_SHAPES])
+def test_emulated_cuda_nld_forward_forms_the_row_backwards_student_gradient(kd_emu, shape, dtypes):
+    """nld_forward_student_grad_kernel (the eager GPU path's precomputed NLD gradient): its rows and
+    statistics are the forward kernel's bit for bit, and its student gradient at a row gradient of w
+    is what the row sums and backward kernels give at grad_rows = w, bit for bit (the same per-class
+    terms, summed in the same order), in every mode: mixture with the adaptive scale, with a fixed
+    one, additive."""
+    T, B, C = shape
+    acc = torch.float64 if torch.float64 in dtypes else torch.float32
+    seed = torch.tensor(987654321, dtype=torch.int64)
+    for per_t in (False, True):
+        student, teacher = _kd_inputs(shape, dtypes, per_t, ties=False, seed=3)
+        for tau, weight, noise_std, additive, w in ((4.0, 0.1, None, False, 1 / (T * B)), (2.0, 0.3, 0.5, False, 1.0),
+                                                    (1.0, 0.2, 0.4, True, 0.5)):
+            where = f"per_t={per_t} tau={tau} noise_std={noise_std} additive={additive}"
+            common_args = (ctypes.c_int64(T), ctypes.c_int64(B), ctypes.c_int64(C), _ptr(seed), ctypes.c_double(tau),
+                           ctypes.c_double(weight), ctypes.c_double(-1.0 if noise_std is None else noise_std),
+                           int(additive))
+            rows, stats = torch.full((T, B), -7.0, dtype=acc), torch.full((T, B, 6), -7.0, dtype=acc)
+            assert kd_emu.emu_nld_rows_forward(KD_DTYPE_PAIRS[dtypes], _ptr(student), _ptr(teacher), int(per_t),
+                                               *common_args, _ptr(rows), _ptr(stats)) == 0
+            g_rows, g_stats, grad = torch.full_like(rows, -7.0), torch.full_like(stats, -7.0), torch.full_like(
+                student, -7.0)
+            assert kd_emu.emu_nld_rows_forward_student_grad(
+                KD_DTYPE_PAIRS[dtypes], _ptr(student), _ptr(teacher), int(per_t), *common_args, _ptr(g_rows),
+                _ptr(g_stats), _ptr(grad), ctypes.c_double(w)) == 0
+            assert torch.equal(g_rows, rows) and torch.equal(g_stats, stats), where
+            expected, grad_rows = torch.full_like(student, -7.0), torch.full((T, B), w, dtype=acc)
+            assert kd_emu.emu_nld_rows_backward(KD_DTYPE_PAIRS[dtypes], _ptr(grad_rows), _ptr(student), _ptr(teacher),
+                                                int(per_t), *common_args, _ptr(stats), _ptr(expected), None) == 0
+            assert torch.equal(grad, expected), where
+
+
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float64], ids=str)
 def test_emulated_cuda_scale_unless_one(kd_emu, grad_dtype, scale_dtype):

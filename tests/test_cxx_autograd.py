@@ -4,8 +4,9 @@ give (the torch.library formulas' autograd.Function, which torch.compile and tor
 and their reductions, gradients of every input, the first-order-only rule, and the torch.library
 contract (opcheck). One exception, tested on its own below: on the CPU, kd_loss's forward forms the
 student's gradient from its own exps when only the student needs one (csrc/kd/kd_autograd.cpp), a
-gradient equal to the row backward's within a few float32 ulps; on a GPU its forward kernel forms it
-with the row backward's formula, bit for bit the row backward's at a loss gradient of 1."""
+gradient equal to the row backward's within a few float32 ulps; on a GPU kd_loss's and nld_loss's
+forward kernels form it with the row backward's terms, bit for bit the row backward's at a loss
+gradient of 1."""
 import pytest
 import torch
 
@@ -293,18 +294,17 @@ def test_cpu_forward_precomputes_the_student_gradient(monkeypatch, case, C, dtyp
     assert_grad_close(grad, reference.grad, dtype, f"{case.name} vs reference")
 
 
-@pytest.mark.parametrize("case", [case for case in CASES if not case.nld], ids=[i for case, i in zip(CASES, CASE_IDS)
-                                                                              if not case.nld])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("C", [13, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 @pytest.mark.parametrize("grad_scale", [1.0, 0.7])
 def test_cuda_forward_precomputes_the_student_gradient(monkeypatch, case, C, dtype, reduction, grad_scale):
     """The eager cuda call whose student alone needs a gradient (csrc/kd/kd_autograd.cpp): the forward
-    kernel forms it (kd_forward_student_grad_kernel, any loss and dtype) and the backward runs no row
-    kernel. At a loss gradient of 1 the gradient is the row backward's (the Python path's) bit for
-    bit; scaled (0.7, or "none"'s per-row weights) it is rounded once more than the row backward's;
-    the loss is bitwise the Python path's. NLD keeps its row backward on the GPU."""
+    kernel forms it (kd_forward_student_grad_kernel, nld_forward_student_grad_kernel: any loss, mode
+    and dtype) and the backward runs no row kernel. At a loss gradient of 1 the gradient is the row
+    backward's (the Python path's) bit for bit; scaled (0.7, or "none"'s per-row weights) it is
+    rounded once more than the row backward's; the loss is bitwise the Python path's."""
     _skip_unless("cuda")
     g = torch.Generator().manual_seed(C)
     student = (torch.randn(3, 5, C, generator=g) * 2).to(dtype).cuda()
@@ -313,7 +313,7 @@ def test_cuda_forward_precomputes_the_student_gradient(monkeypatch, case, C, dty
     weighted = _weighting(reduction, grad_scale)
     grad, python_grad, ops = _student_grad_both_paths(monkeypatch, case, student, teacher, "cuda", reduction,
                                                      weighted)
-    assert ops == {"snnkd_fast::kd_rows_forward_student_grad"}, ops
+    assert ops == {f"snnkd_fast::{'nld' if case.nld else 'kd'}_rows_forward_student_grad"}, ops
     if grad_scale == 1.0 and reduction != "none":
         _assert_same(grad, python_grad)
     elif dtype == torch.bfloat16:
@@ -326,7 +326,7 @@ def test_cuda_forward_precomputes_the_student_gradient(monkeypatch, case, C, dty
     assert_grad_close(grad, reference.grad, dtype, f"{case.name} vs reference")
 
 
-@pytest.mark.parametrize("family, backend", [("kd", "cpp"), ("nld", "cpp"), ("kd", "cuda")])
+@pytest.mark.parametrize("family, backend", [("kd", "cpp"), ("nld", "cpp"), ("kd", "cuda"), ("nld", "cuda")])
 def test_precomputed_gradient_is_used_once(family, backend):
     """A retained graph's second backward runs the row backward (the first completed the precomputed
     gradient in place and handed it over): the same gradient twice, accumulated."""

@@ -26,9 +26,11 @@
 // again and writes the gradient (3 [T, B, C] passes over a step; here 2 where the forward's second
 // read of each row hits L2), and costs the host a division, a broadcast copy and its own launch,
 // where the backward here is one launch that returns at once when the loss's gradient -- read on
-// the device, never synchronised -- is 1 (scale_unless_one). A 16-bit student's gradient scaled by another value rounds twice (once in the
-// forward, once scaled) where the row backward's rounds once. NLD keeps its row backward on the GPU
-// (its noise, not its bytes, bounds it). SNNKD_CUDA_KD_NO_FORWARD_GRAD=1 turns it off (an A/B).
+// the device, never synchronised -- is 1 (scale_unless_one). A 16-bit student's gradient scaled by
+// another value rounds twice (once in the forward, once scaled) where the row backward's rounds once.
+// nld_loss alike (nld_forward_student_grad_kernel: its row sums and gradient formed in the forward's
+// block, one draw of the noise fewer than the row sums and backward kernels take, bit for bit theirs
+// at a loss gradient of 1). SNNKD_CUDA_KD_NO_FORWARD_GRAD=1 turns both off (an A/B).
 #include <ATen/SavedTensorHooks.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/library.h>
@@ -185,7 +187,10 @@ struct NldLossFunction : public torch::autograd::Function<NldLossFunction> {
     check_divisor(divisor, "snnkd_fast::nld_loss");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor rows, stats, student_grad;
-    if (precompute_grad && nld_cpu_forms_student_grad(student, teacher)) {
+    if (precompute_grad && student.is_cuda()) {  // any dtypes and modes (nld_forward_student_grad_kernel)
+      std::tie(rows, stats, student_grad) = cuda_student_grad().nld_forward(
+          student, teacher, seed, temperature, noise_weight, noise_std, adaptive, additive, row_weight(divisor));
+    } else if (precompute_grad && nld_cpu_forms_student_grad(student, teacher)) {
       std::tie(rows, stats, student_grad) = nld_rows_forward_student_grad_cpu(
           student, teacher, seed, temperature, noise_weight, noise_std, adaptive, additive, row_weight(divisor));
     } else {
@@ -248,7 +253,8 @@ at::Tensor nld_loss_autograd(const at::Tensor& student, const at::Tensor& teache
                              double temperature, double noise_weight, double noise_std, bool adaptive, bool additive,
                              int64_t divisor) {
   return NldLossFunction::apply(student, teacher, seed, temperature, noise_weight, noise_std, adaptive, additive,
-                                divisor, precompute_student_grad(student, teacher, false));
+                                divisor,
+                                precompute_student_grad(student, teacher, cuda_student_grad().nld_forward != nullptr));
 }
 
 at::Tensor nld_loss_plain(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& seed,

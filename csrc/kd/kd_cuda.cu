@@ -106,7 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_impl(
       constexpr int kVec = kd_forward_pack<s_t, u_t>();
       const bool packed =
           !packing_disabled() && kd_rows_packable(kVec, s_ptr, sizeof(s_t), ss, u_ptr, sizeof(u_t), us, C);
-      const acc_t inv_tau = static_cast<acc_t>(1.0 / temperature), inv_tau_h = static_cast<acc_t>(1.0 / entropy_temperature);
+      const acc_t inv_tau = static_cast<acc_t>(1.0 / temperature);
+      const acc_t inv_tau_h = static_cast<acc_t>(1.0 / entropy_temperature);
       const acc_t tau_sq = static_cast<acc_t>(temperature * temperature);
       const int32_t* hta_keys = LOSS == kHTA ? keys.data_ptr<int32_t>() : nullptr;
       if (student_grad) {

@@ -1143,6 +1143,54 @@ __device__ __forceinline__ void for_each_quad(const s_t* __restrict__ s, int64_t
   }
 }
 
+// One class's terms of the mixture's row sums (sum w q A, sum (1-w) r A, sum (1-w) r A eps,
+// sum r eps; A = p_t / p_s), added to acc: nld_row_sums_kernel's, and the forward's that forms the
+// gradient (the same expressions, so the same bits).
+template <typename s_t, typename u_t, typename acc_t>
+__device__ __forceinline__ void nld_add_row_sums(SumN<acc_t, kNldSums>& acc, s_t zs, u_t zu, acc_t e,
+                                                 const NldParams<acc_t>& P, acc_t mean, acc_t scale, acc_t lse_q,
+                                                 acc_t lse_r, acc_t lse_p) {
+  const acc_t log_q = to_acc<acc_t>(zs) * P.inv_tau - lse_q;
+  const acc_t log_r = (mean + e * scale) * P.inv_tau - lse_r;
+  const acc_t log_a = to_acc<acc_t>(zu) * P.inv_tau - lse_p - logaddexp(P.log_w + log_q, P.log_1mw + log_r);
+  const acc_t mra = exp(P.log_1mw + log_r + log_a);
+  acc.v[0] += exp(P.log_w + log_q + log_a);
+  acc.v[1] += mra;
+  acc.v[2] += mra * e;
+  acc.v[3] += exp(log_r) * e;
+}
+
+// One class's student gradient at a row gradient of 1 (g_s), with the teacher's log-probability and
+// probability and the student's smoothed log-probability log p_s, which the teacher gradient uses:
+// nld_backward_kernel's terms, and the forward's that forms the gradient. sum: the row's sums
+// (nld_add_row_sums; unused, may be null, in additive mode).
+template <typename acc_t>
+struct NldElementGrad {
+  acc_t g_s, log_p, p, log_ps;
+};
+template <typename s_t, typename u_t, typename acc_t>
+__device__ __forceinline__ NldElementGrad<acc_t> nld_element_grad(s_t zs, u_t zu, acc_t e, const NldParams<acc_t>& P,
+                                                                  acc_t mean, acc_t scale, acc_t lse_q, acc_t lse_r,
+                                                                  acc_t lse_p, const acc_t* sum, acc_t var_coef) {
+  const acc_t z = to_acc<acc_t>(zs);
+  NldElementGrad<acc_t> r;
+  r.log_p = to_acc<acc_t>(zu) * P.inv_tau - lse_p;
+  r.p = exp(r.log_p);
+  if (P.additive) {
+    r.log_ps = (z + P.noise_std * e) * P.inv_tau - lse_q;
+    r.g_s = P.tau * (exp(r.log_ps) - r.p);
+  } else {
+    const acc_t log_q = z * P.inv_tau - lse_q;
+    r.log_ps = logaddexp(P.log_w + log_q, P.log_1mw + (mean + e * scale) * P.inv_tau - lse_r);
+    r.g_s = -P.tau * (exp(P.log_w + log_q + r.log_p - r.log_ps) - exp(log_q) * sum[0]);  // -w tau q (A - sum q A)
+    if (P.adaptive) {
+      const acc_t sum_g_eps = -P.tau * (sum[2] - sum[1] * sum[3]);
+      r.g_s += var_coef * sum_g_eps * (z - mean);
+    }
+  }
+  return r;
+}
+
 // Blocks per multiprocessor the NLD row kernels ask ptxas to fit (__launch_bounds__' second argument),
 // for float accumulation; double accumulation asks for none (held to the same registers it spills).
 // Without it, the exact sincospif of the noise (philox.h) took the forward from 64 to 80 registers and
@@ -1157,12 +1205,20 @@ constexpr int nld_min_blocks(int for_float) {
 // the teacher and of the student logits (noisy ones with `additive`); (2) adaptive: the unbiased
 // variance about the mean; (3) mixture: LSE of the noise logits; (4) the KL. rows [T, B], stats
 // [T, B, kNldStats]. eps = nld_eps(seed, nld_row_counter(r, C), c), drawn again in each pass.
-template <typename s_t, typename u_t>
-__global__ void __launch_bounds__(kThreads, nld_min_blocks<acc_type_t<s_t, u_t>>(4))
-    nld_forward_kernel(const s_t* __restrict__ S, Strides ss, const u_t* __restrict__ U, Strides us, int64_t B,
-                       int64_t C, const int64_t* __restrict__ seed_ptr, NldParams<acc_type_t<s_t, u_t>> P,
-                       acc_type_t<s_t, u_t> tau_sq, acc_type_t<s_t, u_t>* __restrict__ rows,
-                       acc_type_t<s_t, u_t>* __restrict__ stats) {
+//
+// WITH_GRAD (nld_forward_student_grad_kernel; the eager autograd kernel's precomputed gradient,
+// csrc/kd/kd_autograd.cpp): the mixture's row sums (nld_row_sums_kernel's terms, in its order) are
+// formed in pass (4) too, and a pass (5) draws the noise once more and writes the row's student
+// gradient at a row gradient of grad_weight (nld_backward_kernel's terms): bit for bit what the row
+// sums and backward kernels give at grad_rows = grad_weight, with one draw of the noise fewer and
+// one launch where they took two.
+template <typename s_t, typename u_t, bool WITH_GRAD>
+__device__ __forceinline__ void nld_forward_row(const s_t* __restrict__ S, Strides ss, const u_t* __restrict__ U,
+                                                Strides us, int64_t B, int64_t C, const int64_t* __restrict__ seed_ptr,
+                                                const NldParams<acc_type_t<s_t, u_t>>& P, acc_type_t<s_t, u_t> tau_sq,
+                                                acc_type_t<s_t, u_t>* __restrict__ rows,
+                                                acc_type_t<s_t, u_t>* __restrict__ stats,
+                                                acc_type_t<s_t, u_t> grad_weight, s_t* __restrict__ grad_s) {
   using acc_t = acc_type_t<s_t, u_t>;
   __shared__ typename cub::BlockReduce<NldPass1<acc_t>, kThreads>::TempStorage pass1_temp;
   __shared__ NldPass1<acc_t> pass1_slot;
@@ -1216,6 +1272,8 @@ __global__ void __launch_bounds__(kThreads, nld_min_blocks<acc_type_t<s_t, u_t>>
     lse_r = online_lse(o);
   }
   acc_t kl = acc_t(0);
+  using Sums = SumN<acc_t, kNldSums>;
+  Sums row_sums{{acc_t(0), acc_t(0), acc_t(0), acc_t(0)}};  // WITH_GRAD, mixture: nld_row_sums_kernel's
   for_each_quad(s, ss.c, u, us.c, C, seed, quad_base, true, [&](int64_t, s_t zs, u_t zu, float eps) {
     const acc_t z = to_acc<acc_t>(zs);
     const acc_t log_p = to_acc<acc_t>(zu) * P.inv_tau - lse_p;
@@ -1225,6 +1283,9 @@ __global__ void __launch_bounds__(kThreads, nld_min_blocks<acc_type_t<s_t, u_t>>
                                                 P.log_1mw + (mean + e * scale) * P.inv_tau - lse_r);
     const acc_t p = exp(log_p);
     if (p != acc_t(0)) kl += p * (log_p - log_ps);  // != 0: a NaN p (NaN/+inf logit) makes the row NaN
+    if constexpr (WITH_GRAD) {
+      if (!P.additive) nld_add_row_sums(row_sums, zs, zu, e, P, mean, scale, lse_q, lse_r, lse_p);
+    }
   });
   kl = block_all_reduce(kl, SumOp(), sum_temp, sum_slot);
   if (tid == 0) {
@@ -1237,6 +1298,40 @@ __global__ void __launch_bounds__(kThreads, nld_min_blocks<acc_type_t<s_t, u_t>>
     stat[4] = lse_p;
     stat[5] = kl;
   }
+  if constexpr (WITH_GRAD) {
+    __shared__ typename cub::BlockReduce<Sums, kThreads>::TempStorage sums_temp;
+    __shared__ Sums sums_slot;
+    if (!P.additive) row_sums = block_all_reduce(row_sums, SumNOp(), sums_temp, sums_slot);
+    const acc_t var_coef = C > 1 ? acc_t(2) / static_cast<acc_t>(C - 1) : acc_t(0);
+    s_t* g = grad_s + r * C;
+    for_each_quad(s, ss.c, u, us.c, C, seed, quad_base, true, [&](int64_t c, s_t zs, u_t zu, float eps) {
+      const acc_t g_s = nld_element_grad(zs, zu, static_cast<acc_t>(eps), P, mean, scale, lse_q, lse_r, lse_p,
+                                         row_sums.v, var_coef).g_s;
+      g[c] = from_acc<s_t>(g_s * grad_weight);
+    });
+  }
+}
+
+template <typename s_t, typename u_t>
+__global__ void __launch_bounds__(kThreads, nld_min_blocks<acc_type_t<s_t, u_t>>(4))
+    nld_forward_kernel(const s_t* __restrict__ S, Strides ss, const u_t* __restrict__ U, Strides us, int64_t B,
+                       int64_t C, const int64_t* __restrict__ seed_ptr, NldParams<acc_type_t<s_t, u_t>> P,
+                       acc_type_t<s_t, u_t> tau_sq, acc_type_t<s_t, u_t>* __restrict__ rows,
+                       acc_type_t<s_t, u_t>* __restrict__ stats) {
+  nld_forward_row<s_t, u_t, false>(S, ss, U, us, B, C, seed_ptr, P, tau_sq, rows, stats, acc_type_t<s_t, u_t>(0),
+                                   nullptr);
+}
+
+// nld_forward_kernel that also writes the student's gradient [T, B, C] (contiguous) at a row gradient
+// of grad_weight (nld_forward_row's WITH_GRAD).
+template <typename s_t, typename u_t>
+__global__ void __launch_bounds__(kThreads)
+    nld_forward_student_grad_kernel(const s_t* __restrict__ S, Strides ss, const u_t* __restrict__ U, Strides us,
+                                    int64_t B, int64_t C, const int64_t* __restrict__ seed_ptr,
+                                    NldParams<acc_type_t<s_t, u_t>> P, acc_type_t<s_t, u_t> tau_sq,
+                                    acc_type_t<s_t, u_t>* __restrict__ rows, acc_type_t<s_t, u_t>* __restrict__ stats,
+                                    acc_type_t<s_t, u_t> grad_weight, s_t* __restrict__ grad_s) {
+  nld_forward_row<s_t, u_t, true>(S, ss, U, us, B, C, seed_ptr, P, tau_sq, rows, stats, grad_weight, grad_s);
 }
 
 // Backward, step 1 (mixture mode only), one block per row: the row sums the gradient needs,
@@ -1263,15 +1358,7 @@ __global__ void __launch_bounds__(kThreads, nld_min_blocks<acc_type_t<s_t, u_t>>
 
   Sums acc{{acc_t(0), acc_t(0), acc_t(0), acc_t(0)}};
   for_each_quad(s, ss.c, u, us.c, C, seed, quad_base, true, [&](int64_t, s_t zs, u_t zu, float eps) {
-    const acc_t e = static_cast<acc_t>(eps);
-    const acc_t log_q = to_acc<acc_t>(zs) * P.inv_tau - lse_q;
-    const acc_t log_r = (mean + e * scale) * P.inv_tau - lse_r;
-    const acc_t log_a = to_acc<acc_t>(zu) * P.inv_tau - lse_p - logaddexp(P.log_w + log_q, P.log_1mw + log_r);
-    const acc_t mra = exp(P.log_1mw + log_r + log_a);
-    acc.v[0] += exp(P.log_w + log_q + log_a);
-    acc.v[1] += mra;
-    acc.v[2] += mra * e;
-    acc.v[3] += exp(log_r) * e;
+    nld_add_row_sums(acc, zs, zu, static_cast<acc_t>(eps), P, mean, scale, lse_q, lse_r, lse_p);
   });
   acc = cub::BlockReduce<Sums, kThreads>(temp).Reduce(acc, SumNOp());
   if (threadIdx.x == 0) {
@@ -1316,27 +1403,12 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < 4; ++j) {
       const int64_t c = c0 + j;
       if (c >= C) break;
-      const acc_t z = to_acc<acc_t>(sq[j]);
-      const acc_t e = static_cast<acc_t>(eps[j]);
-      const acc_t log_p = to_acc<acc_t>(uq[j]) * P.inv_tau - lse_p;
-      const acc_t p = exp(log_p);
-      acc_t log_ps, g_s;
-      if (P.additive) {
-        log_ps = (z + P.noise_std * e) * P.inv_tau - lse_q;
-        g_s = P.tau * (exp(log_ps) - p);
-      } else {
-        const acc_t* sum = sums + r * kNldSums;
-        const acc_t log_q = z * P.inv_tau - lse_q;
-        log_ps = logaddexp(P.log_w + log_q, P.log_1mw + (mean + e * scale) * P.inv_tau - lse_r);
-        g_s = -P.tau * (exp(P.log_w + log_q + log_p - log_ps) - exp(log_q) * sum[0]);  // -w tau q (A - sum q A)
-        if (P.adaptive) {
-          const acc_t sum_g_eps = -P.tau * (sum[2] - sum[1] * sum[3]);
-          g_s += var_coef * sum_g_eps * (z - mean);
-        }
-      }
-      grad_s[r * C + c] = from_acc<s_t>(g_s * g_row);
+      const NldElementGrad<acc_t> el =
+          nld_element_grad(sq[j], uq[j], static_cast<acc_t>(eps[j]), P, mean, scale, lse_q, lse_r, lse_p,
+                           P.additive ? static_cast<const acc_t*>(nullptr) : sums + r * kNldSums, var_coef);
+      grad_s[r * C + c] = from_acc<s_t>(el.g_s * g_row);
       if (grad_u) {
-        const acc_t g_u = p > acc_t(0) ? P.tau * g_row * p * (log_p - log_ps - kl) : acc_t(0);
+        const acc_t g_u = el.p > acc_t(0) ? P.tau * g_row * el.p * (el.log_p - el.log_ps - kl) : acc_t(0);
         if (teacher_per_t) {
           grad_u[r * C + c] = from_acc<u_t>(g_u);
         } else {

@@ -63,10 +63,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nld_rows_forward_student_grad_cpu
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& seed, double temperature,
     double noise_weight, double noise_std, bool adaptive, bool additive, double row_weight);
 
-// The CUDA forward that also forms the student's gradient (any dtypes, any loss of the family; a
-// gradient in the student's dtype) and the backward's completion of it, set by kd_cuda.cu where the
-// extension is built with CUDA: kd_autograd.cpp, compiled in every build, reaches them through this
-// table (null members: a CPU build, or SNNKD_CUDA_KD_NO_FORWARD_GRAD=1).
+// The CUDA forwards that also form the student's gradient (any dtypes, any loss of the family, NLD in
+// any mode; a gradient in the student's dtype) and the backward's completion of it, set by kd_cuda.cu
+// and nld_cuda.cu where the extension is built with CUDA: kd_autograd.cpp, compiled in every build,
+// reaches them through this table (null members: a CPU build, or SNNKD_CUDA_KD_NO_FORWARD_GRAD=1).
 struct CudaStudentGrad {
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*forward)(const at::Tensor& student,
                                                                         const at::Tensor& teacher, int64_t loss,
@@ -76,6 +76,11 @@ struct CudaStudentGrad {
                                                                         double row_weight) = nullptr;
   // grad *= scale (one element on grad's device) unless it is 1, decided on the device
   void (*scale_unless_one)(at::Tensor& grad, const at::Tensor& scale) = nullptr;
+  // NLD's forward that also forms the student's gradient (nld_cuda.cu; any dtypes and modes)
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> (*nld_forward)(const at::Tensor& student, const at::Tensor& teacher,
+                                                                const at::Tensor& seed, double temperature,
+                                                                double noise_weight, double noise_std, bool adaptive,
+                                                                bool additive, double row_weight) = nullptr;
 };
 CudaStudentGrad& cuda_student_grad();
 

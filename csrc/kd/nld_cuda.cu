@@ -3,6 +3,7 @@
 // checks, output shapes, dtypes and empty-input handling as the CPU ops (nld_cpu.cpp), plus a
 // same-device check; nothing synchronises with the host (the seed is read by the kernels).
 #include <ATen/Dispatch.h>
+#include <ATen/record_function.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -10,7 +11,10 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include "kd_cuda_kernels.cuh"
 #include "kd_cuda_launch.h"
@@ -27,10 +31,13 @@ const int64_t* checked_seed(const at::Tensor& seed) {
   return seed.data_ptr<int64_t>();
 }
 
-std::tuple<at::Tensor, at::Tensor> nld_rows_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                         const at::Tensor& seed, double temperature,
-                                                         double noise_weight, double noise_std, bool adaptive,
-                                                         bool additive) {
+// nld_rows_forward, and with student_grad the student's gradient [T, B, C] (contiguous) at a row
+// gradient of row_weight (nld_forward_student_grad_kernel; else undefined).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nld_rows_forward_impl(const at::Tensor& student,
+                                                                     const at::Tensor& teacher, const at::Tensor& seed,
+                                                                     double temperature, double noise_weight,
+                                                                     double noise_std, bool adaptive, bool additive,
+                                                                     bool student_grad, double row_weight) {
   const RowLayout L = row_layout(student, teacher, "snnkd_fast::nld_rows_forward");
   const Strides ss = L.s, us = L.u;  // a [B, C] teacher has a t stride of 0: the kernel needs no flag
   check_same_device("snnkd_fast::nld_rows_forward", student, {&teacher, &seed});
@@ -39,18 +46,45 @@ std::tuple<at::Tensor, at::Tensor> nld_rows_forward_cuda(const at::Tensor& stude
   const auto acc = acc_dtype(student, teacher);
   at::Tensor rows = at::empty({T, B}, student.options().dtype(acc));
   at::Tensor stats = at::empty({T, B, kNldStats}, student.options().dtype(acc));
-  if (rows.numel() == 0) return {rows, stats};
+  at::Tensor grad = student_grad ? at::empty({T, B, C}, student.options()) : at::Tensor();
+  if (rows.numel() == 0) return {rows, stats, grad};
   const int64_t* seed_data = checked_seed(seed);
   const int64_t grid = row_blocks("snnkd_fast::nld_rows_forward", T * B);
   auto stream = c10::cuda::getCurrentCUDAStream();
   SNNKD_KD_DISPATCH_PAIR(student, teacher, "snnkd_nld_forward_cuda", [&] {
     const auto P = make_nld_params<acc_t>(temperature, noise_weight, noise_std, adaptive, additive);
-    nld_forward_kernel<s_t, u_t><<<grid, kThreads, 0, stream>>>(
-        student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(), us, B, C, seed_data, P,
-        static_cast<acc_t>(temperature * temperature), rows.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+    const acc_t tau_sq = static_cast<acc_t>(temperature * temperature);
+    if (student_grad) {
+      nld_forward_student_grad_kernel<s_t, u_t><<<grid, kThreads, 0, stream>>>(
+          student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(), us, B, C, seed_data, P, tau_sq, rows.data_ptr<acc_t>(),
+          stats.data_ptr<acc_t>(), static_cast<acc_t>(row_weight), grad.data_ptr<s_t>());
+    } else {
+      nld_forward_kernel<s_t, u_t><<<grid, kThreads, 0, stream>>>(student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(),
+                                                                  us, B, C, seed_data, P, tau_sq,
+                                                                  rows.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  return {rows, stats, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> nld_rows_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                         const at::Tensor& seed, double temperature,
+                                                         double noise_weight, double noise_std, bool adaptive,
+                                                         bool additive) {
+  auto [rows, stats, grad] = nld_rows_forward_impl(student, teacher, seed, temperature, noise_weight, noise_std,
+                                                   adaptive, additive, false, 0.0);
   return {rows, stats};
+}
+
+// kd_ops.h's CudaStudentGrad::nld_forward: the eager autograd kernel's NLD forward that also forms the
+// student's gradient (kd_autograd.cpp), as nld_rows_forward_student_grad_cpu on the CPU.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nld_rows_forward_student_grad_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& seed, double temperature,
+    double noise_weight, double noise_std, bool adaptive, bool additive, double row_weight) {
+  RECORD_FUNCTION("snnkd_fast::nld_rows_forward_student_grad", std::vector<c10::IValue>({student, teacher}));
+  return nld_rows_forward_impl(student, teacher, seed, temperature, noise_weight, noise_std, adaptive, additive,
+                               true, row_weight);
 }
 
 std::tuple<at::Tensor, at::Tensor> nld_rows_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& student,
@@ -115,6 +149,14 @@ at::Tensor nld_noise_cuda(const at::Tensor& seed, at::IntArrayRef shape) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
+
+// As kd_cuda.cu's: SNNKD_CUDA_KD_NO_FORWARD_GRAD=1 leaves the row backward in place.
+const bool kNldStudentGradRegistered = [] {
+  const char* value = std::getenv("SNNKD_CUDA_KD_NO_FORWARD_GRAD");
+  if (value != nullptr && value[0] != '\0' && std::string(value) != "0") return false;
+  cuda_student_grad().nld_forward = &nld_rows_forward_student_grad_cuda;
+  return true;
+}();
 
 }  // namespace
 }  // namespace cuda

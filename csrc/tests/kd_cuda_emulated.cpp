@@ -69,7 +69,8 @@ int forward(const s_t* s, const u_t* u, bool per_t, int64_t Tn, int64_t B, int64
   if (LOSS == kHTA) hta_head(u, per_t, Tn, B, C, temperature, head_threshold, head_threads, 1, keys);
   constexpr int kVec = kd_forward_pack<s_t, u_t>();
   const bool packed = allow_packed && kd_rows_packable(kVec, s, sizeof(s_t), ss, u, sizeof(u_t), us, C);
-  const acc_t inv_tau = static_cast<acc_t>(1.0 / temperature), inv_tau_h = static_cast<acc_t>(1.0 / entropy_temperature);
+  const acc_t inv_tau = static_cast<acc_t>(1.0 / temperature);
+  const acc_t inv_tau_h = static_cast<acc_t>(1.0 / entropy_temperature);
   const acc_t tau_sq = static_cast<acc_t>(temperature * temperature);
   const int32_t* hta_keys = LOSS == kHTA ? static_cast<const int32_t*>(keys) : nullptr;
   if (grad_s != nullptr) {
@@ -106,14 +107,23 @@ int backward(const acc_type_t<s_t, u_t>* grad_rows, const s_t* s, const u_t* u, 
   return vec;
 }
 
+// grad_s: nld_forward_student_grad_kernel, which also writes the student's gradient [T, B, C] at a row
+// gradient of grad_weight.
 template <typename s_t, typename u_t>
 void nld_forward(const s_t* s, const u_t* u, bool per_t, int64_t Tn, int64_t B, int64_t C, const int64_t* seed,
                  const NldParams<acc_type_t<s_t, u_t>>& P, double temperature, acc_type_t<s_t, u_t>* rows,
-                 acc_type_t<s_t, u_t>* stats) {
+                 acc_type_t<s_t, u_t>* stats, s_t* grad_s = nullptr, double grad_weight = 0.0) {
+  using acc_t = acc_type_t<s_t, u_t>;
   const Strides ss{B * C, C, 1}, us{per_t ? B * C : 0, C, 1};
-  cuda_emulation::launch_cooperative<kThreads>(Tn * B, nld_forward_kernel<s_t, u_t>, s, ss, u, us, B, C, seed, P,
-                                               static_cast<acc_type_t<s_t, u_t>>(temperature * temperature), rows,
-                                               stats);
+  const acc_t tau_sq = static_cast<acc_t>(temperature * temperature);
+  if (grad_s != nullptr) {
+    cuda_emulation::launch_cooperative<kThreads>(Tn * B, nld_forward_student_grad_kernel<s_t, u_t>, s, ss, u, us, B,
+                                                 C, seed, P, tau_sq, rows, stats, static_cast<acc_t>(grad_weight),
+                                                 grad_s);
+  } else {
+    cuda_emulation::launch_cooperative<kThreads>(Tn * B, nld_forward_kernel<s_t, u_t>, s, ss, u, us, B, C, seed, P,
+                                                 tau_sq, rows, stats);
+  }
 }
 
 template <typename s_t, typename u_t>
@@ -241,19 +251,28 @@ int emu_kd_rows_backward(int dtype_pair, int loss, const void* grad_rows, const 
   return known ? 0 : 1;
 }
 
-// NLD: rows [T, B], stats [T, B, 6] as snnkd_fast::nld_rows_forward; noise_std < 0: adaptive.
-int emu_nld_rows_forward(int dtype_pair, const void* s, const void* u, int per_t, int64_t T, int64_t B, int64_t C,
-                         const int64_t* seed, double temperature, double noise_weight, double noise_std, int additive,
-                         void* rows, void* stats) {
+// NLD: rows [T, B], stats [T, B, 6] as snnkd_fast::nld_rows_forward; noise_std < 0: adaptive. grad_s
+// non-null: also the student's gradient at a row gradient of grad_weight (nld_forward_student_grad_kernel).
+int emu_nld_rows_forward_student_grad(int dtype_pair, const void* s, const void* u, int per_t, int64_t T, int64_t B,
+                                      int64_t C, const int64_t* seed, double temperature, double noise_weight,
+                                      double noise_std, int additive, void* rows, void* stats, void* grad_s,
+                                      double grad_weight) {
   const bool known = with_dtype_pair(dtype_pair, [&](auto pair) {
     using S = typename decltype(pair)::student;
     using U = typename decltype(pair)::teacher;
     using A = typename decltype(pair)::acc;
     const auto P = nld_params<A>(temperature, noise_weight, noise_std, additive);
     nld_forward<S, U>(static_cast<const S*>(s), static_cast<const U*>(u), per_t != 0, T, B, C, seed, P, temperature,
-                      static_cast<A*>(rows), static_cast<A*>(stats));
+                      static_cast<A*>(rows), static_cast<A*>(stats), static_cast<S*>(grad_s), grad_weight);
   });
   return known ? 0 : 1;
+}
+
+int emu_nld_rows_forward(int dtype_pair, const void* s, const void* u, int per_t, int64_t T, int64_t B, int64_t C,
+                         const int64_t* seed, double temperature, double noise_weight, double noise_std, int additive,
+                         void* rows, void* stats) {
+  return emu_nld_rows_forward_student_grad(dtype_pair, s, u, per_t, T, B, C, seed, temperature, noise_weight,
+                                           noise_std, additive, rows, stats, nullptr, 0.0);
 }
 
 int emu_nld_rows_backward(int dtype_pair, const void* grad_rows, const void* s, const void* u, int per_t, int64_t T,

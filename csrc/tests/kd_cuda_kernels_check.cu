@@ -53,6 +53,9 @@ const void* student_grad_forward_kernels() {
                                                         int64_t, const int64_t*, NldParams<acc_type_t<s_t, u_t>>, \
                                                         acc_type_t<s_t, u_t>, acc_type_t<s_t, u_t>*,            \
                                                         acc_type_t<s_t, u_t>*);                                 \
+  template __global__ void nld_forward_student_grad_kernel<s_t, u_t>(                                           \
+      const s_t*, Strides, const u_t*, Strides, int64_t, int64_t, const int64_t*, NldParams<acc_type_t<s_t, u_t>>, \
+      acc_type_t<s_t, u_t>, acc_type_t<s_t, u_t>*, acc_type_t<s_t, u_t>*, acc_type_t<s_t, u_t>, s_t*);          \
   template __global__ void nld_row_sums_kernel<s_t, u_t>(const s_t*, Strides, const u_t*, Strides, int64_t,     \
                                                          int64_t, const int64_t*,                               \
                                                          NldParams<acc_type_t<s_t, u_t>>,                       \
