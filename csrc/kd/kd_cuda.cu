@@ -31,10 +31,7 @@ namespace {
 // packing, wide and split heads, for an A/B of the two in one build (run_gpu.sh --breakdown). Same
 // results to rounding (the backward's bit for bit).
 bool packing_disabled() {
-  static const bool disabled = [] {
-    const char* value = std::getenv("SNNKD_CUDA_KD_UNPACKED");
-    return value != nullptr && value[0] != '\0' && std::string(value) != "0";
-  }();
+  static const bool disabled = env_flag("SNNKD_CUDA_KD_UNPACKED");
   return disabled;
 }
 
@@ -222,8 +219,7 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_backward_cuda(const at::Tensor& grad_
 // and the backward runs the row kernel, as before the precomputed gradient -- for an A/B of the two in
 // one build (the benchmarks' and the breakdown's `--variant`).
 const bool kStudentGradRegistered = [] {
-  const char* value = std::getenv("SNNKD_CUDA_KD_NO_FORWARD_GRAD");
-  if (value != nullptr && value[0] != '\0' && std::string(value) != "0") return false;
+  if (env_flag("SNNKD_CUDA_KD_NO_FORWARD_GRAD")) return false;
   CudaStudentGrad& kernels = cuda_student_grad();
   kernels.forward = &kd_rows_forward_student_grad_cuda;
   kernels.scale_unless_one = &scale_unless_one_cuda;

@@ -6,8 +6,10 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <limits>
+#include <string>
 
 #include "kd_cuda_kernels.cuh"
 
@@ -16,6 +18,13 @@ namespace kd {
 namespace cuda {
 
 constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
+
+// Whether the environment sets `name` to anything but empty or "0" (the launchers' A/B switches,
+// SNNKD_CUDA_KD_UNPACKED and SNNKD_CUDA_KD_NO_FORWARD_GRAD).
+inline bool env_flag(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && value[0] != '\0' && std::string(value) != "0";
+}
 
 inline void check_same_device(const char* op, const at::Tensor& student,
                               std::initializer_list<const at::Tensor*> others) {

@@ -11,8 +11,6 @@
 #include <torch/types.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <tuple>
 #include <vector>
 
@@ -152,8 +150,7 @@ at::Tensor nld_noise_cuda(const at::Tensor& seed, at::IntArrayRef shape) {
 
 // As kd_cuda.cu's: SNNKD_CUDA_KD_NO_FORWARD_GRAD=1 leaves the row backward in place.
 const bool kNldStudentGradRegistered = [] {
-  const char* value = std::getenv("SNNKD_CUDA_KD_NO_FORWARD_GRAD");
-  if (value != nullptr && value[0] != '\0' && std::string(value) != "0") return false;
+  if (env_flag("SNNKD_CUDA_KD_NO_FORWARD_GRAD")) return false;
   cuda_student_grad().nld_forward = &nld_rows_forward_student_grad_cuda;
   return true;
 }();
