@@ -107,18 +107,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_rows_forward_impl(
       const acc_t inv_tau_h = static_cast<acc_t>(1.0 / entropy_temperature);
       const acc_t tau_sq = static_cast<acc_t>(temperature * temperature);
       const int32_t* hta_keys = LOSS == kHTA ? keys.data_ptr<int32_t>() : nullptr;
+      // The gradient-forming forward takes the plain one's arguments and three more.
+      const auto launch = [&](auto kernel, auto... grad_args) {
+        kernel<<<grid, kThreads, 0, stream>>>(s_ptr, ss, u_ptr, us, per_t, B, C, inv_tau, inv_tau_h, tau_sq,
+                                              static_cast<acc_t>(entropy_weight), hta_keys, rows.data_ptr<acc_t>(),
+                                              stats.data_ptr<acc_t>(), grad_args...);
+      };
       if (student_grad) {
-        const auto kernel = packed ? kd_forward_student_grad_kernel<s_t, u_t, LOSS, kVec>
-                                   : kd_forward_student_grad_kernel<s_t, u_t, LOSS, 1>;
-        kernel<<<grid, kThreads, 0, stream>>>(s_ptr, ss, u_ptr, us, per_t, B, C, inv_tau, inv_tau_h, tau_sq,
-                                              static_cast<acc_t>(entropy_weight), hta_keys, rows.data_ptr<acc_t>(),
-                                              stats.data_ptr<acc_t>(), static_cast<acc_t>(temperature),
-                                              static_cast<acc_t>(row_weight), grad.data_ptr<s_t>());
+        launch(packed ? kd_forward_student_grad_kernel<s_t, u_t, LOSS, kVec>
+                      : kd_forward_student_grad_kernel<s_t, u_t, LOSS, 1>,
+               static_cast<acc_t>(temperature), static_cast<acc_t>(row_weight), grad.data_ptr<s_t>());
       } else {
-        const auto kernel = packed ? kd_forward_kernel<s_t, u_t, LOSS, kVec> : kd_forward_kernel<s_t, u_t, LOSS, 1>;
-        kernel<<<grid, kThreads, 0, stream>>>(s_ptr, ss, u_ptr, us, per_t, B, C, inv_tau, inv_tau_h, tau_sq,
-                                              static_cast<acc_t>(entropy_weight), hta_keys, rows.data_ptr<acc_t>(),
-                                              stats.data_ptr<acc_t>());
+        launch(packed ? kd_forward_kernel<s_t, u_t, LOSS, kVec> : kd_forward_kernel<s_t, u_t, LOSS, 1>);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

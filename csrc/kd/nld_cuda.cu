@@ -52,14 +52,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nld_rows_forward_impl(const at::T
   SNNKD_KD_DISPATCH_PAIR(student, teacher, "snnkd_nld_forward_cuda", [&] {
     const auto P = make_nld_params<acc_t>(temperature, noise_weight, noise_std, adaptive, additive);
     const acc_t tau_sq = static_cast<acc_t>(temperature * temperature);
+    // The gradient-forming forward takes the plain one's arguments and two more.
+    const auto launch = [&](auto kernel, auto... grad_args) {
+      kernel<<<grid, kThreads, 0, stream>>>(student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(), us, B, C, seed_data,
+                                            P, tau_sq, rows.data_ptr<acc_t>(), stats.data_ptr<acc_t>(), grad_args...);
+    };
     if (student_grad) {
-      nld_forward_student_grad_kernel<s_t, u_t><<<grid, kThreads, 0, stream>>>(
-          student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(), us, B, C, seed_data, P, tau_sq, rows.data_ptr<acc_t>(),
-          stats.data_ptr<acc_t>(), static_cast<acc_t>(row_weight), grad.data_ptr<s_t>());
+      launch(nld_forward_student_grad_kernel<s_t, u_t>, static_cast<acc_t>(row_weight), grad.data_ptr<s_t>());
     } else {
-      nld_forward_kernel<s_t, u_t><<<grid, kThreads, 0, stream>>>(student.data_ptr<s_t>(), ss, teacher.data_ptr<u_t>(),
-                                                                  us, B, C, seed_data, P, tau_sq,
-                                                                  rows.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+      launch(nld_forward_kernel<s_t, u_t>);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -73,17 +73,17 @@ int forward(const s_t* s, const u_t* u, bool per_t, int64_t Tn, int64_t B, int64
   const acc_t inv_tau_h = static_cast<acc_t>(1.0 / entropy_temperature);
   const acc_t tau_sq = static_cast<acc_t>(temperature * temperature);
   const int32_t* hta_keys = LOSS == kHTA ? static_cast<const int32_t*>(keys) : nullptr;
-  if (grad_s != nullptr) {
-    const auto kernel = packed ? kd_forward_student_grad_kernel<s_t, u_t, LOSS, kVec>
-                               : kd_forward_student_grad_kernel<s_t, u_t, LOSS, 1>;
+  const auto launch = [&](auto kernel, auto... grad_args) {  // the gradient-forming kernel takes three more
     cuda_emulation::launch_cooperative<kThreads>(Tn * B, kernel, s, ss, u, us, per_t, B, C, inv_tau, inv_tau_h, tau_sq,
                                                  static_cast<acc_t>(entropy_weight), hta_keys, rows, stats,
-                                                 static_cast<acc_t>(temperature), static_cast<acc_t>(grad_weight),
-                                                 grad_s);
+                                                 grad_args...);
+  };
+  if (grad_s != nullptr) {
+    launch(packed ? kd_forward_student_grad_kernel<s_t, u_t, LOSS, kVec>
+                  : kd_forward_student_grad_kernel<s_t, u_t, LOSS, 1>,
+           static_cast<acc_t>(temperature), static_cast<acc_t>(grad_weight), grad_s);
   } else {
-    const auto kernel = packed ? kd_forward_kernel<s_t, u_t, LOSS, kVec> : kd_forward_kernel<s_t, u_t, LOSS, 1>;
-    cuda_emulation::launch_cooperative<kThreads>(Tn * B, kernel, s, ss, u, us, per_t, B, C, inv_tau, inv_tau_h, tau_sq,
-                                                 static_cast<acc_t>(entropy_weight), hta_keys, rows, stats);
+    launch(packed ? kd_forward_kernel<s_t, u_t, LOSS, kVec> : kd_forward_kernel<s_t, u_t, LOSS, 1>);
   }
   return packed ? kVec : 1;
 }
@@ -116,13 +116,14 @@ void nld_forward(const s_t* s, const u_t* u, bool per_t, int64_t Tn, int64_t B, 
   using acc_t = acc_type_t<s_t, u_t>;
   const Strides ss{B * C, C, 1}, us{per_t ? B * C : 0, C, 1};
   const acc_t tau_sq = static_cast<acc_t>(temperature * temperature);
+  const auto launch = [&](auto kernel, auto... grad_args) {  // the gradient-forming kernel takes two more
+    cuda_emulation::launch_cooperative<kThreads>(Tn * B, kernel, s, ss, u, us, B, C, seed, P, tau_sq, rows, stats,
+                                                 grad_args...);
+  };
   if (grad_s != nullptr) {
-    cuda_emulation::launch_cooperative<kThreads>(Tn * B, nld_forward_student_grad_kernel<s_t, u_t>, s, ss, u, us, B,
-                                                 C, seed, P, tau_sq, rows, stats, static_cast<acc_t>(grad_weight),
-                                                 grad_s);
+    launch(nld_forward_student_grad_kernel<s_t, u_t>, static_cast<acc_t>(grad_weight), grad_s);
   } else {
-    cuda_emulation::launch_cooperative<kThreads>(Tn * B, nld_forward_kernel<s_t, u_t>, s, ss, u, us, B, C, seed, P,
-                                                 tau_sq, rows, stats);
+    launch(nld_forward_kernel<s_t, u_t>);
   }
 }
 
