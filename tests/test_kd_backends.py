@@ -325,16 +325,18 @@ def test_hta_head_selection_matches_cpp(kd_target, head_threshold):
 
 @pytest.mark.parametrize("head_threshold", [0.1, 0.5, 0.9])
 def test_cpp_hta_crossing_class_on_long_rows(head_threshold):
-    """The cpp teacher selection (bisection on the key down to <= 64 candidates, then a sort) against
-    the reference's order (logit descending, ties to the lower index, inclusive cumulative
-    probability) on rows long enough to take the bisection passes: spread, near-flat, confident,
-    tied in groups larger than 64, and all tied."""
+    """The cpp teacher selection (radix selection on the key, 8 bits a pass, down to <= 64 candidates,
+    then a sort) against the reference's order (logit descending, ties to the lower index, inclusive
+    cumulative probability) on rows long enough to take the radix passes: spread, near-flat,
+    confident, tied in groups larger than 64, all tied, and logits one ulp apart (shuffled), whose
+    keys share their top two bytes: every pass narrows on its own byte."""
     if not snnkd_fast.backends("kd")["cpp"]:
         pytest.skip("the C++ extension is not built")
     g = torch.Generator().manual_seed(11)
     teachers = [torch.randn(3, 1000, generator=g) * 4, torch.randn(3, 1000, generator=g) * 0.01,
                 torch.randn(2, 3000, generator=g) * 40, torch.randint(-3, 4, (4, 1000), generator=g).float(),
-                torch.full((2, 301), 0.25), torch.randn(2, 70, generator=g)]  # 301: no cumulative sum lands on a threshold
+                torch.full((2, 301), 0.25), torch.randn(2, 70, generator=g),  # 301: no cumulative sum lands on a threshold
+                1 + torch.randperm(1000, generator=g).float().reshape(1, 1000) * 2**-23]
     for teacher in teachers:
         keys = _hta_teacher_keys("cpp", teacher, head_threshold)[0]  # [B, 3] of the one timestep
         order, cumulative = float64_head_order(teacher)
