@@ -12,6 +12,14 @@
 
 #include "kd_ops.h"
 
+#if defined(__AVX512F__)
+// GCC 12 warns (-Wmaybe-uninitialized) inside its own AVX-512 intrinsics (their _mm512_undefined_*)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#endif
+
 #if defined(__GNUC__)
 #define SNNKD_NOINLINE __attribute__((noinline))
 #else
@@ -202,6 +210,40 @@ enum class TeacherUse { kUAndP, kAll, kLogPAndP };
 // fills [0, C) of log_p and p alone), and for HTA the sort keys of the logits and the head mask. u,
 // log_p, p and head hold n = padded_width(C) entries; after load() the padding is u = log_p = -inf,
 // p = 0, head = 0.
+// The unsigned image of a 32-bit HTA key (the same order), whose bytes the radix selection buckets by.
+inline uint32_t unsigned_key(int32_t key) { return static_cast<uint32_t>(key) ^ 0x80000000u; }
+
+// The classes c in [0, C) whose unsigned key has `digit` in its byte at `shift`, in class order, into
+// out (room for C + 1); returns their number. Branch-free: a scalar loop writes every class and
+// advances by the test (~2.2 cycles per class, the HTA head's largest pass after its histogram);
+// with AVX-512 16 classes at a time, compressed in a register (vpcompressd's memory form is
+// microcoded on Zen 4) and stored whole, the next store starting where the kept ones end.
+#pragma GCC diagnostic push  // GCC 12 warns inside its intrinsics (the include above); off where they inline
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+inline int64_t compact_classes_by_digit(const int32_t* key, int64_t C, int shift, uint32_t digit, int32_t* out) {
+  int64_t kept = 0, c = 0;
+#if defined(__AVX512F__)
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i flip = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  const __m512i byte = _mm512_set1_epi32(0xFF);
+  const __m512i wanted = _mm512_set1_epi32(static_cast<int>(digit));
+  const __m512i shifts = _mm512_set1_epi32(shift);
+  for (; c + 16 <= C; c += 16) {
+    const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(key + c), flip);
+    const __mmask16 in = _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_srlv_epi32(u, shifts), byte), wanted);
+    const __m512i classes = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)), lane);
+    _mm512_storeu_si512(out + kept, _mm512_maskz_compress_epi32(in, classes));  // kept + 16 <= c + 16 <= C
+    kept += __builtin_popcount(static_cast<unsigned>(in));
+  }
+#endif
+  for (; c < C; ++c) {
+    out[kept] = static_cast<int32_t>(c);
+    kept += ((unsigned_key(key[c]) >> shift) & 0xFFu) == digit ? 1 : 0;
+  }
+  return kept;
+}
+#pragma GCC diagnostic pop
+
 template <typename acc_t>
 struct TeacherRow {
   int64_t n;
@@ -340,34 +382,36 @@ struct TeacherRow {
   // order (key descending, index ascending) and scanned from mass_above. A histogram pass and a
   // compaction over the row, then passes over ever fewer candidates, where the bisection on the key
   // it replaced read the whole row 8-15 times (C = 1,000-128,000, ~0.7 cycles per class each).
-  // HTA forward, T = 1, one thread (AMD EPYC VM, best of 60, alternating builds): [512, 100] 0.69 ->
-  // 0.42 ms, [512, 300] 1.33 -> 1.26, [128, 1000] 0.70 -> 0.64, [4, 32000] 0.74 -> 0.56,
-  // [1, 128000] 0.81 -> 0.59. What is left of it at C = 32,000 (perf): the histogram and the
-  // compaction, ~2.4 and ~2.2 cycles per class (the compaction's stores wait on its running count).
-  // Before the bisection, nth_element, whose halving mispredicted a branch per comparison.
+  // HTA forward, T = 1, one thread (AMD EPYC VM, best of 60, alternating builds, the benchmarks'
+  // malloc settings): [512, 100] 0.69 -> 0.34 ms, [512, 300] 1.33 -> 1.01-1.08, [128, 1000] 0.71 ->
+  // 0.54, [4, 32000] 0.74 -> 0.48, [1, 128000] 0.83 -> 0.52. What is left of it: at C = 32,000 the
+  // first histogram (~2.4 cycles per class); at a few hundred classes the walks over the buckets,
+  // whose skips of empty ones mispredict. Before the bisection, nth_element, whose halving
+  // mispredicted a branch per comparison.
   int64_t crossing_by_radix_select(int64_t C, double threshold) {
     static_assert(sizeof(key_t) == 4, "radix selection over 32-bit keys (float rows)");
     const key_t* key = keys.data();
     const acc_t* pp = p.data();
-    // unsigned keys in the same order: the bucket of a class is a field of its bits
-    const auto ukey = [key](int64_t c) { return static_cast<uint32_t>(key[c]) ^ 0x80000000u; };
+    const auto ukey = [key](int64_t c) { return unsigned_key(key[c]); };  // the bucket: a byte of it
     constexpr int kBuckets = 256;
-    // Four interleaved histograms: consecutive classes mostly share a bucket, and one histogram
-    // chains every add on the previous one's store.
+    // Four interleaved histograms over many candidates: consecutive classes mostly share a bucket, and
+    // one histogram chains every add on the previous one's store. One over a few (clearing and
+    // merging four cost more than they save below ~1,000).
     constexpr int kCopies = 4;
+    constexpr int64_t kFewCandidates = 1024;
     double mass[kCopies][kBuckets];
     int32_t count[kCopies][kBuckets];
     double mass_above = 0.0;
     int64_t num = C;                 // candidates: every class, then candidates[0, num)
     const int32_t* list = nullptr;   // nullptr: every class (index i is class i)
-    candidates.resize(2 * static_cast<size_t>(C) + 2);  // two lists, each with room for one write past its end
-    int32_t* lists[2] = {candidates.data(), candidates.data() + C + 1};
+    int32_t* lists[2] = {nullptr, nullptr};  // in `candidates`, sized by the first pass's bucket
     for (int shift = 24, level = 0; shift >= 0 && num > 64; shift -= 8, ++level) {
-      std::memset(mass, 0, sizeof(mass));
-      std::memset(count, 0, sizeof(count));
+      const int copies = num < kFewCandidates ? 1 : kCopies;
+      std::memset(mass, 0, copies * sizeof(mass[0]));
+      std::memset(count, 0, copies * sizeof(count[0]));
       const auto class_at = [list](int64_t i) { return list != nullptr ? static_cast<int64_t>(list[i]) : i; };
       int64_t i = 0;
-      for (; i + kCopies <= num; i += kCopies) {
+      for (; copies == kCopies && i + kCopies <= num; i += kCopies) {
         for (int j = 0; j < kCopies; ++j) {
           const int64_t c = class_at(i + j);
           const uint32_t b = (ukey(c) >> shift) & (kBuckets - 1);
@@ -381,38 +425,57 @@ struct TeacherRow {
         mass[0][b] += static_cast<double>(pp[c]);
         count[0][b] += 1;
       }
+      for (int j = 1; j < copies; ++j) {  // merged into the first, bucket by bucket in a fixed order
+        for (int b = 0; b < kBuckets; ++b) {
+          mass[0][b] += mass[j][b];
+          count[0][b] += count[j][b];
+        }
+      }
       // the bucket holding the crossing: the first, from the top, whose mass takes mass_above to the
       // threshold; none (rounding between summation orders: the caller's total reached it), the
-      // lowest occupied one, whose classes the scan below then runs through
+      // lowest occupied one, whose classes the scan below then runs through. Empty buckets (most, in
+      // the first pass) are skipped on their count, off the chain of adds to mass_above.
       int chosen = -1, lowest = -1;
+      int64_t chosen_count = 0, lowest_count = 0;
       double below_lowest = mass_above;
       for (int b = kBuckets - 1; b >= 0; --b) {
-        double m = 0.0;
-        int64_t n = 0;
-        for (int j = 0; j < kCopies; ++j) {
-          m += mass[j][b];
-          n += count[j][b];
-        }
+        const double m = mass[0][b];
+        const int64_t n = count[0][b];
         if (n == 0) continue;
         if (mass_above + m >= threshold) {
           chosen = b;
+          chosen_count = n;
           break;
         }
         lowest = b;
+        lowest_count = n;
         below_lowest = mass_above;
         mass_above += m;
       }
       if (chosen < 0) {
         chosen = lowest;
+        chosen_count = lowest_count;
         mass_above = below_lowest;
+      }
+      if (list == nullptr) {  // two lists of at most this bucket's classes, each with 17 more entries
+        // (compaction writes past its last kept class: one entry, or a 16-class vector); not 2 C
+        // entries: zero-filled at every call of a one-sample batch, they cost more than the selection
+        const size_t room = static_cast<size_t>(chosen_count) + 17;
+        if (candidates.size() < 2 * room) candidates.resize(2 * room);
+        lists[0] = candidates.data();
+        lists[1] = candidates.data() + room;
       }
       // its classes, compacted without a branch (every class written, the count advanced by the test)
       int32_t* next = lists[level % 2];
       int64_t kept = 0;
-      for (int64_t k = 0; k < num; ++k) {
-        const int64_t c = class_at(k);
-        next[kept] = static_cast<int32_t>(c);
-        kept += ((ukey(c) >> shift) & (kBuckets - 1)) == static_cast<uint32_t>(chosen) ? 1 : 0;
+      if (list == nullptr) {
+        kept = compact_classes_by_digit(key, C, shift, static_cast<uint32_t>(chosen), next);
+      } else {
+        for (int64_t k = 0; k < num; ++k) {
+          const int64_t c = list[k];
+          next[kept] = static_cast<int32_t>(c);
+          kept += ((ukey(c) >> shift) & (kBuckets - 1)) == static_cast<uint32_t>(chosen) ? 1 : 0;
+        }
       }
       list = next;
       num = kept;
