@@ -205,19 +205,15 @@ Item crossing_item(Item* items, int64_t n, double threshold, Before before, Mass
 // (load() without log_p), NLD's forward all three, the backwards log_p and p (load_from_lse()).
 enum class TeacherUse { kUAndP, kAll, kLogPAndP };
 
-// One sample's teacher row at temperature tau, computed once for its T student rows: u = z_u / tau,
-// log_p and p (log_softmax and softmax of u; load() fills the rows `use` allocated, load_from_lse()
-// fills [0, C) of log_p and p alone), and for HTA the sort keys of the logits and the head mask. u,
-// log_p, p and head hold n = padded_width(C) entries; after load() the padding is u = log_p = -inf,
-// p = 0, head = 0.
 // The unsigned image of a 32-bit HTA key (the same order), whose bytes the radix selection buckets by.
 inline uint32_t unsigned_key(int32_t key) { return static_cast<uint32_t>(key) ^ 0x80000000u; }
 
 // The classes c in [0, C) whose unsigned key has `digit` in its byte at `shift`, in class order, into
-// out (room for C + 1); returns their number. Branch-free: a scalar loop writes every class and
-// advances by the test (~2.2 cycles per class, the HTA head's largest pass after its histogram);
-// with AVX-512 16 classes at a time, compressed in a register (vpcompressd's memory form is
-// microcoded on Zen 4) and stored whole, the next store starting where the kept ones end.
+// out; returns their number, n. Branch-free: a scalar loop writes every class and advances by the
+// test (~2.2 cycles per class, the HTA head's largest pass after its histogram); with AVX-512 16
+// classes at a time, compressed in a register (vpcompressd's memory form is microcoded on Zen 4) and
+// stored whole, the next store starting where the kept ones end. out needs room for n + 16 entries:
+// the scalar loop writes one past the last kept class, the vector loop a whole vector from there.
 #pragma GCC diagnostic push  // GCC 12 warns inside its intrinsics (the include above); off where they inline
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 inline int64_t compact_classes_by_digit(const int32_t* key, int64_t C, int shift, uint32_t digit, int32_t* out) {
@@ -232,7 +228,7 @@ inline int64_t compact_classes_by_digit(const int32_t* key, int64_t C, int shift
     const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(key + c), flip);
     const __mmask16 in = _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_srlv_epi32(u, shifts), byte), wanted);
     const __m512i classes = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)), lane);
-    _mm512_storeu_si512(out + kept, _mm512_maskz_compress_epi32(in, classes));  // kept + 16 <= c + 16 <= C
+    _mm512_storeu_si512(out + kept, _mm512_maskz_compress_epi32(in, classes));
     kept += __builtin_popcount(static_cast<unsigned>(in));
   }
 #endif
@@ -244,6 +240,11 @@ inline int64_t compact_classes_by_digit(const int32_t* key, int64_t C, int shift
 }
 #pragma GCC diagnostic pop
 
+// One sample's teacher row at temperature tau, computed once for its T student rows: u = z_u / tau,
+// log_p and p (log_softmax and softmax of u; load() fills the rows `use` allocated, load_from_lse()
+// fills [0, C) of log_p and p alone), and for HTA the sort keys of the logits and the head mask. u,
+// log_p, p and head hold n = padded_width(C) entries; after load() the padding is u = log_p = -inf,
+// p = 0, head = 0.
 template <typename acc_t>
 struct TeacherRow {
   int64_t n;
@@ -457,9 +458,9 @@ struct TeacherRow {
         chosen_count = lowest_count;
         mass_above = below_lowest;
       }
-      if (list == nullptr) {  // two lists of at most this bucket's classes, each with 17 more entries
-        // (compaction writes past its last kept class: one entry, or a 16-class vector); not 2 C
-        // entries: zero-filled at every call of a one-sample batch, they cost more than the selection
+      if (list == nullptr) {  // two lists of at most this bucket's classes, each with the 16 more
+        // entries compaction writes past its last kept class (+1); not 2 C entries: zero-filled at
+        // every call of a one-sample batch, they cost more than the selection
         const size_t room = static_cast<size_t>(chosen_count) + 17;
         if (candidates.size() < 2 * room) candidates.resize(2 * room);
         lists[0] = candidates.data();
