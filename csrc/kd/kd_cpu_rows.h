@@ -205,8 +205,11 @@ Item crossing_item(Item* items, int64_t n, double threshold, Before before, Mass
 // (load() without log_p), NLD's forward all three, the backwards log_p and p (load_from_lse()).
 enum class TeacherUse { kUAndP, kAll, kLogPAndP };
 
-// The unsigned image of a 32-bit HTA key (the same order), whose bytes the radix selection buckets by.
-inline uint32_t unsigned_key(int32_t key) { return static_cast<uint32_t>(key) ^ 0x80000000u; }
+// The radix selection's bucket of a 32-bit HTA key: the byte at `shift` of its unsigned image (the
+// sign bit flipped: the same order).
+inline uint32_t key_digit(int32_t key, int shift) {
+  return ((static_cast<uint32_t>(key) ^ 0x80000000u) >> shift) & 0xFFu;
+}
 
 // The classes c in [0, C) whose unsigned key has `digit` in its byte at `shift`, in class order, into
 // out; returns their number, n. Branch-free: a scalar loop writes every class and advances by the
@@ -225,7 +228,7 @@ inline int64_t compact_classes_by_digit(const int32_t* key, int64_t C, int shift
   const __m512i wanted = _mm512_set1_epi32(static_cast<int>(digit));
   const __m512i shifts = _mm512_set1_epi32(shift);
   for (; c + 16 <= C; c += 16) {
-    const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(key + c), flip);
+    const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(key + c), flip);  // key_digit, 16 at a time
     const __mmask16 in = _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_srlv_epi32(u, shifts), byte), wanted);
     const __m512i classes = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)), lane);
     _mm512_storeu_si512(out + kept, _mm512_maskz_compress_epi32(in, classes));
@@ -234,7 +237,7 @@ inline int64_t compact_classes_by_digit(const int32_t* key, int64_t C, int shift
 #endif
   for (; c < C; ++c) {
     out[kept] = static_cast<int32_t>(c);
-    kept += ((unsigned_key(key[c]) >> shift) & 0xFFu) == digit ? 1 : 0;
+    kept += key_digit(key[c], shift) == digit ? 1 : 0;
   }
   return kept;
 }
@@ -393,8 +396,7 @@ struct TeacherRow {
     static_assert(sizeof(key_t) == 4, "radix selection over 32-bit keys (float rows)");
     const key_t* key = keys.data();
     const acc_t* pp = p.data();
-    const auto ukey = [key](int64_t c) { return unsigned_key(key[c]); };  // the bucket: a byte of it
-    constexpr int kBuckets = 256;
+    constexpr int kBuckets = 256;  // key_digit's byte
     // Four interleaved histograms over many candidates: consecutive classes mostly share a bucket, and
     // one histogram chains every add on the previous one's store. One over a few (clearing and
     // merging four cost more than they save below ~1,000).
@@ -415,14 +417,14 @@ struct TeacherRow {
       for (; copies == kCopies && i + kCopies <= num; i += kCopies) {
         for (int j = 0; j < kCopies; ++j) {
           const int64_t c = class_at(i + j);
-          const uint32_t b = (ukey(c) >> shift) & (kBuckets - 1);
+          const uint32_t b = key_digit(key[c], shift);
           mass[j][b] += static_cast<double>(pp[c]);
           count[j][b] += 1;
         }
       }
       for (; i < num; ++i) {
         const int64_t c = class_at(i);
-        const uint32_t b = (ukey(c) >> shift) & (kBuckets - 1);
+        const uint32_t b = key_digit(key[c], shift);
         mass[0][b] += static_cast<double>(pp[c]);
         count[0][b] += 1;
       }
@@ -475,7 +477,7 @@ struct TeacherRow {
         for (int64_t k = 0; k < num; ++k) {
           const int64_t c = list[k];
           next[kept] = static_cast<int32_t>(c);
-          kept += ((ukey(c) >> shift) & (kBuckets - 1)) == static_cast<uint32_t>(chosen) ? 1 : 0;
+          kept += key_digit(key[c], shift) == static_cast<uint32_t>(chosen) ? 1 : 0;
         }
       }
       list = next;
