@@ -211,6 +211,22 @@ inline uint32_t key_digit(int32_t key, int shift) {
   return ((static_cast<uint32_t>(key) ^ 0x80000000u) >> shift) & 0xFFu;
 }
 
+// Bit j set where count[j] != 0, for 64 counts: which buckets of a radix histogram are occupied.
+inline uint64_t occupied_buckets(const int32_t* count) {
+#if defined(__AVX512F__)
+  uint64_t bits = 0;
+  for (int q = 0; q < 4; ++q) {
+    const __m512i v = _mm512_loadu_si512(count + 16 * q);
+    bits |= static_cast<uint64_t>(_mm512_test_epi32_mask(v, v)) << (16 * q);
+  }
+  return bits;
+#else
+  uint64_t bits = 0;
+  for (int j = 0; j < 64; ++j) bits |= static_cast<uint64_t>(count[j] != 0) << j;
+  return bits;
+#endif
+}
+
 // The classes c in [0, C) whose unsigned key has `digit` in its byte at `shift`, in class order, into
 // out; returns their number, n. Branch-free: a scalar loop writes every class and advances by the
 // test (~2.2 cycles per class, the HTA head's largest pass after its histogram); with AVX-512 16
@@ -388,10 +404,12 @@ struct TeacherRow {
   // it replaced read the whole row 8-15 times (C = 1,000-128,000, ~0.7 cycles per class each).
   // HTA forward, T = 1, one thread (AMD EPYC VM, best of 60, alternating builds, the benchmarks'
   // malloc settings): [512, 100] 0.69 -> 0.34 ms, [512, 300] 1.33 -> 1.01-1.08, [128, 1000] 0.71 ->
-  // 0.54, [4, 32000] 0.74 -> 0.48, [1, 128000] 0.83 -> 0.52. What is left of it: at C = 32,000 the
-  // first histogram (~2.4 cycles per class); at a few hundred classes the walks over the buckets,
-  // whose skips of empty ones mispredict. Before the bisection, nth_element, whose halving
-  // mispredicted a branch per comparison.
+  // 0.54, [4, 32000] 0.74 -> 0.48, [1, 128000] 0.83 -> 0.52; walking only the occupied buckets (a
+  // bitmap) then took [512, 300] from 1.04-1.07 to 0.79-0.80 ms and [512, 100] from 0.35-0.37 to 0.34.
+  // What is left of it: at C = 32,000 the first histogram (~2.4 cycles per class); at a few hundred
+  // classes the one histogram's chain of adds (four copies from 128 candidates up: 0.79 -> 0.84 ms at
+  // [512, 300], slower). Before the bisection, nth_element, whose halving mispredicted a branch per
+  // comparison.
   int64_t crossing_by_radix_select(int64_t C, double threshold) {
     static_assert(sizeof(key_t) == 4, "radix selection over 32-bit keys (float rows)");
     const key_t* key = keys.data();
@@ -436,24 +454,29 @@ struct TeacherRow {
       }
       // the bucket holding the crossing: the first, from the top, whose mass takes mass_above to the
       // threshold; none (rounding between summation orders: the caller's total reached it), the
-      // lowest occupied one, whose classes the scan below then runs through. Empty buckets (most, in
-      // the first pass) are skipped on their count, off the chain of adds to mass_above.
+      // lowest occupied one, whose classes the scan below then runs through. The walk visits only
+      // occupied buckets, from a bitmap of them (64 per word, built branch-free): skipping empty ones
+      // on their count mispredicted at every gap and was half the selection at a few hundred classes.
       int chosen = -1, lowest = -1;
       int64_t chosen_count = 0, lowest_count = 0;
       double below_lowest = mass_above;
-      for (int b = kBuckets - 1; b >= 0; --b) {
-        const double m = mass[0][b];
-        const int64_t n = count[0][b];
-        if (n == 0) continue;
-        if (mass_above + m >= threshold) {
-          chosen = b;
-          chosen_count = n;
-          break;
+      for (int word = kBuckets / 64 - 1; word >= 0 && chosen < 0; --word) {
+        uint64_t occupied = occupied_buckets(count[0] + word * 64);
+        while (occupied != 0) {
+          const int bit = 63 - __builtin_clzll(occupied);
+          occupied &= ~(uint64_t(1) << bit);
+          const int b = word * 64 + bit;
+          const double m = mass[0][b];
+          if (mass_above + m >= threshold) {
+            chosen = b;
+            chosen_count = count[0][b];
+            break;
+          }
+          lowest = b;
+          lowest_count = count[0][b];
+          below_lowest = mass_above;
+          mass_above += m;
         }
-        lowest = b;
-        lowest_count = n;
-        below_lowest = mass_above;
-        mass_above += m;
       }
       if (chosen < 0) {
         chosen = lowest;
