@@ -14,21 +14,10 @@
 #include <vector>
 
 #include "kd/kd_cpu_rows.h"
+#include "tests/expect.h"
 
 using namespace snnkd;
 using namespace snnkd::kd;
-
-static int failures = 0;
-
-#define EXPECT(cond, ...)                                         \
-  do {                                                            \
-    if (!(cond)) {                                                \
-      std::printf("FAIL (%s:%d): ", __FILE__, __LINE__);          \
-      std::printf(__VA_ARGS__);                                   \
-      std::printf("\n");                                          \
-      ++failures;                                                 \
-    }                                                             \
-  } while (0)
 
 static void test_key_helpers(std::mt19937& rng) {
   std::uniform_int_distribution<int32_t> any_key(INT32_MIN, INT32_MAX);
@@ -46,9 +35,11 @@ static void test_key_helpers(std::mt19937& rng) {
           }
           std::vector<int32_t> out(C + 16, -1);
           const int64_t kept = compact_classes_by_digit(key.data(), C, shift, digit, out.data());
-          EXPECT(kept == static_cast<int64_t>(expected.size()) && std::equal(expected.begin(), expected.end(), out.begin()),
-                "compact_classes_by_digit C %lld shift %d digit %u: %lld classes, expected %zu", (long long)C, shift,
-                digit, (long long)kept, expected.size());
+          const bool same = kept == static_cast<int64_t>(expected.size()) &&
+                            std::equal(expected.begin(), expected.end(), out.begin());
+          EXPECT(same,
+                 "compact_classes_by_digit C %lld shift %d digit %u: %lld classes, expected %zu", (long long)C, shift,
+                 digit, (long long)kept, expected.size());
         }
       }
     }
@@ -76,7 +67,8 @@ static void expected_head(const std::vector<float>& z, const std::vector<float>&
   std::iota(order.begin(), order.end(), 0);
   std::vector<int32_t> key(C);
   for (int64_t c = 0; c < C; ++c) key[c] = sort_key(z[c]);
-  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); });
+  std::sort(order.begin(), order.end(),
+            [&](int32_t a, int32_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); });
   top = order[0];
   cross = C;
   double mass = 0.0;
@@ -126,8 +118,8 @@ static void test_select_head(std::mt19937& rng) {
         int64_t cross = 0, top = 0;
         expected_head(z, p, threshold, cross, top);
         EXPECT(out[kIdxCross] == cross && out[kIdxTop] == top,
-              "C %lld, %s, threshold %g: crossing class %d (expected %lld), top %d (expected %lld)", (long long)C,
-              kinds[kind], threshold, out[kIdxCross], (long long)cross, out[kIdxTop], (long long)top);
+               "C %lld, %s, threshold %g: crossing class %d (expected %lld), top %d (expected %lld)", (long long)C,
+               kinds[kind], threshold, out[kIdxCross], (long long)cross, out[kIdxTop], (long long)top);
         int64_t wrong = 0;
         const int32_t key_cross = cross == C ? INT32_MIN : sort_key(z[cross]);
         for (int64_t c = 0; c < C; ++c) {
@@ -136,7 +128,7 @@ static void test_select_head(std::mt19937& rng) {
           wrong += (row.head[c] == 1.0f) != head ? 1 : 0;
         }
         EXPECT(wrong == 0, "C %lld, %s, threshold %g: %lld classes' head flag wrong", (long long)C, kinds[kind],
-              threshold, (long long)wrong);
+               threshold, (long long)wrong);
       }
     }
   }
@@ -151,8 +143,8 @@ int main() {
 #else
   const char* build = "portable (no AVX-512)";
 #endif
-  if (failures != 0) {
-    std::printf("%d failure(s), %s build\n", failures, build);
+  if (expect_failures() != 0) {
+    std::printf("%d failure(s), %s build\n", expect_failures(), build);
     return 1;
   }
   std::printf("kd_cpu_rows: all checks passed, %s build\n", build);

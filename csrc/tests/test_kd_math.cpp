@@ -17,27 +17,16 @@
 #include "common/fast_math.h"
 #include "common/philox.h"
 #include "kd/kd_math.h"
+#include "tests/expect.h"
 
 using namespace snnkd;
-
-static int failures = 0;
-
-#define CHECK(cond, ...)                                          \
-  do {                                                            \
-    if (!(cond)) {                                                \
-      std::printf("FAIL (%s:%d): ", __FILE__, __LINE__);          \
-      std::printf(__VA_ARGS__);                                   \
-      std::printf("\n");                                          \
-      ++failures;                                                 \
-    }                                                             \
-  } while (0)
 
 static void test_philox_known_answer() {
   // Random123 kat_vectors: philox4x32 10, counter 0, key 0
   uint32_t out[4];
   philox4x32_10(0, 0, out);
   const uint32_t expected[4] = {0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u};
-  for (int i = 0; i < 4; ++i) CHECK(out[i] == expected[i], "word %d: %08x != %08x", i, out[i], expected[i]);
+  for (int i = 0; i < 4; ++i) EXPECT(out[i] == expected[i], "word %d: %08x != %08x", i, out[i], expected[i]);
 }
 
 static void test_row_fill_matches_single_draws() {
@@ -51,8 +40,8 @@ static void test_row_fill_matches_single_draws() {
         nld_eps_row(seed, base, C, filled.data());
         for (int64_t c = 0; c < C; ++c) {
           const float single = nld_eps(seed, base, c);
-          CHECK(filled[c] == single, "seed %llu base %llu C %lld c %lld: %.9g != %.9g", (unsigned long long)seed,
-                (unsigned long long)base, (long long)C, (long long)c, filled[c], single);
+          EXPECT(filled[c] == single, "seed %llu base %llu C %lld c %lld: %.9g != %.9g", (unsigned long long)seed,
+                 (unsigned long long)base, (long long)C, (long long)c, filled[c], single);
         }
       }
     }
@@ -74,8 +63,8 @@ static void test_randn4x_is_box_muller_of_both_pairs() {
       const double expected[2] = {radius * std::cos(angle), radius * std::sin(angle)};
       for (int k = 0; k < 2; ++k) {
         const double got = normals[2 * pair + k];
-        CHECK(std::fabs(got - expected[k]) <= 2e-6 * (1.0 + std::fabs(expected[k])), "counter %llu normal %d: %.9g != %.9g",
-              (unsigned long long)counter, 2 * pair + k, got, expected[k]);
+        EXPECT(std::fabs(got - expected[k]) <= 2e-6 * (1.0 + std::fabs(expected[k])),
+               "counter %llu normal %d: %.9g != %.9g", (unsigned long long)counter, 2 * pair + k, got, expected[k]);
       }
     }
   }
@@ -95,19 +84,19 @@ static void test_gradient_split() {
           split += grad_student_entropy(log_qh, std::exp(log_qh), r, inv_tau_h, w);
         }
         const double whole = grad_student(loss, zs, zu, r, inv_tau, tau, inv_tau_h, w);
-        CHECK(std::fabs(split - whole) <= 1e-15 * (1 + std::fabs(whole)), "student loss %d: %.17g != %.17g", loss,
-              split, whole);
+        EXPECT(std::fabs(split - whole) <= 1e-15 * (1 + std::fabs(whole)), "student loss %d: %.17g != %.17g", loss,
+               split, whole);
         const double teacher_split =
             grad_teacher_kl(loss, log_q, std::exp(log_q), log_p, std::exp(log_p), r, tau);
         const double teacher_whole = grad_teacher(loss, zs, zu, r, inv_tau, tau);
-        CHECK(std::fabs(teacher_split - teacher_whole) <= 1e-15 * (1 + std::fabs(teacher_whole)),
-              "teacher loss %d: %.17g != %.17g", loss, teacher_split, teacher_whole);
+        EXPECT(std::fabs(teacher_split - teacher_whole) <= 1e-15 * (1 + std::fabs(teacher_whole)),
+               "teacher loss %d: %.17g != %.17g", loss, teacher_split, teacher_whole);
       }
     }
   }
   // xlogy: a zero probability drops an infinite log, a NaN one poisons
-  CHECK(xmul(0.0, -std::numeric_limits<double>::infinity()) == 0.0, "xmul(0, -inf)");
-  CHECK(std::isnan(xmul(std::nan(""), 1.0)), "xmul(NaN, 1)");
+  EXPECT(xmul(0.0, -std::numeric_limits<double>::infinity()) == 0.0, "xmul(0, -inf)");
+  EXPECT(std::isnan(xmul(std::nan(""), 1.0)), "xmul(NaN, 1)");
 }
 
 // fast_exp and fast_log, the host's vectorizable exp and log (csrc/common/fast_math.h): relative error
@@ -123,27 +112,27 @@ static void test_fast_exp_and_log() {
   double worst = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float scalar = fast_exp(x[i]);
-    CHECK(std::memcmp(&scalar, &vec[i], sizeof(float)) == 0, "fast_exp(%a): scalar %a, vectorized %a", x[i], scalar,
-          vec[i]);
+    EXPECT(std::memcmp(&scalar, &vec[i], sizeof(float)) == 0, "fast_exp(%a): scalar %a, vectorized %a", x[i], scalar,
+           vec[i]);
     const double exact = std::exp(double(x[i]));
     if (exact >= double(std::numeric_limits<float>::min())) worst = std::max(worst, std::fabs(scalar - exact) / exact);
   }
-  CHECK(worst <= 1.5e-7, "fast_exp: worst relative error %.3g (normal results)", worst);
+  EXPECT(worst <= 1.5e-7, "fast_exp: worst relative error %.3g (normal results)", worst);
   const float inf = std::numeric_limits<float>::infinity();
-  CHECK(fast_exp(-inf) == 0.0f, "fast_exp(-inf) = %a", fast_exp(-inf));
-  CHECK(fast_exp(-88.0f) == 0.0f, "fast_exp(-88) = %a (below the range: 0)", fast_exp(-88.0f));
-  CHECK(fast_exp(0.0f) == 1.0f, "fast_exp(0) = %a", fast_exp(0.0f));
-  CHECK(std::isnan(fast_exp(std::nanf(""))), "fast_exp(NaN) = %a", fast_exp(std::nanf("")));
-  CHECK(fast_exp(inf) == fast_exp(88.3f) && std::isfinite(fast_exp(inf)), "fast_exp(inf) = %a", fast_exp(inf));
-  CHECK(fast_exp(1e30f) == fast_exp(88.3f), "fast_exp(1e30) = %a", fast_exp(1e30f));
+  EXPECT(fast_exp(-inf) == 0.0f, "fast_exp(-inf) = %a", fast_exp(-inf));
+  EXPECT(fast_exp(-88.0f) == 0.0f, "fast_exp(-88) = %a (below the range: 0)", fast_exp(-88.0f));
+  EXPECT(fast_exp(0.0f) == 1.0f, "fast_exp(0) = %a", fast_exp(0.0f));
+  EXPECT(std::isnan(fast_exp(std::nanf(""))), "fast_exp(NaN) = %a", fast_exp(std::nanf("")));
+  EXPECT(fast_exp(inf) == fast_exp(88.3f) && std::isfinite(fast_exp(inf)), "fast_exp(inf) = %a", fast_exp(inf));
+  EXPECT(fast_exp(1e30f) == fast_exp(88.3f), "fast_exp(1e30) = %a", fast_exp(1e30f));
   // NaN through the vectorized loop too (its clamps are min/max-like selects)
   float special[4] = {std::nanf(""), -inf, inf, 0.0f}, special_out[4];
 #pragma omp simd
   for (int i = 0; i < 4; ++i) special_out[i] = fast_exp(special[i]);
-  CHECK(std::isnan(special_out[0]) && special_out[1] == 0.0f && special_out[2] == fast_exp(88.3f) &&
-            special_out[3] == 1.0f,
-        "vectorized fast_exp(NaN, -inf, inf, 0) = %a %a %a %a", special_out[0], special_out[1], special_out[2],
-        special_out[3]);
+  EXPECT(std::isnan(special_out[0]) && special_out[1] == 0.0f && special_out[2] == fast_exp(88.3f) &&
+             special_out[3] == 1.0f,
+         "vectorized fast_exp(NaN, -inf, inf, 0) = %a %a %a %a", special_out[0], special_out[1], special_out[2],
+         special_out[3]);
 
   // log: normal numbers from 2^-126 to 2^127, geometrically spaced
   for (int64_t i = 0; i < n; ++i) x[i] = std::ldexp(1.0f, -126) * std::pow(2.0f, 253.0f * float(i) / float(n - 1));
@@ -152,18 +141,18 @@ static void test_fast_exp_and_log() {
   worst = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float scalar = fast_log(x[i]);
-    CHECK(std::memcmp(&scalar, &vec[i], sizeof(float)) == 0, "fast_log(%a): scalar %a, vectorized %a", x[i], scalar,
-          vec[i]);
+    EXPECT(std::memcmp(&scalar, &vec[i], sizeof(float)) == 0, "fast_log(%a): scalar %a, vectorized %a", x[i], scalar,
+           vec[i]);
     const double exact = std::log(double(x[i]));
     // absolute near 1 (log -> 0), relative elsewhere
     worst = std::max(worst, std::fabs(scalar - exact) / std::max(1.0, std::fabs(exact)));
   }
-  CHECK(worst <= 1.5e-7, "fast_log: worst error %.3g", worst);
-  CHECK(fast_log(0.0f) == -inf, "fast_log(0) = %a", fast_log(0.0f));
-  CHECK(fast_log(1.0f) == 0.0f, "fast_log(1) = %a", fast_log(1.0f));
-  CHECK(fast_log(inf) == inf, "fast_log(inf) = %a", fast_log(inf));
-  CHECK(std::isnan(fast_log(-1.0f)), "fast_log(-1) = %a", fast_log(-1.0f));
-  CHECK(std::isnan(fast_log(std::nanf(""))), "fast_log(NaN) = %a", fast_log(std::nanf("")));
+  EXPECT(worst <= 1.5e-7, "fast_log: worst error %.3g", worst);
+  EXPECT(fast_log(0.0f) == -inf, "fast_log(0) = %a", fast_log(0.0f));
+  EXPECT(fast_log(1.0f) == 0.0f, "fast_log(1) = %a", fast_log(1.0f));
+  EXPECT(fast_log(inf) == inf, "fast_log(inf) = %a", fast_log(inf));
+  EXPECT(std::isnan(fast_log(-1.0f)), "fast_log(-1) = %a", fast_log(-1.0f));
+  EXPECT(std::isnan(fast_log(std::nanf(""))), "fast_log(NaN) = %a", fast_log(std::nanf("")));
 }
 
 int main() {
@@ -172,8 +161,8 @@ int main() {
   test_randn4x_is_box_muller_of_both_pairs();
   test_gradient_split();
   test_fast_exp_and_log();
-  if (failures) {
-    std::printf("%d check(s) failed\n", failures);
+  if (expect_failures() != 0) {
+    std::printf("%d check(s) failed\n", expect_failures());
     return 1;
   }
   std::printf("kd_math: all checks passed\n");
