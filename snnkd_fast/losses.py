@@ -193,8 +193,10 @@ def hta_kl(student_seq: Tensor, teacher: Tensor, *, temperature: float = 4.0, he
     logits equal, e.g. a zero-initialised head) with ``C * head_threshold`` an integer -- is then tail
     in every backend and dtype, as exact arithmetic says, instead of head or tail by the last bits of
     each one's rounding (C = 10 at 0.5 gave the float64 reference five head classes and the cpp
-    kernel four: that row's loss differed by a few percent). Sums within a few 1e-7 of the shifted
-    threshold still round either way (the kernels' float exps), but no structured input lands there.
+    kernel four: that row's loss differed by a few percent). Any cumulative sum in
+    ``[head_threshold - 2^-20, head_threshold)`` is tail too, not only those exact ties. Sums within a
+    few 1e-7 of the shifted threshold still round either way (the kernels' float exps), but no
+    structured input lands there.
     """
     op = "hta_kl"
     _check_pair(student_seq, teacher, op)
@@ -246,8 +248,12 @@ def nld_loss(student_seq: Tensor, teacher: Tensor, *, temperature: float = 2.0, 
     draw as ``tl.randn4x``) keyed by a seed and the element's row and class, regenerated identically
     in the backward, never materialised. The seed is
     drawn from ``generator`` (default: the device's default generator) on every call, or given as
-    ``seed``. The "torch" backend draws eps with ``torch.randn`` from the same generator instead,
-    so its noise differs from the kernels' for the same seed. Training only: evaluate with CE alone.
+    ``seed`` (then ``generator`` is not used). The "torch" backend draws eps with ``torch.randn``
+    from ``generator``; given a ``seed``, it computes the kernels' eps for that seed in plain tensor
+    ops instead (``kd.reference.philox_noise_reference``, equal to theirs up to the last bits of
+    log/cos/sin; ten rounds of 64-bit integer ops: ~50x ``torch.randn``'s time on a CPU), so that
+    every backend gives the same loss for a seed, within float tolerance. Training only: evaluate
+    with CE alone.
     """
     op = "nld_loss"
     _check_pair(student_seq, teacher, op, student_dims=(2, 3))
@@ -273,7 +279,12 @@ def nld_loss(student_seq: Tensor, teacher: Tensor, *, temperature: float = 2.0, 
     if not per_timestep:
         student3, teacher = _time_averaged(student3, teacher)
     if backend == "torch":
-        noise = torch.randn(student3.shape, generator=generator, device=student3.device, dtype=torch.float32)
+        if seed is None:  # fresh noise, drawn as the papers' code draws it
+            noise = torch.randn(student3.shape, generator=generator, device=student3.device, dtype=torch.float32)
+        else:  # the kernels' noise for this seed
+            steps, batch, classes = student3.shape
+            noise = ref.philox_noise_reference(_draw_seed(None, seed, student3.device, op), steps * batch,
+                                               classes).view(student3.shape)
         rows = ref.nld_loss_reference(student3, teacher, temperature=temperature, noise_weight=noise_weight,
                                       noise_std=noise_std, noise=noise, per_timestep=True, mode=mode,
                                       reduction="none")
@@ -313,7 +324,10 @@ class PerTimestepKLLoss(nn.Module):
 class TSERLoss(nn.Module):
     """Module form of :func:`tser_loss`. With ``alpha < 1`` it is TSER's whole training objective
     ``(1 - alpha) (1/T) sum_t CE(z_s[t], y) + alpha tser_loss`` (CE at temperature 1, per timestep),
-    and ``forward`` needs the labels."""
+    and ``forward`` needs the labels. The CE rows are reduced as the KD rows are (``reduction``:
+    "batchmean" the mean over t and b, "sum" over b summed, "mean" also divided by C, "none"
+    ``[T, B]``). [ours] The paper computes CE and KL per timestep and averages them (Fig. 1's
+    caption); the alpha mixing is our reconstruction, its code not being available."""
 
     def __init__(self, temperature: float = 4.0, entropy_weight: float = 0.1,
                  entropy_temperature: Optional[float] = None, alpha: float = 1.0, reduction: str = "batchmean",
@@ -332,12 +346,10 @@ class TSERLoss(nn.Module):
         if target is None:
             raise ValueError("TSERLoss: alpha < 1 adds the per-timestep cross-entropy; pass target (labels [B])")
         T = student_seq.shape[0]
-        ce = nn.functional.cross_entropy(student_seq.flatten(0, 1).float(), target.repeat(T),
-                                         reduction="none" if self.reduction == "none" else "mean")
-        if self.reduction == "none":
-            ce = ce.view(T, -1)
-        elif self.reduction == "sum":
-            ce = ce * student_seq.shape[1]
+        ce_rows = nn.functional.cross_entropy(student_seq.flatten(0, 1).float(), target.repeat(T),
+                                              reduction="none").view(T, -1)
+        # reduced as the KD rows are (one reduction for the whole objective): "mean" divides by C too
+        ce = ref.reduce_rows(ce_rows, self.reduction, student_seq.shape[-1])
         return (1 - self.alpha) * ce + self.alpha * loss
 
 

@@ -97,10 +97,8 @@ def neuron(kind, x, v_init=None, w=None, **kwargs):
 
 def loss_call(name, student, teacher, backend, **kwargs):
     fn = getattr(L, name)
-    if name == "nld_loss" and backend != "torch":
+    if name == "nld_loss":
         kwargs.setdefault("seed", 11)
-    if name == "nld_loss" and backend == "torch":  # torch.randn needs a generator of the tensors' device
-        kwargs.setdefault("generator", torch.Generator(device=student.device).manual_seed(11))
     return fn(student, teacher, backend=backend, **kwargs)
 
 
@@ -731,3 +729,19 @@ def test_first_calls_from_two_threads_at_once():
                           timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr[-3000:])
     assert "triton" in proc.stdout or not _available("triton", "lif")
+
+
+def test_tser_module_reduces_its_cross_entropy_as_its_kd_rows():
+    """TSERLoss(alpha < 1): (1 - alpha) CE + alpha tser_loss, both reduced by one rule (reduce_rows):
+    "mean" divides the CE rows by C as it does the KD rows, "none" gives [T, B]."""
+    from snnkd_fast.kd import reference as ref
+
+    student, teacher = logits(3, 4, 7), logits(4, 7, seed=1)
+    target = torch.tensor([0, 6, 2, 2])
+    ce_rows = torch.nn.functional.cross_entropy(student.flatten(0, 1), target.repeat(3), reduction="none").view(3, 4)
+    for reduction in ("batchmean", "sum", "mean", "none"):
+        got = L.TSERLoss(alpha=0.25, reduction=reduction)(student, teacher, target)
+        expected = 0.75 * ref.reduce_rows(ce_rows, reduction, 7) + 0.25 * L.tser_loss(student, teacher,
+                                                                                        reduction=reduction)
+        torch.testing.assert_close(got, expected)
+    assert L.TSERLoss(alpha=0.25, reduction="none")(student, teacher, target).shape == (3, 4)

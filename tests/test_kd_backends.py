@@ -455,6 +455,32 @@ def test_nld_noise_is_reproducible_and_fresh(kd_target):
     assert not torch.equal(first, snnkd_fast.losses.nld_loss(student, teacher, generator=g1, backend=backend))
 
 
+def test_kernel_noise_is_the_reference_philox(kd_target):
+    """Every kernel backend draws the NLD noise that kd.reference.philox_noise_reference computes in
+    plain tensor ops (to the last bits of log/cos/sin), so the "torch" backend's nld_loss, which uses
+    that noise, gives every backend's loss for a seed."""
+    from snnkd_fast.kd.op import nld_noise
+    from snnkd_fast.kd.reference import philox_noise_reference
+
+    backend, device = kd_target
+    seed = torch.tensor(2 ** 62 + 12345, device=device)
+    for rows, C in [(5, 77), (3, 1), (2, 4)]:
+        torch.testing.assert_close(nld_noise(seed, (rows, C), backend), philox_noise_reference(seed, rows, C),
+                                   rtol=1e-6, atol=1e-6)
+    rtol, atol = KD_TOL[torch.float32]
+    for per_timestep in (False, True):
+        results = []
+        for which in (backend, "torch"):
+            student = logits((4, 3, 20), device=device).requires_grad_(True)
+            loss = snnkd_fast.losses.nld_loss(student, logits((3, 20), seed=1, device=device), seed=5,
+                                              per_timestep=per_timestep, backend=which)
+            loss.backward()
+            results.append((loss.detach(), student.grad))
+        (loss, grad), (loss_torch, grad_torch) = results
+        torch.testing.assert_close(loss, loss_torch, rtol=rtol, atol=atol)
+        torch.testing.assert_close(grad, grad_torch, rtol=rtol, atol=atol * grad_torch.abs().max().item())
+
+
 def test_cpp_and_triton_draw_the_same_noise():
     if not (snnkd_fast.backends("kd")["cpp"] and snnkd_fast.backends("kd")["triton"]):
         pytest.skip("needs both the cpp and the triton backends")

@@ -642,3 +642,17 @@ def test_nld_noise_helper():
     b = nld_noise((T, B, C), generator=torch.Generator().manual_seed(3))
     assert a.shape == (T, B, C) and a.dtype == torch.float32 and torch.equal(a, b)
     assert nld_noise((B, C), dtype=F64).dtype == F64
+
+
+def test_philox_reference_known_answers():
+    """The reference Philox4x32-10 against Random123's known-answer vector (kat_vectors: philox4x32,
+    10 rounds, counter and key all zeros), and its normals' first moments."""
+    from snnkd_fast.kd.reference import philox4x32_10_reference, philox_noise_reference
+
+    words = philox4x32_10_reference(torch.tensor(0), torch.tensor([0]))
+    assert [int(w) for w in words] == [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+    eps = philox_noise_reference(torch.tensor(12345), 64, 1000)
+    assert eps.shape == (64, 1000) and eps.dtype == torch.float32
+    assert abs(eps.mean().item()) < 0.02 and abs(eps.std().item() - 1) < 0.02
+    # a row of C classes is the first C components of its ceil(C / 4) draws (C = 5 and 8: two each)
+    assert torch.equal(philox_noise_reference(torch.tensor(7), 3, 5), philox_noise_reference(torch.tensor(7), 3, 8)[:, :5])

@@ -24,8 +24,9 @@ NUM_STATS = 5
 # e.g. a zero-initialised teacher head) with C * head_threshold an integer -- then falls in the tail in
 # every backend and dtype, as exact arithmetic says, instead of by the last bits of each one's
 # rounding (C = 10 at 0.5: the float64 reference had five head classes, the cpp kernel four). It
-# exceeds the float32 rounding of a cumulative sum and stays below 1/C for C < 2^20, so only those
-# exact ties move. The ops (kd_rows_forward, ...) compare with the threshold they are given; the
+# exceeds the float32 rounding of a cumulative sum and stays below 1/C for C < 2^20; what it moves
+# to the tail is every class whose cumulative sum lies in [head_threshold - 2^-20, head_threshold):
+# those exact ties, and sums that close to the threshold, which float rounding placed either way. The ops (kd_rows_forward, ...) compare with the threshold they are given; the
 # public hta_kl hands them head_threshold - HTA_THRESHOLD_MARGIN.
 HTA_THRESHOLD_MARGIN = 2.0 ** -20
 

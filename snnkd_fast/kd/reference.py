@@ -277,3 +277,59 @@ def nld_noise(shape, generator: Optional[torch.Generator] = None, device=None,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Standard-normal eps for :func:`nld_loss_reference` (convenience; kernels use their own RNG)."""
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(x: torch.Tensor, multiplier: int):
+    """Both 32-bit halves of ``x * multiplier`` for ``x`` and ``multiplier`` below 2^32, in int64
+    without overflow: ``x = x_hi 2^16 + x_lo``, each partial product below 2^48."""
+    a = (x >> 16) * multiplier  # x_hi * m
+    b = (x & 0xFFFF) * multiplier  # x_lo * m
+    lo = (((a & 0xFFFF) << 16) + b) & _MASK32
+    hi = (a + (b >> 16)) >> 16
+    return hi, lo
+
+
+def philox4x32_10_reference(seed: torch.Tensor, counter: torch.Tensor):
+    """Philox4x32-10 (Salmon et al., SC 2011) with key ``seed`` and counter words ``(counter lo,
+    counter hi, 0, 0)``, for an int64 ``counter`` tensor: its four output words, as int64 tensors
+    holding uint32 values (csrc/common/philox.h's philox4x32_10, element by element)."""
+    c0, c1 = counter & _MASK32, (counter >> 32) & _MASK32
+    c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi_a, lo_a = _mul_hi_lo(c2, 0xCD9E8D57)
+        hi_b, lo_b = _mul_hi_lo(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_a ^ c1 ^ k0, lo_a, hi_b ^ c3 ^ k1, lo_b
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+    return c0, c1, c2, c3
+
+
+def philox_noise_reference(seed: torch.Tensor, rows: int, num_classes: int) -> torch.Tensor:
+    """The standard normals the NLD kernels draw for ``seed`` (a 0-dim int64 tensor, or an int in
+    [0, 2^63)), as a float32 ``[rows, num_classes]`` tensor on ``seed``'s device: class c of row r is
+    component ``c mod 4`` of Philox4x32-10 at counter ``r * ceil(C / 4) + c // 4`` with key ``seed``,
+    turned into four normals by Box-Muller on its two word pairs (cos, then sin), as Triton's
+    ``tl.randn4x`` does (csrc/common/philox.h). The same bits as the kernels up to their
+    cos/sin/log's last bits (a few 1e-7 times the radius), in plain tensor ops (traceable: the
+    "torch" backend's noise under torch.compile too).
+    """
+    seed = torch.as_tensor(seed, dtype=torch.int64)
+    draws_per_row = (num_classes + 3) // 4
+    counter = torch.arange(rows * draws_per_row, dtype=torch.int64, device=seed.device)
+    c0, c1, c2, c3 = philox4x32_10_reference(seed, counter)
+
+    def uniform(bits):  # Triton's uint_to_uniform_float: the word as int32, negatives complemented
+        folded = torch.where(bits >= 2 ** 31, _MASK32 - bits, bits)
+        return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+    normals = []
+    for bits_radius, bits_angle in ((c0, c1), (c2, c3)):
+        u1 = torch.clamp_min(uniform(bits_radius), 1.0e-7)
+        radius = torch.sqrt(-2.0 * torch.log(u1))
+        angle = 2.0 * math.pi * uniform(bits_angle).double()  # cos/sin of the exact turn, rounded once
+        normals += [radius * torch.cos(angle).float(), radius * torch.sin(angle).float()]
+    eps = torch.stack(normals, dim=-1).view(rows, 4 * draws_per_row)
+    return eps[:, :num_classes]
