@@ -204,8 +204,7 @@ def test_autocast_training_step_kernels_match_reference_under_autocast(backend, 
     x = (torch.randn(4, 16, 32, generator=g) * 2.0).to(device)
     teacher = (torch.randn(16, 10, generator=g) * 3.0).to(device)
     loss_fn = LOSSES[loss_name]
-    # NLD's reference draws other noise than the kernels: its loss stays on the kernel in both runs
-    ref_loss_fn = loss_fn if loss_name == "nld_loss" else (lambda s, t, _backend: loss_fn(s, t, "torch"))
+    ref_loss_fn = lambda s, t, _backend: loss_fn(s, t, "torch")  # NLD: the same seed, the same noise
     loss, grads, seen, _ = _step(_student(backend).to(device), x, teacher, loss_fn, backend,
                                  autocast_dtype=amp_dtype)
     ref_loss, ref_grads, ref_seen, _ = _step(_student("torch").to(device), x, teacher, ref_loss_fn, backend,
@@ -213,9 +212,10 @@ def test_autocast_training_step_kernels_match_reference_under_autocast(backend, 
     assert loss.dtype == torch.float32 and seen["x"] == ref_seen["x"] == amp_dtype
     assert torch.equal(seen["spikes"], ref_seen["spikes"])
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    # cpp matches bit for bit; Triton's interpreter rounds fp32 -> bf16 toward zero (not to nearest,
-    # as the GPU does), so its bf16 gradients are off by up to one bf16 ulp (2^-7 relative).
-    rtol = GRAD_TOL[amp_dtype][0]
+    # cpp computes in float32 as the reference does (measured up to 1.3e-5 relative); Triton's
+    # interpreter rounds fp32 -> bf16 toward zero (not to nearest, as the GPU does), so its bf16
+    # gradients are off by up to one bf16 ulp (2^-7 relative).
+    rtol = 1e-4 if backend == "cpp" else GRAD_TOL[amp_dtype][0]
     for name, grad in grads.items():
         error = relative_l2(grad, ref_grads[name])
         assert error < rtol, f"{name}: relative L2 error {error:.3g} vs the reference under autocast"

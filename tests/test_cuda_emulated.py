@@ -234,9 +234,12 @@ def _kd_close(got, expected, where):
         tol = dict(rtol=1e-10, atol=1e-12)
     elif got.dtype == torch.float32:
         tol = dict(rtol=2e-5, atol=2e-6)
-    else:
-        tol = dict(rtol=1e-2, atol=1e-3)
-    torch.testing.assert_close(got, expected, **tol, msg=where)
+    else:  # one ulp: eps relative, and in absolute terms one subnormal step (fp16's is 6e-8) plus,
+        # near 0, float-level differences (~1e-6 of the row's scale)
+        info = torch.finfo(got.dtype)
+        scale = expected.double().abs().max().item() if expected.numel() else 0.0
+        tol = dict(rtol=info.eps, atol=info.smallest_normal * info.eps + 1e-6 * scale)
+    torch.testing.assert_close(got, expected, **tol, msg=lambda m: f"{where}: {m}")
 
 
 @pytest.mark.parametrize("dtypes", list(KD_DTYPE_PAIRS), ids=KD_PAIR_IDS)

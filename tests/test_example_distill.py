@@ -22,9 +22,10 @@ def test_smoke_run_writes_the_report(tmp_path):
     assert "teacher (ANN) test accuracy" in (tmp_path / "distill_digits.txt").read_text()
 
 
-def test_unknown_method_is_refused():
+def test_unknown_method_is_refused(capsys):
     with pytest.raises(SystemExit):
         distill.parse_args(["--methods", "none,magic"])
+    assert "unknown method(s) ['magic']" in capsys.readouterr().err
 
 
 def test_cifar10_folder_must_exist(tmp_path):

@@ -37,8 +37,11 @@ def logits(shape, scale=3.0, dtype=torch.float32, device="cpu", seed=0):
 
 def assert_matches(kernel, reference, dtype, what="", tol=None):
     rtol, atol = tol or KD_TOL[dtype]
+    # the loss is computed and returned in float32 for half inputs: float32's tolerance (unless a
+    # test widens it), the gradients their input dtype's
+    loss_rtol, loss_atol = tol or KD_TOL[torch.float64 if dtype == torch.float64 else torch.float32]
     scale = max(1.0, reference.loss.abs().max().item())
-    torch.testing.assert_close(kernel.loss.double(), reference.loss.double(), rtol=rtol, atol=atol * scale,
+    torch.testing.assert_close(kernel.loss.double(), reference.loss.double(), rtol=loss_rtol, atol=loss_atol * scale,
                                msg=lambda m: f"{what} loss: {m}")
     for name in ("grad_student", "grad_teacher"):
         a, b = getattr(kernel, name), getattr(reference, name)
@@ -457,8 +460,9 @@ def test_nld_noise_is_reproducible_and_fresh(kd_target):
 
 def test_kernel_noise_is_the_reference_philox(kd_target):
     """Every kernel backend draws the NLD noise that kd.reference.philox_noise_reference computes in
-    plain tensor ops (to the last bits of log/cos/sin), so the "torch" backend's nld_loss, which uses
-    that noise, gives every backend's loss for a seed."""
+    plain tensor ops (within 1e-6: the kernels' log/cos/sin differ from torch's in their last bits;
+    measured 2.4e-7 on cpp), so the "torch" backend's nld_loss given a seed, which uses that noise,
+    gives every backend's loss for that seed."""
     from snnkd_fast.kd.op import nld_noise
     from snnkd_fast.kd.reference import philox_noise_reference
 

@@ -192,7 +192,7 @@ def test_reduce_rows():
     assert reduce_rows(rows[0], "sum", 5).item() == pytest.approx(6)  # [B]: T = 1
     assert reduce_rows(rows[0], "batchmean", 5).item() == pytest.approx(2)
     assert reduce_rows(rows[0], "mean", 5).item() == pytest.approx(6 / 15)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="reduction must be one of"):
         reduce_rows(rows, "average", 5)
 
 
@@ -623,7 +623,7 @@ def test_nld_noise_paths():
     # Additive mode: the student's logits plus sigma eps, no mixture.
     assert_value_close(nld_loss_reference(s, t, noise=eps, noise_std=0.7, mode="additive", **kw),
                        kd_kl_reference(z + 0.7 * eps, t, temperature=2.0), F64)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs a float noise_std"):
         nld_loss_reference(s, t, noise=eps, mode="additive", **kw)
 
 

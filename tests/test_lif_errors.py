@@ -80,16 +80,16 @@ def test_compiled_op_rejects_malformed_direct_call():
                                          False, 99, 4.0)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: snn.LIFNode(tau=1.0),
-    lambda: snn.LIFNode(step_mode="x"),
-    lambda: snn.LIFNode(store_v_seq=True),
-    lambda: snn.LIFNode(surrogate_function="nope"),
-    lambda: snn.ParametricLIFNode(init_tau=0.5),
-    lambda: snn.IFNode(v_threshold=None),
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: snn.LIFNode(tau=1.0), ValueError, "LIFNode: tau must be > 1"),
+    (lambda: snn.LIFNode(step_mode="x"), ValueError, "step_mode must be 's' or 'm'"),
+    (lambda: snn.LIFNode(store_v_seq=True), ValueError, "store_v_seq=True is not supported"),
+    (lambda: snn.LIFNode(surrogate_function="nope"), ValueError, "'nope' is not a known surrogate"),
+    (lambda: snn.ParametricLIFNode(init_tau=0.5), ValueError, "init_tau must be a float > 1"),
+    (lambda: snn.IFNode(v_threshold=None), TypeError, "v_threshold must be a real number"),
 ])
-def test_module_constructor_validates(make):
-    with pytest.raises((ValueError, TypeError)):
+def test_module_constructor_validates(make, error, match):
+    with pytest.raises(error, match=match):
         make()
 
 
@@ -97,12 +97,15 @@ def test_nan_policy():
     """NaN input: that neuron never spikes and its membrane stays NaN, identically in every backend."""
     x = torch.full((4, 3), 2.0)
     x[1, 0] = float("nan")
+    reference = snnkd_fast.lif_multistep(x, backend="torch", return_v=True)
     for backend in ("torch", "cpp", "triton"):
         if not snnkd_fast.backends()[backend]:
             continue
         spikes, v = snnkd_fast.lif_multistep(x, backend=backend, return_v=True)
         assert spikes[1:, 0].sum() == 0 and torch.isnan(v[0])
         assert spikes[:, 1:].sum() > 0 and not torch.isnan(v[1:]).any()
+        assert torch.equal(spikes, reference[0])
+        torch.testing.assert_close(v, reference[1], equal_nan=True, rtol=0, atol=0)
 
 
 def test_config_cache_keeps_validation_and_attribute_changes():
@@ -126,5 +129,13 @@ def test_config_cache_keeps_validation_and_attribute_changes():
     assert first.sum() > 0 and node(x).sum() == 0
     node.reset()
     node.v_threshold = 1.0
-    node.surrogate_function = "atan"
-    torch.testing.assert_close(node(x), first)
+    node.surrogate_function = "atan"  # seen only in the gradient: compare it with atan's and sigmoid's
+    x_node, x_atan, x_sigmoid = (x.clone().requires_grad_(True) for _ in range(3))
+    torch.testing.assert_close(node(x_node), first)
+    node(x_node).sum()  # a second call from the carried membrane, as training would
+    node.reset()
+    node(x_node).sum().backward()
+    snnkd_fast.lif_multistep(x_atan, surrogate="atan").sum().backward()
+    snnkd_fast.lif_multistep(x_sigmoid, surrogate="sigmoid").sum().backward()
+    torch.testing.assert_close(x_node.grad, x_atan.grad)
+    assert not torch.allclose(x_atan.grad, x_sigmoid.grad)

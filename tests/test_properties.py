@@ -30,7 +30,7 @@ from snnkd_fast.lif.surrogates import SURROGATES
 from conftest import device_for
 from kd_helpers import CASES, run_loss
 from lif_helpers import NEURON_KINDS, make_inputs, run_neuron
-from tolerances import GRAD_TOL, assert_grad_close, assert_value_close
+from tolerances import GRAD_TOL, assert_grad_close, assert_value_close, compute_dtype
 
 PROPERTY_SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -96,14 +96,15 @@ def _check_neuron(backend: str, cfg: dict) -> None:
     reference = run_neuron(cfg["kind"], x, v_init, w, grad_spikes, grad_v, "torch", **cfg["kwargs"])
     assert kernel.spikes.dtype == dtype and kernel.spikes.shape == x.shape
     assert torch.equal(kernel.spikes, reference.spikes), f"spikes differ from the reference: {cfg}"
-    assert_value_close(kernel.v_final, reference.v_final, dtype, f"v_final {cfg}")
+    acc = compute_dtype(dtype)  # v_final and the v_init / w gradients: float32 for half x
+    assert_value_close(kernel.v_final, reference.v_final, acc, f"v_final {cfg}")
     assert kernel.grad_x.dtype == dtype
     assert_grad_close(kernel.grad_x, reference.grad_x, dtype, f"grad x {cfg}")
     if v_init is not None:
-        assert_grad_close(kernel.grad_v_init, reference.grad_v_init, dtype, f"grad v_init {cfg}")
+        assert_grad_close(kernel.grad_v_init, reference.grad_v_init, acc, f"grad v_init {cfg}")
     if cfg["kind"] == "plif":
         # dL/dw sums sg * dH/dw over every neuron and step: compare it relative to the size of its terms.
-        rtol, atol = GRAD_TOL[dtype]
+        rtol, atol = GRAD_TOL[acc]
         terms = reference.grad_x.double().abs().sum().item() + 1.0
         torch.testing.assert_close(kernel.grad_w.double(), reference.grad_w.double(), rtol=rtol, atol=atol * terms,
                                    msg=lambda m: f"grad w {cfg}: {m}")
@@ -166,11 +167,12 @@ def _condition(case, student: torch.Tensor, teacher: torch.Tensor) -> float:
     tau = case.kwargs["temperature"]
     largest = max(student.abs().max().item(), teacher.abs().max().item())
     if case.nld and case.kwargs.get("mode", "mixture") == "mixture":
-        z = student.double() if case.per_timestep else student.double().mean(0)
-        spread = case.kwargs.get("noise_std")
-        if spread is None:
-            spread = z.var(-1, correction=1).max().item() if z.shape[-1] > 1 else 0.0
-        largest = max(largest, z.abs().max().item() + 6.0 * spread)  # |eps| < 6 for every Philox draw here
+        if case.kwargs.get("noise_weight", 0.1) > 1e-6:  # else the noise logits' rounding leaves the loss
+            z = student.double() if case.per_timestep else student.double().mean(0)
+            spread = case.kwargs.get("noise_std")
+            if spread is None:
+                spread = z.var(-1, correction=1).max().item() if z.shape[-1] > 1 else 0.0
+            largest = max(largest, z.abs().max().item() + 6.0 * spread)  # |eps| < 6 for every Philox draw here
     elif case.nld:
         largest += 6.0 * case.kwargs["noise_std"]
     return max(1.0, largest / tau)
@@ -203,8 +205,9 @@ def _check_loss(backend: str, cfg: dict) -> None:
     cond = _condition(case, student, teacher)
 
     def tolerance(dtype):  # log-probabilities off by cond ulps: the loss carries tau^2 of them, gradients tau
-        rtol, atol = KD_TOL[dtype]
-        return rtol * cond, atol * cond * max(1.0, tau)
+        rtol, atol = KD_TOL[dtype]  # the fixed tolerance, or 16 (8) ulps per unit of cond where that is more
+        eps = torch.finfo(dtype).eps
+        return max(rtol, 16 * eps * cond), max(atol, 8 * eps * cond) * max(1.0, tau)
 
     what = f"{case.name} {backend} cond={cond:.3g} {cfg}"
     loss_tol = tolerance(compute)

@@ -25,6 +25,13 @@ VALUE_TOL = {
 }
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in for inputs of ``dtype`` (float32 for the half types): the
+    tolerance of their float outputs -- a neuron's v_final, the v_init and w gradients, a loss value --
+    whatever the input's dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
     rtol, atol = GRAD_TOL[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
