@@ -26,8 +26,9 @@ NUM_STATS = 5
 # rounding (C = 10 at 0.5: the float64 reference had five head classes, the cpp kernel four). It
 # exceeds the float32 rounding of a cumulative sum and stays below 1/C for C < 2^20; what it moves
 # to the tail is every class whose cumulative sum lies in [head_threshold - 2^-20, head_threshold):
-# those exact ties, and sums that close to the threshold, which float rounding placed either way. The ops (kd_rows_forward, ...) compare with the threshold they are given; the
-# public hta_kl hands them head_threshold - HTA_THRESHOLD_MARGIN.
+# those exact ties, and sums that close to the threshold, which float rounding placed either way.
+# The ops (kd_rows_forward, ...) compare with the threshold they are given; the public hta_kl hands
+# them head_threshold - HTA_THRESHOLD_MARGIN.
 HTA_THRESHOLD_MARGIN = 2.0 ** -20
 
 HTA_KEY_CROSS = 0

@@ -312,9 +312,9 @@ def philox_noise_reference(seed: torch.Tensor, rows: int, num_classes: int) -> t
     [0, 2^63)), as a float32 ``[rows, num_classes]`` tensor on ``seed``'s device: class c of row r is
     component ``c mod 4`` of Philox4x32-10 at counter ``r * ceil(C / 4) + c // 4`` with key ``seed``,
     turned into four normals by Box-Muller on its two word pairs (cos, then sin), as Triton's
-    ``tl.randn4x`` does (csrc/common/philox.h). The same bits as the kernels up to their
-    cos/sin/log's last bits (a few 1e-7 times the radius), in plain tensor ops (traceable: the
-    "torch" backend's noise under torch.compile too).
+    ``tl.randn4x`` does (csrc/common/philox.h). The kernels' values up to the last bits of their
+    log/cos/sin (a few 1e-7 times the radius), in plain tensor ops (traceable: the "torch"
+    backend's noise under torch.compile too).
     """
     seed = torch.as_tensor(seed, dtype=torch.int64)
     draws_per_row = (num_classes + 3) // 4
