@@ -7,6 +7,8 @@ import torch
 
 import snnkd_fast
 
+from tolerances import compute_dtype
+
 NEURON_KINDS = ("if", "lif", "plif")
 
 
@@ -44,7 +46,7 @@ def make_inputs(shape, dtype=torch.float32, device="cpu", scale=1.5, shift=0.4, 
 
 def run_neuron(kind: str, x, v_init, w, grad_spikes, grad_v, backend: str, **kwargs) -> NeuronRun:
     """Forward + backward of ``sum(spikes * grad_spikes) + sum(v_final * grad_v)``."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(x.dtype)
     x = x.detach().clone().requires_grad_(True)
     v_init = None if v_init is None else v_init.detach().to(acc).clone().requires_grad_(True)
     w = None if w is None else w.detach().to(acc).clone().requires_grad_(kind == "plif")

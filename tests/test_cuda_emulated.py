@@ -30,6 +30,7 @@ import snnkd_fast
 from snnkd_fast.lif.surrogates import SURROGATES
 
 from kd_helpers import thresholds_beside_a_cumulative_sum
+from tolerances import compute_dtype
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -593,7 +594,7 @@ def test_emulated_cuda_scale_unless_one(kd_emu, grad_dtype, scale_dtype):
             got = grad.clone()
             assert kd_emu.emu_scale_unless_one(codes[grad_dtype], _ptr(got), ctypes.c_int64(got.numel()), _ptr(scale),
                                                int(scale_dtype == torch.float64), ctypes.c_int64(blocks)) == 0
-            compute = torch.float64 if grad_dtype == torch.float64 else torch.float32
+            compute = compute_dtype(grad_dtype)
             expected = grad if value == 1.0 else (grad.to(compute) * scale.to(compute)).to(grad_dtype)
             assert torch.equal(got, expected) and torch.equal(got, grad.clone().mul_(scale)), (value, blocks)
 

@@ -13,6 +13,7 @@ from snnkd_fast.losses import per_timestep_kl
 
 from conftest import skip_unless_runnable
 from kd_helpers import CASE_IDS, CASES, float64_head_order, run_loss, thresholds_beside_a_cumulative_sum
+from tolerances import compute_dtype
 
 KD_TOL = {  # (rtol, atol) for loss values and gradients vs the reference
     torch.float64: (1e-9, 1e-11),
@@ -39,7 +40,7 @@ def assert_matches(kernel, reference, dtype, what="", tol=None):
     rtol, atol = tol or KD_TOL[dtype]
     # the loss is computed and returned in float32 for half inputs: float32's tolerance (unless a
     # test widens it), the gradients their input dtype's
-    loss_rtol, loss_atol = tol or KD_TOL[torch.float64 if dtype == torch.float64 else torch.float32]
+    loss_rtol, loss_atol = tol or KD_TOL[compute_dtype(dtype)]
     scale = max(1.0, reference.loss.abs().max().item())
     torch.testing.assert_close(kernel.loss.double(), reference.loss.double(), rtol=loss_rtol, atol=loss_atol * scale,
                                msg=lambda m: f"{what} loss: {m}")

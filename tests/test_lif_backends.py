@@ -238,7 +238,7 @@ def test_lean_pair_is_the_saved_h_pair(backend, dtype):
     device = device_for(backend)
     skip_unless_runnable(backend, device)
     ops = torch.ops.snnkd_fast
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = compute_dtype(dtype)
     for shape in LEAN_SHAPES[backend]:
         g = torch.Generator().manual_seed(0)
         x = (torch.randn(shape, generator=g, dtype=torch.float64) * 1.5 + 0.4).to(dtype).to(device)

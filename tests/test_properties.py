@@ -218,7 +218,7 @@ def _check_loss(backend: str, cfg: dict) -> None:
         a, b = getattr(kernel, name), getattr(reference, name)
         assert a is not None and b is not None, name
         assert a.shape == b.shape and a.dtype == side.dtype
-        grad_tol = tolerance(torch.float64 if side.dtype == torch.float64 else torch.float32)
+        grad_tol = tolerance(compute_dtype(side.dtype))
         torch.testing.assert_close(a.double(), b.double(), rtol=grad_tol[0],
                                    atol=grad_tol[1] * max(1.0, b.abs().max().item()),
                                    msg=lambda m: f"{what} {name}: {m}")
