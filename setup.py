@@ -8,6 +8,8 @@ a CUDA build and either a GPU is visible or FORCE_CUDA=1 (a build node without a
 (build isolation would download another torch). The CMake build (CMakeLists.txt) compiles the same
 sources standalone, runs the C++ unit test of the shared per-element math and, where nvcc exists,
 compiles every .cu file, so a broken CUDA kernel fails CI on a machine without a GPU.
+Tuning flags (-march=native, -mprefer-vector-width=512) are probed and dropped where the compiler
+rejects them (e.g. aarch64 GCC, older Apple clang); SNNKD_PORTABLE_BUILD=1 leaves them out.
 """
 import glob
 import os
@@ -16,6 +18,40 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cxx_compiler():
+    """The C++ compiler torch's BuildExtension runs (its ninja build, as its ABI check): $CXX, else c++."""
+    import shlex
+
+    return shlex.split(os.environ.get("CXX") or "c++")
+
+
+def supported_compiler_flags(flags, compiler=None):
+    """The flags of `flags` that `compiler` (default: _cxx_compiler()) accepts: each is tried alone on
+    an empty translation unit, warnings as errors (clang only warns about some unsupported options)."""
+    import subprocess
+    import tempfile
+
+    compiler = compiler or _cxx_compiler()
+    accepted = []
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "probe.cpp")
+        with open(source, "w") as f:
+            f.write("int main() { return 0; }\n")
+        for flag in flags:
+            try:
+                result = subprocess.run(compiler + [flag, "-Werror", "-c", source, "-o", os.path.join(tmp, "probe.o")],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+                ok = result.returncode == 0
+            except (OSError, subprocess.TimeoutExpired):
+                ok = False
+            if ok:
+                accepted.append(flag)
+            else:
+                print(f"snnkd_fast setup.py: {' '.join(compiler)} does not accept {flag}; building without it",
+                      file=sys.stderr)
+    return accepted
 
 
 def _extensions():
@@ -45,7 +81,10 @@ def _extensions():
     # loss loops and the neuron loops measured ~20% faster with 512 (no effect without AVX-512).
     cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
     if os.environ.get("SNNKD_PORTABLE_BUILD", "0") != "1":
-        cxx_flags += ["-march=native", "-mprefer-vector-width=512"]
+        # Tuning flags only: each is kept if this compiler accepts it for this target (GCC on aarch64
+        # rejects -mprefer-vector-width, an x86 option; older Apple clang rejects -march=native), so
+        # the build never fails for want of one -- the kernels have scalar paths for every CPU.
+        cxx_flags += supported_compiler_flags(["-march=native", "-mprefer-vector-width=512"])
     # OpenMP: at::parallel_for is a header template that runs sequentially unless the extension is
     # compiled with -fopenmp. The libgomp.so.1 torch already loaded is then the one used, so
     # torch.set_num_threads governs our kernels too.
@@ -72,16 +111,17 @@ def _cmdclass():
     return {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
 
 
-setup(
-    name="snnkd_fast",
-    version="0.1.0",
-    description="Fused GPU/CPU kernels for training spiking neural networks by knowledge distillation",
-    packages=find_packages(include=["snnkd_fast", "snnkd_fast.*"]),
-    python_requires=">=3.9",
-    # torch is deliberately not pinned: the GPU machines bring their own CUDA build.
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis", "spikingjelly==2.0.0"]},
-    ext_modules=_extensions(),
-    cmdclass=_cmdclass(),
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
-)
+if __name__ == "__main__":  # pip and `python setup.py` run it as __main__; tests import the helpers
+    setup(
+        name="snnkd_fast",
+        version="0.1.0",
+        description="Fused GPU/CPU kernels for training spiking neural networks by knowledge distillation",
+        packages=find_packages(include=["snnkd_fast", "snnkd_fast.*"]),
+        python_requires=">=3.9",
+        # torch is deliberately not pinned: the GPU machines bring their own CUDA build.
+        install_requires=["torch>=2.4", "numpy"],
+        extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis", "spikingjelly==2.0.0"]},
+        ext_modules=_extensions(),
+        cmdclass=_cmdclass(),
+        options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    )

@@ -11,6 +11,6 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   export TRITON_INTERPRET=1
 fi
 cmake -S . -B build -DPython3_EXECUTABLE="$(cd "$(dirname "$PY")" && pwd)/python" > build.log 2>&1 || { cat build.log; exit 1; }
-cmake --build build -j"$(nproc)" >> build.log 2>&1 || { cat build.log; exit 1; }
+cmake --build build -j"$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)" >> build.log 2>&1 || { cat build.log; exit 1; }
 ctest --test-dir build --output-on-failure
 "$PY" -m pytest tests -q -p no:cacheprovider "$@"

@@ -19,10 +19,11 @@ namespace snnkd {
 
 // a * b + c, rounded once where the CPU has FMA: the build's -ffp-contract=off keeps a plain a * b + c
 // at two roundings (the neuron charge must round like torch's eager ops); these polynomials need
-// no such thing, and one FMA is one instruction where a multiply and an add are two.
+// no such thing, and one FMA is one instruction where a multiply and an add are two (x86 with FMA3,
+// every AArch64 CPU).
 template <typename T>
 SNNKD_HD T fmadd(T a, T b, T c) {
-#if defined(__CUDA_ARCH__) || defined(__FMA__)
+#if defined(__CUDA_ARCH__) || defined(__FMA__) || defined(__ARM_FEATURE_FMA)
   using std::fma;  // float stays float
   return fma(a, b, c);
 #else
