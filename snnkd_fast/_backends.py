@@ -102,7 +102,7 @@ def _detect(family: str) -> dict[str, BackendStatus]:
                                     "GPU was visible at build time): reinstall on a CUDA build of torch, with "
                                     "FORCE_CUDA=1 on a machine without a GPU")
     if importlib.util.find_spec("triton") is None:
-        triton = BackendStatus(False, "triton is not installed (`pip install triton`)")
+        triton = BackendStatus(False, "triton is not installed (`pip install triton`; Linux wheels only)")
     elif not (torch.cuda.is_available() or triton_interpret()):
         triton = BackendStatus(False, "triton needs a CUDA GPU, or TRITON_INTERPRET=1 set before importing "
                                       "snnkd_fast to run its kernels on the CPU")
@@ -115,9 +115,13 @@ def _detect(family: str) -> dict[str, BackendStatus]:
 
 @functools.lru_cache(maxsize=None)
 def _interpreter_problem() -> str:
-    """Why Triton's interpreter cannot run our kernels here ('' when it can): probed once, by running one."""
-    from ._triton_interpreter_probe import interpreter_problem
-
+    """Why Triton's interpreter cannot run our kernels here ('' when it can): probed once, by running one.
+    An installed triton that fails to import (e.g. one built for another torch) is such a reason too:
+    only backend='triton' is refused, the package still imports."""
+    try:
+        from ._triton_interpreter_probe import interpreter_problem
+    except Exception as error:  # any failure inside a third-party import
+        return f"triton is installed but cannot be imported ({type(error).__name__}: {error})"
     return interpreter_problem()
 
 

@@ -8,7 +8,9 @@ from snnkd_fast import nn as snn
 X = torch.randn(4, 3, 5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+# "cuda" too: without a GPU (or with X on the CPU) it cannot run, and every argument error must still
+# be the one raised -- arguments are checked before the backend is resolved.
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton", "cuda"])
 @pytest.mark.parametrize("call, error, match", [
     (lambda b: snnkd_fast.lif_multistep(torch.empty(0, 3), backend=b), ValueError, "T=0"),
     (lambda b: snnkd_fast.lif_multistep(torch.tensor(1.0), backend=b), ValueError, "x_seq.*time dimension"),

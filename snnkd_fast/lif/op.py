@@ -244,29 +244,37 @@ def _check_x_seq(x_seq, op_name: str) -> None:
         raise ValueError(f"{op_name}: x_seq has T=0 timesteps (shape {tuple(x_seq.shape)}); need T >= 1")
 
 
-def _initial_membrane(v_init, x_seq: Tensor, cfg: NeuronConfig, op_name: str, one_value: bool = False) -> Tensor:
-    """v_init as a tensor of one step's shape in the compute dtype (a differentiable view/copy of the
-    user's tensor, so its gradient flows back, summed over broadcast dimensions). ``one_value``: the
-    kernel ops take None or a float as a one-element tensor (one value for every neuron: no [N]
-    tensor written and read again, 8 of a T=1 forward's 24 bytes per neuron)."""
-    acc = compute_dtype(x_seq.dtype)
-    step_shape = x_seq.shape[1:]
-    fill_shape = (1,) if one_value and x_seq.numel() > 0 else step_shape
+def _checked_v_init(v_init, x_seq: Tensor, op_name: str):
+    """v_init validated (before any backend is chosen, so a bad argument is named whatever the backend):
+    None, a finite float, or the tensor as one step of x_seq in the compute dtype (a differentiable
+    view/copy of the user's tensor, so its gradient flows back, summed over broadcast dimensions)."""
     if v_init is None:
-        return torch.full(fill_shape, cfg.v_rest, dtype=acc, device=x_seq.device)
+        return None
     if isinstance(v_init, Real) and not isinstance(v_init, bool):
-        return torch.full(fill_shape, _check_real(v_init, "v_init", op_name), dtype=acc, device=x_seq.device)
+        return _check_real(v_init, "v_init", op_name)
     if not isinstance(v_init, Tensor):
         raise TypeError(f"{op_name}: v_init must be None, a float or a tensor, got {type(v_init).__name__}")
     if v_init.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{op_name}: v_init must be a floating-point tensor, got {v_init.dtype}")
     if v_init.device != x_seq.device:
         raise ValueError(f"{op_name}: v_init is on {v_init.device} but x_seq is on {x_seq.device}")
+    step_shape = x_seq.shape[1:]
     try:
-        return v_init.to(acc).expand(step_shape)
+        return v_init.to(compute_dtype(x_seq.dtype)).expand(step_shape)
     except RuntimeError:
         raise ValueError(f"{op_name}: v_init has shape {tuple(v_init.shape)}, which does not broadcast to one "
                          f"step of x_seq, {tuple(step_shape)}") from None
+
+
+def _initial_membrane(v_init, x_seq: Tensor, cfg: NeuronConfig, one_value: bool = False) -> Tensor:
+    """The initial membrane as a tensor, from _checked_v_init's result (a tensor passes through).
+    ``one_value``: the kernel ops take None or a float as a one-element tensor (one value for every
+    neuron: no [N] tensor written and read again, 8 of a T=1 forward's 24 bytes per neuron)."""
+    if isinstance(v_init, Tensor):
+        return v_init
+    fill_shape = (1,) if one_value and x_seq.numel() > 0 else x_seq.shape[1:]
+    value = cfg.v_rest if v_init is None else v_init
+    return torch.full(fill_shape, value, dtype=compute_dtype(x_seq.dtype), device=x_seq.device)
 
 
 def _check_w(w, x_seq: Tensor, op_name: str) -> Tensor:
@@ -381,14 +389,17 @@ def neuron_multistep(x_seq: Tensor, v_init, w: Optional[Tensor], cfg: NeuronConf
     return_v = _check_flag(return_v, "return_v", op_name)
     if backward not in BACKWARD_MODES:
         raise ValueError(f"{op_name}: backward={backward!r}; choose 'bptt' or 'rate'")
-    backend = resolve_backend(backend, x_seq.device, op_name)
-    recompute = _resolve_recompute_h(recompute_h, backend, backward, x_seq, op_name)
-    v0 = _initial_membrane(v_init, x_seq, cfg, op_name, one_value=backend != "torch")
+    # Every argument is checked before the backend is resolved: a bad one is named whatever the backend
+    # (an unavailable one included).
+    v_init = _checked_v_init(v_init, x_seq, op_name)
     if cfg.neuron == NEURON_PLIF:
         w = _check_w(w, x_seq, op_name)
         if backward == "rate" and w.requires_grad:
             raise ValueError(f"{op_name}: backward='rate' gives no gradient for PLIF's w (the rate approximation "
                              "has no time constant to differentiate); detach w or use backward='bptt'")
+    backend = resolve_backend(backend, x_seq.device, op_name)
+    recompute = _resolve_recompute_h(recompute_h, backend, backward, x_seq, op_name)
+    v0 = _initial_membrane(v_init, x_seq, cfg, one_value=backend != "torch")
     if backend == "torch":
         run = neuron_multistep_rate_reference if backward == "rate" else neuron_multistep_reference
         spikes, v_final = run(x_seq, v0, w, cfg)
