@@ -1,4 +1,6 @@
 """Bad input gets a clear error naming the argument: never a crash, a hang or a silent wrong result."""
+import os
+
 import pytest
 import torch
 
@@ -141,3 +143,21 @@ def test_config_cache_keeps_validation_and_attribute_changes():
     snnkd_fast.lif_multistep(x_sigmoid, surrogate="sigmoid").sum().backward()
     torch.testing.assert_close(x_node.grad, x_atan.grad)
     assert not torch.allclose(x_atan.grad, x_sigmoid.grad)
+
+
+def test_triton_that_fails_to_import_leaves_the_package_usable(tmp_path):
+    """An installed triton that cannot be imported (e.g. built for another torch) makes only the triton
+    backend unavailable, with the import error as its reason; import snnkd_fast and the cpp backend work."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "triton"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('this triton was built for another torch')\n")
+    code = ("import torch, snnkd_fast\n"
+            "status = snnkd_fast.backends()['triton']\n"
+            "assert not status and 'built for another torch' in status.reason, status\n"
+            "assert snnkd_fast.lif_multistep(torch.ones(2, 3), backend='cpp').shape == (2, 3)\n")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(tmp_path)] + sys.path))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
