@@ -35,11 +35,13 @@ SNNKD_HD float fast_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
-  // The clamps let a NaN x through (it compares false), and every step below keeps it NaN: no select
-  // for it at the end. (GCC 12 still compiles the two clamps to four compares and two blends, not to
-  // maxps/minps, which it may use only under -ffinite-math-only.)
-  const float above = x < -87.3f ? -87.3f : x;
-  const float clamped = above > 88.3f ? 88.3f : above;
+  // Only the top is clamped: below -87.3 the select at the end returns 0 whatever the steps between
+  // computed (-inf's NaN included), so a clamp there bought nothing -- and GCC 12 compiled the two
+  // clamps to four compares, two blends and two moves (it may use minps/maxps only under
+  // -ffinite-math-only): the loop of exps 0.30 -> 0.27 ns per element with it gone, the same bits
+  // (AVX-512, one thread). The clamp lets a NaN x through (it compares false), and every step below
+  // keeps it NaN: no select for it at the end.
+  const float clamped = x > 88.3f ? 88.3f : x;
   // n = round(x / ln2) with the 1.5 * 2^23 trick (round to nearest, no call): shifted holds n in its
   // low mantissa bits, which give the exponent below without a float -> int conversion
   const float shifted = fmadd(clamped, 1.44269504088896341f, 12582912.0f);
@@ -53,7 +55,8 @@ SNNKD_HD float fast_exp(float x) {
   poly = fmadd(poly, r, 1.6666665459e-1f);
   poly = fmadd(poly, r, 5.0000001201e-1f);
   const float e_r = fmadd(poly * r, r, r) + 1.0f;
-  // 2^n: (n + 127) << 23, with n = bits(shifted) - bits(1.5 * 2^23) (n in [-126, 127] after the clamps)
+  // 2^n: (n + 127) << 23, with n = bits(shifted) - bits(1.5 * 2^23) (n in [-126, 127] for the x the
+  // select below keeps)
   uint32_t bits;
   std::memcpy(&bits, &shifted, sizeof(bits));
   bits = (bits - 0x4B400000u + 127u) << 23;

@@ -125,14 +125,19 @@ static void test_fast_exp_and_log() {
   EXPECT(std::isnan(fast_exp(std::nanf(""))), "fast_exp(NaN) = %a", fast_exp(std::nanf("")));
   EXPECT(fast_exp(inf) == fast_exp(88.3f) && std::isfinite(fast_exp(inf)), "fast_exp(inf) = %a", fast_exp(inf));
   EXPECT(fast_exp(1e30f) == fast_exp(88.3f), "fast_exp(1e30) = %a", fast_exp(1e30f));
-  // NaN through the vectorized loop too (its clamps are min/max-like selects)
-  float special[4] = {std::nanf(""), -inf, inf, 0.0f}, special_out[4];
+  // NaN through the vectorized loop too (its clamp is a max-like select), and arguments far below the
+  // range, whose unclamped steps compute garbage (NaN for -inf) that the final select must replace by 0
+  float special[8] = {std::nanf(""), -inf, inf, 0.0f, -1e30f, -87.31f, -3e38f, -std::nanf("")}, special_out[8];
 #pragma omp simd
-  for (int i = 0; i < 4; ++i) special_out[i] = fast_exp(special[i]);
+  for (int i = 0; i < 8; ++i) special_out[i] = fast_exp(special[i]);
   EXPECT(std::isnan(special_out[0]) && special_out[1] == 0.0f && special_out[2] == fast_exp(88.3f) &&
-             special_out[3] == 1.0f,
-         "vectorized fast_exp(NaN, -inf, inf, 0) = %a %a %a %a", special_out[0], special_out[1], special_out[2],
-         special_out[3]);
+             special_out[3] == 1.0f && special_out[4] == 0.0f && special_out[5] == 0.0f && special_out[6] == 0.0f &&
+             std::isnan(special_out[7]),
+         "vectorized fast_exp(NaN, -inf, inf, 0, -1e30, -87.31, -3e38, -NaN) = %a %a %a %a %a %a %a %a", special_out[0],
+         special_out[1], special_out[2], special_out[3], special_out[4], special_out[5], special_out[6],
+         special_out[7]);
+  EXPECT(fast_exp(-1e30f) == 0.0f && fast_exp(-87.31f) == 0.0f, "fast_exp(-1e30), fast_exp(-87.31) = %a %a",
+         fast_exp(-1e30f), fast_exp(-87.31f));
 
   // log: normal numbers from 2^-126 to 2^127, geometrically spaced
   for (int64_t i = 0; i < n; ++i) x[i] = std::ldexp(1.0f, -126) * std::pow(2.0f, 253.0f * float(i) / float(n - 1));
