@@ -223,17 +223,21 @@ void backward_row_log_domain(const NldParams<acc_t>& P, const acc_t* log_p, cons
 // softmaxes of the student's and the noise logits, p_s = w q + (1 - w) r, p the teacher's, eps the
 // noise, z the logits and mean their mean (the adaptive scale's term). With A = p / p_s: sum_wqa =
 // sum w q A, sum_mra = sum (1-w) r A, sum_mrae = sum (1-w) r A eps, sum_re = sum r eps; then
-// d/dz = -tau (w q A - q sum_wqa) (+ the adaptive scale's term).
+// d/dz = -tau (w q A - q sum_wqa) (+ the adaptive scale's term). p_s is overwritten with A: the second
+// loop reads the first one's quotient instead of dividing again (one vdivps per class fewer: the NLD
+// backward 1.28-1.40x faster at C >= 100, ab_nld_ratio.json).
 template <typename s_t, typename acc_t>
 void mixture_gradient_row(const NldParams<acc_t>& P, const acc_t* p, const acc_t* q, const acc_t* rr,
-                          const acc_t* p_s, const acc_t* e, const acc_t* z, acc_t mean, acc_t var_coef, acc_t g_row,
+                          acc_t* p_s, const acc_t* e, const acc_t* z, acc_t mean, acc_t var_coef, acc_t g_row,
                           int64_t C, s_t* gs) {
   // (an omp-simd reduction over C, not lanes over the padded row: with the lane loop here GCC left
   // the gradient loop below scalar, and the backward lost more than it gained)
   acc_t sum_wqa = 0, sum_mra = 0, sum_mrae = 0, sum_re = 0;
+  acc_t* ratios = p_s;
 #pragma omp simd reduction(+ : sum_wqa, sum_mra, sum_mrae, sum_re)
   for (int64_t c = 0; c < C; ++c) {
     const acc_t ratio = safe_ratio(p[c], p_s[c]);
+    ratios[c] = ratio;
     const acc_t mra = P.noise_weight * rr[c] * ratio;
     sum_wqa += P.w * q[c] * ratio;
     sum_mra += mra;
@@ -244,7 +248,7 @@ void mixture_gradient_row(const NldParams<acc_t>& P, const acc_t* p, const acc_t
   const acc_t adaptive_coef = P.adaptive ? var_coef * sum_g_eps : acc_t(0);
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t ratio = safe_ratio(p[c], p_s[c]);
+    const acc_t ratio = ratios[c];
     const acc_t g_s = -P.tau * (P.w * q[c] * ratio - q[c] * sum_wqa) + adaptive_coef * (z[c] - mean);
     gs[c] = static_cast<s_t>(g_s * g_row);
   }
@@ -407,11 +411,11 @@ void backward_kernel(const acc_t* grad_rows, const s_t* S, const u_t* U, uint64_
             row.student_logits(P, mean, scale, C);  // x again: the log-domain pass needs it
             backward_row_log_domain(P, log_p, row, mean, lse_q, lse_r, var_coef, g_row, gs, grad_u ? log_ps : nullptr);
           } else {
-            mixture_gradient_row(P, p, q, rr, p_s, e, z, mean, var_coef, g_row, C, gs);
-            if (grad_u) {
+            if (grad_u) {  // before mixture_gradient_row, which overwrites p_s
 #pragma omp simd
               for (int64_t c = 0; c < C; ++c) log_ps[c] = fast_log(p_s[c]);
             }
+            mixture_gradient_row(P, p, q, rr, p_s, e, z, mean, var_coef, g_row, C, gs);
           }
         }
         if (grad_u) {
