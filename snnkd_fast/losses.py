@@ -220,14 +220,21 @@ def hta_kl(student_seq: Tensor, teacher: Tensor, *, temperature: float = 4.0, he
                    reduction, student_seq.shape[-1])
 
 
-def _draw_seed(generator: Optional[torch.Generator], seed: Optional[int], device: torch.device, op: str) -> Tensor:
-    """A fresh 0-dim int64 seed tensor on ``device`` (no host synchronisation, traceable)."""
+def _check_seed_args(generator, seed, op: str) -> None:
+    """``seed`` and ``generator`` checked before the backend is resolved, so a bad one is named whatever
+    the backend (the torch backend's own torch.randn would otherwise reject a bad generator)."""
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
             raise ValueError(f"{op}: seed must be an int in [0, 2**63), got {seed!r}")
-        return torch.tensor(seed, dtype=torch.int64, device=device)
-    if generator is not None and not isinstance(generator, torch.Generator):
+    elif generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{op}: generator must be a torch.Generator, got {type(generator).__name__}")
+
+
+def _draw_seed(generator: Optional[torch.Generator], seed: Optional[int], device: torch.device, op: str) -> Tensor:
+    """A fresh 0-dim int64 seed tensor on ``device`` (no host synchronisation, traceable)."""
+    _check_seed_args(generator, seed, op)
+    if seed is not None:
+        return torch.tensor(seed, dtype=torch.int64, device=device)
     gen_device = generator.device if generator is not None else device
     drawn = torch.randint(0, 2 ** 62, (), dtype=torch.int64, device=gen_device, generator=generator)
     return drawn.to(device, non_blocking=True)
@@ -270,6 +277,7 @@ def nld_loss(student_seq: Tensor, teacher: Tensor, *, temperature: float = 2.0, 
     if mode == "additive" and noise_std is None:
         raise ValueError(f"{op}: mode='additive' adds noise_std * eps to the logits; give a float noise_std")
     reduction = _check_reduction(reduction, op, student_seq)
+    _check_seed_args(generator, seed, op)
     backend = _kernel_backend(student_seq, teacher, backend, op)
     student3 = student_seq if student_seq.dim() == 3 else student_seq.unsqueeze(0)
     if per_timestep and teacher.dim() == 3 and student3.shape[0] != teacher.shape[0]:

@@ -50,6 +50,23 @@ def test_bad_input_is_named(call, error, match):
         call()
 
 
+# Every argument is checked before the backend is resolved: "cuda" cannot run here (no GPU, or CPU
+# tensors), and the torch backend would otherwise hand a bad generator to torch.randn.
+@pytest.mark.parametrize("backend", ["torch", "cpp", "cuda"])
+@pytest.mark.parametrize("call, error, match", [
+    (lambda b: L.nld_loss(S, U, seed=-1, backend=b), ValueError, "seed must be an int"),
+    (lambda b: L.nld_loss(S, U, generator=3, backend=b), TypeError, "generator must be a torch.Generator"),
+    (lambda b: L.nld_loss(S, U, noise_weight=1.5, backend=b), ValueError, "noise_weight"),
+    (lambda b: L.per_timestep_kl(S, U, temperature=0.0, backend=b), ValueError, "temperature must be"),
+    (lambda b: L.tser_loss(S, U, entropy_weight=float("nan"), backend=b), ValueError, "entropy_weight"),
+    (lambda b: L.hta_kl(S, U, head_threshold=1.0, backend=b), ValueError, "head_threshold"),
+    (lambda b: L.kd_kl(S, U, reduction="avg", backend=b), ValueError, "reduction='avg'"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_argument_is_named_whatever_the_backend(backend, call, error, match):
+    with pytest.raises(error, match=match):
+        call(backend)
+
+
 def test_teacher_on_other_device():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
