@@ -231,8 +231,8 @@ def _check_seed_args(generator, seed, op: str) -> None:
 
 
 def _draw_seed(generator: Optional[torch.Generator], seed: Optional[int], device: torch.device, op: str) -> Tensor:
-    """A fresh 0-dim int64 seed tensor on ``device`` (no host synchronisation, traceable)."""
-    _check_seed_args(generator, seed, op)
+    """A fresh 0-dim int64 seed tensor on ``device`` (no host synchronisation, traceable); ``seed`` and
+    ``generator`` as :func:`_check_seed_args` passed them."""
     if seed is not None:
         return torch.tensor(seed, dtype=torch.int64, device=device)
     gen_device = generator.device if generator is not None else device
